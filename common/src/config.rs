@@ -1,0 +1,766 @@
+//! The qms configuration: one TOML file, read into typed values and checked as a whole,
+//! so a mistake is reported once, with file, line and key, before any process starts.
+
+use crate::address::Address;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/qms/qms.toml";
+
+/// Where the config comes from: `-c FILE`, else `$QMS_CONFIG`, else `/etc/qms/qms.toml`.
+pub fn locate(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("QMS_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if let Some(k) = &self.key {
+            write!(f, ": key {k}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// How mail for an address or domain leaves the router.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    /// MX lookup for the recipient's domain.
+    Smtp,
+    /// A fixed next hop, no MX lookup: `smtp:[host]:port`.
+    Relay {
+        host: String,
+        port: u16,
+    },
+    Pipe(String),
+    Discard,
+    Error(String),
+}
+
+impl Route {
+    pub fn parse(s: &str) -> Result<Route, String> {
+        let s = s.trim();
+        match s {
+            "local" => return Ok(Route::Local),
+            "smtp" => return Ok(Route::Smtp),
+            "discard" => return Ok(Route::Discard),
+            _ => {}
+        }
+        if let Some(cmd) = s.strip_prefix("pipe:") {
+            if cmd.trim().is_empty() {
+                return Err("pipe: needs a command".into());
+            }
+            return Ok(Route::Pipe(cmd.trim().to_string()));
+        }
+        if let Some(text) = s.strip_prefix("error:") {
+            return Ok(Route::Error(text.trim().to_string()));
+        }
+        if let Some(hop) = s.strip_prefix("smtp:") {
+            let (host, port) = parse_hop(hop)?;
+            return Ok(Route::Relay { host, port });
+        }
+        Err(format!(
+            "unknown route {s:?} (expected local, smtp, smtp:[host]:port, pipe:COMMAND, discard or error:TEXT)"
+        ))
+    }
+
+    /// The output queue that carries mail on this route, if it leaves the router at all.
+    pub fn queue(&self) -> Option<&'static str> {
+        match self {
+            Route::Local => Some("local"),
+            Route::Smtp | Route::Relay { .. } => Some("smtp"),
+            Route::Pipe(_) => Some("pipe"),
+            Route::Discard | Route::Error(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Route::Local => write!(f, "local"),
+            Route::Smtp => write!(f, "smtp"),
+            Route::Relay { host, port } => write!(f, "smtp:[{host}]:{port}"),
+            Route::Pipe(c) => write!(f, "pipe:{c}"),
+            Route::Discard => write!(f, "discard"),
+            Route::Error(t) => write!(f, "error:{t}"),
+        }
+    }
+}
+
+/// `[host]:port`, `host:port`, `[host]` or `host`; the port defaults to 25.
+fn parse_hop(hop: &str) -> Result<(String, u16), String> {
+    let (host, rest) = if let Some(h) = hop.strip_prefix('[') {
+        let end = h
+            .find(']')
+            .ok_or_else(|| format!("unclosed [ in {hop:?}"))?;
+        (&h[..end], &h[end + 1..])
+    } else {
+        match hop.rfind(':') {
+            Some(i) => (&hop[..i], &hop[i..]),
+            None => (hop, ""),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("no host in {hop:?}"));
+    }
+    let port = match rest.strip_prefix(':') {
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("bad port in {hop:?}"))?,
+        None if rest.is_empty() => 25,
+        None => return Err(format!("unexpected {rest:?} in {hop:?}")),
+    };
+    Ok((host.to_string(), port))
+}
+
+/// An IP network such as `127.0.0.0/8` or `::1/128`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, bits) = match s.split_once('/') {
+            Some((ip, b)) => (ip, Some(b)),
+            None => (s, None),
+        };
+        let net: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad network {s:?}"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            Some(b) => b
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("bad prefix in {s:?}"))?,
+            None => max,
+        };
+        Ok(Cidr { net, bits })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.bits)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.bits)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mailbox {
+    Maildir(PathBuf),
+    Mbox(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct MailboxEntry {
+    pub mailbox: Mailbox,
+    /// The system user that owns the mailbox; deliveries run as this user when qms is root.
+    pub user: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Listener {
+    pub listen: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub message_size: u64,
+    pub recipients: usize,
+    pub command_line: usize,
+    pub text_line: usize,
+    pub connections: usize,
+    pub connections_per_client: usize,
+    pub command_timeout: u64,
+    pub data_timeout: u64,
+    pub errors: u32,
+    pub hops: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub min_backoff: i64,
+    pub max_backoff: i64,
+    pub delay_warning: i64,
+    pub max_queue_lifetime: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    /// Seconds between full scans of a queue directory (the safety net behind inotify).
+    pub scan_interval: u64,
+    /// Seconds before a worker looks again at a job another worker had locked.
+    pub busy_retry: u64,
+}
+
+/// The whole configuration, with every relative path made absolute.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub spool: PathBuf,
+    pub hostname: String,
+    pub user: Option<String>,
+    pub postmaster: Address,
+    pub trusted_users: Vec<String>,
+    pub aliases: Option<PathBuf>,
+    pub recipient_delimiter: Option<char>,
+    pub smtp: Listener,
+    pub mynetworks: Vec<Cidr>,
+    pub submission: Listener,
+    pub submissions: Listener,
+    pub local_domains: Vec<String>,
+    pub relay_domains: Vec<String>,
+    /// Keys: an address, a domain, `.domain` for its subdomains, or `*` for the default route.
+    pub routes: BTreeMap<String, Route>,
+    pub mailboxes: BTreeMap<String, MailboxEntry>,
+    pub queues: BTreeMap<String, usize>,
+    pub limits: Limits,
+    pub outgoing: Outgoing,
+    pub scheduler: Scheduler,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    listen: Option<OneOrMany>,
+    mynetworks: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDomains {
+    #[serde(default)]
+    local: Vec<String>,
+    #[serde(default)]
+    relay: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMailbox {
+    maildir: Option<String>,
+    mbox: Option<String>,
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    workers: usize,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    message_size: Option<u64>,
+    recipients: Option<usize>,
+    command_line: Option<usize>,
+    text_line: Option<usize>,
+    connections: Option<usize>,
+    connections_per_client: Option<usize>,
+    command_timeout: Option<u64>,
+    data_timeout: Option<u64>,
+    errors: Option<u32>,
+    hops: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOutgoing {
+    min_backoff: Option<i64>,
+    max_backoff: Option<i64>,
+    delay_warning: Option<i64>,
+    max_queue_lifetime: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    scan_interval: Option<u64>,
+    busy_retry: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    spool: String,
+    hostname: Option<String>,
+    user: Option<String>,
+    postmaster: Option<String>,
+    trusted_users: Option<Vec<String>>,
+    aliases: Option<String>,
+    recipient_delimiter: Option<String>,
+    #[serde(default)]
+    smtp: RawListener,
+    #[serde(default)]
+    submission: RawListener,
+    #[serde(default)]
+    submissions: RawListener,
+    #[serde(default)]
+    domains: RawDomains,
+    #[serde(default)]
+    routes: BTreeMap<String, String>,
+    #[serde(default)]
+    mailboxes: BTreeMap<String, RawMailbox>,
+    #[serde(default)]
+    queues: BTreeMap<String, RawQueue>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    outgoing: RawOutgoing,
+    #[serde(default)]
+    scheduler: RawScheduler,
+}
+
+/// The queues every instance has, whatever the config says, with their default worker counts.
+pub const STANDARD_QUEUES: [(&str, usize); 4] =
+    [("incoming", 1), ("local", 1), ("smtp", 2), ("pipe", 1)];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            key: None,
+            message: e.message().trim().to_string(),
+        })?;
+        let err = |key: &str, message: String| ConfigError {
+            file: path.to_path_buf(),
+            line: find_key_line(text, key),
+            key: Some(key.to_string()),
+            message,
+        };
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                absolute(&base.join(p))
+            }
+        };
+
+        let hostname = match raw.hostname {
+            Some(h) => h,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+        };
+        if hostname.is_empty() || hostname.contains(char::is_whitespace) {
+            return Err(err("hostname", format!("{hostname:?} is not a host name")));
+        }
+        let domain_part = raw
+            .domains
+            .local
+            .first()
+            .cloned()
+            .unwrap_or_else(|| hostname.clone());
+        let postmaster = match raw.postmaster {
+            Some(p) => Address::parse(&p).map_err(|e| err("postmaster", e.to_string()))?,
+            None => Address::new("postmaster", &domain_part)
+                .map_err(|e| err("hostname", e.to_string()))?,
+        };
+        let recipient_delimiter = match raw.recipient_delimiter.as_deref() {
+            None => Some('+'),
+            Some("") => None,
+            Some(s) if s.chars().count() == 1 => s.chars().next(),
+            Some(s) => {
+                return Err(err(
+                    "recipient_delimiter",
+                    format!("{s:?} must be one character"),
+                ))
+            }
+        };
+
+        let listeners =
+            |raw: RawListener, key: &str| -> Result<(Listener, Vec<Cidr>), ConfigError> {
+                let mut listen = Vec::new();
+                for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
+                    let sa = a.parse::<SocketAddr>().map_err(|_| {
+                        err(
+                            &format!("{key}.listen"),
+                            format!("{a:?} is not an address:port such as 127.0.0.1:25"),
+                        )
+                    })?;
+                    listen.push(sa);
+                }
+                let mut nets = Vec::new();
+                for n in raw.mynetworks.unwrap_or_default() {
+                    nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
+                }
+                Ok((Listener { listen }, nets))
+            };
+        let (smtp, mynetworks) = listeners(raw.smtp, "smtp")?;
+        let (submission, _) = listeners(raw.submission, "submission")?;
+        let (submissions, _) = listeners(raw.submissions, "submissions")?;
+
+        let domain_list = |v: Vec<String>, key: &str| -> Result<Vec<String>, ConfigError> {
+            v.into_iter()
+                .map(|d| {
+                    let d = d.trim().to_ascii_lowercase();
+                    Address::new("x", &d)
+                        .map(|_| d.clone())
+                        .map_err(|_| err(key, format!("{d:?} is not a domain")))
+                })
+                .collect()
+        };
+        let local_domains = domain_list(raw.domains.local, "domains.local")?;
+        let relay_domains = domain_list(raw.domains.relay, "domains.relay")?;
+
+        let mut routes = BTreeMap::new();
+        for (k, v) in raw.routes {
+            let route = Route::parse(&v).map_err(|e| err(&format!("routes.{k:?}"), e))?;
+            let key = normalise_route_key(&k).map_err(|e| err(&format!("routes.{k:?}"), e))?;
+            routes.insert(key, route);
+        }
+
+        let mut mailboxes = BTreeMap::new();
+        for (k, v) in raw.mailboxes {
+            let key = format!("mailboxes.{k:?}");
+            let addr = Address::parse(&k).map_err(|e| err(&key, e.to_string()))?;
+            let mailbox = match (v.maildir, v.mbox) {
+                (Some(m), None) => Mailbox::Maildir(resolve(&m)),
+                (None, Some(m)) => Mailbox::Mbox(resolve(&m)),
+                _ => {
+                    return Err(err(
+                        &key,
+                        "a mailbox needs exactly one of maildir = PATH or mbox = PATH".into(),
+                    ))
+                }
+            };
+            mailboxes.insert(
+                addr.lookup_key(),
+                MailboxEntry {
+                    mailbox,
+                    user: v.user,
+                },
+            );
+        }
+
+        let mut queues: BTreeMap<String, usize> = STANDARD_QUEUES
+            .iter()
+            .map(|(q, n)| (q.to_string(), *n))
+            .collect();
+        for (name, q) in raw.queues {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(
+                    &format!("queues.{name}"),
+                    "a queue name is letters, digits, - and _".into(),
+                ));
+            }
+            if q.workers > 64 {
+                return Err(err(
+                    &format!("queues.{name}.workers"),
+                    format!("{} workers is more than 64", q.workers),
+                ));
+            }
+            queues.insert(name, q.workers);
+        }
+
+        let l = raw.limits;
+        let limits = Limits {
+            message_size: l.message_size.unwrap_or(50 * 1024 * 1024),
+            recipients: l.recipients.unwrap_or(1000),
+            // RFC 5321 4.5.3.1: at least 512 octets for a command line, 1000 for a text line.
+            command_line: l.command_line.unwrap_or(2048).max(512),
+            text_line: l.text_line.unwrap_or(64 * 1024).max(1000),
+            connections: l.connections.unwrap_or(2000),
+            connections_per_client: l.connections_per_client.unwrap_or(200),
+            command_timeout: l.command_timeout.unwrap_or(300),
+            data_timeout: l.data_timeout.unwrap_or(600),
+            errors: l.errors.unwrap_or(20),
+            hops: l.hops.unwrap_or(50),
+        };
+        let o = raw.outgoing;
+        let outgoing = Outgoing {
+            min_backoff: o.min_backoff.unwrap_or(300),
+            max_backoff: o.max_backoff.unwrap_or(4000),
+            delay_warning: o.delay_warning.unwrap_or(4 * 3600),
+            max_queue_lifetime: o.max_queue_lifetime.unwrap_or(5 * 86_400),
+        };
+        if outgoing.min_backoff < 0 || outgoing.max_backoff < outgoing.min_backoff {
+            return Err(err(
+                "outgoing.max_backoff",
+                "max_backoff must be at least min_backoff (both ≥ 0)".into(),
+            ));
+        }
+        let scheduler = Scheduler {
+            scan_interval: raw.scheduler.scan_interval.unwrap_or(60).max(1),
+            busy_retry: raw.scheduler.busy_retry.unwrap_or(10).max(1),
+        };
+
+        Ok(Config {
+            path: absolute(path),
+            spool: resolve(&raw.spool),
+            hostname,
+            user: raw.user,
+            postmaster,
+            trusted_users: raw.trusted_users.unwrap_or_else(|| vec!["root".into()]),
+            aliases: raw.aliases.as_deref().map(resolve),
+            recipient_delimiter,
+            smtp,
+            mynetworks,
+            submission,
+            submissions,
+            local_domains,
+            relay_domains,
+            routes,
+            mailboxes,
+            queues,
+            limits,
+            outgoing,
+            scheduler,
+        })
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.local_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    pub fn is_relay_domain(&self, domain: &str) -> bool {
+        self.relay_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The route for an exact address, if the table names it.
+    pub fn address_route(&self, addr: &Address) -> Option<&Route> {
+        self.routes.get(&addr.lookup_key())
+    }
+
+    /// The route for a domain: exact, then `.parent` entries, then the default `*`.
+    pub fn domain_route(&self, domain: &str) -> Option<&Route> {
+        let domain = domain.to_ascii_lowercase();
+        if let Some(r) = self.routes.get(&domain) {
+            return Some(r);
+        }
+        let mut rest = domain.as_str();
+        while let Some(i) = rest.find('.') {
+            if let Some(r) = self.routes.get(&rest[i..]) {
+                return Some(r);
+            }
+            rest = &rest[i + 1..];
+        }
+        self.routes.get("*")
+    }
+
+    /// Every queue that has a directory and workers: the standard ones plus `[queues.*]`.
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queues.keys().cloned().collect()
+    }
+}
+
+fn normalise_route_key(k: &str) -> Result<String, String> {
+    let k = k.trim();
+    if k == "*" {
+        return Ok(k.into());
+    }
+    if k.contains('@') {
+        return Address::parse(k)
+            .map(|a| a.lookup_key())
+            .map_err(|e| e.to_string());
+    }
+    let d = k.to_ascii_lowercase();
+    let bare = d.strip_prefix('.').unwrap_or(&d);
+    Address::new("x", bare)
+        .map(|_| d.clone())
+        .map_err(|_| format!("{k:?} is not a domain, address or *"))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    let p = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    // Lexical clean-up of `.` and `..`, so paths in logs read well; symlinks are left alone.
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line where a dotted key is set, found well enough for an error message.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in key.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    let last = parts.last()?.clone();
+    let section = parts[..parts.len() - 1].join(".");
+    let mut in_section = section.is_empty();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+            in_section = name == section;
+            continue;
+        }
+        let lhs = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+        if in_section && lhs == last {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_routes() {
+        assert_eq!(
+            Route::parse("smtp:[127.0.0.1]:2526").unwrap(),
+            Route::Relay {
+                host: "127.0.0.1".into(),
+                port: 2526
+            }
+        );
+        assert_eq!(
+            Route::parse("smtp:relay.example.net").unwrap(),
+            Route::Relay {
+                host: "relay.example.net".into(),
+                port: 25
+            }
+        );
+        assert_eq!(
+            Route::parse("pipe:/usr/bin/cat").unwrap(),
+            Route::Pipe("/usr/bin/cat".into())
+        );
+        assert!(Route::parse("smtp:[x").is_err());
+        assert!(Route::parse("carrier-pigeon").is_err());
+    }
+
+    #[test]
+    fn cidr_matches() {
+        let n = Cidr::parse("127.0.0.0/8").unwrap();
+        assert!(n.contains("127.1.2.3".parse().unwrap()));
+        assert!(n.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!n.contains("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let text =
+            "spool = \"s\"\n[routes]\n\"example.test\" = \"local\"\n\"bad.test\" = \"teleport\"\n";
+        let e = Config::parse(Path::new("/x/qms.toml"), text).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.to_string().contains("bad.test"), "{e}");
+        let e = Config::parse(Path::new("/x/qms.toml"), "spool = \"s\"\nspoool = 1\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn domain_route_order() {
+        let text = "spool = \"s\"\n[routes]\n\"*\" = \"smtp\"\n\".example.net\" = \"discard\"\n\"a.example.net\" = \"local\"\n";
+        let c = Config::parse(Path::new("/x/qms.toml"), text).unwrap();
+        assert_eq!(c.domain_route("a.example.net"), Some(&Route::Local));
+        assert_eq!(c.domain_route("b.example.net"), Some(&Route::Discard));
+        assert_eq!(c.domain_route("other.org"), Some(&Route::Smtp));
+        assert_eq!(c.spool, PathBuf::from("/x/s"));
+    }
+}

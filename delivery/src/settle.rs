@@ -1,0 +1,90 @@
+//! After an attempt: delivered and failed recipients are final, the rest wait with
+//! exponential backoff; past the expiry time they fail; failures go back as error mail.
+
+use crate::dsn;
+use qms_common::log::quote;
+use qms_common::{qlog, Config};
+use qms_spool::{Claimed, RcptState, Spool};
+
+/// Seconds to wait after the `attempts`-th failed attempt.
+pub fn backoff(cfg: &Config, attempts: u32) -> i64 {
+    let o = &cfg.outgoing;
+    let shift = attempts.saturating_sub(1).min(20);
+    o.min_backoff
+        .saturating_mul(1i64 << shift)
+        .clamp(o.min_backoff, o.max_backoff.max(o.min_backoff))
+}
+
+/// Writes the outcome of an attempt on `c` (whose recipients' states are already set):
+/// bounces the failures, then finishes the job or reschedules it.
+pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
+    let now = qms_common::time::now();
+    let id = c.job.id.clone();
+    if now >= c.job.expires_at {
+        for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+            let last = r
+                .reply
+                .clone()
+                .unwrap_or_else(|| "no attempt succeeded".into());
+            r.reply = Some(format!(
+                "message expired after {} in the queue; last error: {last}",
+                qms_common::time::short_duration(now - c.job.arrival)
+            ));
+            r.state = RcptState::Failed;
+            qlog!(
+                "qid={id} to={} status=expired reply={}",
+                r.address,
+                quote(r.reply.as_deref().unwrap_or(""))
+            );
+        }
+    }
+    // Failures that have not been reported yet are reported now, then dropped from the job.
+    let failed: Vec<_> = c
+        .job
+        .recipients
+        .iter()
+        .filter(|r| r.state == RcptState::Failed)
+        .cloned()
+        .collect();
+    if !failed.is_empty() {
+        if let Err(e) = dsn::bounce(cfg, spool, &c.job, &failed, dsn::Kind::Failure) {
+            // Keep the failures in the job: the bounce is tried again at the next attempt.
+            qlog!("qid={id} status=bounce-error reason={}", quote(&e));
+            c.job.next_attempt = now + 60;
+            let _ = spool.update(&mut c);
+            return;
+        }
+    }
+    let delayed: Vec<_> = c
+        .job
+        .recipients
+        .iter()
+        .filter(|r| r.state == RcptState::Deferred)
+        .cloned()
+        .collect();
+    if !c.job.warned
+        && now >= c.job.warn_at
+        && !delayed.is_empty()
+        && cfg.outgoing.delay_warning > 0
+    {
+        match dsn::bounce(cfg, spool, &c.job, &delayed, dsn::Kind::Delay) {
+            Ok(()) => c.job.warned = true,
+            Err(e) => qlog!("qid={id} status=warning-error reason={}", quote(&e)),
+        }
+    }
+    c.job.recipients.retain(|r| !r.state.is_final());
+    if c.job.recipients.is_empty() {
+        if let Err(e) = spool.finish(c) {
+            qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
+        }
+        return;
+    }
+    c.job.attempts += 1;
+    c.job.next_attempt = now + backoff(cfg, c.job.attempts);
+    for r in c.job.recipients.iter_mut() {
+        r.state = RcptState::Deferred;
+    }
+    if let Err(e) = spool.update(&mut c) {
+        qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
+    }
+}

@@ -1,0 +1,152 @@
+//! A buffered SMTP connection: reads CRLF-terminated lines with a length limit and exact
+//! byte counts (BDAT), and batches replies until the client waits for them (PIPELINING).
+
+use std::io::{self, Read, Write};
+
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+pub struct Conn {
+    stream: Box<dyn Stream>,
+    buf: Vec<u8>,
+    pos: usize,
+    out: Vec<u8>,
+}
+
+/// One line as read from the client, without its line end.
+pub enum Line {
+    /// Ended by CRLF.
+    Crlf(Vec<u8>),
+    /// Ended by a bare LF: never a line end in SMTP, reported so the caller can refuse it.
+    BareLf(Vec<u8>),
+    /// Longer than the limit; the rest of it up to the next LF was skipped. `crlf` tells
+    /// whether that LF had a CR before it.
+    TooLong {
+        crlf: bool,
+    },
+    Eof,
+}
+
+impl Conn {
+    pub fn new(stream: Box<dyn Stream>) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+            pos: 0,
+            out: Vec::with_capacity(512),
+        }
+    }
+
+    /// True when the client has sent more than we have read (pipelined commands).
+    pub fn has_buffered(&self) -> bool {
+        self.pos < self.buf.len()
+    }
+
+    fn fill(&mut self) -> io::Result<usize> {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        if !self.out.is_empty() {
+            self.flush()?;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// Reads up to and including the next LF; lines over `limit` bytes come back as TooLong.
+    pub fn read_line(&mut self, limit: usize) -> io::Result<Line> {
+        let mut skipping = false;
+        let mut line = Vec::new();
+        let mut last = 0u8;
+        loop {
+            if let Some(i) = self.buf[self.pos..].iter().position(|&b| b == b'\n') {
+                let end = self.pos + i;
+                if skipping || line.len() + i > limit + 1 {
+                    let crlf = if end > self.pos {
+                        self.buf[end - 1] == b'\r'
+                    } else {
+                        last == b'\r'
+                    };
+                    self.pos = end + 1;
+                    return Ok(Line::TooLong { crlf });
+                }
+                line.extend_from_slice(&self.buf[self.pos..end]);
+                self.pos = end + 1;
+                return Ok(if line.last() == Some(&b'\r') {
+                    line.pop();
+                    Line::Crlf(line)
+                } else {
+                    Line::BareLf(line)
+                });
+            }
+            if let Some(&b) = self.buf.last() {
+                last = b;
+            }
+            if !skipping {
+                line.extend_from_slice(&self.buf[self.pos..]);
+                if line.len() > limit + 1 {
+                    skipping = true;
+                    line = Vec::new();
+                }
+            }
+            self.pos = self.buf.len();
+            if self.fill()? == 0 {
+                return Ok(if skipping || !line.is_empty() {
+                    Line::TooLong { crlf: false }
+                } else {
+                    Line::Eof
+                });
+            }
+        }
+    }
+
+    /// Reads exactly `n` bytes (a BDAT chunk) into `into`, or fewer when `into` is None
+    /// (a chunk being discarded). Returns false on EOF before the end.
+    pub fn read_exact_into(
+        &mut self,
+        mut n: u64,
+        mut into: Option<&mut Vec<u8>>,
+    ) -> io::Result<bool> {
+        while n > 0 {
+            if self.pos == self.buf.len() && self.fill()? == 0 {
+                return Ok(false);
+            }
+            let take = ((self.buf.len() - self.pos) as u64).min(n) as usize;
+            if let Some(v) = into.as_deref_mut() {
+                v.extend_from_slice(&self.buf[self.pos..self.pos + take]);
+            }
+            self.pos += take;
+            n -= take as u64;
+        }
+        Ok(true)
+    }
+
+    /// Queues a reply; it goes out when the client has nothing more pipelined.
+    pub fn reply(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out)?;
+            self.out.clear();
+        }
+        self.stream.flush()
+    }
+
+    /// Swaps the transport (after a TLS handshake); anything still buffered is dropped.
+    pub fn replace_stream(&mut self, stream: Box<dyn Stream>) {
+        self.stream = stream;
+        self.buf.clear();
+        self.pos = 0;
+    }
+}

@@ -1,0 +1,155 @@
+//! The little header work the incoming side does on raw bytes: count hops, look for a field,
+//! remove Bcc, and write Received:, Date: and Message-ID:. The body is never rewritten.
+
+/// The byte ranges of each header field (name start .. end of its last continuation line,
+/// CRLF included) and the offset where the body starts.
+pub fn fields(msg: &[u8]) -> (Vec<(usize, usize)>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < msg.len() {
+        let line_end = match msg[pos..].windows(2).position(|w| w == b"\r\n") {
+            Some(i) => pos + i + 2,
+            None => msg.len(),
+        };
+        if line_end == pos + 2 {
+            return (out, line_end); // the empty line
+        }
+        let line = &msg[pos..line_end];
+        if line[0] == b' ' || line[0] == b'\t' {
+            if let Some(last) = out.last_mut() {
+                last.1 = line_end;
+            }
+        } else if line.contains(&b':') {
+            out.push((pos, line_end));
+        } else {
+            return (out, pos); // not a header: the body starts here (no empty line)
+        }
+        pos = line_end;
+    }
+    (out, msg.len())
+}
+
+fn name_is(field: &[u8], name: &str) -> bool {
+    let n = name.len();
+    field.len() > n
+        && field[..n].eq_ignore_ascii_case(name.as_bytes())
+        && field[n..].iter().find(|b| **b != b' ' && **b != b'\t') == Some(&b':')
+}
+
+pub fn count(msg: &[u8], name: &str) -> usize {
+    let (f, _) = fields(msg);
+    f.iter()
+        .filter(|(s, e)| name_is(&msg[*s..*e], name))
+        .count()
+}
+
+pub fn has(msg: &[u8], name: &str) -> bool {
+    count(msg, name) > 0
+}
+
+/// The message without any field called `name`.
+pub fn remove(msg: &[u8], name: &str) -> Vec<u8> {
+    let (f, _) = fields(msg);
+    let mut out = Vec::with_capacity(msg.len());
+    let mut pos = 0;
+    for (s, e) in f {
+        if name_is(&msg[s..e], name) {
+            out.extend_from_slice(&msg[pos..s]);
+            pos = e;
+        }
+    }
+    out.extend_from_slice(&msg[pos..]);
+    out
+}
+
+/// What a Received: field says about the hop (RFC 5321 4.4).
+pub struct Hop<'a> {
+    pub helo: Option<&'a str>,
+    pub addr: Option<&'a str>,
+    pub local_user: Option<&'a str>,
+    pub by: &'a str,
+    pub proto: &'a str,
+    pub tls: Option<&'a str>,
+    pub for_rcpt: Option<String>,
+}
+
+pub fn received(hop: &Hop, id: &str, now: i64) -> String {
+    let mut s = String::from("Received: ");
+    match (hop.addr, hop.local_user) {
+        (Some(addr), _) => {
+            let helo = hop.helo.unwrap_or("unknown");
+            s.push_str(&format!("from {} ([{addr}])\r\n\t", clean(helo)));
+        }
+        (None, Some(user)) => s.push_str(&format!(
+            "by {} (qms, from userid {})\r\n\t",
+            hop.by,
+            clean(user)
+        )),
+        (None, None) => {}
+    }
+    if hop.addr.is_some() || hop.local_user.is_none() {
+        s.push_str(&format!("by {} (qms) ", hop.by));
+    }
+    s.push_str(&format!("with {} id {id}", hop.proto));
+    if let Some(tls) = hop.tls {
+        s.push_str(&format!("\r\n\t(using {})", clean(tls)));
+    }
+    if let Some(r) = &hop.for_rcpt {
+        s.push_str(&format!("\r\n\tfor <{}>", clean(r)));
+    }
+    s.push_str(&format!("; {}\r\n", qms_common::time::rfc5322(now)));
+    s
+}
+
+/// Keeps client-supplied words from breaking the header: no controls, no parentheses.
+fn clean(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() && *c != '(' && *c != ')')
+        .take(200)
+        .collect()
+}
+
+pub fn message_id(id: &str, host: &str) -> String {
+    format!("Message-ID: <{}.{id}@{host}>\r\n", qms_common::time::now())
+}
+
+pub fn date(now: i64) -> String {
+    format!("Date: {}\r\n", qms_common::time::rfc5322(now))
+}
+
+/// The recipients named in To:, Cc: and Bcc: (for `sendmail -t`).
+pub fn recipients(msg: &[u8]) -> Vec<String> {
+    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(msg) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for list in [parsed.to(), parsed.cc(), parsed.bcc()]
+        .into_iter()
+        .flatten()
+    {
+        for a in list.iter() {
+            if let Some(addr) = a.address() {
+                out.push(addr.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_and_removes_fields() {
+        let m = b"Received: a\r\n\tb\r\nBcc: x@y.test,\r\n z@y.test\r\nSubject: hi\r\n\r\nBcc: body\r\n";
+        assert_eq!(count(m, "received"), 1);
+        assert!(has(m, "subject"));
+        assert!(!has(m, "from"));
+        assert_eq!(
+            remove(m, "bcc"),
+            b"Received: a\r\n\tb\r\nSubject: hi\r\n\r\nBcc: body\r\n"
+        );
+        assert_eq!(recipients(m), vec!["x@y.test", "z@y.test"]);
+    }
+}

@@ -1,0 +1,13 @@
+//! The incoming side of qms: SMTP listeners and local `sendmail` injection, both writing
+//! each accepted message durably into the spool's `incoming` queue.
+
+mod conn;
+mod data;
+mod headers;
+pub mod policy;
+pub mod sendmail;
+mod session;
+pub mod smtpd;
+
+pub use conn::{Conn, Stream};
+pub use session::{Kind, Peer, Session, Shared};

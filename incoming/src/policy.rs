@@ -1,0 +1,47 @@
+//! Who may send to whom: local recipients must exist, relay domains are open to all, and
+//! everything else needs an authenticated or `mynetworks` client. Never an open relay.
+
+use qms_common::aliases::Aliases;
+use qms_common::{Address, Config};
+
+/// True when a local-domain address reaches someone: a mailbox, an alias, a route for the
+/// exact address, or a system user. `user+tag` is looked up as `user`.
+pub fn local_exists(cfg: &Config, aliases: &Aliases, addr: &Address) -> bool {
+    let (user, _) = match cfg.recipient_delimiter {
+        Some(sep) => addr.split_extension(sep),
+        None => (addr.local(), None),
+    };
+    let base = format!("{}@{}", user.to_lowercase(), addr.domain());
+    user.eq_ignore_ascii_case("postmaster")
+        || cfg.mailboxes.contains_key(&addr.lookup_key())
+        || cfg.mailboxes.contains_key(&base)
+        || cfg.routes.contains_key(&addr.lookup_key())
+        || cfg.routes.contains_key(&base)
+        || aliases.get(user).is_some()
+        || aliases.get(&base).is_some()
+        || nix::unistd::User::from_name(&user.to_lowercase())
+            .ok()
+            .flatten()
+            .is_some()
+}
+
+/// The reply to refuse a recipient with, or None to accept it.
+pub fn check_recipient(
+    cfg: &Config,
+    aliases: &Aliases,
+    addr: &Address,
+    may_relay: bool,
+) -> Option<String> {
+    if cfg.is_local_domain(addr.domain()) {
+        if local_exists(cfg, aliases, addr) {
+            return None;
+        }
+        return Some(format!(
+            "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"
+        ));
+    }
+    if cfg.is_relay_domain(addr.domain()) || may_relay {
+        return None;
+    }
+    Some(format!("554 5.7.1 <{addr}>: Relay access denied"))
+}

@@ -1,0 +1,680 @@
+//! One SMTP session (RFC 5321) on any stream: a TCP connection, or stdin/stdout for
+//! `sendmail -bs`. It ends in a durable job in the `incoming` queue or in nothing.
+
+use crate::conn::{Conn, Line};
+use crate::data::{self, Data};
+use crate::headers;
+use crate::policy;
+use qms_common::aliases;
+use qms_common::log::quote;
+use qms_common::{qlog, Address, Config};
+use qms_spool::{Client, Committer, DsnRet, Job, Notify, QueueId, Recipient, Spool};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// What every session of a process shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub spool: Spool,
+    pub committer: Committer,
+    pub aliases: aliases::Cache,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Port 25's role: mail from other MTAs.
+    Smtp,
+    /// Port 587's role: users' clients, AUTH required.
+    Submission,
+    /// Port 465's role: submission with implicit TLS.
+    Submissions,
+    /// `sendmail -bs`: a local user on stdin/stdout.
+    Local,
+}
+
+impl Kind {
+    pub fn protocol(self) -> &'static str {
+        match self {
+            Kind::Smtp => "smtp",
+            Kind::Submission => "submission",
+            Kind::Submissions => "submissions",
+            Kind::Local => "sendmail",
+        }
+    }
+}
+
+pub struct Peer {
+    pub addr: Option<IpAddr>,
+    /// The local user of a `sendmail -bs` session.
+    pub local_user: Option<String>,
+    /// The envelope sender an untrusted local user is held to.
+    pub forced_sender: Option<Address>,
+}
+
+struct Transaction {
+    sender: Option<Address>,
+    recipients: Vec<Recipient>,
+    ret: Option<DsnRet>,
+    envid: Option<String>,
+    smtputf8: bool,
+    eightbit: bool,
+    chunks: Option<Vec<u8>>,
+    chunk_error: Option<data::DataError>,
+}
+
+pub struct Session<'a> {
+    shared: &'a Shared,
+    kind: Kind,
+    peer: Peer,
+    conn: Conn,
+    helo: Option<String>,
+    esmtp: bool,
+    auth_user: Option<String>,
+    tls: Option<String>,
+    tx: Option<Transaction>,
+    errors: u32,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+fn client_name(peer: &Peer) -> String {
+    match (&peer.addr, &peer.local_user) {
+        (Some(a), _) => format!("[{a}]"),
+        (None, Some(u)) => format!("local:{u}"),
+        _ => "unknown".into(),
+    }
+}
+
+impl<'a> Session<'a> {
+    pub fn new(shared: &'a Shared, kind: Kind, peer: Peer, conn: Conn) -> Session<'a> {
+        Session {
+            shared,
+            kind,
+            peer,
+            conn,
+            helo: None,
+            esmtp: false,
+            auth_user: None,
+            tls: None,
+            tx: None,
+            errors: 0,
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    /// Relaying to any domain is allowed for authenticated users, `mynetworks` and local users.
+    fn may_relay(&self) -> bool {
+        self.auth_user.is_some()
+            || self.kind == Kind::Local
+            || self
+                .peer
+                .addr
+                .is_some_and(|ip| self.cfg().mynetworks.iter().any(|n| n.contains(ip)))
+    }
+
+    pub fn run(mut self) {
+        let client = client_name(&self.peer);
+        qlog!(
+            "event=connect client={client} service={}",
+            self.kind.protocol()
+        );
+        let banner = format!("220 {} ESMTP qms", self.cfg().hostname);
+        self.conn.reply(&banner);
+        loop {
+            let limit = self.cfg().limits.command_line;
+            let line = match self.conn.read_line(limit) {
+                Ok(l) => l,
+                Err(e) => {
+                    qlog!(
+                        "event=disconnect client={client} reason={}",
+                        quote(&e.to_string())
+                    );
+                    return;
+                }
+            };
+            let flow = match line {
+                Line::Eof => break,
+                Line::TooLong { .. } => self.error("500 5.5.2 Line too long"),
+                Line::BareLf(_) => self.error("500 5.5.2 Bare LF in command: lines end with CRLF"),
+                Line::Crlf(l) => match String::from_utf8(l) {
+                    Ok(cmd) => self.command(&cmd),
+                    Err(_) => self.error("500 5.5.2 Command is not UTF-8"),
+                },
+            };
+            if let Flow::Close = flow {
+                break;
+            }
+            if !self.conn.has_buffered() && self.conn.flush().is_err() {
+                break;
+            }
+        }
+        let _ = self.conn.flush();
+        qlog!("event=disconnect client={client}");
+    }
+
+    fn error(&mut self, reply: &str) -> Flow {
+        self.errors += 1;
+        if self.errors >= self.cfg().limits.errors {
+            self.conn
+                .reply("421 4.7.0 Too many errors, closing connection");
+            return Flow::Close;
+        }
+        self.conn.reply(reply);
+        Flow::Continue
+    }
+
+    fn command(&mut self, line: &str) -> Flow {
+        let (verb, arg) = match line.find(' ') {
+            Some(i) => (&line[..i], line[i + 1..].trim()),
+            None => (line, ""),
+        };
+        match verb.to_ascii_uppercase().as_str() {
+            "EHLO" => self.hello(arg, true),
+            "HELO" => self.hello(arg, false),
+            "MAIL" => self.mail(arg),
+            "RCPT" => self.rcpt(arg),
+            "DATA" => self.data(arg),
+            "BDAT" => self.bdat(arg),
+            "RSET" => {
+                self.tx = None;
+                self.conn.reply("250 2.0.0 Ok");
+                Flow::Continue
+            }
+            "NOOP" => {
+                self.conn.reply("250 2.0.0 Ok");
+                Flow::Continue
+            }
+            "QUIT" => {
+                self.conn.reply("221 2.0.0 Bye");
+                Flow::Close
+            }
+            "VRFY" => {
+                self.conn.reply(
+                    "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery",
+                );
+                Flow::Continue
+            }
+            "EXPN" => self.error("502 5.5.1 EXPN is disabled"),
+            "HELP" => {
+                self.conn.reply("214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
+                Flow::Continue
+            }
+            "STARTTLS" => self.error("454 4.7.0 TLS not available"),
+            "AUTH" => {
+                self.error("538 5.7.11 Encryption required for requested authentication mechanism")
+            }
+            "" => self.error("500 5.5.2 Error: empty command"),
+            _ => self.error("500 5.5.2 Error: command not recognized"),
+        }
+    }
+
+    fn hello(&mut self, arg: &str, esmtp: bool) -> Flow {
+        let name = arg.split_whitespace().next().unwrap_or("");
+        if name.is_empty() {
+            return self.error(&format!(
+                "501 5.5.4 Syntax: {} hostname",
+                if esmtp { "EHLO" } else { "HELO" }
+            ));
+        }
+        self.helo = Some(name.to_string());
+        self.esmtp = esmtp;
+        self.tx = None;
+        let host = self.cfg().hostname.clone();
+        if !esmtp {
+            self.conn.reply(&format!("250 {host}"));
+            return Flow::Continue;
+        }
+        let size = self.cfg().limits.message_size;
+        let lines = [
+            host,
+            "PIPELINING".into(),
+            format!("SIZE {size}"),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "DSN".into(),
+            "CHUNKING".into(),
+            "HELP".into(),
+        ];
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            self.conn.reply(&format!("250{sep}{l}"));
+        }
+        Flow::Continue
+    }
+
+    fn mail(&mut self, arg: &str) -> Flow {
+        if self.helo.is_none() {
+            return self.error("503 5.5.1 Error: send HELO/EHLO first");
+        }
+        if self.tx.is_some() {
+            return self.error("503 5.5.1 Error: nested MAIL command");
+        }
+        if matches!(self.kind, Kind::Submission | Kind::Submissions) && self.auth_user.is_none() {
+            return self.error("530 5.7.0 Authentication required");
+        }
+        let Some((path, params)) = parse_path(arg, "FROM:") else {
+            return self.error("501 5.5.4 Syntax: MAIL FROM:<address>");
+        };
+        let mut sender = if path.is_empty() {
+            None
+        } else {
+            match Address::parse(&path) {
+                Ok(a) => Some(a),
+                Err(e) => return self.error(&format!("501 5.1.7 Bad sender address syntax: {e}")),
+            }
+        };
+        let mut tx = Transaction {
+            sender: None,
+            recipients: Vec::new(),
+            ret: None,
+            envid: None,
+            smtputf8: false,
+            eightbit: false,
+            chunks: None,
+            chunk_error: None,
+        };
+        for p in params {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            match k.to_ascii_uppercase().as_str() {
+                "SIZE" => match v.parse::<u64>() {
+                    Ok(n) if n > self.cfg().limits.message_size => {
+                        return self.error("552 5.3.4 Message size exceeds fixed limit");
+                    }
+                    Ok(_) => {}
+                    Err(_) => return self.error("501 5.5.4 Bad SIZE parameter"),
+                },
+                "BODY" => match v.to_ascii_uppercase().as_str() {
+                    "7BIT" => {}
+                    "8BITMIME" => tx.eightbit = true,
+                    _ => return self.error("501 5.5.4 BODY is 7BIT or 8BITMIME"),
+                },
+                "SMTPUTF8" if v.is_empty() => tx.smtputf8 = true,
+                "RET" => match v.to_ascii_uppercase().as_str() {
+                    "FULL" => tx.ret = Some(DsnRet::Full),
+                    "HDRS" => tx.ret = Some(DsnRet::Hdrs),
+                    _ => return self.error("501 5.5.4 RET is FULL or HDRS"),
+                },
+                "ENVID" => match xtext_decode(v) {
+                    Some(id) if id.len() <= 100 => tx.envid = Some(id),
+                    _ => return self.error("501 5.5.4 Bad ENVID parameter"),
+                },
+                "AUTH" => {}
+                _ => return self.error(&format!("555 5.5.4 Unsupported parameter {k}")),
+            }
+        }
+        if sender.as_ref().is_some_and(Address::is_utf8) && !tx.smtputf8 {
+            return self.error("553 5.6.7 Non-ASCII address needs SMTPUTF8");
+        }
+        if let Some(forced) = &self.peer.forced_sender {
+            if sender.as_ref() != Some(forced) {
+                qlog!(
+                    "client={} status=sender-replaced from={} to={forced}",
+                    client_name(&self.peer),
+                    qms_common::address::show_sender(&sender)
+                );
+                sender = Some(forced.clone());
+            }
+        }
+        tx.sender = sender;
+        self.tx = Some(tx);
+        self.conn.reply("250 2.1.0 Ok");
+        Flow::Continue
+    }
+
+    fn rcpt(&mut self, arg: &str) -> Flow {
+        if self.tx.is_none() {
+            return self.error("503 5.5.1 Error: need MAIL command");
+        }
+        let Some((path, params)) = parse_path(arg, "TO:") else {
+            return self.error("501 5.5.4 Syntax: RCPT TO:<address>");
+        };
+        let path = if path.eq_ignore_ascii_case("postmaster") {
+            self.cfg().postmaster.to_string()
+        } else {
+            path
+        };
+        let addr = match Address::parse(&path) {
+            Ok(a) => a,
+            Err(e) => return self.error(&format!("501 5.1.3 Bad recipient address syntax: {e}")),
+        };
+        let mut rcpt = Recipient::new(addr.clone());
+        for p in params {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            match k.to_ascii_uppercase().as_str() {
+                "NOTIFY" => {
+                    let mut notify = Vec::new();
+                    for n in v.split(',') {
+                        notify.push(match n.to_ascii_uppercase().as_str() {
+                            "NEVER" => Notify::Never,
+                            "SUCCESS" => Notify::Success,
+                            "FAILURE" => Notify::Failure,
+                            "DELAY" => Notify::Delay,
+                            _ => return self.error("501 5.5.4 Bad NOTIFY parameter"),
+                        });
+                    }
+                    if notify.contains(&Notify::Never) && notify.len() > 1 {
+                        return self.error("501 5.5.4 NOTIFY=NEVER cannot be combined");
+                    }
+                    rcpt.notify = notify;
+                }
+                "ORCPT" => match v
+                    .split_once(';')
+                    .and_then(|(t, a)| Some(format!("{t};{}", xtext_decode(a)?)))
+                {
+                    Some(o) if o.len() <= 500 => rcpt.orcpt = Some(o),
+                    _ => return self.error("501 5.5.4 Bad ORCPT parameter"),
+                },
+                _ => return self.error(&format!("555 5.5.4 Unsupported parameter {k}")),
+            }
+        }
+        let tx = self
+            .tx
+            .as_ref()
+            .map(|t| (t.recipients.len(), t.smtputf8))
+            .unwrap_or_default();
+        if tx.0 >= self.cfg().limits.recipients {
+            self.conn.reply("452 4.5.3 Error: too many recipients");
+            return Flow::Continue;
+        }
+        if addr.is_utf8() && !tx.1 {
+            return self.error("553 5.6.7 Non-ASCII address needs SMTPUTF8");
+        }
+        let aliases = self.shared.aliases.get();
+        if let Some(reply) = policy::check_recipient(self.cfg(), &aliases, &addr, self.may_relay())
+        {
+            qlog!(
+                "client={} status=reject from={} to={addr} reply={}",
+                client_name(&self.peer),
+                self.tx
+                    .as_ref()
+                    .map(|t| qms_common::address::show_sender(&t.sender))
+                    .unwrap_or_default(),
+                quote(&reply)
+            );
+            return self.error(&reply);
+        }
+        if let Some(t) = self.tx.as_mut() {
+            t.recipients.push(rcpt);
+        }
+        self.conn.reply("250 2.1.5 Ok");
+        Flow::Continue
+    }
+
+    fn data(&mut self, arg: &str) -> Flow {
+        if !arg.is_empty() {
+            return self.error("501 5.5.4 Syntax: DATA");
+        }
+        match &self.tx {
+            None => return self.error("503 5.5.1 Error: need MAIL command"),
+            Some(t) if t.recipients.is_empty() => {
+                return self.error("554 5.5.1 Error: no valid recipients")
+            }
+            Some(t) if t.chunks.is_some() => return self.error("503 5.5.1 Error: DATA after BDAT"),
+            _ => {}
+        }
+        self.conn.reply("354 End data with <CR><LF>.<CR><LF>");
+        if self.conn.flush().is_err() {
+            return Flow::Close;
+        }
+        let (max, line) = (self.cfg().limits.message_size, self.cfg().limits.text_line);
+        match data::read_data(&mut self.conn, max, line) {
+            Err(_) | Ok(Data::Eof) => {
+                qlog!(
+                    "client={} status=lost reason=\"connection lost in DATA\"",
+                    client_name(&self.peer)
+                );
+                self.tx = None;
+                Flow::Close
+            }
+            Ok(Data::Refused(e)) => {
+                self.tx = None;
+                let reply = e.reply(max, line);
+                self.error(&reply)
+            }
+            Ok(Data::Message(msg)) => {
+                self.finish(msg);
+                Flow::Continue
+            }
+        }
+    }
+
+    fn bdat(&mut self, arg: &str) -> Flow {
+        let mut words = arg.split_whitespace();
+        let size = words.next().and_then(|s| s.parse::<u64>().ok());
+        let last = match words.next() {
+            None => Some(false),
+            Some(w) if w.eq_ignore_ascii_case("LAST") => Some(true),
+            Some(_) => None,
+        };
+        let (Some(size), Some(last)) = (size, last) else {
+            // Without a valid size the chunk cannot be skipped: the stream is out of step.
+            self.conn.reply("501 5.5.4 Syntax: BDAT size [LAST]");
+            return Flow::Close;
+        };
+        let (max, line) = (self.cfg().limits.message_size, self.cfg().limits.text_line);
+        let ok_tx = self.tx.as_ref().is_some_and(|t| !t.recipients.is_empty());
+        let room = self
+            .tx
+            .as_ref()
+            .and_then(|t| t.chunks.as_ref())
+            .map_or(0, Vec::len) as u64
+            + size
+            <= max;
+        let mut buf = None;
+        if ok_tx && room {
+            let t = self
+                .tx
+                .as_mut()
+                .map(|t| t.chunks.get_or_insert_with(Vec::new));
+            buf = t.map(std::mem::take);
+        }
+        let mut chunk = buf.unwrap_or_default();
+        let read = self.conn.read_exact_into(
+            size,
+            if ok_tx && room {
+                Some(&mut chunk)
+            } else {
+                None
+            },
+        );
+        match read {
+            Ok(true) => {}
+            _ => {
+                self.tx = None;
+                return Flow::Close;
+            }
+        }
+        if !ok_tx {
+            return self.error(if self.tx.is_none() {
+                "503 5.5.1 Error: need MAIL command"
+            } else {
+                "554 5.5.1 Error: no valid recipients"
+            });
+        }
+        let Some(t) = self.tx.as_mut() else {
+            return Flow::Continue;
+        };
+        if !room {
+            t.chunk_error = Some(data::DataError::TooBig);
+        }
+        t.chunks = Some(chunk);
+        if !last {
+            self.conn.reply(&format!("250 2.0.0 {size} bytes received"));
+            return Flow::Continue;
+        }
+        let t = self
+            .tx
+            .as_mut()
+            .map(|t| (t.chunks.take().unwrap_or_default(), t.chunk_error.take()));
+        let (msg, err) = t.unwrap_or_default();
+        if let Some(e) = err.or_else(|| data::check_chunked(&msg, line).err()) {
+            self.tx = None;
+            let reply = e.reply(max, line);
+            return self.error(&reply);
+        }
+        self.finish(msg);
+        Flow::Continue
+    }
+
+    /// Spools the message and answers 250 only once it is durable.
+    fn finish(&mut self, msg: Vec<u8>) {
+        let Some(tx) = self.tx.take() else { return };
+        let cfg = self.shared.cfg.clone();
+        if headers::count(&msg, "received") >= cfg.limits.hops {
+            self.conn.reply("554 5.4.6 Too many hops (mail loop?)");
+            return;
+        }
+        let proto = match (self.esmtp, self.tls.is_some(), self.auth_user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let client = Client {
+            addr: self.peer.addr.map(|a| a.to_string()),
+            helo: self.helo.clone(),
+            auth: self.auth_user.clone(),
+            tls: self.tls.clone(),
+            local_user: self.peer.local_user.clone(),
+            trusted: self.may_relay(),
+        };
+        let mut job = Job::new(
+            "incoming",
+            tx.sender.clone(),
+            tx.recipients,
+            client,
+            self.kind.protocol(),
+            &cfg.outgoing,
+        );
+        job.ret = tx.ret;
+        job.envid = tx.envid;
+        job.smtputf8 = tx.smtputf8;
+        job.eightbit = tx.eightbit;
+        let addr = self.peer.addr.map(|a| a.to_string());
+        let hop = headers::Hop {
+            helo: self.helo.as_deref(),
+            addr: addr.as_deref(),
+            local_user: self.peer.local_user.as_deref(),
+            by: &cfg.hostname,
+            proto,
+            tls: self.tls.as_deref(),
+            for_rcpt: (job.recipients.len() == 1).then(|| job.recipients[0].address.to_string()),
+        };
+        let submission = matches!(
+            self.kind,
+            Kind::Submission | Kind::Submissions | Kind::Local
+        );
+        let rcpts: Vec<String> = job
+            .recipients
+            .iter()
+            .map(|r| r.address.to_string())
+            .collect();
+        let sender = qms_common::address::show_sender(&job.sender);
+        let build = |id: &QueueId| -> Vec<u8> {
+            let now = qms_common::time::now();
+            let mut out = headers::received(&hop, id.as_str(), now).into_bytes();
+            if submission && !headers::has(&msg, "date") {
+                out.extend_from_slice(headers::date(now).as_bytes());
+            }
+            if submission && !headers::has(&msg, "message-id") {
+                out.extend_from_slice(headers::message_id(id.as_str(), &cfg.hostname).as_bytes());
+            }
+            out.extend_from_slice(&msg);
+            out
+        };
+        let size = msg.len();
+        let result = self
+            .shared
+            .spool
+            .stage(job, &build)
+            .and_then(|staged| self.shared.committer.commit(staged));
+        match result {
+            Ok(id) => {
+                qlog!(
+                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} status=queued",
+                    client_name(&self.peer),
+                    quote(self.helo.as_deref().unwrap_or("")),
+                    rcpts.join(","),
+                    rcpts.len()
+                );
+                self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
+            }
+            Err(e) => {
+                qlog!(
+                    "client={} from={sender} status=tempfail reason={}",
+                    client_name(&self.peer),
+                    quote(&e.to_string())
+                );
+                if e.is_no_space() {
+                    self.conn.reply("452 4.3.1 Insufficient system storage");
+                } else {
+                    self.conn.reply("451 4.3.0 Error: queue file write error");
+                }
+            }
+        }
+    }
+}
+
+/// Splits `FROM:<addr> PARAM=V …` into the address (without brackets) and the parameters.
+fn parse_path<'l>(arg: &'l str, prefix: &str) -> Option<(String, Vec<&'l str>)> {
+    if arg.len() < prefix.len() || !arg[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = arg[prefix.len()..].trim_start();
+    let rest = rest.strip_prefix('<')?;
+    let end = rest.find('>')?;
+    let mut path = &rest[..end];
+    // A source route (@a,@b:user@host) is accepted and ignored (RFC 5321 4.1.2).
+    if path.starts_with('@') {
+        path = path.split_once(':').map(|(_, p)| p)?;
+    }
+    let params = rest[end + 1..].split_whitespace().collect();
+    Some((path.to_string(), params))
+}
+
+/// RFC 3461 xtext: `+XX` is a hex-encoded byte.
+fn xtext_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else if (33..=126).contains(&b[i]) && b[i] != b'=' {
+            out.push(b[i]);
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_paths() {
+        let (p, params) = parse_path("FROM:<a@b.test> SIZE=10 BODY=8BITMIME", "FROM:").unwrap();
+        assert_eq!(p, "a@b.test");
+        assert_eq!(params, vec!["SIZE=10", "BODY=8BITMIME"]);
+        assert_eq!(parse_path("from: <>", "FROM:").unwrap().0, "");
+        assert_eq!(
+            parse_path("TO:<@r1,@r2:u@h.test>", "TO:").unwrap().0,
+            "u@h.test"
+        );
+        assert!(parse_path("TO:u@h.test", "TO:").is_none());
+        assert_eq!(xtext_decode("a+2Bb").unwrap(), "a+b");
+    }
+}

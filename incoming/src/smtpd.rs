@@ -1,0 +1,189 @@
+//! `qms smtpd`: accepts connections on every configured listener, one thread per session,
+//! with limits on connections in total and per client address.
+
+use crate::conn::Conn;
+use crate::session::{Kind, Peer, Session, Shared};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use qms_common::log::quote;
+use qms_common::qlog;
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The environment variable through which the supervisor hands bound sockets to smtpd
+/// (`smtp=3,submission=4`), so smtpd needs no privilege to use port 25.
+pub const LISTEN_FDS_ENV: &str = "QMS_LISTEN_FDS";
+
+pub fn kind_name(k: Kind) -> &'static str {
+    k.protocol()
+}
+
+fn kind_from(name: &str) -> Option<Kind> {
+    match name {
+        "smtp" => Some(Kind::Smtp),
+        "submission" => Some(Kind::Submission),
+        "submissions" => Some(Kind::Submissions),
+        _ => None,
+    }
+}
+
+/// Binds every listener of the config.
+pub fn bind(cfg: &qms_common::Config) -> std::io::Result<Vec<(Kind, TcpListener)>> {
+    let mut out = Vec::new();
+    for (kind, l) in [
+        (Kind::Smtp, &cfg.smtp),
+        (Kind::Submission, &cfg.submission),
+        (Kind::Submissions, &cfg.submissions),
+    ] {
+        for addr in &l.listen {
+            let sock = TcpListener::bind(addr).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} ({}): {e}", kind.protocol()),
+                )
+            })?;
+            out.push((kind, sock));
+        }
+    }
+    Ok(out)
+}
+
+/// The listeners handed down by the supervisor, if any.
+pub fn inherited() -> Option<Vec<(Kind, TcpListener)>> {
+    let spec = std::env::var(LISTEN_FDS_ENV).ok()?;
+    let mut out = Vec::new();
+    for item in spec.split(',').filter(|s| !s.is_empty()) {
+        let (name, fd) = item.split_once('=')?;
+        let fd: RawFd = fd.parse().ok()?;
+        // Safety: the supervisor passed this descriptor to us for exactly this use.
+        let l = unsafe { TcpListener::from_raw_fd(fd) };
+        out.push((kind_from(name)?, l));
+    }
+    Some(out)
+}
+
+/// Encodes listeners for [`LISTEN_FDS_ENV`], giving up ownership of the descriptors.
+pub fn export(listeners: Vec<(Kind, TcpListener)>) -> (String, Vec<RawFd>) {
+    let mut fds = Vec::new();
+    let spec = listeners
+        .into_iter()
+        .map(|(k, l)| {
+            let fd = l.into_raw_fd();
+            fds.push(fd);
+            format!("{}={fd}", k.protocol())
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    (spec, fds)
+}
+
+struct Counts {
+    total: AtomicUsize,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Counts {
+    fn enter(&self, ip: IpAddr, max_total: usize, max_client: usize) -> Result<(), &'static str> {
+        let Ok(mut map) = self.per_client.lock() else {
+            return Err("internal error");
+        };
+        if self.total.load(Ordering::SeqCst) >= max_total {
+            return Err("421 4.7.0 Too many connections, try again later");
+        }
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max_client {
+            return Err("421 4.7.0 Too many connections from your address");
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn leave(&self, ip: IpAddr) {
+        if let Ok(mut map) = self.per_client.lock() {
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+        self.total.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves until `stop` is set, then waits (up to a minute) for sessions in progress.
+pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &AtomicBool) {
+    for (kind, l) in &listeners {
+        let _ = l.set_nonblocking(true);
+        if let Ok(a) = l.local_addr() {
+            qlog!("event=listen service={} addr={a}", kind.protocol());
+        }
+    }
+    let counts = Arc::new(Counts {
+        total: AtomicUsize::new(0),
+        per_client: Mutex::new(HashMap::new()),
+    });
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds: Vec<PollFd> = listeners
+            .iter()
+            .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+            .collect();
+        if poll(&mut fds, PollTimeout::from(500u16)).unwrap_or(0) == 0 {
+            continue;
+        }
+        for (kind, l) in &listeners {
+            while let Ok((stream, addr)) = l.accept() {
+                accept(&shared, &counts, *kind, stream, addr.ip());
+            }
+        }
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while counts.total.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn accept(
+    shared: &Arc<Shared>,
+    counts: &Arc<Counts>,
+    kind: Kind,
+    mut stream: TcpStream,
+    ip: IpAddr,
+) {
+    let limits = &shared.cfg.limits;
+    let _ = stream.set_nonblocking(false);
+    if let Err(reply) = counts.enter(ip, limits.connections, limits.connections_per_client) {
+        qlog!("event=refused client=[{ip}] reply={}", quote(reply));
+        let _ = stream.write_all(format!("{reply}\r\n").as_bytes());
+        return;
+    }
+    let timeout = Some(Duration::from_secs(
+        limits.command_timeout.max(limits.data_timeout),
+    ));
+    let _ = stream.set_read_timeout(timeout);
+    let _ = stream.set_write_timeout(timeout);
+    let _ = stream.set_nodelay(true);
+    let (shared, counts) = (shared.clone(), counts.clone());
+    let spawned = std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let peer = Peer {
+                addr: Some(ip),
+                local_user: None,
+                forced_sender: None,
+            };
+            Session::new(&shared, kind, peer, Conn::new(Box::new(stream))).run();
+            counts.leave(ip);
+        });
+    if let Err(e) = spawned {
+        qlog!(
+            "event=refused client=[{ip}] reason={}",
+            quote(&e.to_string())
+        );
+    }
+}

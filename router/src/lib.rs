@@ -1,0 +1,152 @@
+//! `qms router`: turns each job of the `incoming` queue into one job per output queue.
+//!
+//! For each recipient, in this order: an exact address in `[routes]`, an alias, a mailbox in
+//! `[mailboxes]`, a system user (local domains), the domain in `[routes]`, the default route.
+//! The output jobs share the message file (hard links) and are committed together before
+//! the incoming jobs are removed, so a crash can only make the router route a job again.
+
+mod expand;
+
+use expand::{Dest, Expander};
+use qms_common::log::quote;
+use qms_common::{qlog, Config};
+use qms_spool::{Claimed, Job, RcptState, Recipient, Spool};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub struct Router {
+    cfg: Arc<Config>,
+    spool: Spool,
+    aliases: qms_common::aliases::Cache,
+}
+
+impl Router {
+    pub fn new(cfg: Arc<Config>, spool: Spool) -> Router {
+        let aliases = qms_common::aliases::Cache::new(cfg.aliases.clone());
+        Router {
+            cfg,
+            spool,
+            aliases,
+        }
+    }
+
+    /// Routes a batch of incoming jobs; their output jobs are made durable in one commit.
+    pub fn dispatch(&mut self, batch: Vec<Claimed>) {
+        let mut staged = Vec::new();
+        let mut routed = Vec::new();
+        for mut c in batch {
+            match self.route(&mut c) {
+                Ok(children) => {
+                    let mut ok = true;
+                    for child in children {
+                        match self.spool.stage_child(&c.job, &child) {
+                            Ok(Some(s)) => staged.push(s),
+                            Ok(None) => {}
+                            Err(e) => {
+                                qlog!(
+                                    "qid={} status=error reason={}",
+                                    c.job.id,
+                                    quote(&e.to_string())
+                                );
+                                ok = false;
+                            }
+                        }
+                    }
+                    if ok {
+                        routed.push(c);
+                    }
+                }
+                Err(e) => qlog!("qid={} status=error reason={}", c.job.id, quote(&e)),
+            }
+        }
+        if let Err(e) = self.spool.commit(staged) {
+            // The incoming jobs stay; the periodic scan brings them back for another try.
+            qlog!("status=error reason={}", quote(&e.to_string()));
+            return;
+        }
+        for c in routed {
+            let id = c.job.id.clone();
+            // Recipients that failed at routing (unknown user, error: route) get error mail.
+            let failed: Vec<Recipient> = c
+                .job
+                .recipients
+                .iter()
+                .filter(|r| r.state == RcptState::Failed)
+                .cloned()
+                .collect();
+            if !failed.is_empty() {
+                if let Err(e) = qms_delivery::dsn::bounce(
+                    &self.cfg,
+                    &self.spool,
+                    &c.job,
+                    &failed,
+                    qms_delivery::dsn::Kind::Failure,
+                ) {
+                    qlog!("qid={id} status=bounce-error reason={}", quote(&e));
+                }
+            }
+            if let Err(e) = self.spool.finish(c) {
+                qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
+            }
+        }
+    }
+
+    /// Decides every recipient of `c`: the output jobs to write, one per queue. Recipients
+    /// that end here (discard, error, unknown) are marked final in `c.job`.
+    fn route(&self, c: &mut Claimed) -> Result<Vec<Job>, String> {
+        let aliases = self.aliases.get();
+        let mut expander = Expander::new(&self.cfg, &aliases);
+        let mut by_queue: BTreeMap<String, Vec<Recipient>> = BTreeMap::new();
+        let id = c.job.id.clone();
+        let sender = qms_common::address::show_sender(&c.job.sender);
+        for r in c.job.recipients.iter_mut() {
+            if r.state.is_final() {
+                continue;
+            }
+            for (addr, dest) in expander.expand(&r.address) {
+                let mut out = r.clone();
+                if addr != r.address {
+                    out.original = Some(r.address.clone());
+                    out.address = addr.clone();
+                }
+                let (queue, route, user) = match dest {
+                    Dest::Queue { queue, route, user } => (queue, route, user),
+                    Dest::Discard => {
+                        qlog!("qid={id} from={sender} to={addr} status=discarded");
+                        continue;
+                    }
+                    Dest::Fail(text) => {
+                        qlog!("qid={id} from={sender} to={addr} status=bounced ({text})");
+                        r.state = RcptState::Failed;
+                        r.reply = Some(text);
+                        continue;
+                    }
+                };
+                qlog!("qid={id} from={sender} to={addr} orig_to={} queue={queue} route={} status=routed", r.address, quote(&route));
+                out.route = Some(route);
+                out.user = user;
+                out.state = RcptState::Pending;
+                let list = by_queue.entry(queue).or_default();
+                if !list
+                    .iter()
+                    .any(|x| x.address == out.address && x.route == out.route)
+                {
+                    list.push(out);
+                }
+            }
+        }
+        let now = qms_common::time::now();
+        Ok(by_queue
+            .into_iter()
+            .map(|(queue, recipients)| {
+                let mut job = c.job.clone();
+                job.body = format!("{}.{queue}", job.id);
+                job.queue = queue;
+                job.recipients = recipients;
+                job.attempts = 0;
+                job.next_attempt = now;
+                job
+            })
+            .collect())
+    }
+}

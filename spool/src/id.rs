@@ -1,0 +1,98 @@
+//! Queue ids: 11 characters of arrival time in microseconds and 5 random ones, in an alphabet
+//! whose byte order is its numeric order, so `ls` sorts a queue by arrival.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io::Read;
+
+const ALPHABET: &[u8; 32] = b"0123456789BCDFGHJKLMNPQRSTVWXYZa";
+pub const LEN: usize = 16;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct QueueId(String);
+
+impl QueueId {
+    /// A fresh id. Uniqueness across processes comes from the random part and, in the end,
+    /// from the exclusive create of the message file that claims the id.
+    pub fn generate() -> QueueId {
+        let t = qms_common::time::now_micros();
+        let r = random_bits();
+        let mut s = String::with_capacity(LEN);
+        for i in (0..11).rev() {
+            s.push(ALPHABET[((t >> (5 * i)) & 31) as usize] as char);
+        }
+        for i in (0..5).rev() {
+            s.push(ALPHABET[((r >> (5 * i)) & 31) as usize] as char);
+        }
+        QueueId(s)
+    }
+
+    pub fn parse(s: &str) -> Option<QueueId> {
+        (s.len() == LEN && s.bytes().all(|b| ALPHABET.contains(&b))).then(|| QueueId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn random_bits() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut x = STATE.load(Ordering::Relaxed);
+    if x == 0 {
+        let mut b = [0u8; 8];
+        let seeded = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .is_ok();
+        x = if seeded {
+            u64::from_le_bytes(b)
+        } else {
+            qms_common::time::now_micros()
+        } | 1;
+        x ^= u64::from(std::process::id()) << 32;
+    }
+    // xorshift64*: cheap, and the exclusive create catches the rare collision.
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    STATE.store(x, Ordering::Relaxed);
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 20
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for QueueId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        QueueId::parse(&s).ok_or_else(|| format!("{s:?} is not a queue id"))
+    }
+}
+
+impl From<QueueId> for String {
+    fn from(id: QueueId) -> String {
+        id.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_differ() {
+        let a = QueueId::generate();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = QueueId::generate();
+        assert!(a < b);
+        assert_eq!(a.as_str().len(), LEN);
+        assert!(QueueId::parse(a.as_str()).is_some());
+        let set: std::collections::HashSet<_> = (0..10_000).map(|_| QueueId::generate()).collect();
+        assert_eq!(set.len(), 10_000);
+    }
+}

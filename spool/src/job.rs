@@ -1,0 +1,195 @@
+//! The job file: one JSON document per message per queue, holding the request fields of the
+//! QMS design (arrival, warning and expiry times, sender, protocol, recipients with state).
+
+use crate::id::QueueId;
+use qms_common::address::{reverse_path, Address};
+use serde::{Deserialize, Serialize};
+
+pub const JOB_VERSION: u32 = 1;
+
+/// Where a message came from, for Received: headers, logs and policy.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Client {
+    /// Peer IP address, or absent for local injection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helo: Option<String>,
+    /// The SASL user of an authenticated session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+    /// TLS version and cipher, when the session was encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// The local user who ran `sendmail`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_user: Option<String>,
+    /// True when the client may use tracked-sending headers (authenticated, local or mynetworks).
+    #[serde(default)]
+    pub trusted: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Notify {
+    Never,
+    Success,
+    Failure,
+    Delay,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DsnRet {
+    Full,
+    Hdrs,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RcptState {
+    Pending,
+    Deferred,
+    Delivered,
+    Failed,
+}
+
+impl RcptState {
+    pub fn is_final(self) -> bool {
+        matches!(self, RcptState::Delivered | RcptState::Failed)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RcptState::Pending => "pending",
+            RcptState::Deferred => "deferred",
+            RcptState::Delivered => "delivered",
+            RcptState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Recipient {
+    pub address: Address,
+    /// RFC 3461 ORCPT, as given (`rfc822;addr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
+    /// RFC 3461 NOTIFY; empty means the default (failures and delays).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<Notify>,
+    pub state: RcptState,
+    /// The last reply or error, in plain words, for mailq and error mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    /// Where the router sent it: `maildir:/path`, `smtp`, `smtp:[host]:port`, `pipe:cmd`, …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The address the sender wrote, when alias expansion replaced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<Address>,
+    /// The system user a local delivery runs as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl Recipient {
+    pub fn new(address: Address) -> Recipient {
+        Recipient {
+            address,
+            orcpt: None,
+            notify: Vec::new(),
+            state: RcptState::Pending,
+            reply: None,
+            route: None,
+            original: None,
+            user: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub version: u32,
+    pub id: QueueId,
+    /// The queue this job belongs to (kept while it sits in hold).
+    pub queue: String,
+    /// The name of this job's link to the message file, under `msg/`.
+    pub body: String,
+    /// Size of the message in bytes.
+    pub size: u64,
+    pub arrival: i64,
+    /// When to tell the sender the message is delayed, and how far to move it after that.
+    pub warn_at: i64,
+    pub warn_delta: i64,
+    pub expires_at: i64,
+    #[serde(with = "reverse_path")]
+    pub sender: Option<Address>,
+    pub client: Client,
+    /// How it arrived: `smtp`, `submission`, `submissions`, `sendmail`, `bounce`.
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<DsnRet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
+    /// SMTPUTF8 was requested; 8BITMIME body.
+    #[serde(default)]
+    pub smtputf8: bool,
+    #[serde(default)]
+    pub eightbit: bool,
+    pub recipients: Vec<Recipient>,
+    #[serde(default)]
+    pub attempts: u32,
+    pub next_attempt: i64,
+    /// The delay warning was sent.
+    #[serde(default)]
+    pub warned: bool,
+}
+
+impl Job {
+    /// The unfinished recipients.
+    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
+        self.recipients.iter().filter(|r| !r.state.is_final())
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.recipients.iter().all(|r| r.state.is_final())
+    }
+}
+
+impl Job {
+    /// A new job for `queue` with the times of the config's retry policy; the spool gives it
+    /// its id and message file when it is staged.
+    pub fn new(
+        queue: &str,
+        sender: Option<Address>,
+        recipients: Vec<Recipient>,
+        client: Client,
+        protocol: &str,
+        timing: &qms_common::config::Outgoing,
+    ) -> Job {
+        let now = qms_common::time::now();
+        Job {
+            version: JOB_VERSION,
+            id: QueueId::generate(),
+            queue: queue.to_string(),
+            body: String::new(),
+            size: 0,
+            arrival: now,
+            warn_at: now + timing.delay_warning,
+            warn_delta: timing.delay_warning,
+            expires_at: now + timing.max_queue_lifetime,
+            sender,
+            client,
+            protocol: protocol.to_string(),
+            ret: None,
+            envid: None,
+            smtputf8: false,
+            eightbit: false,
+            recipients,
+            attempts: 0,
+            next_attempt: now,
+            warned: false,
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The on-disk queue of qms: immutable message files, JSON job files, one directory per queue.
+//!
+//! Every process role works through this crate: servers enqueue into `incoming`, the router
+//! moves jobs to output queues, workers claim jobs with file locks, and the queue tools read
+//! and change jobs while workers run. See docs/architecture.md for the layout.
+
+mod commit;
+mod id;
+mod job;
+mod store;
+mod watch;
+
+pub use commit::Committer;
+pub use id::QueueId;
+pub use job::{Client, DsnRet, Job, Notify, RcptState, Recipient, JOB_VERSION};
+pub use store::{Claim, Claimed, Spool, SpoolError, Staged};
+pub use watch::{WatchOptions, Watcher};

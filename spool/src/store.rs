@@ -1,0 +1,514 @@
+//! The spool directory and every operation on its files.
+//!
+//! ```text
+//! SPOOL/tmp/                 files being written; whatever is left here at start is debris
+//! SPOOL/msg/ID.QUEUE         message files: one hard link per job, removed with the job
+//! SPOOL/queue/QUEUE/ID.json  jobs waiting in QUEUE (incoming, local, smtp, pipe, …)
+//! SPOOL/hold/QUEUE/ID.json   jobs put on hold, kept until released
+//! SPOOL/corrupt/QUEUE/ID.json unreadable jobs, moved aside for a human
+//! ```
+//!
+//! A job is claimed by an exclusive `flock` on its file. A new version of a job is written to
+//! `tmp/`, locked, synced and renamed over the old one, so the job is never unlocked while
+//! its worker holds it; a worker that dies drops its locks with its file descriptors.
+
+use crate::id::QueueId;
+use crate::job::{Job, JOB_VERSION};
+use fs2::FileExt;
+use qms_common::{qlog, safeio};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub enum SpoolError {
+    Io {
+        what: String,
+        path: PathBuf,
+        err: io::Error,
+    },
+    /// The job file could not be read as a job; it was moved to `corrupt/`.
+    Corrupt {
+        path: PathBuf,
+        reason: String,
+    },
+    NotFound(String),
+    /// Another process holds the job.
+    Busy(String),
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            SpoolError::Io { what, path, err } => {
+                write!(f, "cannot {what} {}: {err}", path.display())
+            }
+            SpoolError::Corrupt { path, reason } => {
+                write!(f, "corrupt job {}: {reason}", path.display())
+            }
+            SpoolError::NotFound(id) => write!(f, "no job {id} in the queue"),
+            SpoolError::Busy(id) => write!(f, "job {id} is being worked on; try again"),
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+impl SpoolError {
+    /// True for errors that mean the disk is full or over quota (SMTP 452 rather than 451).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, SpoolError::Io { err, .. } if err.raw_os_error() == Some(libc::ENOSPC) || err.raw_os_error() == Some(libc::EDQUOT))
+    }
+}
+
+fn io_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
+    let (what, path) = (what.to_string(), path.to_path_buf());
+    move |err| SpoolError::Io { what, path, err }
+}
+
+type Result<T> = std::result::Result<T, SpoolError>;
+
+#[derive(Clone, Debug)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// A message being enqueued: its file is written and locked, its job staged in `tmp/`.
+pub struct Staged {
+    pub id: QueueId,
+    /// The message file, for a new message; a child job reuses its parent's.
+    body: Option<(File, PathBuf)>,
+    job: safeio::Staged,
+}
+
+/// A job this process holds the lock of.
+pub struct Claimed {
+    pub job: Job,
+    file: File,
+    path: PathBuf,
+}
+
+impl Claimed {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+pub enum Claim {
+    Got(Box<Claimed>),
+    /// Another worker holds it.
+    Busy,
+    /// It is no longer there (finished, deleted or moved).
+    Gone,
+}
+
+impl Spool {
+    /// Opens the spool at `root`, creating any missing directory for the given queues.
+    pub fn open(root: &Path, queues: &[String]) -> Result<Spool> {
+        let spool = Spool {
+            root: root.to_path_buf(),
+        };
+        for d in ["tmp", "msg", "queue", "hold", "corrupt", "run", "track"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        for q in queues.iter().map(String::as_str).chain(["incoming"]) {
+            for area in ["queue", "hold", "corrupt"] {
+                let p = root.join(area).join(q);
+                fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+            }
+        }
+        Ok(spool)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn queue_dir(&self, queue: &str) -> PathBuf {
+        self.root.join("queue").join(queue)
+    }
+
+    fn job_path(&self, area: &str, queue: &str, id: &QueueId) -> PathBuf {
+        self.root.join(area).join(queue).join(format!("{id}.json"))
+    }
+
+    pub fn body_path(&self, job: &Job) -> PathBuf {
+        self.root.join("msg").join(&job.body)
+    }
+
+    pub fn read_body(&self, job: &Job) -> Result<Vec<u8>> {
+        let p = self.body_path(job);
+        fs::read(&p).map_err(io_err("read message", &p))
+    }
+
+    /// The queues that have a directory, in name order.
+    pub fn queues(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.root.join("queue"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Job ids in a queue (`queue`), hold area (`hold`) or corrupt area, sorted by arrival.
+    pub fn list(&self, area: &str, queue: &str) -> Vec<QueueId> {
+        let mut ids: Vec<QueueId> = fs::read_dir(self.root.join(area).join(queue))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter_map(|n| n.strip_suffix(".json").and_then(QueueId::parse))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Reads a job without locking it: a snapshot for listings.
+    pub fn load(&self, area: &str, queue: &str, id: &QueueId) -> Result<Job> {
+        let p = self.job_path(area, queue, id);
+        let data = fs::read(&p).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+            _ => SpoolError::Io {
+                what: "read".into(),
+                path: p.clone(),
+                err: e,
+            },
+        })?;
+        parse_job(&data).map_err(|reason| SpoolError::Corrupt { path: p, reason })
+    }
+
+    // ---- enqueue -------------------------------------------------------------------------
+
+    /// Writes a new message and its job into `tmp/` and `msg/`, without syncing. The id is
+    /// claimed by the exclusive create of the message file; the job is invisible until
+    /// [`Spool::commit`].
+    /// `message` builds the bytes from the id (a Received: header names it).
+    pub fn stage(&self, mut job: Job, message: &dyn Fn(&QueueId) -> Vec<u8>) -> Result<Staged> {
+        let queue = job.queue.clone();
+        for _ in 0..8 {
+            let id = QueueId::generate();
+            let body_name = format!("{id}.{queue}");
+            let body_path = self.root.join("msg").join(&body_name);
+            let file = match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&body_path)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(SpoolError::Io {
+                        what: "create".into(),
+                        path: body_path,
+                        err: e,
+                    })
+                }
+            };
+            // Locked while the enqueue runs, so start-up clean-up can tell debris from work.
+            let _ = file.try_lock_exclusive();
+            let body = message(&id);
+            let body = body.as_slice();
+            let write = (|| {
+                use std::io::Write;
+                (&file).write_all(body)
+            })();
+            if let Err(e) = write {
+                let _ = fs::remove_file(&body_path);
+                return Err(SpoolError::Io {
+                    what: "write".into(),
+                    path: body_path,
+                    err: e,
+                });
+            }
+            job.id = id.clone();
+            job.body = body_name;
+            job.size = body.len() as u64;
+            let staged = match self.stage_job(&job) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = fs::remove_file(&body_path);
+                    return Err(e);
+                }
+            };
+            return Ok(Staged {
+                id,
+                body: Some((file, body_path)),
+                job: staged,
+            });
+        }
+        Err(SpoolError::Io {
+            what: "find a free queue id in".into(),
+            path: self.root.join("msg"),
+            err: io::Error::other("ids collide"),
+        })
+    }
+
+    fn stage_job(&self, job: &Job) -> Result<safeio::Staged> {
+        self.stage_job_at(job, self.job_path("queue", &job.queue, &job.id))
+    }
+
+    /// Makes staged messages durable and visible: one data sync for the batch, the renames,
+    /// and one fsync per directory. Only after this returns may a message be acknowledged.
+    pub fn commit(&self, batch: Vec<Staged>) -> Result<Vec<QueueId>> {
+        let files: Vec<&File> = batch
+            .iter()
+            .flat_map(|s| {
+                s.body
+                    .iter()
+                    .map(|(f, _)| f)
+                    .chain(std::iter::once(s.job.file()))
+            })
+            .collect();
+        let res = safeio::sync_data(files.into_iter())
+            .and_then(|()| safeio::sync_dir(&self.root.join("msg")))
+            .map_err(io_err("sync", &self.root));
+        if let Err(e) = res {
+            self.abandon(batch);
+            return Err(e);
+        }
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut ids = Vec::with_capacity(batch.len());
+        for s in batch {
+            ids.push(s.id);
+            jobs.push(s.job);
+        }
+        // The data is on disk: make the jobs visible (renames, then one fsync per directory).
+        // A new job is unlocked first, so the worker woken by the rename can claim it at once.
+        for j in &jobs {
+            let _ = FileExt::unlock(j.file());
+            j.place().map_err(io_err("rename", j.dest()))?;
+        }
+        safeio::sync_dirs(jobs.iter().map(|j| j.dest()))
+            .map_err(io_err("sync", &self.root.join("queue")))?;
+        Ok(ids)
+    }
+
+    /// Drops staged messages that will not be committed.
+    pub fn abandon(&self, batch: Vec<Staged>) {
+        for s in batch {
+            if let Some((_, path)) = s.body {
+                let _ = fs::remove_file(path);
+            }
+            s.job.abandon();
+        }
+    }
+
+    /// Stages and commits one message: the path `sendmail` takes.
+    pub fn enqueue(&self, job: Job, message: &dyn Fn(&QueueId) -> Vec<u8>) -> Result<QueueId> {
+        let s = self.stage(job, message)?;
+        Ok(self.commit(vec![s])?.remove(0))
+    }
+
+    /// Stages a job for another queue that shares `parent`'s message file (the router's
+    /// dispatch). Returns `None` when that job exists already (a dispatch redone after a crash).
+    pub fn stage_child(&self, parent: &Job, child: &Job) -> Result<Option<Staged>> {
+        let dest = self.job_path("queue", &child.queue, &child.id);
+        if dest.exists() || self.job_path("hold", &child.queue, &child.id).exists() {
+            return Ok(None);
+        }
+        let link = self.body_path(child);
+        match fs::hard_link(self.body_path(parent), &link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(SpoolError::Io {
+                    what: "link".into(),
+                    path: link,
+                    err: e,
+                })
+            }
+        }
+        Ok(Some(Staged {
+            id: child.id.clone(),
+            body: None,
+            job: self.stage_job(child)?,
+        }))
+    }
+
+    // ---- claiming and changing jobs -------------------------------------------------------
+
+    /// Takes the lock of a job in `queue`, if nobody else has it.
+    pub fn claim(&self, queue: &str, id: &QueueId) -> Result<Claim> {
+        self.claim_in("queue", queue, id, false)
+    }
+
+    /// Like [`Spool::claim`] for the tools: waits up to `wait` for a busy job.
+    pub fn claim_wait(
+        &self,
+        area: &str,
+        queue: &str,
+        id: &QueueId,
+        wait: std::time::Duration,
+    ) -> Result<Claim> {
+        let end = std::time::Instant::now() + wait;
+        loop {
+            match self.claim_in(area, queue, id, true)? {
+                Claim::Busy if std::time::Instant::now() < end => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn claim_in(&self, area: &str, queue: &str, id: &QueueId, tool: bool) -> Result<Claim> {
+        let path = self.job_path(area, queue, id);
+        for _ in 0..3 {
+            let file = match fs::OpenOptions::new().read(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Gone),
+                Err(e) => {
+                    return Err(SpoolError::Io {
+                        what: "open".into(),
+                        path,
+                        err: e,
+                    })
+                }
+            };
+            if file.try_lock_exclusive().is_err() {
+                return Ok(Claim::Busy);
+            }
+            // The file may have been replaced or removed between open and lock.
+            let (fmeta, pmeta) = (file.metadata(), fs::metadata(&path));
+            match (fmeta, pmeta) {
+                (Ok(f), Ok(p)) if f.ino() == p.ino() && f.dev() == p.dev() => {}
+                (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Gone),
+                _ => continue,
+            }
+            let mut data = Vec::new();
+            (&file)
+                .read_to_end(&mut data)
+                .map_err(io_err("read", &path))?;
+            return match parse_job(&data) {
+                Ok(job) => Ok(Claim::Got(Box::new(Claimed { job, file, path }))),
+                Err(reason) if !tool || area == "queue" => {
+                    let dest = self
+                        .root
+                        .join("corrupt")
+                        .join(queue)
+                        .join(path.file_name().unwrap_or_default());
+                    let _ = fs::rename(&path, &dest);
+                    qlog!(
+                        "queue={queue} file={} status=corrupt reason={} moved_to={}",
+                        path.display(),
+                        qms_common::log::quote(&reason),
+                        dest.display()
+                    );
+                    Err(SpoolError::Corrupt { path: dest, reason })
+                }
+                Err(reason) => Err(SpoolError::Corrupt { path, reason }),
+            };
+        }
+        Ok(Claim::Busy)
+    }
+
+    /// Writes the claimed job's new state durably, keeping the claim.
+    pub fn update(&self, c: &mut Claimed) -> Result<()> {
+        let s = self.stage_job_at(&c.job, c.path.clone())?;
+        if let Err(e) = safeio::commit(std::slice::from_ref(&s)) {
+            s.abandon();
+            return Err(SpoolError::Io {
+                what: "write".into(),
+                path: c.path.clone(),
+                err: e,
+            });
+        }
+        // The new file was locked before it became visible; dropping the old one unlocks it.
+        c.file = s.into_file();
+        Ok(())
+    }
+
+    fn stage_job_at(&self, job: &Job, dest: PathBuf) -> Result<safeio::Staged> {
+        let data = serde_json::to_vec(job).map_err(|e| SpoolError::Io {
+            what: "encode job".into(),
+            path: dest.clone(),
+            err: io::Error::other(e),
+        })?;
+        let tmp = self.root.join("tmp").join(format!(
+            "{}.{}.{}.json",
+            job.id,
+            job.queue,
+            std::process::id()
+        ));
+        let s = safeio::stage(tmp.clone(), dest, &data).map_err(io_err("write", &tmp))?;
+        s.file()
+            .try_lock_exclusive()
+            .map_err(io_err("lock", &tmp))?;
+        Ok(s)
+    }
+
+    /// Removes a finished job and its link to the message file.
+    pub fn finish(&self, c: Claimed) -> Result<()> {
+        fs::remove_file(&c.path).map_err(io_err("remove", &c.path))?;
+        let _ = fs::remove_file(self.body_path(&c.job));
+        drop(c.file);
+        Ok(())
+    }
+
+    /// Moves a claimed job between areas (`queue` ↔ `hold`), keeping its queue.
+    pub fn move_to(&self, c: Claimed, area: &str) -> Result<()> {
+        let dest = self.job_path(area, &c.job.queue, &c.job.id);
+        fs::rename(&c.path, &dest).map_err(io_err("move", &c.path))?;
+        safeio::sync_dirs([dest.as_path(), c.path.as_path()].into_iter())
+            .map_err(io_err("sync", &dest))?;
+        Ok(())
+    }
+
+    // ---- start-up recovery ----------------------------------------------------------------
+
+    /// Removes the debris of interrupted writes: files in `tmp/` and message files that no job
+    /// refers to. Files still locked by a running enqueue are left alone. Returns the count.
+    pub fn recover(&self) -> usize {
+        let mut removed = 0;
+        let unlocked = |p: &Path| fs::File::open(p).is_ok_and(|f| f.try_lock_exclusive().is_ok());
+        if let Ok(rd) = fs::read_dir(self.root.join("tmp")) {
+            for e in rd.flatten() {
+                if unlocked(&e.path()) && fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if let Ok(rd) = fs::read_dir(self.root.join("msg")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((id, queue)) = name.split_once('.') else {
+                    continue;
+                };
+                let Some(id) = QueueId::parse(id) else {
+                    continue;
+                };
+                let referenced = ["queue", "hold", "corrupt"]
+                    .iter()
+                    .any(|a| self.job_path(a, queue, &id).exists());
+                if !referenced && unlocked(&e.path()) && fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
+fn parse_job(data: &[u8]) -> std::result::Result<Job, String> {
+    #[derive(serde::Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let v: Version = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    if v.version > JOB_VERSION {
+        return Err(format!(
+            "job format version {} is newer than this qms ({JOB_VERSION})",
+            v.version
+        ));
+    }
+    serde_json::from_slice(data).map_err(|e| e.to_string())
+}

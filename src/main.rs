@@ -1,0 +1,179 @@
+//! `qms`: one binary, a subcommand per process role and per tool. Called through a link named
+//! `sendmail`, `mailq` or `newaliases`, it behaves as that command.
+
+mod queuetool;
+mod roles;
+mod signals;
+mod supervisor;
+
+use clap::{Parser, Subcommand};
+use qms_common::Config;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "qms",
+    version,
+    about = "A queue-based, multi-process mail transfer agent"
+)]
+struct Cli {
+    /// The config file (else $QMS_CONFIG, else /etc/qms/qms.toml).
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the whole MTA: one process per role, N workers per queue, restarted when they die.
+    Start {
+        /// Detach from the terminal after start-up.
+        #[arg(long)]
+        daemon: bool,
+    },
+    /// Stop a running instance (SIGTERM to its supervisor).
+    Stop,
+    /// Show the processes of a running instance and the depth of every queue.
+    Status,
+    /// Role: the SMTP, submission and submissions listeners.
+    Smtpd,
+    /// Role: route incoming jobs to the output queues.
+    Router,
+    /// Role: deliver the jobs of one output queue.
+    Deliver {
+        #[arg(long)]
+        queue: String,
+    },
+    /// Look into the queue and act on it.
+    #[command(subcommand)]
+    Queue(queuetool::QueueCmd),
+    /// Check the config file and say where it is wrong.
+    CheckConfig,
+    /// Check the aliases file (lookups read it directly; changes apply without a restart).
+    Newaliases,
+    /// sendmail(8)-compatible local injection.
+    Sendmail {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
+    let path = qms_common::config::locate(explicit);
+    Config::load(&path).map_err(|e| {
+        eprintln!("qms: {e}");
+        ExitCode::from(78)
+    })
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    let prog = argv
+        .first()
+        .map(|a| {
+            Path::new(a)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    match prog.as_str() {
+        "sendmail" => return sendmail(None, &argv[1..]),
+        "mailq" => {
+            let cfg = match load_config(None) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return queuetool::run(&cfg, queuetool::QueueCmd::list_all());
+        }
+        "newaliases" => {
+            return match load_config(None) {
+                Ok(c) => newaliases(&c),
+                Err(code) => code,
+            }
+        }
+        _ => {}
+    }
+    let cli = Cli::parse();
+    if let Cmd::Sendmail { args } = &cli.cmd {
+        return sendmail(cli.config.as_deref(), args);
+    }
+    let cfg = match load_config(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cli.cmd {
+        Cmd::Start { daemon } => supervisor::start(cfg, daemon),
+        Cmd::Stop => supervisor::stop(&cfg),
+        Cmd::Status => supervisor::status(&cfg),
+        Cmd::Smtpd => roles::smtpd(cfg),
+        Cmd::Router => roles::router(cfg),
+        Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
+        Cmd::Queue(q) => queuetool::run(&cfg, q),
+        Cmd::CheckConfig => check_config(&cfg),
+        Cmd::Newaliases => newaliases(&cfg),
+        Cmd::Sendmail { .. } => ExitCode::SUCCESS,
+    }
+}
+
+fn check_config(cfg: &Config) -> ExitCode {
+    if let Some(a) = &cfg.aliases {
+        if let Err(e) = qms_common::aliases::Aliases::load(a) {
+            eprintln!("qms: aliases: {e}");
+            return ExitCode::from(78);
+        }
+    }
+    println!("{}: ok", cfg.path.display());
+    ExitCode::SUCCESS
+}
+
+fn newaliases(cfg: &Config) -> ExitCode {
+    match &cfg.aliases {
+        None => {
+            println!("no aliases file configured");
+            ExitCode::SUCCESS
+        }
+        Some(p) => match qms_common::aliases::Aliases::load(p) {
+            Ok(a) => {
+                println!("{}: {} aliases", p.display(), a.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("newaliases: {e}");
+                ExitCode::from(65)
+            }
+        },
+    }
+}
+
+fn sendmail(explicit: Option<&Path>, args: &[String]) -> ExitCode {
+    use qms_incoming::sendmail as sm;
+    let a = match sm::parse_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return ExitCode::from(sm::EX_USAGE as u8);
+        }
+    };
+    let explicit = a.config.as_deref().map(Path::new).or(explicit);
+    let path = qms_common::config::locate(explicit);
+    // A set-group-id sendmail must not let a user point it at a config of their own.
+    if nix::unistd::getgid() != nix::unistd::getegid() && !sm::is_system_config(&path) {
+        let _ = nix::unistd::setgid(nix::unistd::getgid());
+    }
+    let cfg = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return ExitCode::from(sm::EX_CONFIG as u8);
+        }
+    };
+    match a.mode {
+        sm::Mode::ListQueue => queuetool::run(&cfg, queuetool::QueueCmd::list_all()),
+        sm::Mode::Newaliases => newaliases(&cfg),
+        _ => ExitCode::from(sm::run(&cfg, &a) as u8),
+    }
+}

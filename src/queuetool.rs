@@ -1,0 +1,471 @@
+//! `qms queue …` and `mailq`: what sysadmins reach for in postqueue, postsuper and qshape.
+//! Everything here is safe while workers run: reads are snapshots, changes take the job's lock.
+
+use clap::{Args, Subcommand};
+use qms_common::address::show_sender;
+use qms_common::log::quote;
+use qms_common::{qlog, time, Config};
+use qms_spool::{Claim, Job, QueueId, Spool};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum QueueCmd {
+    /// List queued messages (what mailq shows).
+    List(ListArgs),
+    /// Show one message: envelope, per-recipient state, headers (and --body).
+    Show {
+        id: String,
+        #[arg(long)]
+        body: bool,
+    },
+    /// Put messages on hold: kept, not delivered, until released.
+    Hold(Select),
+    /// Release held messages back into their queue.
+    Release(Select),
+    /// Delete messages from the queue.
+    Delete(Select),
+    /// Try messages again now instead of at their next scheduled time.
+    Retry(Select),
+    /// Message counts per destination domain by age, like qshape.
+    Shape {
+        #[arg(long)]
+        queue: Option<String>,
+    },
+}
+
+#[derive(Args, Default)]
+pub struct ListArgs {
+    /// One JSON object per message, one per line.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    sender: Option<String>,
+    #[arg(long)]
+    recipient: Option<String>,
+    /// Recipient domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Only messages older than this many seconds.
+    #[arg(long)]
+    older_than: Option<i64>,
+}
+
+#[derive(Args)]
+pub struct Select {
+    ids: Vec<String>,
+    /// Every message (of --queue, if given).
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    queue: Option<String>,
+}
+
+impl QueueCmd {
+    pub fn list_all() -> QueueCmd {
+        QueueCmd::List(ListArgs::default())
+    }
+}
+
+/// A job as found on disk, with where it sits.
+struct Found {
+    area: &'static str,
+    job: Job,
+}
+
+fn all_jobs(spool: &Spool, queue: Option<&str>) -> Vec<Found> {
+    let mut out = Vec::new();
+    for q in spool.queues() {
+        if queue.is_some_and(|want| want != q) {
+            continue;
+        }
+        for area in ["queue", "hold"] {
+            for id in spool.list(area, &q) {
+                match spool.load(area, &q, &id) {
+                    Ok(job) => out.push(Found { area, job }),
+                    Err(qms_spool::SpoolError::NotFound(_)) => {}
+                    Err(e) => eprintln!("qms: {e}"),
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.job.id.cmp(&b.job.id));
+    out
+}
+
+pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
+    qms_common::log::init("queue");
+    let spool = match Spool::open(&cfg.spool, &cfg.queue_names()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("qms: {e}");
+            return ExitCode::from(73);
+        }
+    };
+    match cmd {
+        QueueCmd::List(a) => list(&spool, &a),
+        QueueCmd::Show { id, body } => show(&spool, &id, body),
+        QueueCmd::Hold(s) => act(&spool, &s, Action::Hold),
+        QueueCmd::Release(s) => act(&spool, &s, Action::Release),
+        QueueCmd::Delete(s) => act(&spool, &s, Action::Delete),
+        QueueCmd::Retry(s) => act(&spool, &s, Action::Retry),
+        QueueCmd::Shape { queue } => shape(&spool, queue.as_deref()),
+    }
+}
+
+fn matches(f: &Found, a: &ListArgs, now: i64) -> bool {
+    let j = &f.job;
+    let lc = |s: &str| s.to_ascii_lowercase();
+    a.sender
+        .as_ref()
+        .is_none_or(|s| lc(&show_sender(&j.sender)).contains(&lc(s)))
+        && a.recipient.as_ref().is_none_or(|r| {
+            j.recipients
+                .iter()
+                .any(|x| lc(&x.address.to_string()).contains(&lc(r)))
+        })
+        && a.domain.as_ref().is_none_or(|d| {
+            j.recipients
+                .iter()
+                .any(|x| x.address.domain().eq_ignore_ascii_case(d))
+        })
+        && a.older_than.is_none_or(|age| now - j.arrival >= age)
+}
+
+fn list(spool: &Spool, a: &ListArgs) -> ExitCode {
+    let now = time::now();
+    let jobs: Vec<Found> = all_jobs(spool, a.queue.as_deref())
+        .into_iter()
+        .filter(|f| matches(f, a, now))
+        .collect();
+    if a.json {
+        for f in &jobs {
+            let j = &f.job;
+            let rcpts: Vec<serde_json::Value> = j
+                .recipients
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "address": r.address.to_string(),
+                        "state": r.state.as_str(),
+                        "reply": r.reply,
+                        "attempts": j.attempts,
+                        "next_attempt": j.next_attempt,
+                        "route": r.route,
+                    })
+                })
+                .collect();
+            let doc = serde_json::json!({
+                "id": j.id.as_str(),
+                "queue": j.queue,
+                "held": f.area == "hold",
+                "size": j.size,
+                "arrival": j.arrival,
+                "sender": show_sender(&j.sender),
+                "recipients": rcpts,
+            });
+            println!("{doc}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    if jobs.is_empty() {
+        println!("Mail queue is empty");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<17} {:<9} {:>8} {:<20} Sender/Recipient",
+        "-Queue ID-", "-Queue-", "-Size-", "-Arrival Time-"
+    );
+    let mut total = 0u64;
+    for f in &jobs {
+        let j = &f.job;
+        total += j.size;
+        let held = if f.area == "hold" { "!" } else { " " };
+        println!(
+            "{}{held:<1}{} {:<9} {:>8} {:<20} {}",
+            j.id,
+            "",
+            j.queue,
+            j.size,
+            time::iso8601(j.arrival),
+            show_sender(&j.sender)
+        );
+        for r in &j.recipients {
+            let reply = r
+                .reply
+                .as_deref()
+                .map(|x| format!(" ({x})"))
+                .unwrap_or_default();
+            println!("{:>47} {} [{}]{reply}", "", r.address, r.state.as_str());
+        }
+    }
+    println!(
+        "-- {} Kbytes in {} Requests.",
+        total.div_ceil(1024),
+        jobs.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn parse_id(s: &str) -> Option<QueueId> {
+    QueueId::parse(s.trim())
+}
+
+fn show(spool: &Spool, id: &str, body: bool) -> ExitCode {
+    let Some(id) = parse_id(id) else {
+        eprintln!("qms: {id:?} is not a queue id");
+        return ExitCode::from(64);
+    };
+    let found: Vec<Found> = all_jobs(spool, None)
+        .into_iter()
+        .filter(|f| f.job.id == id)
+        .collect();
+    if found.is_empty() {
+        eprintln!("qms: no message {id} in the queue");
+        return ExitCode::from(1);
+    }
+    for f in &found {
+        let j = &f.job;
+        println!(
+            "id: {}\nqueue: {}{}",
+            j.id,
+            j.queue,
+            if f.area == "hold" { " (held)" } else { "" }
+        );
+        println!(
+            "arrival: {}\nsender: {}\nsize: {}",
+            time::iso8601(j.arrival),
+            show_sender(&j.sender),
+            j.size
+        );
+        println!("protocol: {}", j.protocol);
+        if let Some(a) = &j.client.addr {
+            println!(
+                "client: [{a}] helo={}",
+                j.client.helo.as_deref().unwrap_or("-")
+            );
+        }
+        if let Some(u) = &j.client.local_user {
+            println!("client: local user {u}");
+        }
+        println!(
+            "attempts: {}\nnext attempt: {}",
+            j.attempts,
+            time::iso8601(j.next_attempt)
+        );
+        println!(
+            "warn at: {}\nexpires: {}",
+            time::iso8601(j.warn_at),
+            time::iso8601(j.expires_at)
+        );
+        for r in &j.recipients {
+            let route = r
+                .route
+                .as_deref()
+                .map(|x| format!(" via {x}"))
+                .unwrap_or_default();
+            let reply = r
+                .reply
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default();
+            println!(
+                "recipient: {} [{}]{route}{reply}",
+                r.address,
+                r.state.as_str()
+            );
+        }
+    }
+    match spool.read_body(&found[0].job) {
+        Ok(msg) => {
+            let end = msg
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| i + 2)
+                .unwrap_or(msg.len());
+            println!();
+            let shown = if body { &msg[..] } else { &msg[..end] };
+            print!("{}", String::from_utf8_lossy(shown).replace("\r\n", "\n"));
+        }
+        Err(e) => eprintln!("qms: {e}"),
+    }
+    ExitCode::SUCCESS
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Action {
+    Hold,
+    Release,
+    Delete,
+    Retry,
+}
+
+fn act(spool: &Spool, sel: &Select, action: Action) -> ExitCode {
+    if sel.ids.is_empty() && !sel.all {
+        eprintln!("qms: name queue ids, or --all");
+        return ExitCode::from(64);
+    }
+    let mut wanted = Vec::new();
+    for s in &sel.ids {
+        match parse_id(s) {
+            Some(id) => wanted.push(id),
+            None => {
+                eprintln!("qms: {s:?} is not a queue id");
+                return ExitCode::from(64);
+            }
+        }
+    }
+    // Which area each action starts from.
+    let from = if action == Action::Release {
+        "hold"
+    } else {
+        "queue"
+    };
+    let mut done = 0;
+    let mut failed = false;
+    let mut seen = std::collections::HashSet::new();
+    for q in spool.queues() {
+        if sel.queue.as_ref().is_some_and(|want| want != &q) {
+            continue;
+        }
+        let areas: &[&str] = if action == Action::Delete {
+            &["queue", "hold"]
+        } else {
+            &[from]
+        };
+        for area in areas {
+            for id in spool.list(area, &q) {
+                if !sel.all && !wanted.contains(&id) {
+                    continue;
+                }
+                seen.insert(id.clone());
+                match one(spool, area, &q, &id, action) {
+                    Ok(true) => done += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        eprintln!("qms: {id}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+        }
+    }
+    for id in wanted.iter().filter(|id| !seen.contains(*id)) {
+        eprintln!(
+            "qms: {id}: not found{}",
+            if action == Action::Release {
+                " on hold"
+            } else {
+                ""
+            }
+        );
+        failed = true;
+    }
+    let verb = match action {
+        Action::Hold => "held",
+        Action::Release => "released",
+        Action::Delete => "deleted",
+        Action::Retry => "scheduled for retry",
+    };
+    println!("qms: {done} message(s) {verb}");
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn one(
+    spool: &Spool,
+    area: &str,
+    queue: &str,
+    id: &QueueId,
+    action: Action,
+) -> Result<bool, String> {
+    let mut c = match spool
+        .claim_wait(area, queue, id, Duration::from_secs(30))
+        .map_err(|e| e.to_string())?
+    {
+        Claim::Got(c) => c,
+        Claim::Gone => return Ok(false),
+        Claim::Busy => return Err("busy: a worker holds it; try again".into()),
+    };
+    let now = time::now();
+    match action {
+        Action::Hold => spool.move_to(*c, "hold").map_err(|e| e.to_string())?,
+        Action::Release => {
+            c.job.next_attempt = now;
+            spool.update(&mut c).map_err(|e| e.to_string())?;
+            spool.move_to(*c, "queue").map_err(|e| e.to_string())?
+        }
+        Action::Delete => spool.finish(*c).map_err(|e| e.to_string())?,
+        Action::Retry => {
+            c.job.next_attempt = now;
+            spool.update(&mut c).map_err(|e| e.to_string())?
+        }
+    }
+    let status = match action {
+        Action::Hold => "held",
+        Action::Release => "released",
+        Action::Delete => "deleted",
+        Action::Retry => "retry",
+    };
+    qlog!(
+        "qid={id} queue={queue} status={status} by={}",
+        quote(&user())
+    );
+    Ok(true)
+}
+
+fn user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default()
+}
+
+fn shape(spool: &Spool, queue: Option<&str>) -> ExitCode {
+    // qshape's buckets, in minutes: 0-5, 5-10, 10-20, … doubling.
+    const EDGES: [i64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+    let now = time::now();
+    let mut rows: std::collections::BTreeMap<String, [usize; 10]> = Default::default();
+    for f in all_jobs(spool, queue)
+        .into_iter()
+        .filter(|f| f.area == "queue")
+    {
+        let mins = (now - f.job.arrival) / 60;
+        let bucket = EDGES.iter().position(|e| mins < *e).unwrap_or(EDGES.len());
+        for r in f.job.pending() {
+            rows.entry(r.address.domain().to_string())
+                .or_insert([0; 10])[bucket] += 1;
+        }
+    }
+    let mut order: Vec<(&String, &[usize; 10])> = rows.iter().collect();
+    order.sort_by_key(|(_, c)| std::cmp::Reverse(c.iter().sum::<usize>()));
+    print!("{:<32} {:>6}", "", "T");
+    for e in EDGES {
+        print!(" {e:>5}");
+    }
+    println!(" {:>5}", "1280+");
+    let mut totals = [0usize; 10];
+    for (_, c) in &order {
+        for (t, n) in totals.iter_mut().zip(c.iter()) {
+            *t += n;
+        }
+    }
+    let line = |name: &str, c: &[usize; 10]| {
+        print!("{name:<32} {:>6}", c.iter().sum::<usize>());
+        for n in c {
+            print!(" {n:>5}");
+        }
+        println!();
+    };
+    line("TOTAL", &totals);
+    for (d, c) in order {
+        line(d, c);
+    }
+    ExitCode::SUCCESS
+}

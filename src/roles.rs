@@ -1,0 +1,140 @@
+//! The long-running process roles: each opens the spool, drops privilege where it can, and
+//! loops until SIGTERM.
+
+use crate::signals;
+use qms_common::log::quote;
+use qms_common::{qlog, Config};
+use qms_spool::{Spool, WatchOptions, Watcher};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn open_spool(cfg: &Config) -> Result<Spool, ExitCode> {
+    Spool::open(&cfg.spool, &cfg.queue_names()).map_err(|e| {
+        qlog!("status=fatal reason={}", quote(&e.to_string()));
+        ExitCode::from(73)
+    })
+}
+
+/// Gives up root for the configured `user` (roles that need no privilege).
+pub fn drop_privileges(cfg: &Config) -> Result<(), String> {
+    use nix::unistd::{getuid, initgroups, setgid, setuid, User};
+    let Some(name) = &cfg.user else { return Ok(()) };
+    if !getuid().is_root() {
+        return Ok(());
+    }
+    let user = User::from_name(name)
+        .ok()
+        .flatten()
+        .ok_or_else(|| format!("user {name:?} does not exist"))?;
+    let cname = std::ffi::CString::new(name.as_str()).map_err(|_| "bad user name".to_string())?;
+    initgroups(&cname, user.gid).map_err(|e| format!("initgroups: {e}"))?;
+    setgid(user.gid).map_err(|e| format!("setgid: {e}"))?;
+    setuid(user.uid).map_err(|e| format!("setuid: {e}"))?;
+    Ok(())
+}
+
+fn watch_options(cfg: &Config, batch: usize) -> WatchOptions {
+    WatchOptions {
+        scan_interval: Duration::from_secs(cfg.scheduler.scan_interval),
+        busy_retry: Duration::from_secs(cfg.scheduler.busy_retry),
+        batch,
+    }
+}
+
+fn start_role(cfg: &Config, role: &str, drop: bool) -> Result<Spool, ExitCode> {
+    qms_common::log::init(role);
+    signals::install();
+    if drop {
+        if let Err(e) = drop_privileges(cfg) {
+            qlog!("status=fatal reason={}", quote(&e));
+            return Err(ExitCode::from(71));
+        }
+    }
+    open_spool(cfg)
+}
+
+pub fn smtpd(cfg: Config) -> ExitCode {
+    qms_common::log::init("smtpd");
+    let listeners = match qms_incoming::smtpd::inherited() {
+        Some(l) => l,
+        None => match qms_incoming::smtpd::bind(&cfg) {
+            Ok(l) => l,
+            Err(e) => {
+                qlog!("status=fatal reason={}", quote(&e.to_string()));
+                return ExitCode::from(71);
+            }
+        },
+    };
+    let spool = match start_role(&cfg, "smtpd", true) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let shared = Arc::new(qms_incoming::Shared {
+        committer: qms_spool::Committer::start(spool.clone()),
+        aliases: qms_common::aliases::Cache::new(cfg.aliases.clone()),
+        cfg: Arc::new(cfg),
+        spool,
+    });
+    qms_incoming::smtpd::run(shared, listeners, &signals::STOP);
+    ExitCode::SUCCESS
+}
+
+pub fn router(cfg: Config) -> ExitCode {
+    let spool = match start_role(&cfg, "router", true) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let mut watcher = match Watcher::new(spool.clone(), "incoming", watch_options(&cfg, 256)) {
+        Ok(w) => w,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e.to_string()));
+            return ExitCode::from(71);
+        }
+    };
+    let mut router = qms_router::Router::new(Arc::new(cfg), spool);
+    while !signals::stopping() {
+        let batch = watcher.next_batch(&signals::STOP);
+        if !batch.is_empty() {
+            router.dispatch(batch);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn deliver(cfg: Config, queue: &str) -> ExitCode {
+    if !cfg.queues.contains_key(queue) {
+        eprintln!(
+            "qms: no queue {queue:?} in {} (queues: {})",
+            cfg.path.display(),
+            cfg.queue_names().join(", ")
+        );
+        return ExitCode::from(64);
+    }
+    // Local and pipe delivery keep root so each delivery can run as its recipient's user.
+    let keeps_root = matches!(queue, "local" | "pipe");
+    let spool = match start_role(&cfg, &format!("deliver/{queue}"), !keeps_root) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let batch = if queue == "smtp" { 32 } else { 128 };
+    let mut watcher = match Watcher::new(spool.clone(), queue, watch_options(&cfg, batch)) {
+        Ok(w) => w,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e.to_string()));
+            return ExitCode::from(71);
+        }
+    };
+    let cfg = Arc::new(cfg);
+    let mut agent: Box<dyn qms_delivery::Agent> = match queue {
+        "smtp" => Box::new(qms_outgoing::SmtpAgent::new(cfg.clone(), spool.clone())),
+        _ => Box::new(qms_delivery::LocalAgent::new(cfg.clone(), spool.clone())),
+    };
+    while !signals::stopping() {
+        let batch = watcher.next_batch(&signals::STOP);
+        if !batch.is_empty() {
+            agent.deliver(batch);
+        }
+    }
+    ExitCode::SUCCESS
+}

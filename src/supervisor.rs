@@ -1,0 +1,476 @@
+//! `qms start`: the supervisor. It binds the listeners, cleans the spool's debris, then runs
+//! one process per role and N per queue, restarts the ones that die (with backoff), scales
+//! workers on SIGHUP and stops everything on SIGTERM. Like Postfix's master, it keeps root
+//! (when started as root) so local delivery can become each recipient; the other roles drop it.
+
+use crate::signals;
+use fs2::FileExt;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use qms_common::log::quote;
+use qms_common::{qlog, safeio, Config};
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// One process the supervisor keeps running: `router`, `smtpd`, `deliver/smtp#2`, …
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Slot {
+    role: String,
+    queue: Option<String>,
+    index: usize,
+}
+
+impl Slot {
+    fn name(&self) -> String {
+        match &self.queue {
+            Some(q) => format!("deliver/{q}#{}", self.index),
+            None if self.index > 0 => format!("{}#{}", self.role, self.index),
+            None => self.role.clone(),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        match &self.queue {
+            Some(q) => vec!["deliver".into(), "--queue".into(), q.clone()],
+            None => vec![self.role.clone()],
+        }
+    }
+}
+
+struct Child {
+    pid: Option<Pid>,
+    started: Instant,
+    failures: u32,
+    restart_at: Option<Instant>,
+    /// Stopped on purpose to pick up a new config: restart at once, no backoff.
+    recycle: bool,
+}
+
+fn pid_file(cfg: &Config) -> PathBuf {
+    cfg.spool.join("run/qms.pid")
+}
+
+fn status_file(cfg: &Config) -> PathBuf {
+    cfg.spool.join("run/status.json")
+}
+
+fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
+    let mut v = Vec::new();
+    if smtpd {
+        v.push(Slot {
+            role: "smtpd".into(),
+            queue: None,
+            index: 0,
+        });
+    }
+    for i in 0..cfg.queues.get("incoming").copied().unwrap_or(1).max(1) {
+        v.push(Slot {
+            role: "router".into(),
+            queue: None,
+            index: i,
+        });
+    }
+    for (q, n) in &cfg.queues {
+        if q != "incoming" {
+            for i in 0..*n {
+                v.push(Slot {
+                    role: "deliver".into(),
+                    queue: Some(q.clone()),
+                    index: i,
+                });
+            }
+        }
+    }
+    v
+}
+
+pub fn start(cfg: Config, daemon: bool) -> ExitCode {
+    qms_common::log::init("master");
+    let spool = match qms_spool::Spool::open(&cfg.spool, &cfg.queue_names()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("qms: {e}");
+            return ExitCode::from(73);
+        }
+    };
+    // The pid file's lock says "an instance runs here"; it is held for the supervisor's life.
+    let lock = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(pid_file(&cfg))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("qms: cannot open {}: {e}", pid_file(&cfg).display());
+            return ExitCode::from(73);
+        }
+    };
+    if lock.try_lock_exclusive().is_err() {
+        eprintln!(
+            "qms: an instance is already running on {}",
+            cfg.spool.display()
+        );
+        return ExitCode::from(75);
+    }
+    let listeners = match qms_incoming::smtpd::bind(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("qms: {e}");
+            return ExitCode::from(71);
+        }
+    };
+    if daemon {
+        // No threads exist yet, so forking here is safe.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Parent { .. }) => return ExitCode::SUCCESS,
+            Ok(nix::unistd::ForkResult::Child) => {
+                let _ = nix::unistd::setsid();
+            }
+            Err(e) => {
+                eprintln!("qms: fork: {e}");
+                return ExitCode::from(71);
+            }
+        }
+    }
+    let _ = lock.set_len(0);
+    let _ = std::fs::write(pid_file(&cfg), format!("{}\n", std::process::id()));
+    let removed = spool.recover();
+    qlog!(
+        "event=start spool={} debris_removed={removed}",
+        cfg.spool.display()
+    );
+    let has_listeners = !listeners.is_empty();
+    let (fd_spec, fds) = qms_incoming::smtpd::export(listeners);
+    for fd in &fds {
+        inherit(*fd);
+    }
+    signals::install();
+    let mut sup = Supervisor {
+        cfg,
+        fd_spec,
+        has_listeners,
+        children: BTreeMap::new(),
+    };
+    sup.run();
+    let _ = std::fs::remove_file(status_file(&sup.cfg));
+    let _ = std::fs::remove_file(pid_file(&sup.cfg));
+    drop(lock);
+    qlog!("event=stop");
+    ExitCode::SUCCESS
+}
+
+/// Lets children inherit a descriptor (Rust opens everything close-on-exec).
+fn inherit(fd: RawFd) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    // Safety: fd is a listener this process owns for its whole life.
+    let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = fcntl(bfd, FcntlArg::F_SETFD(FdFlag::empty()));
+}
+
+struct Supervisor {
+    cfg: Config,
+    fd_spec: String,
+    has_listeners: bool,
+    children: BTreeMap<Slot, Child>,
+}
+
+impl Supervisor {
+    fn run(&mut self) {
+        self.reconcile();
+        while !signals::stopping() {
+            std::thread::sleep(Duration::from_millis(100));
+            self.reap();
+            if signals::RELOAD.swap(false, Ordering::SeqCst) {
+                self.reload();
+            }
+            self.restart_due();
+        }
+        self.shutdown();
+    }
+
+    fn spawn(&self, slot: &Slot) -> Option<Pid> {
+        let exe = std::env::current_exe().ok()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("-c").arg(&self.cfg.path).args(slot.args());
+        if slot.role == "smtpd" {
+            cmd.env(qms_incoming::smtpd::LISTEN_FDS_ENV, &self.fd_spec);
+        } else {
+            cmd.env_remove(qms_incoming::smtpd::LISTEN_FDS_ENV);
+        }
+        match cmd.spawn() {
+            Ok(child) => {
+                let pid = Pid::from_raw(child.id() as i32);
+                qlog!("event=spawn process={} pid={pid}", slot.name());
+                Some(pid)
+            }
+            Err(e) => {
+                qlog!(
+                    "event=spawn-failed process={} reason={}",
+                    slot.name(),
+                    quote(&e.to_string())
+                );
+                None
+            }
+        }
+    }
+
+    /// Starts what the config wants and is missing; stops what it no longer wants.
+    fn reconcile(&mut self) {
+        let want = desired(&self.cfg, self.has_listeners);
+        let extra: Vec<Slot> = self
+            .children
+            .keys()
+            .filter(|s| !want.contains(s))
+            .cloned()
+            .collect();
+        for slot in extra {
+            if let Some(Child { pid: Some(pid), .. }) = self.children.remove(&slot) {
+                qlog!("event=scale-down process={} pid={pid}", slot.name());
+                let _ = kill(pid, Signal::SIGTERM);
+                // Reaped by the SIGCHLD loop; the slot is gone, so it will not come back.
+            }
+        }
+        for slot in want {
+            if !self.children.contains_key(&slot) {
+                let pid = self.spawn(&slot);
+                let restart_at = pid
+                    .is_none()
+                    .then(|| Instant::now() + Duration::from_secs(1));
+                self.children.insert(
+                    slot,
+                    Child {
+                        pid,
+                        started: Instant::now(),
+                        failures: 0,
+                        restart_at,
+                        recycle: false,
+                    },
+                );
+            }
+        }
+        self.write_status();
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(s) => s,
+            };
+            let (pid, why) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exit status {code}")),
+                WaitStatus::Signaled(pid, sig, _) => (pid, format!("killed by {sig:?}")),
+                _ => continue,
+            };
+            let stopping = signals::stopping();
+            let Some((slot, child)) = self.children.iter_mut().find(|(_, c)| c.pid == Some(pid))
+            else {
+                continue;
+            };
+            child.pid = None;
+            if stopping {
+                continue;
+            }
+            if child.recycle {
+                child.recycle = false;
+                child.restart_at = Some(Instant::now());
+                qlog!("event=recycled process={} pid={pid}", slot.name());
+                continue;
+            }
+            // A child that ran a while gets a fresh start; one that keeps dying waits longer.
+            if child.started.elapsed() > Duration::from_secs(60) {
+                child.failures = 0;
+            }
+            child.failures += 1;
+            let delay =
+                Duration::from_millis(250u64 << child.failures.min(8)).min(Duration::from_secs(60));
+            child.restart_at = Some(Instant::now() + delay);
+            qlog!(
+                "event=died process={} pid={pid} reason={} restart_in={}ms",
+                slot.name(),
+                quote(&why),
+                delay.as_millis()
+            );
+        }
+    }
+
+    fn restart_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Slot> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.pid.is_none() && c.restart_at.is_some_and(|t| t <= now))
+            .map(|(s, _)| s.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for slot in due {
+            let pid = self.spawn(&slot);
+            if let Some(c) = self.children.get_mut(&slot) {
+                c.pid = pid;
+                c.started = Instant::now();
+                c.restart_at = if pid.is_none() {
+                    Some(now + Duration::from_secs(5))
+                } else {
+                    None
+                };
+            }
+        }
+        self.write_status();
+    }
+
+    fn reload(&mut self) {
+        match Config::load(&self.cfg.path) {
+            Ok(new) => {
+                qlog!("event=reload config={}", self.cfg.path.display());
+                // Listeners are bound once; a change of addresses needs a restart.
+                if new.smtp.listen != self.cfg.smtp.listen
+                    || new.submission.listen != self.cfg.submission.listen
+                {
+                    qlog!("event=reload status=warning reason=\"listen addresses change only at restart\"");
+                }
+                self.cfg = new;
+                // Roles read the config when they start: the ones that stay are recycled
+                // (a clean stop releases their jobs), extra ones stop, missing ones start.
+                let want = desired(&self.cfg, self.has_listeners);
+                for (slot, c) in self.children.iter_mut() {
+                    if let (Some(pid), true) = (c.pid, want.contains(slot)) {
+                        c.recycle = true;
+                        let _ = kill(pid, Signal::SIGTERM);
+                    }
+                }
+                self.reconcile();
+            }
+            Err(e) => qlog!("event=reload status=error reason={}", quote(&e.to_string())),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        qlog!(
+            "event=stopping children={}",
+            self.children.values().filter(|c| c.pid.is_some()).count()
+        );
+        for c in self.children.values() {
+            if let Some(pid) = c.pid {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+        }
+        let end = Instant::now() + Duration::from_secs(30);
+        while self.children.values().any(|c| c.pid.is_some()) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+            self.reap();
+        }
+        for c in self.children.values() {
+            if let Some(pid) = c.pid {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn write_status(&self) {
+        let procs: Vec<serde_json::Value> = self
+            .children
+            .iter()
+            .map(
+                |(s, c)| serde_json::json!({"process": s.name(), "pid": c.pid.map(|p| p.as_raw())}),
+            )
+            .collect();
+        let doc = serde_json::json!({"pid": std::process::id(), "processes": procs});
+        let path = status_file(&self.cfg);
+        let tmp = self
+            .cfg
+            .spool
+            .join("tmp")
+            .join(format!("status.{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let _ = safeio::write_atomic(tmp, path, doc.to_string().as_bytes());
+    }
+}
+
+fn running_pid(cfg: &Config) -> Option<Pid> {
+    let text = std::fs::read_to_string(pid_file(cfg)).ok()?;
+    let pid = Pid::from_raw(text.trim().parse().ok()?);
+    kill(pid, None).ok().map(|_| pid)
+}
+
+pub fn stop(cfg: &Config) -> ExitCode {
+    let Some(pid) = running_pid(cfg) else {
+        eprintln!("qms: no instance is running on {}", cfg.spool.display());
+        return ExitCode::from(1);
+    };
+    let _ = kill(pid, Signal::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(60);
+    while kill(pid, None).is_ok() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if kill(pid, None).is_ok() {
+        eprintln!("qms: supervisor {pid} did not stop within 60 s");
+        return ExitCode::from(1);
+    }
+    println!("qms: stopped");
+    ExitCode::SUCCESS
+}
+
+pub fn status(cfg: &Config) -> ExitCode {
+    let running = running_pid(cfg);
+    match running {
+        Some(pid) => println!(
+            "qms is running: supervisor pid {pid}, spool {}",
+            cfg.spool.display()
+        ),
+        None => println!("qms is not running (spool {})", cfg.spool.display()),
+    }
+    if running.is_some() {
+        if let Ok(text) = std::fs::read_to_string(status_file(cfg)) {
+            if let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) {
+                println!("{:<24} {:>8}", "PROCESS", "PID");
+                for p in doc["processes"].as_array().into_iter().flatten() {
+                    let pid = p["pid"]
+                        .as_i64()
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "restarting".into());
+                    println!("{:<24} {:>8}", p["process"].as_str().unwrap_or("?"), pid);
+                }
+            }
+        }
+    }
+    let spool = match qms_spool::Spool::open(&cfg.spool, &cfg.queue_names()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("qms: {e}");
+            return ExitCode::from(73);
+        }
+    };
+    println!("{:<24} {:>8} {:>8}", "QUEUE", "JOBS", "HELD");
+    for q in spool.queues() {
+        println!(
+            "{:<24} {:>8} {:>8}",
+            q,
+            spool.list("queue", &q).len(),
+            spool.list("hold", &q).len()
+        );
+    }
+    let corrupt: usize = spool
+        .queues()
+        .iter()
+        .map(|q| spool.list("corrupt", q).len())
+        .sum();
+    if corrupt > 0 {
+        println!(
+            "corrupt jobs: {corrupt} (see {})",
+            cfg.spool.join("corrupt").display()
+        );
+    }
+    if running.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}
