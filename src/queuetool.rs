@@ -97,6 +97,11 @@ fn all_jobs(spool: &Spool, queue: Option<&str>) -> Vec<Found> {
 
 pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
     qms_common::log::init("queue");
+    let by = user();
+    if let Err(e) = qms_common::privs::drop_to(cfg.user.as_deref()) {
+        eprintln!("qms: {e}");
+        return ExitCode::from(71);
+    }
     let spool = match Spool::open(&cfg.spool, &cfg.queue_names()) {
         Ok(s) => s,
         Err(e) => {
@@ -107,10 +112,10 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
     match cmd {
         QueueCmd::List(a) => list(&spool, &a),
         QueueCmd::Show { id, body } => show(&spool, &id, body),
-        QueueCmd::Hold(s) => act(&spool, &s, Action::Hold),
-        QueueCmd::Release(s) => act(&spool, &s, Action::Release),
-        QueueCmd::Delete(s) => act(&spool, &s, Action::Delete),
-        QueueCmd::Retry(s) => act(&spool, &s, Action::Retry),
+        QueueCmd::Hold(s) => act(&spool, &s, Action::Hold, &by),
+        QueueCmd::Release(s) => act(&spool, &s, Action::Release, &by),
+        QueueCmd::Delete(s) => act(&spool, &s, Action::Delete, &by),
+        QueueCmd::Retry(s) => act(&spool, &s, Action::Retry, &by),
         QueueCmd::Shape { queue } => shape(&spool, queue.as_deref()),
     }
 }
@@ -302,7 +307,7 @@ enum Action {
     Retry,
 }
 
-fn act(spool: &Spool, sel: &Select, action: Action) -> ExitCode {
+fn act(spool: &Spool, sel: &Select, action: Action, by: &str) -> ExitCode {
     if sel.ids.is_empty() && !sel.all {
         eprintln!("qms: name queue ids, or --all");
         return ExitCode::from(64);
@@ -341,7 +346,7 @@ fn act(spool: &Spool, sel: &Select, action: Action) -> ExitCode {
                     continue;
                 }
                 seen.insert(id.clone());
-                match one(spool, area, &q, &id, action) {
+                match one(spool, area, &q, &id, action, by) {
                     Ok(true) => done += 1,
                     Ok(false) => {}
                     Err(e) => {
@@ -383,6 +388,7 @@ fn one(
     queue: &str,
     id: &QueueId,
     action: Action,
+    by: &str,
 ) -> Result<bool, String> {
     let mut c = match spool
         .claim_wait(area, queue, id, Duration::from_secs(30))
@@ -412,10 +418,7 @@ fn one(
         Action::Delete => "deleted",
         Action::Retry => "retry",
     };
-    qlog!(
-        "qid={id} queue={queue} status={status} by={}",
-        quote(&user())
-    );
+    qlog!("qid={id} queue={queue} status={status} by={}", quote(by));
     Ok(true)
 }
 

@@ -3,7 +3,7 @@
 
 use crate::signals;
 use qms_common::log::quote;
-use qms_common::{qlog, Config};
+use qms_common::{privs, qlog, Config};
 use qms_spool::{Spool, WatchOptions, Watcher};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,24 +14,6 @@ fn open_spool(cfg: &Config) -> Result<Spool, ExitCode> {
         qlog!("status=fatal reason={}", quote(&e.to_string()));
         ExitCode::from(73)
     })
-}
-
-/// Gives up root for the configured `user` (roles that need no privilege).
-pub fn drop_privileges(cfg: &Config) -> Result<(), String> {
-    use nix::unistd::{getuid, initgroups, setgid, setuid, User};
-    let Some(name) = &cfg.user else { return Ok(()) };
-    if !getuid().is_root() {
-        return Ok(());
-    }
-    let user = User::from_name(name)
-        .ok()
-        .flatten()
-        .ok_or_else(|| format!("user {name:?} does not exist"))?;
-    let cname = std::ffi::CString::new(name.as_str()).map_err(|_| "bad user name".to_string())?;
-    initgroups(&cname, user.gid).map_err(|e| format!("initgroups: {e}"))?;
-    setgid(user.gid).map_err(|e| format!("setgid: {e}"))?;
-    setuid(user.uid).map_err(|e| format!("setuid: {e}"))?;
-    Ok(())
 }
 
 fn watch_options(cfg: &Config, batch: usize) -> WatchOptions {
@@ -45,8 +27,13 @@ fn watch_options(cfg: &Config, batch: usize) -> WatchOptions {
 fn start_role(cfg: &Config, role: &str, drop: bool) -> Result<Spool, ExitCode> {
     qms_common::log::init(role);
     signals::install();
-    if drop {
-        if let Err(e) = drop_privileges(cfg) {
+    let changed = if drop {
+        privs::drop_to(cfg.user.as_deref())
+    } else {
+        privs::work_as(cfg.user.as_deref())
+    };
+    {
+        if let Err(e) = changed {
             qlog!("status=fatal reason={}", quote(&e));
             return Err(ExitCode::from(71));
         }

@@ -141,6 +141,10 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     let _ = lock.set_len(0);
     let _ = std::fs::write(pid_file(&cfg), format!("{}\n", std::process::id()));
     let removed = spool.recover();
+    if let Err(e) = qms_common::privs::own_tree(&cfg.spool, cfg.user.as_deref()) {
+        eprintln!("qms: {e}");
+        return ExitCode::from(71);
+    }
     qlog!(
         "event=start spool={} debris_removed={removed}",
         cfg.spool.display()

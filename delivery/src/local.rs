@@ -109,6 +109,7 @@ impl LocalAgent {
     }
 
     /// As root: fork, become the recipient's user, deliver, report through the exit code.
+    /// The refusal to use root is in `privs::become_user`.
     fn deliver_as(
         &self,
         user: &str,
@@ -118,16 +119,7 @@ impl LocalAgent {
         copy: &[u8],
     ) -> Result_ {
         use nix::sys::wait::{waitpid, WaitStatus};
-        use nix::unistd::{fork, initgroups, setgid, setuid, ForkResult, User};
-        let Some(pw) = User::from_name(user).ok().flatten() else {
-            return Result_::Perm(format!("5.1.1 user {user:?} does not exist"));
-        };
-        if pw.uid.is_root() {
-            return Result_::Perm("5.7.1 refusing to deliver as root".into());
-        }
-        let Ok(cname) = std::ffi::CString::new(user) else {
-            return Result_::Perm("5.1.1 bad user name".into());
-        };
+        use nix::unistd::{fork, ForkResult};
         let (rfd, wfd) = match nix::unistd::pipe() {
             Ok(p) => p,
             Err(e) => return Result_::Temp(format!("4.3.0 pipe: {e}")),
@@ -136,10 +128,7 @@ impl LocalAgent {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 drop(rfd);
-                let ok = initgroups(&cname, pw.gid)
-                    .and_then(|()| setgid(pw.gid))
-                    .and_then(|()| setuid(pw.uid));
-                let (code, text) = match ok {
+                let (code, text) = match qms_common::privs::become_user(user) {
                     Err(e) => (75, format!("4.3.0 cannot become {user}: {e}")),
                     Ok(()) => match self.deliver_one(target, sender, rcpt, copy, true) {
                         Result_::Done => (0, String::new()),
@@ -208,7 +197,10 @@ impl Agent for LocalAgent {
                         }
                         Some(t) => match (&t, root, r.user.as_deref()) {
                             (_, true, Some(user)) => self.deliver_as(user, &t, &sender, r, &copy),
-                            (Target::Maildir(dir), false, _) => match maildir::ensure(dir, true)
+                            (_, true, None) if nix::unistd::geteuid().is_root() => {
+                                Result_::Perm("5.7.1 no user to run this delivery as (set `user` in the config; root is never used)".into())
+                            }
+                            (Target::Maildir(dir), _, _) => match maildir::ensure(dir, true)
                                 .and_then(|()| maildir::stage(dir, &self.cfg.hostname, &copy))
                             {
                                 Ok(s) => {
@@ -217,12 +209,6 @@ impl Agent for LocalAgent {
                                 }
                                 Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
                             },
-                            (Target::Pipe(_), true, None) | (Target::Mbox(_), true, None) => {
-                                Result_::Perm(
-                                    "5.7.1 no user to run this delivery as (root is never used)"
-                                        .into(),
-                                )
-                            }
                             (t, _, _) => self.deliver_one(t, &sender, r, &copy, true),
                         },
                     }

@@ -195,6 +195,10 @@ pub fn run(cfg: &Config, a: &Args) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(EX_NOUSER, &e),
     };
+    // Root writes into the spool as the qms user, so the other roles can read what it wrote.
+    if let Err(e) = qms_common::privs::drop_to(cfg.user.as_deref()) {
+        return fail(EX_SOFTWARE, &e);
+    }
     let spool = match Spool::open(&cfg.spool, &cfg.queue_names()) {
         Ok(s) => s,
         Err(e) => return fail(EX_CANTCREAT, &e.to_string()),

@@ -1,0 +1,252 @@
+//! Test harness: a qms instance on its own spool and ports, driven through the real binary.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_qms");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Waits for `cond` to hold, up to `limit`; panics with `what` if it never does.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < end,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Instance {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub smtp_port: u16,
+    pub submission_port: u16,
+    child: Option<Child>,
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Instance {
+    /// A config with local domain example.test, mailboxes alice and bob, and `extra` TOML
+    /// appended (sections of its own).
+    pub fn new(top: &str, extra: &str) -> Instance {
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("qms-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (smtp_port, submission_port) = (free_port(), free_port());
+        let user = if is_root() { "user = \"nobody\"\n" } else { "" };
+        let text = format!(
+            r#"spool = "spool"
+hostname = "mx.example.test"
+postmaster = "alice@example.test"
+aliases = "aliases"
+{user}{top}
+[smtp]
+listen = ["127.0.0.1:{smtp_port}"]
+[submission]
+listen = ["127.0.0.1:{submission_port}"]
+[domains]
+local = ["example.test"]
+[mailboxes]
+"alice@example.test" = {{ maildir = "mail/alice" }}
+"bob@example.test" = {{ maildir = "mail/bob" }}
+[scheduler]
+busy_retry = 1
+scan_interval = 2
+{extra}
+"#
+        );
+        let config = dir.join("qms.toml");
+        std::fs::write(&config, text).unwrap();
+        std::fs::write(dir.join("aliases"), "postmaster: alice\n").unwrap();
+        let inst = Instance {
+            dir,
+            config,
+            smtp_port,
+            submission_port,
+            child: None,
+        };
+        inst.own();
+        inst
+    }
+
+    /// As root, hands the test directory to `nobody`, as an installed spool belongs to qms's user.
+    pub fn own(&self) {
+        if is_root() {
+            let st = Command::new("chown")
+                .args(["-R", "nobody:nogroup"])
+                .arg(&self.dir)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join("qms.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("-c")
+            .arg(&self.config)
+            .arg("start")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.smtp_port;
+        wait_for("smtpd to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        wait_for("the workers to start", Duration::from_secs(20), || {
+            std::fs::read_to_string(self.spool().join("run/status.json"))
+                .is_ok_and(|s| !s.contains("null"))
+        });
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("qms.log")).unwrap_or_default()
+    }
+
+    pub fn qms(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `qms sendmail ARGS` with `input` on stdin.
+    pub fn sendmail(&self, args: &[&str], input: &[u8]) -> Output {
+        self.sendmail_cmd(
+            Command::new(BIN)
+                .arg("-c")
+                .arg(&self.config)
+                .arg("sendmail")
+                .args(args),
+            input,
+        )
+    }
+
+    pub fn sendmail_cmd(&self, cmd: &mut Command, input: &[u8]) -> Output {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn maildir(&self, user: &str) -> PathBuf {
+        self.dir.join("mail").join(user)
+    }
+
+    /// The messages in a Maildir's new/, read back with Python's mailbox module.
+    pub fn read_maildir(&self, user: &str) -> Vec<String> {
+        let script = "import mailbox,sys,json\nmb=mailbox.Maildir(sys.argv[1],create=False)\nprint(json.dumps([m.as_string() for k,m in sorted(mb.items())]))";
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(self.maildir(user))
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Vec::new();
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    pub fn count_new(&self, user: &str) -> usize {
+        std::fs::read_dir(self.maildir(user).join("new"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn queue_json(&self) -> Vec<serde_json::Value> {
+        let out = self.qms(&["queue", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "queue list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Files in a spool directory (relative to the spool).
+    pub fn files(&self, sub: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.spool().join(sub))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Writes an executable script into the test directory.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.own();
+        p
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.stop();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn message(subject: &str, body: &str) -> Vec<u8> {
+    format!("From: root@example.test\nTo: alice@example.test\nSubject: {subject}\n\n{body}\n")
+        .into_bytes()
+}
+
+pub fn has_path(p: &Path) -> bool {
+    p.exists()
+}

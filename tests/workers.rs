@@ -1,0 +1,250 @@
+//! Several workers on one queue, workers killed mid-job, and the queue tools acting while
+//! workers run.
+
+mod common;
+use common::*;
+use std::collections::HashSet;
+use std::time::Duration;
+
+#[test]
+fn two_workers_never_deliver_a_job_twice() {
+    let mut inst = Instance::new("", "[queues.local]\nworkers = 2\n");
+    inst.start();
+    let n = 200;
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let inst = &inst;
+            s.spawn(move || {
+                for i in (t..n).step_by(4) {
+                    let out = inst.sendmail(
+                        &["alice@example.test"],
+                        &message(&format!("m{i}"), &format!("token-{i}")),
+                    );
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            });
+        }
+    });
+    wait_for("all delivered", Duration::from_secs(60), || {
+        inst.count_new("alice") >= n
+    });
+    wait_for("queues empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    let msgs = inst.read_maildir("alice");
+    assert_eq!(
+        msgs.len(),
+        n,
+        "messages delivered more or fewer times than sent"
+    );
+    let tokens: HashSet<String> = msgs
+        .iter()
+        .filter_map(|m| m.split("token-").nth(1).map(|t| t.trim().to_string()))
+        .collect();
+    assert_eq!(tokens.len(), n);
+    let log = inst.log();
+    let pids: HashSet<&str> = log
+        .lines()
+        .filter(|l| l.contains("deliver/local[") && l.contains("status=sent"))
+        .filter_map(|l| l.split("deliver/local[").nth(1)?.split(']').next())
+        .collect();
+    eprintln!("deliveries made by {} worker processes", pids.len());
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_killed_worker_releases_its_job_to_another() {
+    let mut inst = Instance::new(
+        "",
+        "[queues.pipe]\nworkers = 2\n[routes]\n\"slow.test\" = \"pipe:SCRIPT\"\n",
+    );
+    let dir = inst.dir.clone();
+    let script = inst.script(
+        "slow.sh",
+        &format!(
+            "d={}\nif [ ! -e $d/started ]; then echo $$ > $d/started; exec sleep 120; fi\ncat > $d/delivered.$$\n",
+            dir.display()
+        ),
+    );
+    let cfg = std::fs::read_to_string(&inst.config)
+        .unwrap()
+        .replace("SCRIPT", &script.display().to_string());
+    std::fs::write(&inst.config, cfg).unwrap();
+    inst.start();
+    let out = inst.sendmail(&["someone@slow.test"], &message("slow", "the-slow-one"));
+    assert!(out.status.success());
+    wait_for(
+        "the first attempt to start",
+        Duration::from_secs(30),
+        || dir.join("started").exists(),
+    );
+    let sleeper: i32 = std::fs::read_to_string(dir.join("started"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Walk up from the hung program to the worker that runs it (as root a forked child of
+    // the worker, with the same command line, sits in between).
+    let mut worker = parent_of(sleeper).unwrap();
+    while !cmdline(worker).contains("deliver") {
+        worker = parent_of(worker).expect("a deliver worker above the program");
+    }
+    while let Some(p) = parent_of(worker).filter(|p| cmdline(*p).contains("deliver")) {
+        worker = p;
+    }
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(sleeper), Signal::SIGKILL).unwrap();
+    let delivered = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("delivered."))
+            .count()
+    };
+    wait_for(
+        "another worker to deliver the job",
+        Duration::from_secs(60),
+        || delivered() >= 1,
+    );
+    wait_for("queues empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    assert_eq!(delivered(), 1);
+    assert!(
+        inst.log().contains("event=died process=deliver/pipe"),
+        "{}",
+        inst.log()
+    );
+}
+
+#[test]
+fn queue_tools_act_while_workers_run() {
+    let mut inst = Instance::new(
+        "",
+        "[routes]\n\"later.test\" = \"pipe:SCRIPT\"\n[outgoing]\nmin_backoff = 3600\nmax_backoff = 3600\n",
+    );
+    let dir = inst.dir.clone();
+    let script = inst.script(
+        "later.sh",
+        &format!(
+            "if [ -e {0}/ok ]; then cat > {0}/got.$$; exit 0; fi\necho 'not now' >&2\nexit 75",
+            dir.display()
+        ),
+    );
+    let cfg = std::fs::read_to_string(&inst.config)
+        .unwrap()
+        .replace("SCRIPT", &script.display().to_string());
+    std::fs::write(&inst.config, cfg).unwrap();
+    inst.start();
+    for who in ["a@later.test", "b@later.test"] {
+        assert!(inst
+            .sendmail(&[who], &message("later", who))
+            .status
+            .success());
+    }
+    wait_for("both deferred", Duration::from_secs(30), || {
+        let q = inst.queue_json();
+        q.len() == 2 && q.iter().all(|j| j["recipients"][0]["state"] == "deferred")
+    });
+    let q = inst.queue_json();
+    let reply = q[0]["recipients"][0]["reply"].as_str().unwrap();
+    assert!(reply.contains("exit 75"), "{reply}");
+    let id_of = |who: &str| -> String {
+        inst.queue_json()
+            .iter()
+            .find(|j| j["recipients"][0]["address"] == who)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (a, b) = (id_of("a@later.test"), id_of("b@later.test"));
+
+    let out = inst.qms(&["queue", "hold", &a]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(inst.files("hold/pipe"), vec![format!("{a}.json")]);
+    assert!(inst
+        .queue_json()
+        .iter()
+        .any(|j| j["id"] == a.as_str() && j["held"] == true));
+
+    let out = inst.qms(&["queue", "release", &a]);
+    assert!(out.status.success());
+    assert!(inst.files("hold/pipe").is_empty());
+
+    let out = inst.qms(&["queue", "delete", &b]);
+    assert!(out.status.success());
+    assert!(inst.queue_json().iter().all(|j| j["id"] != b.as_str()));
+    assert!(
+        !inst.files("msg").iter().any(|f| f.starts_with(&b)),
+        "deleted job left its message file"
+    );
+
+    std::fs::write(dir.join("ok"), "").unwrap();
+    let out = inst.qms(&["queue", "retry", &a]);
+    assert!(out.status.success());
+    wait_for(
+        "the retried job to be delivered",
+        Duration::from_secs(30),
+        || inst.queue_json().is_empty(),
+    );
+    let got: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("got."))
+        .collect();
+    assert_eq!(got.len(), 1);
+    assert!(std::fs::read_to_string(got[0].path())
+        .unwrap()
+        .contains("a@later.test"));
+}
+
+#[test]
+fn a_corrupt_job_is_moved_aside_and_the_queue_flows() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    let bad = inst.spool().join("queue/local/1M0000000000ZZZZ.json");
+    let tmp = inst.spool().join("bad.tmp");
+    std::fs::write(&tmp, b"{ this is not a job").unwrap();
+    inst.own();
+    std::fs::rename(&tmp, &bad).unwrap();
+    assert!(inst
+        .sendmail(&["alice@example.test"], &message("after", "good one"))
+        .status
+        .success());
+    wait_for("the good message", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
+    wait_for(
+        "the bad job moved to corrupt/",
+        Duration::from_secs(30),
+        || inst.files("corrupt/local") == vec!["1M0000000000ZZZZ.json".to_string()],
+    );
+    assert!(!bad.exists());
+    assert!(inst.log().contains("status=corrupt"), "{}", inst.log());
+}
