@@ -111,14 +111,17 @@ pub fn write_atomic(tmp: PathBuf, dest: PathBuf, data: &[u8]) -> io::Result<()> 
     }
 }
 
-/// Flushes the data of the given files: one fsync for one file, a `syncfs` for many
-/// (one journal commit for the whole batch instead of one per file).
-pub fn sync_data<'a>(files: impl Iterator<Item = &'a File>) -> io::Result<()> {
+/// Flushes the given files: one fsync for one file, a `syncfs` for many (one journal commit
+/// for the whole batch instead of one per file). Returns true when it was a `syncfs`, which
+/// also made every directory entry made so far durable.
+pub fn sync_data<'a>(files: impl Iterator<Item = &'a File>) -> io::Result<bool> {
     let files: Vec<&File> = files.collect();
     match files.len() {
-        0 => Ok(()),
-        1 => files[0].sync_all(),
-        _ => nix::unistd::syncfs(files[0]).map_err(io::Error::from),
+        0 => Ok(false),
+        1 => files[0].sync_all().map(|()| false),
+        _ => nix::unistd::syncfs(files[0])
+            .map(|()| true)
+            .map_err(io::Error::from),
     }
 }
 

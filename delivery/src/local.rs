@@ -218,7 +218,7 @@ impl Agent for LocalAgent {
         }
         if !staged.is_empty() {
             let commit = safeio::sync_data(staged.iter().map(|(_, _, s)| s.file()))
-                .and_then(|()| staged.iter().try_for_each(|(_, _, s)| s.place()))
+                .and_then(|_| staged.iter().try_for_each(|(_, _, s)| s.place()))
                 .and_then(|()| safeio::sync_dirs(staged.iter().map(|(_, _, s)| s.dest())));
             let err = commit.err().map(|e| format!("4.3.0 Maildir write: {e}"));
             for (ji, ri, s) in staged {

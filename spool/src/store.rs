@@ -269,7 +269,14 @@ impl Spool {
             })
             .collect();
         let res = safeio::sync_data(files.into_iter())
-            .and_then(|()| safeio::sync_dir(&self.root.join("msg")))
+            // A syncfs made the new message files' directory entries durable too.
+            .and_then(|whole_fs| {
+                if whole_fs {
+                    Ok(())
+                } else {
+                    safeio::sync_dir(&self.root.join("msg"))
+                }
+            })
             .map_err(io_err("sync", &self.root));
         if let Err(e) = res {
             self.abandon(batch);
