@@ -1,0 +1,287 @@
+//! The SMTP server driven by real clients: Python's smtplib, swaks, and raw sockets for the
+//! byte-exact cases (pipelining, smuggling payloads, disconnects).
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+/// Sends raw bytes and reads until the server has answered `replies` lines that end a reply.
+fn talk(port: u16, input: &[u8], replies: usize) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(input).unwrap();
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    let mut done = 0;
+    while done < replies {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line.len() >= 4 && line.as_bytes()[3] == b' ' {
+            done += 1;
+        }
+        out.push_str(&line);
+    }
+    out
+}
+
+fn python(script: &str, args: &[String]) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn smtplib_plain_many_recipients_and_dot_stuffing() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+s.ehlo("client.test")
+assert s.has_extn("pipelining") and s.has_extn("dsn") and s.has_extn("chunking") and s.has_extn("size")
+body = "Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n"
+refused = s.sendmail("sender@remote.test", ["alice@example.test", "bob@example.test"], body)
+assert refused == {}, refused
+try:
+    s.sendmail("sender@remote.test", ["nosuch@example.test"], "Subject: x\r\n\r\nx\r\n")
+    raise SystemExit("unknown user accepted")
+except smtplib.SMTPRecipientsRefused as e:
+    assert e.recipients["nosuch@example.test"][0] == 550, e.recipients
+try:
+    s.sendmail("sender@remote.test", ["someone@elsewhere.test"], "Subject: x\r\n\r\nx\r\n")
+    raise SystemExit("relay allowed")
+except smtplib.SMTPRecipientsRefused as e:
+    assert e.recipients["someone@elsewhere.test"][0] == 554, e.recipients
+s.quit()
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    wait_for("both copies", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1 && inst.count_new("bob") == 1
+    });
+    let m = &inst.read_maildir("alice")[0];
+    assert!(
+        m.contains("\n.leading dot\n..two dots\n.\nend\n"),
+        "dot-stuffing not undone exactly: {m:?}"
+    );
+    assert!(
+        m.contains("Received: from client.test ([127.0.0.1])"),
+        "{m}"
+    );
+    assert!(inst.log().contains("status=reject") && inst.log().contains("Relay access denied"));
+}
+
+#[test]
+fn swaks_and_pipelined_transactions() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    let out = Command::new("swaks")
+        .args([
+            "--server",
+            &format!("127.0.0.1:{}", inst.smtp_port),
+            "--from",
+            "a@remote.test",
+            "--to",
+            "alice@example.test",
+            "--pipeline",
+            "--silent",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Two transactions in one write: every reply comes back, in order.
+    let input =
+        b"EHLO c.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n";
+    let mut s = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(input).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("354 ") {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "{seen}");
+        seen.push_str(&l);
+    }
+    s.write_all(b"Subject: one\r\n\r\n1\r\n.\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nSubject: two\r\n\r\n2\r\n.\r\nQUIT\r\n").unwrap();
+    let mut rest = String::new();
+    let _ = r.read_to_string(&mut rest);
+    assert_eq!(rest.matches("250 2.0.0 Ok: queued as").count(), 2, "{rest}");
+    assert!(rest.trim_end().ends_with("221 2.0.0 Bye"), "{rest}");
+    wait_for("all three", Duration::from_secs(30), || {
+        inst.count_new("alice") == 2 && inst.count_new("bob") == 1
+    });
+}
+
+#[test]
+fn smuggling_payloads_never_end_data() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    for (i, payload) in [&b"\n.\n"[..], b"\r\n.\n", b"\n.\r\n", b"\r.\r"]
+        .iter()
+        .enumerate()
+    {
+        let mut input = b"EHLO c.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: outer\r\n\r\nhello".to_vec();
+        input.extend_from_slice(payload);
+        input.extend_from_slice(b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nowned\r\n.\r\nQUIT\r\n");
+        let out = talk(inst.smtp_port, &input, 7);
+        assert!(out.contains("554 5.6.11"), "payload {i}: {out}");
+        assert!(
+            !out.contains("queued as"),
+            "payload {i} accepted something: {out}"
+        );
+    }
+    // Nothing was spooled: no message for alice, nothing smuggled to bob.
+    assert!(inst.files("queue/incoming").is_empty() && inst.files("queue/local").is_empty());
+    assert_eq!(inst.count_new("bob"), 0);
+    assert_eq!(inst.count_new("alice"), 0);
+}
+
+#[test]
+fn limits_and_errors() {
+    let mut inst = Instance::new("", "[limits]\nmessage_size = 10000\n");
+    inst.start();
+    // An over-long command line: 500, and the session goes on.
+    let long = format!("EHLO {}\r\nNOOP\r\nQUIT\r\n", "x".repeat(5000));
+    let out = talk(inst.smtp_port, long.as_bytes(), 4);
+    assert!(
+        out.contains("500 5.5.2 Line too long")
+            && out.contains("250 2.0.0 Ok")
+            && out.contains("221"),
+        "{out}"
+    );
+    // SIZE too large at MAIL, and an oversized message at DATA.
+    let out = talk(
+        inst.smtp_port,
+        b"EHLO c\r\nMAIL FROM:<a@remote.test> SIZE=20000\r\nQUIT\r\n",
+        4,
+    );
+    assert!(out.contains("552 5.3.4"), "{out}");
+    let mut big =
+        b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n".to_vec();
+    for _ in 0..300 {
+        big.extend_from_slice(&[b'y'; 98]);
+        big.extend_from_slice(b"\r\n");
+    }
+    big.extend_from_slice(b".\r\nQUIT\r\n");
+    let out = talk(inst.smtp_port, &big, 7);
+    assert!(out.contains("552 5.3.4 Message too big"), "{out}");
+    // Wrong order and bad syntax.
+    let out = talk(inst.smtp_port, b"MAIL FROM:<a@remote.test>\r\nEHLO c\r\nRCPT TO:<alice@example.test>\r\nMAIL FROM:a@b\r\nFOO\r\nQUIT\r\n", 7);
+    assert!(
+        out.contains("503 5.5.1") && out.contains("501 5.5.4") && out.contains("500 5.5.2"),
+        "{out}"
+    );
+    // AUTH before TLS is refused.
+    let out = talk(
+        inst.smtp_port,
+        b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nQUIT\r\n",
+        4,
+    );
+    assert!(out.contains("538 5.7.11"), "{out}");
+    assert!(
+        !inst.log().contains("c2VjcmV0") && !inst.log().contains("AGFsaWNl"),
+        "credentials reached the log"
+    );
+}
+
+#[test]
+fn disconnect_mid_data_leaves_nothing() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+        s.write_all(b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: cut\r\n\r\nhalf of a mess").unwrap();
+        let mut buf = [0u8; 512];
+        let mut got = String::new();
+        while !got.contains("354") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    wait_for("the session to end", Duration::from_secs(20), || {
+        inst.log().contains("connection lost in DATA")
+    });
+    assert!(
+        inst.files("queue/incoming").is_empty()
+            && inst.files("msg").is_empty()
+            && inst.files("tmp").is_empty()
+    );
+}
+
+#[test]
+fn dsn_parameters_and_bdat_are_stored() {
+    let mut inst = Instance::new("", "[routes]\n\"hold.test\" = \"pipe:exit 75\"\n[outgoing]\nmin_backoff = 3600\nmax_backoff = 3600\n");
+    let cfg = std::fs::read_to_string(&inst.config).unwrap().replace(
+        "local = [\"example.test\"]",
+        "local = [\"example.test\"]\nrelay = [\"hold.test\"]",
+    );
+    std::fs::write(&inst.config, cfg).unwrap();
+    inst.start();
+    let input = b"EHLO c\r\nMAIL FROM:<a@remote.test> RET=HDRS ENVID=env+2B1\r\nRCPT TO:<alice@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;alice+2Bx@example.test\r\nBDAT 20\r\nSubject: chunked\r\n\r\nBDAT 4 LAST\r\nhi\r\nQUIT\r\n";
+    let out = talk(inst.smtp_port, input, 7);
+    assert!(
+        out.contains("250 2.0.0 20 bytes received") && out.contains("queued as"),
+        "{out}"
+    );
+    wait_for("delivery", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
+    assert!(inst.read_maildir("alice")[0].ends_with("Subject: chunked\n\nhi\n"));
+    // The DSN fields stay with the job: look at one that waits.
+    let input = b"EHLO c\r\nMAIL FROM:<root@example.test> RET=FULL ENVID=abc\r\nRCPT TO:<x@hold.test> NOTIFY=NEVER ORCPT=rfc822;x@hold.test\r\nDATA\r\nSubject: w\r\n\r\nw\r\n.\r\nQUIT\r\n";
+    let out = talk(inst.smtp_port, input, 6);
+    assert!(out.contains("queued as"), "{out}");
+    wait_for("the deferral", Duration::from_secs(30), || {
+        !inst.files("queue/pipe").is_empty()
+            && inst
+                .queue_json()
+                .iter()
+                .any(|j| j["recipients"][0]["state"] == "deferred")
+    });
+    let name = &inst.files("queue/pipe")[0];
+    let job: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(inst.spool().join("queue/pipe").join(name)).unwrap())
+            .unwrap();
+    assert_eq!(job["ret"], "full");
+    assert_eq!(job["envid"], "abc");
+    assert_eq!(job["recipients"][0]["notify"], serde_json::json!(["never"]));
+    assert_eq!(job["recipients"][0]["orcpt"], "rfc822;x@hold.test");
+}
+
+#[test]
+fn mynetworks_may_relay() {
+    let mut inst = Instance::new("", "[routes]\n\"far.test\" = \"pipe:cat > /dev/null\"\n");
+    let cfg = std::fs::read_to_string(&inst.config)
+        .unwrap()
+        .replace("[smtp]\n", "[smtp]\nmynetworks = [\"127.0.0.0/8\"]\n");
+    std::fs::write(&inst.config, cfg).unwrap();
+    inst.start();
+    let out = talk(
+        inst.smtp_port,
+        b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<z@far.test>\r\nQUIT\r\n",
+        4,
+    );
+    assert!(out.contains("250 2.1.5"), "{out}");
+}
