@@ -227,6 +227,8 @@ pub struct Limits {
     pub data_timeout: u64,
     pub errors: u32,
     pub hops: usize,
+    /// Seconds a delivery program may run before it is killed and the delivery retried.
+    pub pipe_timeout: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -330,6 +332,7 @@ struct RawLimits {
     data_timeout: Option<u64>,
     errors: Option<u32>,
     hops: Option<usize>,
+    pipe_timeout: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -553,6 +556,7 @@ impl Config {
             data_timeout: l.data_timeout.unwrap_or(600),
             errors: l.errors.unwrap_or(20),
             hops: l.hops.unwrap_or(50),
+            pipe_timeout: l.pipe_timeout.unwrap_or(600).max(1),
         };
         let o = raw.outgoing;
         let outgoing = Outgoing {

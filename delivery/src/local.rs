@@ -98,7 +98,7 @@ impl LocalAgent {
                     cmd,
                     &env,
                     copy,
-                    Duration::from_secs(self.cfg.limits.data_timeout.max(60)),
+                    Duration::from_secs(self.cfg.limits.pipe_timeout),
                 ) {
                     pipe::Outcome::Delivered => Result_::Done,
                     pipe::Outcome::Deferred(r) => Result_::Temp(r),

@@ -1,5 +1,6 @@
-//! mbox delivery: `From ` line, `>From ` quoting, locked with a dotlock and flock as mutt,
-//! procmail and Dovecot expect, synced; a failed write is cut back so no half message stays.
+//! mbox delivery: `From ` line, `>From ` quoting, locked with a dotlock, an fcntl lock and
+//! flock (Linux keeps the two kernel locks apart, and mutt, procmail and Dovecot each use
+//! some of the three), synced; a failed write is cut back so no half message stays.
 
 use fs2::FileExt;
 use std::fs::OpenOptions;
@@ -87,6 +88,26 @@ pub fn mbox_entry(sender: &str, local_copy: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Waits for a whole-file fcntl write lock (released when the file is closed).
+fn fcntl_lock(f: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // Safety: a zeroed flock is valid; the fields we need are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    loop {
+        // Safety: F_SETLKW with a valid descriptor and a pointer to a live flock struct.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 pub fn append(path: &Path, entry: &[u8]) -> io::Result<()> {
     let _dot = dotlock(path)?;
     let mut f = OpenOptions::new()
@@ -94,6 +115,7 @@ pub fn append(path: &Path, entry: &[u8]) -> io::Result<()> {
         .create(true)
         .mode(0o600)
         .open(path)?;
+    fcntl_lock(&f)?;
     f.lock_exclusive()?;
     let start = f.seek(SeekFrom::End(0))?;
     let res = f.write_all(entry).and_then(|()| f.sync_data());

@@ -18,6 +18,13 @@ pub enum Dest {
     Fail(String),
 }
 
+pub struct Expanded {
+    pub addr: Address,
+    pub dest: Dest,
+    /// `owner-LIST@domain` when a list with an owner alias was expanded on the way here.
+    pub owner: Option<Address>,
+}
+
 pub struct Expander<'a> {
     cfg: &'a Config,
     aliases: &'a Aliases,
@@ -28,11 +35,12 @@ impl<'a> Expander<'a> {
         Expander { cfg, aliases }
     }
 
-    /// Every final address and where it goes, duplicates removed.
-    pub fn expand(&mut self, addr: &Address) -> Vec<(Address, Dest)> {
+    /// Every final address, where it goes, and the envelope sender it gets when a list with
+    /// an `owner-` alias was expanded on the way; duplicates removed.
+    pub fn expand(&mut self, addr: &Address) -> Vec<Expanded> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        self.walk(addr, 0, &mut seen, &mut out);
+        self.walk(addr, 0, None, &mut seen, &mut out);
         out
     }
 
@@ -40,16 +48,24 @@ impl<'a> Expander<'a> {
         &self,
         addr: &Address,
         depth: usize,
+        owner: Option<&Address>,
         seen: &mut HashSet<String>,
-        out: &mut Vec<(Address, Dest)>,
+        out: &mut Vec<Expanded>,
     ) {
         let key = addr.lookup_key();
         let first_visit = seen.insert(key.clone());
-        if !first_visit && out.iter().any(|(a, _)| a.lookup_key() == key) {
+        if !first_visit && out.iter().any(|e| e.addr.lookup_key() == key) {
             return;
         }
+        let mut push = |dest: Dest| {
+            out.push(Expanded {
+                addr: addr.clone(),
+                dest,
+                owner: owner.cloned(),
+            })
+        };
         if let Some(route) = self.cfg.address_route(addr) {
-            out.push((addr.clone(), self.from_route(addr, route)));
+            push(self.from_route(addr, route));
             return;
         }
         let local = self.cfg.is_local_domain(addr.domain());
@@ -58,84 +74,103 @@ impl<'a> Expander<'a> {
             None => (addr.local(), None),
         };
         // An alias that names itself (`alice: alice, bob`) delivers to the user: expand once.
-        if local && first_visit {
-            let targets = self
-                .aliases
+        let targets = if local && first_visit {
+            self.aliases
                 .get(&format!("{}@{}", user.to_lowercase(), addr.domain()))
-                .or_else(|| self.aliases.get(user));
-            if let Some(targets) = targets {
-                if depth >= MAX_DEPTH {
-                    out.push((
-                        addr.clone(),
-                        Dest::Fail(format!(
-                            "5.4.6 alias expansion of {addr} is nested too deep (loop?)"
-                        )),
-                    ));
-                    return;
-                }
-                let targets = targets.to_vec();
-                self.targets(addr, &targets, depth, seen, out);
-                return;
-            }
+                .or_else(|| self.aliases.get(user))
+        } else {
+            None
+        };
+        let Some(targets) = targets else {
+            push(self.final_dest(addr, local));
+            return;
+        };
+        if depth >= MAX_DEPTH {
+            push(Dest::Fail(format!(
+                "5.4.6 alias expansion of {addr} is nested too deep (loop?)"
+            )));
+            return;
         }
-        out.push((addr.clone(), self.final_dest(addr, local)));
+        // Bounces of a list go to its owner (sendmail and Postfix habit).
+        let owner_name = format!("owner-{}", user.to_lowercase());
+        let list_owner = self
+            .aliases
+            .get(&owner_name)
+            .and_then(|_| Address::new(&owner_name, addr.domain()).ok());
+        let targets = targets.to_vec();
+        self.targets(
+            addr,
+            &targets,
+            depth,
+            list_owner.as_ref().or(owner),
+            seen,
+            out,
+        );
     }
 
     fn targets(
         &self,
-        owner: &Address,
+        list: &Address,
         targets: &[Target],
         depth: usize,
+        owner: Option<&Address>,
         seen: &mut HashSet<String>,
-        out: &mut Vec<(Address, Dest)>,
+        out: &mut Vec<Expanded>,
     ) {
-        let user = self.system_user(owner);
+        let user = self.system_user(list);
+        let push = |out: &mut Vec<Expanded>, dest: Dest| {
+            out.push(Expanded {
+                addr: list.clone(),
+                dest,
+                owner: owner.cloned(),
+            })
+        };
         for t in targets {
             match t {
                 Target::Address(a) => {
                     let full = if a.contains('@') {
                         a.clone()
                     } else {
-                        format!("{a}@{}", owner.domain())
+                        format!("{a}@{}", list.domain())
                     };
                     match Address::parse(&full) {
-                        Ok(next) => self.walk(&next, depth + 1, seen, out),
-                        Err(e) => out.push((
-                            owner.clone(),
+                        Ok(next) => self.walk(&next, depth + 1, owner, seen, out),
+                        Err(e) => push(
+                            out,
                             Dest::Fail(format!("5.1.3 bad alias target {a:?}: {e}")),
-                        )),
+                        ),
                     }
                 }
-                Target::File(p) => out.push((
-                    owner.clone(),
+                Target::File(p) => push(
+                    out,
                     Dest::Queue {
                         queue: "local".into(),
                         route: format!("file:{p}"),
                         user: user.clone(),
                     },
-                )),
-                Target::Command(c) => out.push((
-                    owner.clone(),
+                ),
+                Target::Command(c) => push(
+                    out,
                     Dest::Queue {
                         queue: "local".into(),
                         route: format!("pipe:{c}"),
                         user: user.clone(),
                     },
-                )),
+                ),
                 Target::Include(p) => match std::fs::read_to_string(p) {
                     Ok(text) => {
-                        let list: Vec<Target> = text
+                        let entries: Vec<Target> = text
                             .lines()
                             .map(str::trim)
                             .filter(|l| !l.is_empty() && !l.starts_with('#'))
                             .flat_map(|l| aliases::parse_targets(l).unwrap_or_default())
                             .collect();
-                        self.targets(owner, &list, depth + 1, seen, out);
+                        self.targets(list, &entries, depth + 1, owner, seen, out);
                     }
-                    Err(e) => out.push((
-                        owner.clone(),
+                    Err(e) => push(
+                        out,
                         Dest::Fail(format!("4.3.0 cannot read include file {p}: {e}")),
-                    )),
+                    ),
                 },
             }
         }

@@ -7,7 +7,7 @@
 
 mod expand;
 
-use expand::{Dest, Expander};
+use expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
 use qms_common::{qlog, Config};
 use qms_spool::{Claimed, Job, RcptState, Recipient, Spool};
@@ -96,14 +96,16 @@ impl Router {
     fn route(&self, c: &mut Claimed) -> Result<Vec<Job>, String> {
         let aliases = self.aliases.get();
         let mut expander = Expander::new(&self.cfg, &aliases);
-        let mut by_queue: BTreeMap<String, Vec<Recipient>> = BTreeMap::new();
+        // One output job per queue and envelope sender (a list with an owner has its own).
+        let mut by_queue: BTreeMap<(String, Option<qms_common::Address>), Vec<Recipient>> =
+            BTreeMap::new();
         let id = c.job.id.clone();
         let sender = qms_common::address::show_sender(&c.job.sender);
         for r in c.job.recipients.iter_mut() {
             if r.state.is_final() {
                 continue;
             }
-            for (addr, dest) in expander.expand(&r.address) {
+            for Expanded { addr, dest, owner } in expander.expand(&r.address) {
                 let mut out = r.clone();
                 if addr != r.address {
                     out.original = Some(r.address.clone());
@@ -126,7 +128,10 @@ impl Router {
                 out.route = Some(route);
                 out.user = user;
                 out.state = RcptState::Pending;
-                let list = by_queue.entry(queue).or_default();
+                if let Some(o) = &owner {
+                    qlog!("qid={id} to={addr} list_owner={o} status=list-sender");
+                }
+                let list = by_queue.entry((queue, owner)).or_default();
                 if !list
                     .iter()
                     .any(|x| x.address == out.address && x.route == out.route)
@@ -138,8 +143,12 @@ impl Router {
         let now = qms_common::time::now();
         Ok(by_queue
             .into_iter()
-            .map(|(queue, recipients)| {
+            .map(|((queue, owner), recipients)| {
                 let mut job = c.job.clone();
+                if let Some(o) = owner {
+                    job.id = job.id.derive(&o.to_string());
+                    job.sender = Some(o);
+                }
                 job.body = format!("{}.{queue}", job.id);
                 job.queue = queue;
                 job.recipients = recipients;

@@ -28,6 +28,21 @@ impl QueueId {
         QueueId(s)
     }
 
+    /// A second id for the same arrival (a list's own job, split off by the router): the
+    /// time part is kept, the random part is a hash of this id and `salt`, so routing the
+    /// same job again after a crash derives the same id.
+    pub fn derive(&self, salt: &str) -> QueueId {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.0.bytes().chain(salt.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut s = self.0[..11].to_string();
+        for i in (0..5).rev() {
+            s.push(ALPHABET[((h >> (5 * i)) & 31) as usize] as char);
+        }
+        QueueId(s)
+    }
+
     pub fn parse(s: &str) -> Option<QueueId> {
         (s.len() == LEN && s.bytes().all(|b| ALPHABET.contains(&b))).then(|| QueueId(s.to_string()))
     }
