@@ -53,6 +53,8 @@ enum Cmd {
     CheckConfig,
     /// Check the aliases file (lookups read it directly; changes apply without a restart).
     Newaliases,
+    /// Print a `user:hash` line for the `[auth] users` file; the password is read from stdin.
+    Passwd { user: String },
     /// sendmail(8)-compatible local injection.
     Sendmail {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -98,13 +100,16 @@ fn main() -> ExitCode {
         _ => {}
     }
     let cli = Cli::parse();
-    if let Cmd::Sendmail { args } = &cli.cmd {
-        return sendmail(cli.config.as_deref(), args);
+    match &cli.cmd {
+        Cmd::Sendmail { args } => return sendmail(cli.config.as_deref(), args),
+        Cmd::Passwd { user } => return passwd(user),
+        _ => {}
     }
     let cfg = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    qms_common::log::set_json(cfg.log_json);
     match cli.cmd {
         Cmd::Start { daemon } => supervisor::start(cfg, daemon),
         Cmd::Stop => supervisor::stop(&cfg),
@@ -115,11 +120,17 @@ fn main() -> ExitCode {
         Cmd::Queue(q) => queuetool::run(&cfg, q),
         Cmd::CheckConfig => check_config(&cfg),
         Cmd::Newaliases => newaliases(&cfg),
-        Cmd::Sendmail { .. } => ExitCode::SUCCESS,
+        Cmd::Passwd { .. } | Cmd::Sendmail { .. } => ExitCode::SUCCESS,
     }
 }
 
 fn check_config(cfg: &Config) -> ExitCode {
+    if let Some(tls) = &cfg.tls {
+        if let Err(e) = qms_incoming::tls::server_config(tls) {
+            eprintln!("qms: tls: {e}");
+            return ExitCode::from(78);
+        }
+    }
     if let Some(a) = &cfg.aliases {
         if let Err(e) = qms_common::aliases::Aliases::load(a) {
             eprintln!("qms: aliases: {e}");
@@ -128,6 +139,30 @@ fn check_config(cfg: &Config) -> ExitCode {
     }
     println!("{}: ok", cfg.path.display());
     ExitCode::SUCCESS
+}
+
+fn passwd(user: &str) -> ExitCode {
+    if user.is_empty() || user.contains([':', '\n']) {
+        eprintln!("qms: a user name has no ':' or newline");
+        return ExitCode::from(64);
+    }
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err()
+        || line.trim_end_matches(['\r', '\n']).is_empty()
+    {
+        eprintln!("qms: give the password on standard input");
+        return ExitCode::from(66);
+    }
+    match qms_incoming::auth::hash(line.trim_end_matches(['\r', '\n'])) {
+        Ok(h) => {
+            println!("{user}:{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qms: {e}");
+            ExitCode::from(70)
+        }
+    }
 }
 
 fn newaliases(cfg: &Config) -> ExitCode {

@@ -53,6 +53,19 @@ pub fn smtpd(cfg: Config) -> ExitCode {
             }
         },
     };
+    // The key is read before root is given up: it is usually readable by root alone.
+    let tls = match cfg
+        .tls
+        .as_ref()
+        .map(qms_incoming::tls::server_config)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e));
+            return ExitCode::from(78);
+        }
+    };
     let spool = match start_role(&cfg, "smtpd", true) {
         Ok(s) => s,
         Err(c) => return c,
@@ -60,6 +73,8 @@ pub fn smtpd(cfg: Config) -> ExitCode {
     let shared = Arc::new(qms_incoming::Shared {
         committer: qms_spool::Committer::start(spool.clone()),
         aliases: qms_common::aliases::Cache::new(cfg.aliases.clone()),
+        tls,
+        throttle: Default::default(),
         cfg: Arc::new(cfg),
         spool,
     });

@@ -240,6 +240,25 @@ pub struct Outgoing {
 }
 
 #[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Auth {
+    /// `user:hash` lines; hashes are argon2 PHC strings or `$6$` sha-crypt (`qms passwd`).
+    pub users: Option<PathBuf>,
+    /// Allow AUTH without TLS from loopback clients (for local webmail and tests).
+    pub plaintext_loopback: bool,
+    /// Failed attempts per client address within 15 minutes before AUTH is refused.
+    pub max_failures: u32,
+    /// Addresses each user may use as envelope sender on submission, beyond the default
+    /// (the user's own name at a local domain). `@domain` allows a whole domain.
+    pub senders: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Clone, Debug)]
 pub struct Scheduler {
     /// Seconds between full scans of a queue directory (the safety net behind inotify).
     pub scan_interval: u64,
@@ -271,6 +290,10 @@ pub struct Config {
     pub limits: Limits,
     pub outgoing: Outgoing,
     pub scheduler: Scheduler,
+    pub tls: Option<Tls>,
+    pub auth: Auth,
+    /// Log lines as JSON objects instead of key=value text.
+    pub log_json: bool,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +376,29 @@ struct RawScheduler {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    users: Option<String>,
+    plaintext_loopback: Option<bool>,
+    max_failures: Option<u32>,
+    #[serde(default)]
+    senders: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Raw {
     spool: String,
     hostname: Option<String>,
@@ -381,6 +427,11 @@ struct Raw {
     outgoing: RawOutgoing,
     #[serde(default)]
     scheduler: RawScheduler,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    log: RawLog,
 }
 
 /// The queues every instance has, whatever the config says, with their default worker counts.
@@ -576,6 +627,22 @@ impl Config {
             busy_retry: raw.scheduler.busy_retry.unwrap_or(10).max(1),
         };
 
+        let log_json = match raw.log.format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => return Err(err("log.format", format!("{other:?} is not text or json"))),
+        };
+        let tls = raw.tls.map(|t| Tls {
+            cert: resolve(&t.cert),
+            key: resolve(&t.key),
+        });
+        let auth = Auth {
+            users: raw.auth.users.as_deref().map(resolve),
+            plaintext_loopback: raw.auth.plaintext_loopback.unwrap_or(false),
+            max_failures: raw.auth.max_failures.unwrap_or(5).max(1),
+            senders: raw.auth.senders,
+        };
+
         Ok(Config {
             path: absolute(path),
             spool: resolve(&raw.spool),
@@ -597,6 +664,9 @@ impl Config {
             limits,
             outgoing,
             scheduler,
+            tls,
+            auth,
+            log_json,
         })
     }
 

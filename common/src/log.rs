@@ -8,6 +8,12 @@ use std::sync::OnceLock;
 
 static ROLE: OnceLock<String> = OnceLock::new();
 static STAMP: OnceLock<bool> = OnceLock::new();
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes every following line as one JSON object (`[log] format = "json"`).
+pub fn set_json(on: bool) {
+    JSON.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Names the process role that prefixes every line (`smtpd`, `router`, `deliver/local`, …).
 pub fn init(role: &str) {
@@ -17,6 +23,25 @@ pub fn init(role: &str) {
 
 pub fn write(line: &str) {
     let role = ROLE.get().map(String::as_str).unwrap_or("qms");
+    if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut obj = serde_json::Map::new();
+        obj.insert(
+            "time".into(),
+            crate::time::iso8601(crate::time::now()).into(),
+        );
+        obj.insert("role".into(), role.into());
+        obj.insert("pid".into(), std::process::id().into());
+        let (pairs, rest) = parse_pairs(line);
+        for (k, v) in pairs {
+            obj.insert(k, v.into());
+        }
+        if !rest.is_empty() {
+            obj.insert("text".into(), rest.into());
+        }
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{}", serde_json::Value::Object(obj));
+        return;
+    }
     let stamp = if *STAMP.get().unwrap_or(&true) {
         format!("{} ", crate::time::iso8601(crate::time::now()))
     } else {
@@ -45,8 +70,71 @@ pub fn quote(v: &str) -> String {
     s
 }
 
+/// Splits a key=value line into its pairs (quoted values unquoted) and any trailing text.
+pub fn parse_pairs(line: &str) -> (Vec<(String, String)>, String) {
+    let mut pairs = Vec::new();
+    let mut rest = line.trim_start();
+    loop {
+        let Some(eq) = rest.find('=') else { break };
+        let key = &rest[..eq];
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            break;
+        }
+        let after = &rest[eq + 1..];
+        let (value, next) = if let Some(q) = after.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = q.char_indices();
+            let mut end = q.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => match chars.next() {
+                        Some((_, 'n')) => v.push('\n'),
+                        Some((_, 'r')) => v.push('\r'),
+                        Some((_, c)) => v.push(c),
+                        None => {}
+                    },
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            (v, &q[end.min(q.len())..])
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            (after[..end].to_string(), &after[end..])
+        };
+        pairs.push((key.to_string(), value));
+        rest = next.trim_start();
+    }
+    (pairs, rest.to_string())
+}
+
 /// `qlog!("qid={} status={}", id, quote(&reply))` writes one log line.
 #[macro_export]
 macro_rules! qlog {
     ($($arg:tt)*) => { $crate::log::write(&format!($($arg)*)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_round_trip() {
+        let line = format!(
+            "qid=ABC to=a@b.test reply={} status=sent (250 ok)",
+            quote("550 5.1.1 \"x\" y")
+        );
+        let (pairs, rest) = parse_pairs(&line);
+        assert_eq!(pairs[0], ("qid".to_string(), "ABC".to_string()));
+        assert_eq!(pairs[2].1, "550 5.1.1 \"x\" y");
+        assert_eq!(pairs[3].1, "sent");
+        assert_eq!(rest, "(250 ok)");
+    }
 }

@@ -143,10 +143,38 @@ impl Conn {
         self.stream.flush()
     }
 
-    /// Swaps the transport (after a TLS handshake); anything still buffered is dropped.
-    pub fn replace_stream(&mut self, stream: Box<dyn Stream>) {
-        self.stream = stream;
+    /// Runs `f` on the transport to replace it (a TLS handshake); anything still buffered
+    /// is dropped, since it was sent before the new transport existed.
+    pub fn upgrade<T>(
+        &mut self,
+        f: impl FnOnce(Box<dyn Stream>) -> Result<(Box<dyn Stream>, T), String>,
+    ) -> Result<T, String> {
         self.buf.clear();
         self.pos = 0;
+        let old = std::mem::replace(&mut self.stream, Box::new(Closed));
+        let (new, info) = f(old)?;
+        self.stream = new;
+        Ok(info)
+    }
+}
+
+/// The transport of a connection whose handshake failed: nothing more goes through.
+struct Closed;
+
+impl Read for Closed {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+}
+
+impl Write for Closed {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "connection closed",
+        ))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The incoming side of qms: SMTP listeners and local `sendmail` injection, both writing
 //! each accepted message durably into the spool's `incoming` queue.
 
+pub mod auth;
 mod conn;
 mod data;
 mod headers;
@@ -8,6 +9,7 @@ pub mod policy;
 pub mod sendmail;
 mod session;
 pub mod smtpd;
+pub mod tls;
 
 pub use conn::{Conn, Stream};
 pub use session::{Kind, Peer, Session, Shared};

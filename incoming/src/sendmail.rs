@@ -384,6 +384,8 @@ fn smtp_on_stdio(cfg: &Config, spool: Spool, me: Caller) -> i32 {
         committer: Committer::start(spool.clone()),
         spool,
         aliases: qms_common::aliases::Cache::new(cfg.aliases.clone()),
+        tls: None,
+        throttle: Default::default(),
     };
     let forced = (!me.trusted).then(|| me.address.clone());
     let peer = Peer {

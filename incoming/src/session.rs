@@ -18,6 +18,8 @@ pub struct Shared {
     pub spool: Spool,
     pub committer: Committer,
     pub aliases: aliases::Cache,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub throttle: crate::auth::Throttle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +104,20 @@ impl<'a> Session<'a> {
             tx: None,
             errors: 0,
         }
+    }
+
+    /// Marks the session as encrypted from the start (port 465's role).
+    pub fn with_tls(mut self, info: String) -> Session<'a> {
+        self.tls = Some(info);
+        self
+    }
+
+    /// AUTH is offered under TLS, or in the clear from loopback when the config allows it.
+    fn auth_offered(&self) -> bool {
+        self.cfg().auth.users.is_some()
+            && (self.tls.is_some()
+                || (self.cfg().auth.plaintext_loopback
+                    && self.peer.addr.is_some_and(|a| a.is_loopback())))
     }
 
     fn cfg(&self) -> &Config {
@@ -205,12 +221,150 @@ impl<'a> Session<'a> {
                 self.conn.reply("214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
                 Flow::Continue
             }
-            "STARTTLS" => self.error("454 4.7.0 TLS not available"),
-            "AUTH" => {
-                self.error("538 5.7.11 Encryption required for requested authentication mechanism")
-            }
+            "STARTTLS" => self.starttls(arg),
+            "AUTH" => self.auth(arg),
             "" => self.error("500 5.5.2 Error: empty command"),
             _ => self.error("500 5.5.2 Error: command not recognized"),
+        }
+    }
+
+    fn starttls(&mut self, arg: &str) -> Flow {
+        let Some(cfg) = self.shared.tls.clone() else {
+            return self.error("454 4.7.0 TLS not available");
+        };
+        if self.tls.is_some() {
+            return self.error("503 5.5.1 Error: TLS already active");
+        }
+        if !arg.is_empty() {
+            return self.error("501 5.5.4 Syntax: STARTTLS");
+        }
+        // Anything sent after STARTTLS in the same packet is plaintext injection (CVE-2011-0411).
+        if self.conn.has_buffered() {
+            qlog!(
+                "client={} status=reject reason=\"command pipelined after STARTTLS\"",
+                client_name(&self.peer)
+            );
+            self.conn
+                .reply("554 5.5.1 Error: command pipelined after STARTTLS");
+            return Flow::Close;
+        }
+        self.conn.reply("220 2.0.0 Ready to start TLS");
+        if self.conn.flush().is_err() {
+            return Flow::Close;
+        }
+        match self.conn.upgrade(|s| crate::tls::accept(&cfg, s)) {
+            Ok(info) => {
+                qlog!("client={} tls={}", client_name(&self.peer), quote(&info));
+                // RFC 3207: forget everything learnt before the handshake.
+                self.tls = Some(info);
+                self.helo = None;
+                self.esmtp = false;
+                self.tx = None;
+                self.auth_user = None;
+                Flow::Continue
+            }
+            Err(e) => {
+                qlog!(
+                    "client={} status=tls-failed reason={}",
+                    client_name(&self.peer),
+                    quote(&e)
+                );
+                Flow::Close
+            }
+        }
+    }
+
+    fn auth(&mut self, arg: &str) -> Flow {
+        if self.helo.is_none() || !self.esmtp {
+            return self.error("503 5.5.1 Error: send EHLO first");
+        }
+        if self.cfg().auth.users.is_none() {
+            return self.error("502 5.5.1 Error: authentication not enabled");
+        }
+        if !self.auth_offered() {
+            return self
+                .error("538 5.7.11 Encryption required for requested authentication mechanism");
+        }
+        if self.auth_user.is_some() || self.tx.is_some() {
+            return self.error("503 5.5.1 Error: already authenticated or in a transaction");
+        }
+        let ip = self.peer.addr;
+        if self
+            .shared
+            .throttle
+            .blocked(ip, self.cfg().auth.max_failures)
+        {
+            qlog!(
+                "client={} status=reject reason=\"too many failed AUTH attempts\"",
+                client_name(&self.peer)
+            );
+            self.conn
+                .reply("421 4.7.0 Too many failed authentication attempts, try again later");
+            return Flow::Close;
+        }
+        let mut words = arg.split_whitespace();
+        let mech = words.next().unwrap_or("").to_ascii_uppercase();
+        let initial = words.next().map(str::to_string);
+        let creds = match mech.as_str() {
+            "PLAIN" => {
+                let data = match initial {
+                    Some(d) => Some(d),
+                    None => self.challenge("334 "),
+                };
+                data.filter(|d| d != "*")
+                    .and_then(|d| crate::auth::decode_plain(&d))
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(d) => Some(d),
+                    None => self.challenge("334 VXNlcm5hbWU6"),
+                };
+                let user = user
+                    .filter(|d| d != "*")
+                    .and_then(|d| crate::auth::decode_text(&d));
+                let pass = if user.is_some() {
+                    self.challenge("334 UGFzc3dvcmQ6")
+                } else {
+                    None
+                };
+                let pass = pass
+                    .filter(|d| d != "*")
+                    .and_then(|d| crate::auth::decode_text(&d));
+                user.zip(pass)
+            }
+            _ => return self.error("504 5.5.4 Unrecognized authentication type"),
+        };
+        let Some((user, pass)) = creds else {
+            return self.error("501 5.5.2 Authentication cancelled or malformed");
+        };
+        if crate::auth::verify(self.cfg(), &user, &pass) {
+            self.shared.throttle.succeed(ip);
+            qlog!(
+                "client={} sasl_method={mech} sasl_user={} status=authenticated",
+                client_name(&self.peer),
+                quote(&user)
+            );
+            self.auth_user = Some(user);
+            self.conn.reply("235 2.7.0 Authentication successful");
+            return Flow::Continue;
+        }
+        let wait = self.shared.throttle.fail(ip);
+        qlog!(
+            "client={} sasl_method={mech} sasl_user={} status=auth-failed",
+            client_name(&self.peer),
+            quote(&user)
+        );
+        std::thread::sleep(wait);
+        self.error("535 5.7.8 Authentication credentials invalid")
+    }
+
+    /// Sends a 334 challenge and reads the client's one-line answer.
+    fn challenge(&mut self, prompt: &str) -> Option<String> {
+        self.conn.reply(prompt);
+        self.conn.flush().ok()?;
+        match self.conn.read_line(self.cfg().limits.command_line) {
+            Ok(Line::Crlf(l)) => String::from_utf8(l).ok(),
+            _ => None,
         }
     }
 
@@ -240,8 +394,15 @@ impl<'a> Session<'a> {
             "ENHANCEDSTATUSCODES".into(),
             "DSN".into(),
             "CHUNKING".into(),
-            "HELP".into(),
         ];
+        let mut lines = lines.to_vec();
+        if self.shared.tls.is_some() && self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() && self.auth_user.is_none() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
         for (i, l) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
             self.conn.reply(&format!("250{sep}{l}"));
@@ -311,6 +472,16 @@ impl<'a> Session<'a> {
         }
         if sender.as_ref().is_some_and(Address::is_utf8) && !tx.smtputf8 {
             return self.error("553 5.6.7 Non-ASCII address needs SMTPUTF8");
+        }
+        if let (Some(user), Some(addr), Kind::Submission | Kind::Submissions) =
+            (&self.auth_user, &sender, self.kind)
+        {
+            if !crate::auth::may_send_as(self.cfg(), user, addr) {
+                qlog!("client={} sasl_user={user} from={addr} status=reject reason=\"sender not owned\"", client_name(&self.peer));
+                return self.error(&format!(
+                    "553 5.7.1 <{addr}>: Sender address rejected: not owned by user {user}"
+                ));
+            }
         }
         if let Some(forced) = &self.peer.forced_sender {
             if sender.as_ref() != Some(forced) {

@@ -168,7 +168,7 @@ fn accept(
     let _ = stream.set_read_timeout(timeout);
     let _ = stream.set_write_timeout(timeout);
     let _ = stream.set_nodelay(true);
-    let (shared, counts) = (shared.clone(), counts.clone());
+    let (shared, counts, counts2) = (shared.clone(), counts.clone(), counts.clone());
     let spawned = std::thread::Builder::new()
         .stack_size(256 * 1024)
         .spawn(move || {
@@ -177,13 +177,31 @@ fn accept(
                 local_user: None,
                 forced_sender: None,
             };
-            Session::new(&shared, kind, peer, Conn::new(Box::new(stream))).run();
+            serve(&shared, kind, peer, Box::new(stream));
             counts.leave(ip);
         });
     if let Err(e) = spawned {
+        counts2.leave(ip);
         qlog!(
             "event=refused client=[{ip}] reason={}",
             quote(&e.to_string())
         );
+    }
+}
+
+fn serve(shared: &Shared, kind: Kind, peer: Peer, stream: Box<dyn crate::conn::Stream>) {
+    if kind != Kind::Submissions {
+        Session::new(shared, kind, peer, Conn::new(stream)).run();
+        return;
+    }
+    // Port 465's role: TLS from the first byte (RFC 8314).
+    let client = peer.addr.map(|a| a.to_string()).unwrap_or_default();
+    match shared.tls.as_ref().map(|cfg| crate::tls::accept(cfg, stream)) {
+        Some(Ok((tls_stream, info))) => {
+            qlog!("client=[{client}] service=submissions tls={}", quote(&info));
+            Session::new(shared, kind, peer, Conn::new(tls_stream)).with_tls(info).run();
+        }
+        Some(Err(e)) => qlog!("client=[{client}] service=submissions status=tls-failed reason={}", quote(&e)),
+        None => qlog!("client=[{client}] service=submissions status=refused reason=\"no [tls] certificate configured\""),
     }
 }

@@ -1,0 +1,239 @@
+//! TLS (STARTTLS and implicit) and AUTH, with openssl s_client and Python's smtplib.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const PASSWORD: &str = "correct horse battery";
+
+fn tls_instance() -> Instance {
+    let sub = free_port();
+    let inst = Instance::new(
+        "",
+        &format!(
+            "[submissions]\nlisten = [\"127.0.0.1:{sub}\"]\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[auth]\nusers = \"users\"\nmax_failures = 3\n[routes]\n\"far.test\" = \"pipe:cat > /dev/null\"\n"
+        ),
+    );
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mx.example.test",
+        ])
+        .arg("-keyout")
+        .arg(inst.dir.join("key.pem"))
+        .arg("-out")
+        .arg(inst.dir.join("cert.pem"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut p = Command::new(BIN)
+        .args(["passwd", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .unwrap();
+    let line = p.wait_with_output().unwrap().stdout;
+    assert!(String::from_utf8_lossy(&line).starts_with("alice:$argon2"));
+    std::fs::write(inst.dir.join("users"), &line).unwrap();
+    inst.own();
+    inst
+}
+
+fn submissions_port(inst: &Instance) -> u16 {
+    let cfg = std::fs::read_to_string(&inst.config).unwrap();
+    let after = cfg
+        .split("[submissions]\nlisten = [\"127.0.0.1:")
+        .nth(1)
+        .unwrap();
+    after.split('"').next().unwrap().parse().unwrap()
+}
+
+fn python(script: &str, args: &[String]) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn starttls_with_openssl_s_client_offers_auth_only_after_tls() {
+    let mut inst = tls_instance();
+    inst.start();
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain.write_all(b"EHLO c\r\nQUIT\r\n").unwrap();
+    let mut text = String::new();
+    let _ = plain.read_to_string(&mut text);
+    assert!(
+        text.contains("250-STARTTLS") && !text.contains("AUTH"),
+        "{text}"
+    );
+
+    let mut s = Command::new("openssl")
+        .args([
+            "s_client",
+            "-starttls",
+            "smtp",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{}", inst.smtp_port),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    s.stdin
+        .take()
+        .unwrap()
+        .write_all(b"EHLO client.test\r\nQUIT\r\n")
+        .unwrap();
+    let out = s.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("250-AUTH PLAIN LOGIN") && !text.contains("STARTTLS") && text.contains("221"),
+        "{text}"
+    );
+    assert!(inst.log().contains("tls=\"TLSv1"), "{}", inst.log());
+}
+
+#[test]
+fn auth_over_tls_relays_and_plain_auth_is_refused() {
+    let mut inst = tls_instance();
+    inst.start();
+    let script = r#"
+import smtplib, ssl, sys
+port, sub, pw = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ctx = ssl._create_unverified_context()
+# AUTH before TLS: refused, and not offered.
+s = smtplib.SMTP("127.0.0.1", sub, timeout=20)
+s.ehlo()
+assert not s.has_extn("auth")
+code, msg = s.docmd("AUTH", "PLAIN AGFsaWNlAHg=")
+assert code == 538, (code, msg)
+# Submission needs AUTH before MAIL.
+code, msg = s.docmd("MAIL", "FROM:<alice@example.test>")
+assert code == 530, (code, msg)
+s.starttls(context=ctx)
+s.ehlo()
+assert s.has_extn("auth")
+s.login("alice", pw)
+# Authenticated: relaying to a foreign domain is allowed, but only with an owned sender.
+try:
+    s.sendmail("ceo@example.test", ["x@far.test"], "Subject: spoof\r\n\r\nno\r\n")
+    raise SystemExit("a sender not owned was accepted")
+except smtplib.SMTPSenderRefused as e:
+    assert e.smtp_code == 553, e
+s.sendmail("alice@example.test", ["x@far.test", "bob@example.test"], "Subject: over tls\r\n\r\nhello\r\n")
+s.quit()
+# Implicit TLS (port 465's role).
+t = smtplib.SMTP_SSL("127.0.0.1", int(sys.argv[4]), context=ctx, timeout=20)
+t.login("alice", pw)
+t.sendmail("alice+tag@example.test", ["bob@example.test"], "Subject: implicit\r\n\r\nhi\r\n")
+t.quit()
+"#;
+    let (ok, out) = python(
+        script,
+        &[
+            inst.smtp_port.to_string(),
+            inst.submission_port.to_string(),
+            PASSWORD.to_string(),
+            submissions_port(&inst).to_string(),
+        ],
+    );
+    assert!(ok, "{out}");
+    wait_for("bob's two copies", Duration::from_secs(30), || {
+        inst.count_new("bob") == 2
+    });
+    let msgs = inst.read_maildir("bob");
+    let m = msgs.iter().find(|m| m.contains("over tls")).unwrap();
+    assert!(
+        m.contains("with ESMTPSA id") && m.contains("(using TLSv1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("Message-ID: <") && m.contains("Date: "),
+        "submission adds Message-ID and Date: {m}"
+    );
+    let log = inst.log();
+    assert!(
+        log.contains("sasl_user=alice status=authenticated"),
+        "{log}"
+    );
+    assert!(!log.contains(PASSWORD), "the password reached the log");
+    assert!(!msgs.iter().any(|m| m.contains(PASSWORD)));
+}
+
+#[test]
+fn failed_auth_is_slowed_then_locked_out() {
+    let mut inst = tls_instance();
+    inst.start();
+    let script = r#"
+import smtplib, ssl, sys, base64
+ctx = ssl._create_unverified_context()
+codes = []
+bad = base64.b64encode(b"\0alice\0wrong password").decode()
+for i in range(4):
+    s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+    s.starttls(context=ctx)
+    s.ehlo()
+    try:
+        code, msg = s.docmd("AUTH", "PLAIN " + bad)
+    except smtplib.SMTPServerDisconnected:
+        code = 421
+    codes.append(code)
+    try:
+        s.quit()
+    except Exception:
+        pass
+print(codes)
+assert codes == [535, 535, 535, 421], codes
+"#;
+    let (ok, out) = python(script, &[inst.submission_port.to_string()]);
+    assert!(ok, "{out}");
+    assert!(inst.log().contains("too many failed AUTH attempts"));
+}
+
+#[test]
+fn command_pipelined_after_starttls_is_refused() {
+    let mut inst = tls_instance();
+    inst.start();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    assert!(
+        text.contains("554 5.5.1 Error: command pipelined after STARTTLS"),
+        "{text}"
+    );
+    assert!(!text.contains("220 2.0.0 Ready"), "{text}");
+}
