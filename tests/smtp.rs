@@ -192,13 +192,13 @@ fn limits_and_errors() {
         out.contains("503 5.5.1") && out.contains("501 5.5.4") && out.contains("500 5.5.2"),
         "{out}"
     );
-    // AUTH before TLS is refused.
+    // AUTH is not offered without a users file (AUTH before TLS is tested in tls_auth.rs).
     let out = talk(
         inst.smtp_port,
         b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nQUIT\r\n",
         4,
     );
-    assert!(out.contains("538 5.7.11"), "{out}");
+    assert!(out.contains("502 5.5.1"), "{out}");
     assert!(
         !inst.log().contains("c2VjcmV0") && !inst.log().contains("AGFsaWNl"),
         "credentials reached the log"
@@ -284,4 +284,64 @@ fn mynetworks_may_relay() {
         4,
     );
     assert!(out.contains("250 2.1.5"), "{out}");
+}
+
+#[test]
+fn session_and_connection_limits() {
+    let mut inst = Instance::new(
+        "",
+        "[limits]\nrecipients = 3\nconnections_per_client = 2\nerrors = 4\n",
+    );
+    inst.start();
+    // Recipients over the limit: 452 4.5.3, the first ones stay accepted.
+    let out = talk(
+        inst.smtp_port,
+        b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nRCPT TO:<alice+x@example.test>\r\nRCPT TO:<bob+y@example.test>\r\nQUIT\r\n",
+        7,
+    );
+    assert_eq!(out.matches("250 2.1.5").count(), 3, "{out}");
+    assert!(out.contains("452 4.5.3"), "{out}");
+    // Too many errors: the session is closed.
+    let out = talk(
+        inst.smtp_port,
+        b"EHLO c\r\nFOO\r\nBAR\r\nBAZ\r\nQUX\r\nNOOP\r\n",
+        6,
+    );
+    assert!(out.contains("421 4.7.0 Too many errors"), "{out}");
+    assert!(!out.contains("250 2.0.0 Ok"), "{out}");
+    // Two stalled sessions from one address hold its quota; a third is refused at once,
+    // and neither stalls anyone's mail once they are gone.
+    let mut a = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+    let mut b = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+    b.write_all(b"EHLO half-a-comm").unwrap();
+    for s in [&mut a, &mut b] {
+        let mut buf = [0u8; 100];
+        assert!(s.read(&mut buf).unwrap() > 0, "no banner");
+    }
+    let third = talk(inst.smtp_port, b"", 1);
+    assert!(
+        third.starts_with("421 4.7.0 Too many connections from your address"),
+        "{third}"
+    );
+    drop((a, b));
+    wait_for("the quota to free up", Duration::from_secs(20), || {
+        talk(inst.smtp_port, b"QUIT\r\n", 2).contains("221")
+    });
+}
+
+#[test]
+fn a_stalled_client_does_not_block_another() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    // One client stops in the middle of DATA and sends nothing more.
+    let mut stalled = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+    stalled.write_all(b"EHLO slow\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: never ends\r\n").unwrap();
+    // Another delivers meanwhile.
+    let out = talk(inst.smtp_port, b"EHLO quick\r\nMAIL FROM:<b@remote.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nSubject: quick\r\n\r\nq\r\n.\r\nQUIT\r\n", 7);
+    assert!(out.contains("queued as"), "{out}");
+    wait_for("bob's mail", Duration::from_secs(30), || {
+        inst.count_new("bob") == 1
+    });
+    assert_eq!(inst.count_new("alice"), 0);
+    drop(stalled);
 }

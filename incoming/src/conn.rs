@@ -8,6 +8,8 @@ impl<T: Read + Write + Send> Stream for T {}
 
 pub struct Conn {
     stream: Box<dyn Stream>,
+    /// The socket under the stream (TLS or not), to change its read timeout.
+    socket: Option<std::net::TcpStream>,
     buf: Vec<u8>,
     pos: usize,
     out: Vec<u8>,
@@ -31,9 +33,23 @@ impl Conn {
     pub fn new(stream: Box<dyn Stream>) -> Conn {
         Conn {
             stream,
+            socket: None,
             buf: Vec::with_capacity(4096),
             pos: 0,
             out: Vec::with_capacity(512),
+        }
+    }
+
+    /// Keeps a handle on the TCP socket so timeouts can follow the protocol phase.
+    pub fn with_socket(mut self, socket: Option<std::net::TcpStream>) -> Conn {
+        self.socket = socket;
+        self
+    }
+
+    /// Sets how long a read may wait (RFC 5321 4.5.3.2: commands and data differ).
+    pub fn set_timeout(&self, secs: u64) {
+        if let Some(s) = &self.socket {
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(secs.max(1))));
         }
     }
 

@@ -594,6 +594,13 @@ impl<'a> Session<'a> {
         if self.conn.flush().is_err() {
             return Flow::Close;
         }
+        self.conn.set_timeout(self.cfg().limits.data_timeout);
+        let flow = self.read_message();
+        self.conn.set_timeout(self.cfg().limits.command_timeout);
+        flow
+    }
+
+    fn read_message(&mut self) -> Flow {
         let (max, line) = (self.cfg().limits.message_size, self.cfg().limits.text_line);
         match data::read_data(&mut self.conn, max, line) {
             Err(_) | Ok(Data::Eof) => {
@@ -647,6 +654,7 @@ impl<'a> Session<'a> {
             buf = t.map(std::mem::take);
         }
         let mut chunk = buf.unwrap_or_default();
+        self.conn.set_timeout(self.cfg().limits.data_timeout);
         let read = self.conn.read_exact_into(
             size,
             if ok_tx && room {
@@ -655,6 +663,7 @@ impl<'a> Session<'a> {
                 None
             },
         );
+        self.conn.set_timeout(self.cfg().limits.command_timeout);
         match read {
             Ok(true) => {}
             _ => {
@@ -770,11 +779,13 @@ impl<'a> Session<'a> {
         match result {
             Ok(id) => {
                 qlog!(
-                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} status=queued",
+                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} tls={} sasl_user={} status=queued",
                     client_name(&self.peer),
                     quote(self.helo.as_deref().unwrap_or("")),
                     rcpts.join(","),
-                    rcpts.len()
+                    rcpts.len(),
+                    quote(self.tls.as_deref().unwrap_or("none")),
+                    quote(self.auth_user.as_deref().unwrap_or("-"))
                 );
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
@@ -796,10 +807,11 @@ impl<'a> Session<'a> {
 
 /// Splits `FROM:<addr> PARAM=V …` into the address (without brackets) and the parameters.
 fn parse_path<'l>(arg: &'l str, prefix: &str) -> Option<(String, Vec<&'l str>)> {
-    if arg.len() < prefix.len() || !arg[..prefix.len()].eq_ignore_ascii_case(prefix) {
+    // `get` and not indexing: the client's bytes may put a UTF-8 character across the cut.
+    if !arg.get(..prefix.len())?.eq_ignore_ascii_case(prefix) {
         return None;
     }
-    let rest = arg[prefix.len()..].trim_start();
+    let rest = arg.get(prefix.len()..)?.trim_start();
     let rest = rest.strip_prefix('<')?;
     let end = rest.find('>')?;
     let mut path = &rest[..end];
@@ -847,5 +859,13 @@ mod tests {
         );
         assert!(parse_path("TO:u@h.test", "TO:").is_none());
         assert_eq!(xtext_decode("a+2Bb").unwrap(), "a+b");
+    }
+
+    /// Found by the fuzzer: a multi-byte character across the `FROM:` prefix length.
+    #[test]
+    fn non_ascii_at_the_prefix_boundary() {
+        assert!(parse_path("\r\0.OO\u{42f}\r\r", "FROM:").is_none());
+        assert!(parse_path("TO:\u{42f}", "FROM:").is_none());
+        assert!(parse_path("ЯЯЯ", "TO:").is_none());
     }
 }

@@ -162,9 +162,7 @@ fn accept(
         let _ = stream.write_all(format!("{reply}\r\n").as_bytes());
         return;
     }
-    let timeout = Some(Duration::from_secs(
-        limits.command_timeout.max(limits.data_timeout),
-    ));
+    let timeout = Some(Duration::from_secs(limits.command_timeout));
     let _ = stream.set_read_timeout(timeout);
     let _ = stream.set_write_timeout(timeout);
     let _ = stream.set_nodelay(true);
@@ -177,7 +175,8 @@ fn accept(
                 local_user: None,
                 forced_sender: None,
             };
-            serve(&shared, kind, peer, Box::new(stream));
+            let socket = stream.try_clone().ok();
+            serve(&shared, kind, peer, Box::new(stream), socket);
             counts.leave(ip);
         });
     if let Err(e) = spawned {
@@ -189,9 +188,15 @@ fn accept(
     }
 }
 
-fn serve(shared: &Shared, kind: Kind, peer: Peer, stream: Box<dyn crate::conn::Stream>) {
+fn serve(
+    shared: &Shared,
+    kind: Kind,
+    peer: Peer,
+    stream: Box<dyn crate::conn::Stream>,
+    socket: Option<TcpStream>,
+) {
     if kind != Kind::Submissions {
-        Session::new(shared, kind, peer, Conn::new(stream)).run();
+        Session::new(shared, kind, peer, Conn::new(stream).with_socket(socket)).run();
         return;
     }
     // Port 465's role: TLS from the first byte (RFC 8314).
@@ -199,7 +204,7 @@ fn serve(shared: &Shared, kind: Kind, peer: Peer, stream: Box<dyn crate::conn::S
     match shared.tls.as_ref().map(|cfg| crate::tls::accept(cfg, stream)) {
         Some(Ok((tls_stream, info))) => {
             qlog!("client=[{client}] service=submissions tls={}", quote(&info));
-            Session::new(shared, kind, peer, Conn::new(tls_stream)).with_tls(info).run();
+            Session::new(shared, kind, peer, Conn::new(tls_stream).with_socket(socket)).with_tls(info).run();
         }
         Some(Err(e)) => qlog!("client=[{client}] service=submissions status=tls-failed reason={}", quote(&e)),
         None => qlog!("client=[{client}] service=submissions status=refused reason=\"no [tls] certificate configured\""),
