@@ -345,3 +345,32 @@ fn a_stalled_client_does_not_block_another() {
     assert_eq!(inst.count_new("alice"), 0);
     drop(stalled);
 }
+
+#[test]
+fn json_log_lines() {
+    let mut inst = Instance::new("", "[log]\nformat = \"json\"\n");
+    inst.start();
+    let out = talk(inst.smtp_port, b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: j\r\n\r\nj\r\n.\r\nQUIT\r\n", 7);
+    assert!(out.contains("queued as"), "{out}");
+    wait_for("delivery", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
+    wait_for("the delivery log line", Duration::from_secs(10), || {
+        inst.log().contains("\"status\":\"sent\"")
+    });
+    let lines: Vec<serde_json::Value> = inst
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let queued = lines
+        .iter()
+        .find(|l| l["status"] == "queued")
+        .expect("a queued line");
+    assert_eq!(queued["role"], "smtpd");
+    assert_eq!(queued["to"], "alice@example.test");
+    let id = queued["qid"].as_str().unwrap();
+    assert!(lines
+        .iter()
+        .any(|l| l["qid"] == id && l["role"] == "deliver/local" && l["status"] == "sent"));
+}

@@ -26,6 +26,15 @@ impl LocalAgent {
     pub fn new(cfg: Arc<Config>, spool: Spool) -> LocalAgent {
         LocalAgent { cfg, spool }
     }
+
+    /// A configured mailbox's Maildir is made when missing; any other (a system user's
+    /// ~/Maildir) must exist, and its absence is a temporary failure.
+    fn may_create(&self, dir: &Path) -> bool {
+        self.cfg
+            .mailboxes
+            .values()
+            .any(|m| matches!(&m.mailbox, qms_common::config::Mailbox::Maildir(p) if p == dir))
+    }
 }
 
 /// Where the router sent a recipient: `maildir:PATH`, `mbox:PATH`, `file:PATH`, `pipe:CMD`.
@@ -62,7 +71,7 @@ impl LocalAgent {
     ) -> Result_ {
         match target {
             Target::Maildir(dir) => {
-                if let Err(e) = maildir::ensure(dir, create) {
+                if let Err(e) = maildir::ensure(dir, create && self.may_create(dir)) {
                     return io_result(e, &format!("Maildir {}", dir.display()));
                 }
                 match maildir::stage(dir, &self.cfg.hostname, copy) {
@@ -200,7 +209,7 @@ impl Agent for LocalAgent {
                             (_, true, None) if nix::unistd::geteuid().is_root() => {
                                 Result_::Perm("5.7.1 no user to run this delivery as (set `user` in the config; root is never used)".into())
                             }
-                            (Target::Maildir(dir), _, _) => match maildir::ensure(dir, true)
+                            (Target::Maildir(dir), _, _) => match maildir::ensure(dir, self.may_create(dir))
                                 .and_then(|()| maildir::stage(dir, &self.cfg.hostname, &copy))
                             {
                                 Ok(s) => {
