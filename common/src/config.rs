@@ -239,6 +239,45 @@ pub struct Outgoing {
     pub max_queue_lifetime: i64,
 }
 
+/// How the SMTP client reaches other MTAs.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// The port for MX hosts (25; tests point it elsewhere).
+    pub port: u16,
+    /// `may`: STARTTLS when offered, plain if the handshake fails; `encrypt`: TLS or defer;
+    /// `none`: never.
+    pub tls: TlsPolicy,
+    /// Per-route TLS policy, by route key (domain or `*`).
+    pub tls_routes: BTreeMap<String, TlsPolicy>,
+    pub recipient_limit: usize,
+    pub destination_concurrency: usize,
+    pub connect_timeout: u64,
+    pub command_timeout: u64,
+    pub data_timeout: u64,
+    /// Seconds an idle connection is kept for reuse.
+    pub connection_reuse: u64,
+    /// `[dns] server`: the resolver to ask (else the system's).
+    pub dns_server: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPolicy {
+    None,
+    May,
+    Encrypt,
+}
+
+impl TlsPolicy {
+    fn parse(s: &str) -> Option<TlsPolicy> {
+        match s {
+            "none" => Some(TlsPolicy::None),
+            "may" => Some(TlsPolicy::May),
+            "encrypt" => Some(TlsPolicy::Encrypt),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Tls {
     pub cert: PathBuf,
@@ -289,6 +328,7 @@ pub struct Config {
     pub queues: BTreeMap<String, usize>,
     pub limits: Limits,
     pub outgoing: Outgoing,
+    pub client: Client,
     pub scheduler: Scheduler,
     pub tls: Option<Tls>,
     pub auth: Auth,
@@ -365,6 +405,22 @@ struct RawOutgoing {
     max_backoff: Option<i64>,
     delay_warning: Option<i64>,
     max_queue_lifetime: Option<i64>,
+    port: Option<u16>,
+    tls: Option<String>,
+    #[serde(default)]
+    tls_routes: BTreeMap<String, String>,
+    recipient_limit: Option<usize>,
+    destination_concurrency: Option<usize>,
+    connect_timeout: Option<u64>,
+    command_timeout: Option<u64>,
+    data_timeout: Option<u64>,
+    connection_reuse: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    server: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -427,6 +483,8 @@ struct Raw {
     outgoing: RawOutgoing,
     #[serde(default)]
     scheduler: RawScheduler,
+    #[serde(default)]
+    dns: RawDns,
     tls: Option<RawTls>,
     #[serde(default)]
     auth: RawAuth,
@@ -616,6 +674,45 @@ impl Config {
             delay_warning: o.delay_warning.unwrap_or(4 * 3600),
             max_queue_lifetime: o.max_queue_lifetime.unwrap_or(5 * 86_400),
         };
+        let policy = |v: &str, key: &str| {
+            TlsPolicy::parse(v)
+                .ok_or_else(|| err(key, format!("{v:?} is not none, may or encrypt")))
+        };
+        let mut tls_routes = BTreeMap::new();
+        for (k, v) in &o.tls_routes {
+            tls_routes.insert(
+                k.to_ascii_lowercase(),
+                policy(v, &format!("outgoing.tls_routes.{k:?}"))?,
+            );
+        }
+        let dns_server = match raw.dns.server.as_deref() {
+            None => None,
+            Some(s) => {
+                let with_port = if s.parse::<IpAddr>().is_ok() {
+                    format!("{s}:53")
+                } else {
+                    s.to_string()
+                };
+                Some(with_port.parse::<SocketAddr>().map_err(|_| {
+                    err(
+                        "dns.server",
+                        format!("{s:?} is not an IP address (with an optional :port)"),
+                    )
+                })?)
+            }
+        };
+        let client = Client {
+            port: o.port.unwrap_or(25),
+            tls: policy(o.tls.as_deref().unwrap_or("may"), "outgoing.tls")?,
+            tls_routes,
+            recipient_limit: o.recipient_limit.unwrap_or(50).max(1),
+            destination_concurrency: o.destination_concurrency.unwrap_or(20).max(1),
+            connect_timeout: o.connect_timeout.unwrap_or(30).max(1),
+            command_timeout: o.command_timeout.unwrap_or(300).max(1),
+            data_timeout: o.data_timeout.unwrap_or(600).max(1),
+            connection_reuse: o.connection_reuse.unwrap_or(10),
+            dns_server,
+        };
         if outgoing.min_backoff < 0 || outgoing.max_backoff < outgoing.min_backoff {
             return Err(err(
                 "outgoing.max_backoff",
@@ -663,6 +760,7 @@ impl Config {
             queues,
             limits,
             outgoing,
+            client,
             scheduler,
             tls,
             auth,

@@ -9,6 +9,8 @@ pub enum Kind {
     Failure,
     Delay,
     Success,
+    /// Delivered to a next hop that does not do DSN: the last word the sender will get.
+    Relayed,
 }
 
 impl Kind {
@@ -17,6 +19,7 @@ impl Kind {
             Kind::Failure => "failed",
             Kind::Delay => "delayed",
             Kind::Success => "delivered",
+            Kind::Relayed => "relayed",
         }
     }
 }
@@ -31,7 +34,7 @@ fn wants(r: &Recipient, kind: Kind) -> bool {
     match kind {
         Kind::Failure => r.notify.is_empty() || r.notify.contains(&Notify::Failure),
         Kind::Delay => r.notify.is_empty() || r.notify.contains(&Notify::Delay),
-        Kind::Success => r.notify.contains(&Notify::Success),
+        Kind::Success | Kind::Relayed => r.notify.contains(&Notify::Success),
     }
 }
 
@@ -51,7 +54,7 @@ pub fn status_of(reply: &str, kind: Kind) -> String {
     match kind {
         Kind::Failure => "5.0.0".into(),
         Kind::Delay => "4.0.0".into(),
-        Kind::Success => "2.0.0".into(),
+        Kind::Success | Kind::Relayed => "2.0.0".into(),
     }
 }
 
@@ -116,7 +119,7 @@ fn report(
     let subject = match kind {
         Kind::Failure => "Undelivered Mail Returned to Sender",
         Kind::Delay => "Delayed Mail (still being retried)",
-        Kind::Success => "Successful Mail Delivery Report",
+        Kind::Success | Kind::Relayed => "Successful Mail Delivery Report",
     };
     let mut m = String::new();
     m.push_str(&format!(
@@ -136,6 +139,7 @@ fn report(
         Kind::Failure => "I'm sorry to have to inform you that your message could not\r\nbe delivered to one or more recipients. The reasons follow.\r\n\r\n",
         Kind::Delay => "Your message could not yet be delivered to one or more recipients.\r\nIt will be retried until it is too old; you need not send it again.\r\n\r\n",
         Kind::Success => "Your message was delivered to the recipients below.\r\n\r\n",
+        Kind::Relayed => "Your message was relayed to the recipients' mail servers, which do not\r\nreport delivery: this is the last report you will get.\r\n\r\n",
     });
     for r in rcpts {
         m.push_str(&format!(

@@ -2,7 +2,7 @@
 //! bare CR is never taken for a line end, so a message cannot smuggle a second one past us
 //! (the CVE-2023-51764 class). Text after a refused line is read and dropped up to the real end.
 
-use crate::conn::{Conn, Line};
+use qms_common::conn::{Conn, Line};
 use std::io;
 
 #[derive(Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! each accepted message durably into the spool's `incoming` queue.
 
 pub mod auth;
-mod conn;
+
 mod data;
 mod headers;
 pub mod policy;
@@ -11,5 +11,5 @@ mod session;
 pub mod smtpd;
 pub mod tls;
 
-pub use conn::{Conn, Stream};
+pub use qms_common::conn::{Conn, Stream};
 pub use session::{Kind, Peer, Session, Shared};

@@ -1,11 +1,11 @@
 //! One SMTP session (RFC 5321) on any stream: a TCP connection, or stdin/stdout for
 //! `sendmail -bs`. It ends in a durable job in the `incoming` queue or in nothing.
 
-use crate::conn::{Conn, Line};
 use crate::data::{self, Data};
 use crate::headers;
 use crate::policy;
 use qms_common::aliases;
+use qms_common::conn::{Conn, Line};
 use qms_common::log::quote;
 use qms_common::{qlog, Address, Config};
 use qms_spool::{Client, Committer, DsnRet, Job, Notify, QueueId, Recipient, Spool};

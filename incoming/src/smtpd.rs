@@ -1,9 +1,9 @@
 //! `qms smtpd`: accepts connections on every configured listener, one thread per session,
 //! with limits on connections in total and per client address.
 
-use crate::conn::Conn;
 use crate::session::{Kind, Peer, Session, Shared};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use qms_common::conn::Conn;
 use qms_common::log::quote;
 use qms_common::qlog;
 use std::collections::HashMap;
@@ -192,7 +192,7 @@ fn serve(
     shared: &Shared,
     kind: Kind,
     peer: Peer,
-    stream: Box<dyn crate::conn::Stream>,
+    stream: Box<dyn qms_common::conn::Stream>,
     socket: Option<TcpStream>,
 ) {
     if kind != Kind::Submissions {

@@ -1,7 +1,7 @@
 //! TLS for the SMTP listeners (rustls): the server config from PEM files, and the handshake
 //! that turns a plain stream into an encrypted one (STARTTLS, or at once for port 465's role).
 
-use crate::conn::Stream;
+use qms_common::conn::Stream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};

@@ -1,37 +1,679 @@
-//! Outgoing SMTP delivery. Not built yet (see the open issue for outgoing delivery): jobs
-//! routed to the `smtp` queue wait there, deferred with a reply that says why, so nothing
-//! routed to a remote host is lost or bounced before the agent exists.
+//! Outgoing SMTP delivery (`qms deliver --queue smtp`): recipients grouped by destination,
+//! destinations served in parallel (so a dead or slow one holds up only itself), one
+//! connection carrying many transactions, a reply per recipient, retries and error mail
+//! through `delivery::settle`.
 
+mod client;
+mod dns;
+mod tls;
+
+use client::{Client, Failure, Reply, Settings, Transaction};
+use qms_common::address::show_sender;
+use qms_common::config::{Route, TlsPolicy};
 use qms_common::{qlog, Config};
-use qms_spool::{Claimed, RcptState, Spool};
-use std::sync::Arc;
+use qms_delivery::dsn;
+use qms_spool::{Claimed, Job, Notify, RcptState, Spool};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub struct SmtpAgent {
     cfg: Arc<Config>,
     spool: Spool,
+    dns: Result<dns::Dns, String>,
+    /// Idle connections by address, for the next jobs to the same host.
+    cache: Mutex<HashMap<SocketAddr, Vec<Client>>>,
+    /// Slow start: how many connections a destination gets at once, grown on success.
+    window: Mutex<HashMap<Dest, usize>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Dest {
+    /// `smtp:[host]:port`: no MX lookup.
+    Relay { host: String, port: u16 },
+    /// MX lookup for the domain.
+    Mx(String),
+}
+
+impl Dest {
+    fn key(&self) -> &str {
+        match self {
+            Dest::Relay { host, .. } => host,
+            Dest::Mx(d) => d,
+        }
+    }
+}
+
+enum Verdict {
+    Sent { peer_dsn: bool },
+    Deferred,
+    Failed,
+}
+
+/// What happened to one recipient, with what the log line needs.
+struct Res {
+    ji: usize,
+    ri: usize,
+    verdict: Verdict,
+    reply: String,
+    relay: String,
+    delays: [f64; 4],
+}
+
+/// A transaction to send: one job's recipients (at most `recipient_limit`).
+struct Tx {
+    ji: usize,
+    ris: Vec<usize>,
 }
 
 impl SmtpAgent {
     pub fn new(cfg: Arc<Config>, spool: Spool) -> SmtpAgent {
-        SmtpAgent { cfg, spool }
+        let dns = dns::Dns::new(cfg.client.dns_server);
+        if let Err(e) = &dns {
+            qlog!("status=warning reason={}", qms_common::log::quote(e));
+        }
+        SmtpAgent {
+            cfg,
+            spool,
+            dns,
+            cache: Mutex::new(HashMap::new()),
+            window: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn settings(&self) -> Settings<'_> {
+        let c = &self.cfg.client;
+        Settings {
+            helo: &self.cfg.hostname,
+            tls: c.tls,
+            connect_timeout: c.connect_timeout,
+            command_timeout: c.command_timeout,
+            data_timeout: c.data_timeout,
+        }
+    }
+
+    fn policy(&self, dest: &Dest) -> TlsPolicy {
+        let c = &self.cfg.client;
+        c.tls_routes
+            .get(&dest.key().to_ascii_lowercase())
+            .or_else(|| c.tls_routes.get("*"))
+            .copied()
+            .unwrap_or(c.tls)
+    }
+
+    /// The hosts to try for a destination, and the port.
+    fn hosts(&self, dest: &Dest) -> (dns::Lookup, u16) {
+        let dns = match &self.dns {
+            Ok(d) => d,
+            Err(e) => return (dns::Lookup::Temporary(e.clone()), 25),
+        };
+        match dest {
+            Dest::Relay { host, port } => {
+                let lookup = match host.parse::<IpAddr>() {
+                    Ok(ip) => dns::Lookup::Hosts(vec![dns::Host {
+                        name: host.clone(),
+                        addrs: vec![ip],
+                    }]),
+                    Err(_) => dns.host(host),
+                };
+                (lookup, *port)
+            }
+            Dest::Mx(domain) => (dns.mail_hosts(domain), self.cfg.client.port),
+        }
+    }
+
+    /// A connection to the first host that answers: a cached one, else a new one.
+    fn client(
+        &self,
+        hosts: &[dns::Host],
+        port: u16,
+        policy: TlsPolicy,
+    ) -> Result<(Client, f64), Failure> {
+        let reuse = std::time::Duration::from_secs(self.cfg.client.connection_reuse);
+        if let Ok(mut cache) = self.cache.lock() {
+            for h in hosts {
+                for ip in &h.addrs {
+                    if let Some(list) = cache.get_mut(&SocketAddr::new(*ip, port)) {
+                        while let Some(c) = list.pop() {
+                            if c.idle_since.elapsed() < reuse {
+                                return Ok((c, 0.0));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut settings = self.settings();
+        settings.tls = policy;
+        let mut last = Failure {
+            text: "no host to try".into(),
+            permanent: false,
+        };
+        let start = Instant::now();
+        for h in hosts {
+            for ip in &h.addrs {
+                match Client::connect(&h.name, SocketAddr::new(*ip, port), &settings) {
+                    Ok(c) => return Ok((c, start.elapsed().as_secs_f64())),
+                    Err(f) => {
+                        qlog!(
+                            "relay={}[{ip}]:{port} status=connect-failed reason={}",
+                            h.name,
+                            qms_common::log::quote(&f.text)
+                        );
+                        last = f;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn keep(&self, c: Client) {
+        if let Ok(mut cache) = self.cache.lock() {
+            let list = cache.entry(c.addr).or_default();
+            if list.len() < self.cfg.client.destination_concurrency {
+                list.push(c);
+                return;
+            }
+        }
+        c.quit();
+    }
+
+    /// Delivers everything for one destination; returns a result per recipient.
+    fn deliver_dest(
+        &self,
+        dest: &Dest,
+        items: &[(usize, usize)],
+        jobs: &[&Job],
+        bodies: &[Result<Vec<u8>, String>],
+        start: Instant,
+    ) -> Vec<Res> {
+        let t0 = Instant::now();
+        let (lookup, port) = self.hosts(dest);
+        let dns_time = t0.elapsed().as_secs_f64();
+        let queued = |ji: usize| {
+            (qms_common::time::now() - jobs[ji].arrival) as f64 - start.elapsed().as_secs_f64()
+        };
+        let all = |verdict: fn() -> Verdict, reply: String| -> Vec<Res> {
+            items
+                .iter()
+                .map(|&(ji, ri)| Res {
+                    ji,
+                    ri,
+                    verdict: verdict(),
+                    reply: reply.clone(),
+                    relay: "none".into(),
+                    delays: [queued(ji).max(0.0), dns_time, 0.0, 0.0],
+                })
+                .collect()
+        };
+        let hosts = match lookup {
+            dns::Lookup::Hosts(h) => h,
+            dns::Lookup::Permanent(t) => {
+                let code = if t.contains("null MX") {
+                    "5.1.10"
+                } else {
+                    "5.1.2"
+                };
+                return all(|| Verdict::Failed, format!("{code} {t}"));
+            }
+            dns::Lookup::Temporary(t) => return all(|| Verdict::Deferred, format!("4.4.3 {t}")),
+        };
+        // One transaction per job and recipient chunk.
+        let mut txs: Vec<Tx> = Vec::new();
+        let mut by_job: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &(ji, ri) in items {
+            by_job.entry(ji).or_default().push(ri);
+        }
+        for (ji, ris) in by_job {
+            for chunk in ris.chunks(self.cfg.client.recipient_limit) {
+                txs.push(Tx {
+                    ji,
+                    ris: chunk.to_vec(),
+                });
+            }
+        }
+        let limit = self.cfg.client.destination_concurrency;
+        let window = self
+            .window
+            .lock()
+            .ok()
+            .and_then(|w| w.get(dest).copied())
+            .unwrap_or(2)
+            .clamp(1, limit);
+        let lanes = window.min(txs.len()).max(1);
+        let mut per_lane: Vec<Vec<Tx>> = (0..lanes).map(|_| Vec::new()).collect();
+        for (i, tx) in txs.into_iter().enumerate() {
+            per_lane[i % lanes].push(tx);
+        }
+        let policy = self.policy(dest);
+        let results: Vec<(Vec<Res>, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = per_lane
+                .iter()
+                .map(|lane| {
+                    s.spawn(|| self.lane(lane, &hosts, port, policy, jobs, bodies, start, dns_time))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        let connected = results.iter().all(|(_, ok)| *ok);
+        if let Ok(mut w) = self.window.lock() {
+            // Slow start as Postfix: grow while connections work, fall back to one when not.
+            let next = if connected {
+                (window * 2).min(limit)
+            } else {
+                1
+            };
+            w.insert(dest.clone(), next);
+        }
+        results.into_iter().flat_map(|(r, _)| r).collect()
+    }
+
+    /// Sends a lane's transactions over one connection (reconnecting when it breaks).
+    /// Returns the results and whether every connection attempt worked.
+    #[allow(clippy::too_many_arguments)]
+    fn lane(
+        &self,
+        txs: &[Tx],
+        hosts: &[dns::Host],
+        port: u16,
+        policy: TlsPolicy,
+        jobs: &[&Job],
+        bodies: &[Result<Vec<u8>, String>],
+        start: Instant,
+        dns_time: f64,
+    ) -> (Vec<Res>, bool) {
+        let mut out = Vec::new();
+        let mut client: Option<Client> = None;
+        let mut connected_ok = true;
+        let mut i = 0;
+        let mut retried = false;
+        while i < txs.len() {
+            let tx = &txs[i];
+            let job = jobs[tx.ji];
+            let queued = ((qms_common::time::now() - job.arrival) as f64
+                - start.elapsed().as_secs_f64())
+            .max(0.0);
+            let push_all = |out: &mut Vec<Res>,
+                            verdict: &dyn Fn() -> Verdict,
+                            reply: &str,
+                            relay: &str,
+                            d: [f64; 4]| {
+                for &ri in &tx.ris {
+                    out.push(Res {
+                        ji: tx.ji,
+                        ri,
+                        verdict: verdict(),
+                        reply: reply.to_string(),
+                        relay: relay.to_string(),
+                        delays: d,
+                    });
+                }
+            };
+            let body = match &bodies[tx.ji] {
+                Ok(b) => b,
+                Err(e) => {
+                    push_all(
+                        &mut out,
+                        &|| Verdict::Deferred,
+                        &format!("4.3.0 {e}"),
+                        "none",
+                        [queued, dns_time, 0.0, 0.0],
+                    );
+                    i += 1;
+                    continue;
+                }
+            };
+            let (mut c, conn_time, reused) = match client.take() {
+                Some(c) => (c, 0.0, true),
+                None => match self.client(hosts, port, policy) {
+                    Ok((c, t)) => (c, t, t == 0.0),
+                    Err(f) => {
+                        connected_ok = false;
+                        // Nothing more can go to this destination now: defer (or fail) the rest.
+                        for rest in &txs[i..] {
+                            for &ri in &rest.ris {
+                                let verdict = if f.permanent {
+                                    Verdict::Failed
+                                } else {
+                                    Verdict::Deferred
+                                };
+                                let code = if f.permanent { "5.4.0" } else { "4.4.1" };
+                                out.push(Res {
+                                    ji: rest.ji,
+                                    ri,
+                                    verdict,
+                                    reply: format!("{code} {}", f.text),
+                                    relay: "none".into(),
+                                    delays: [queued, dns_time, 0.0, 0.0],
+                                });
+                            }
+                        }
+                        return (out, connected_ok);
+                    }
+                },
+            };
+            let relay = format!("{}[{}]:{}", c.name, c.addr.ip(), c.addr.port());
+            if let Some(reason) = refuse_before_sending(job, tx, &c, body.len()) {
+                push_all(
+                    &mut out,
+                    &|| Verdict::Failed,
+                    &reason,
+                    &relay,
+                    [queued, dns_time, conn_time, 0.0],
+                );
+                client = Some(c);
+                i += 1;
+                continue;
+            }
+            let t = Instant::now();
+            let transaction = Transaction {
+                mail: mail_command(job, &c, body.len()),
+                rcpts: tx.ris.iter().map(|&ri| rcpt_command(job, ri, &c)).collect(),
+                message: body,
+            };
+            match c.send(&transaction) {
+                Ok(o) => {
+                    let d = [queued, dns_time, conn_time, t.elapsed().as_secs_f64()];
+                    for (k, &ri) in tx.ris.iter().enumerate() {
+                        let (verdict, reply) =
+                            judge(&o.mail, o.rcpts.get(k), o.data.as_ref(), c.ext.dsn);
+                        out.push(Res {
+                            ji: tx.ji,
+                            ri,
+                            verdict,
+                            reply,
+                            relay: relay.clone(),
+                            delays: d,
+                        });
+                    }
+                    client = Some(c);
+                    retried = false;
+                    i += 1;
+                }
+                Err(e) if reused && !retried => {
+                    // A cached connection the server had closed: try once on a fresh one.
+                    retried = true;
+                    let _ = e;
+                }
+                Err(e) => {
+                    let d = [queued, dns_time, conn_time, t.elapsed().as_secs_f64()];
+                    push_all(
+                        &mut out,
+                        &|| Verdict::Deferred,
+                        &format!(
+                            "4.4.2 lost connection with {relay} while sending the message: {e}"
+                        ),
+                        &relay,
+                        d,
+                    );
+                    retried = false;
+                    i += 1;
+                }
+            }
+        }
+        if let Some(c) = client {
+            self.keep(c);
+        }
+        (out, connected_ok)
+    }
+}
+
+/// What the peer cannot take, decided before anything is sent (RFC 6152, 6531, 1870).
+fn refuse_before_sending(job: &Job, tx: &Tx, c: &Client, size: usize) -> Option<String> {
+    let host = format!("{}[{}]", c.name, c.addr.ip());
+    let utf8 = job.smtputf8
+        || job.sender.as_ref().is_some_and(|s| s.is_utf8())
+        || tx
+            .ris
+            .iter()
+            .any(|&ri| job.recipients[ri].address.is_utf8());
+    if utf8 && !c.ext.smtputf8 {
+        return Some(format!(
+            "5.6.7 {host} does not support SMTPUTF8, which this message needs"
+        ));
+    }
+    if job.eightbit && !c.ext.eightbit {
+        return Some(format!(
+            "5.6.3 {host} does not support 8BITMIME, which this message needs"
+        ));
+    }
+    if c.ext.size.is_some_and(|max| size as u64 > max) {
+        return Some(format!(
+            "5.3.4 message size {size} exceeds the limit of {host}"
+        ));
+    }
+    None
+}
+
+/// RFC 3461 xtext: `+XX` for `+`, `=` and anything outside printable ASCII.
+fn xtext(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+                (b as char).to_string()
+            } else {
+                format!("+{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn mail_command(job: &Job, c: &Client, size: usize) -> String {
+    let mut m = format!(
+        "MAIL FROM:<{}>",
+        job.sender
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    if c.ext.size.is_some() {
+        m.push_str(&format!(" SIZE={size}"));
+    }
+    if job.eightbit && c.ext.eightbit {
+        m.push_str(" BODY=8BITMIME");
+    }
+    if job.smtputf8 && c.ext.smtputf8 {
+        m.push_str(" SMTPUTF8");
+    }
+    if c.ext.dsn {
+        match job.ret {
+            Some(qms_spool::DsnRet::Full) => m.push_str(" RET=FULL"),
+            Some(qms_spool::DsnRet::Hdrs) => m.push_str(" RET=HDRS"),
+            None => {}
+        }
+        if let Some(e) = &job.envid {
+            m.push_str(&format!(" ENVID={}", xtext(e)));
+        }
+    }
+    m
+}
+
+fn rcpt_command(job: &Job, ri: usize, c: &Client) -> String {
+    let r = &job.recipients[ri];
+    let mut cmd = format!("RCPT TO:<{}>", r.address);
+    if c.ext.dsn {
+        if !r.notify.is_empty() {
+            let n: Vec<&str> = r
+                .notify
+                .iter()
+                .map(|n| match n {
+                    Notify::Never => "NEVER",
+                    Notify::Success => "SUCCESS",
+                    Notify::Failure => "FAILURE",
+                    Notify::Delay => "DELAY",
+                })
+                .collect();
+            cmd.push_str(&format!(" NOTIFY={}", n.join(",")));
+        }
+        if let Some(o) = &r.orcpt {
+            if let Some((kind, addr)) = o.split_once(';') {
+                cmd.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+            }
+        }
+    }
+    cmd
+}
+
+/// The verdict for one recipient from the replies to MAIL, its RCPT and the data.
+fn judge(
+    mail: &Reply,
+    rcpt: Option<&Reply>,
+    data: Option<&Reply>,
+    peer_dsn: bool,
+) -> (Verdict, String) {
+    let by = |r: &Reply| {
+        if r.is_permanent() {
+            Verdict::Failed
+        } else {
+            Verdict::Deferred
+        }
+    };
+    if !mail.is_ok() {
+        return (by(mail), mail.text.clone());
+    }
+    let Some(rcpt) = rcpt else {
+        return (Verdict::Deferred, "4.4.2 no reply to RCPT".into());
+    };
+    if !rcpt.is_ok() {
+        return (by(rcpt), rcpt.text.clone());
+    }
+    match data {
+        Some(d) if d.is_ok() => (Verdict::Sent { peer_dsn }, d.text.clone()),
+        Some(d) => (by(d), d.text.clone()),
+        None => (Verdict::Deferred, "4.4.2 the message was not sent".into()),
+    }
+}
+
+impl SmtpAgent {
+    /// Writes one recipient's result into its job and logs the attempt.
+    fn record(&self, c: &mut Claimed, res: Res, relayed: &mut Vec<qms_spool::Recipient>) {
+        let (id, sender, arrival) = (c.job.id.clone(), show_sender(&c.job.sender), c.job.arrival);
+        let r = &mut c.job.recipients[res.ri];
+        let (state, status, kind) = match res.verdict {
+            Verdict::Sent { peer_dsn } => {
+                if !peer_dsn && r.notify.contains(&Notify::Success) {
+                    relayed.push(r.clone());
+                }
+                (RcptState::Delivered, "sent", dsn::Kind::Success)
+            }
+            Verdict::Deferred => (RcptState::Deferred, "deferred", dsn::Kind::Delay),
+            Verdict::Failed => (RcptState::Failed, "bounced", dsn::Kind::Failure),
+        };
+        let d = res.delays;
+        qlog!(
+            "qid={id} from={sender} to={} relay={} delay={} delays={:.2}/{:.2}/{:.2}/{:.2} dsn={} status={status} ({})",
+            r.address,
+            res.relay,
+            qms_common::time::now() - arrival,
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            dsn::status_of(&res.reply, kind),
+            res.reply
+        );
+        r.state = state;
+        r.reply = Some(res.reply);
+    }
+
+    fn finish(&self, c: Claimed, relayed: &[qms_spool::Recipient]) {
+        if !relayed.is_empty() {
+            if let Err(e) = dsn::bounce(&self.cfg, &self.spool, &c.job, relayed, dsn::Kind::Relayed)
+            {
+                qlog!(
+                    "qid={} status=dsn-error reason={}",
+                    c.job.id,
+                    qms_common::log::quote(&e)
+                );
+            }
+        }
+        qms_delivery::settle::settle(&self.cfg, &self.spool, c);
     }
 }
 
 impl qms_delivery::Agent for SmtpAgent {
+    /// Destinations are served in parallel; each job is settled as soon as all of its own
+    /// destinations have answered, so a slow host delays only the jobs that go to it.
     fn deliver(&mut self, batch: Vec<Claimed>) {
-        for mut c in batch {
-            for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
-                r.state = RcptState::Deferred;
-                r.reply = Some(
-                    "4.3.2 outgoing SMTP delivery is not available in this version of qms".into(),
-                );
-                qlog!(
-                    "qid={} to={} status=deferred (outgoing SMTP not available)",
-                    c.job.id,
-                    r.address
-                );
+        let start = Instant::now();
+        let bodies: Vec<Result<Vec<u8>, String>> = batch
+            .iter()
+            .map(|c| self.spool.read_body(&c.job).map_err(|e| e.to_string()))
+            .collect();
+        let mut groups: BTreeMap<Dest, Vec<(usize, usize)>> = BTreeMap::new();
+        for (ji, c) in batch.iter().enumerate() {
+            for (ri, r) in c
+                .job
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.state.is_final())
+            {
+                let dest = match r.route.as_deref().map(Route::parse) {
+                    Some(Ok(Route::Relay { host, port })) => Dest::Relay { host, port },
+                    _ => Dest::Mx(r.address.domain().to_string()),
+                };
+                groups.entry(dest).or_default().push((ji, ri));
             }
-            qms_delivery::settle::settle(&self.cfg, &self.spool, c);
+        }
+        // How many destinations each job still waits for.
+        let mut waiting: Vec<usize> = vec![0; batch.len()];
+        for items in groups.values() {
+            let mut jobs: Vec<usize> = items.iter().map(|(ji, _)| *ji).collect();
+            jobs.dedup();
+            for ji in jobs {
+                waiting[ji] += 1;
+            }
+        }
+        let jobs: Vec<Job> = batch.iter().map(|c| c.job.clone()).collect();
+        let mut slots: Vec<Option<Claimed>> = batch.into_iter().map(Some).collect();
+        let mut relayed: Vec<Vec<qms_spool::Recipient>> = vec![Vec::new(); slots.len()];
+        for (ji, w) in waiting.iter().enumerate() {
+            if *w == 0 {
+                if let Some(c) = slots[ji].take() {
+                    self.finish(c, &[]);
+                }
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Res>>();
+        let refs: Vec<&Job> = jobs.iter().collect();
+        let (refs, bodies, this) = (&refs, &bodies, &*self);
+        std::thread::scope(|s| {
+            for (dest, items) in &groups {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    let _ = tx.send(this.deliver_dest(dest, items, refs, bodies, start));
+                });
+            }
+            drop(tx);
+            for results in rx {
+                let mut touched: Vec<usize> = results.iter().map(|r| r.ji).collect();
+                touched.sort_unstable();
+                touched.dedup();
+                for res in results {
+                    let ji = res.ji;
+                    if let Some(c) = slots[ji].as_mut() {
+                        this.record(c, res, &mut relayed[ji]);
+                    }
+                }
+                for ji in touched {
+                    waiting[ji] -= 1;
+                    if waiting[ji] == 0 {
+                        if let Some(c) = slots[ji].take() {
+                            this.finish(c, &relayed[ji]);
+                        }
+                    }
+                }
+            }
+        });
+        // A destination thread that died (it should not) leaves its jobs here: retry later.
+        for c in slots.into_iter().flatten() {
+            self.finish(c, &[]);
         }
     }
 }

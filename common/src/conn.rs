@@ -1,5 +1,6 @@
-//! A buffered SMTP connection: reads CRLF-terminated lines with a length limit and exact
-//! byte counts (BDAT), and batches replies until the client waits for them (PIPELINING).
+//! A buffered SMTP connection, for the server and the client alike: reads CRLF-terminated
+//! lines with a length limit and exact byte counts (BDAT), and batches what it writes until
+//! the peer waits for it (PIPELINING).
 
 use std::io::{self, Read, Write};
 
@@ -145,10 +146,16 @@ impl Conn {
         Ok(true)
     }
 
-    /// Queues a reply; it goes out when the client has nothing more pipelined.
+    /// Queues a line (a reply, or a client's command); it goes out at the next flush, or
+    /// before the next read that has to wait.
     pub fn reply(&mut self, text: &str) {
         self.out.extend_from_slice(text.as_bytes());
         self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Queues raw bytes (message data).
+    pub fn send_raw(&mut self, data: &[u8]) {
+        self.out.extend_from_slice(data);
     }
 
     pub fn flush(&mut self) -> io::Result<()> {

@@ -1,0 +1,381 @@
+//! The SMTP client: one connection to one host, EHLO and opportunistic STARTTLS, then
+//! transactions with a reply for every recipient, pipelined when the server offers it.
+
+use qms_common::config::TlsPolicy;
+use qms_common::conn::{Conn, Line};
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A server reply: its code and its text (lines joined with a space).
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn is_ok(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Why a connection could not be used; the text names host, address and port.
+#[derive(Debug)]
+pub struct Failure {
+    pub text: String,
+    /// The server refused us for good (5xx greeting or EHLO/HELO).
+    pub permanent: bool,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct Extensions {
+    pub pipelining: bool,
+    pub size: Option<u64>,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub starttls: bool,
+}
+
+pub struct Client {
+    conn: Conn,
+    socket: TcpStream,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub ext: Extensions,
+    pub tls: Option<String>,
+    pub idle_since: Instant,
+    timeouts: (u64, u64),
+}
+
+/// What one transaction sends.
+pub struct Transaction<'a> {
+    /// `MAIL FROM:<…>` plus parameters, already formatted for this server.
+    pub mail: String,
+    /// `RCPT TO:<…>` lines, one per recipient.
+    pub rcpts: Vec<String>,
+    pub message: &'a [u8],
+}
+
+/// The server's answer to one transaction.
+pub struct Outcome {
+    pub mail: Reply,
+    /// One reply per RCPT, in order.
+    pub rcpts: Vec<Reply>,
+    /// The reply to the end of data, if data was sent.
+    pub data: Option<Reply>,
+}
+
+pub struct Settings<'a> {
+    pub helo: &'a str,
+    pub tls: TlsPolicy,
+    pub connect_timeout: u64,
+    pub command_timeout: u64,
+    pub data_timeout: u64,
+}
+
+fn io_fail(host: &str, addr: &SocketAddr, what: &str, e: impl std::fmt::Display) -> Failure {
+    Failure {
+        text: format!("{what} {host}[{}]:{}: {e}", addr.ip(), addr.port()),
+        permanent: false,
+    }
+}
+
+impl Client {
+    /// Connects, reads the greeting, says EHLO and starts TLS as the policy asks.
+    pub fn connect(name: &str, addr: SocketAddr, s: &Settings) -> Result<Client, Failure> {
+        match Client::connect_once(name, addr, s, s.tls) {
+            // `may`: a failed handshake falls back to a plain connection.
+            Err(f) if s.tls == TlsPolicy::May && f.text.contains("TLS handshake") => {
+                Client::connect_once(name, addr, s, TlsPolicy::None)
+            }
+            other => other,
+        }
+    }
+
+    fn connect_once(
+        name: &str,
+        addr: SocketAddr,
+        s: &Settings,
+        tls: TlsPolicy,
+    ) -> Result<Client, Failure> {
+        let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(s.connect_timeout))
+            .map_err(|e| io_fail(name, &addr, "connect to", e))?;
+        let _ = socket.set_nodelay(true);
+        let _ = socket.set_read_timeout(Some(Duration::from_secs(s.command_timeout)));
+        let _ = socket.set_write_timeout(Some(Duration::from_secs(s.command_timeout)));
+        let stream = socket
+            .try_clone()
+            .map_err(|e| io_fail(name, &addr, "connect to", e))?;
+        let mut c = Client {
+            conn: Conn::new(Box::new(stream)),
+            socket,
+            name: name.to_string(),
+            addr,
+            ext: Extensions::default(),
+            tls: None,
+            idle_since: Instant::now(),
+            timeouts: (s.command_timeout, s.data_timeout),
+        };
+        let greeting = c
+            .read_reply()
+            .map_err(|e| io_fail(name, &addr, "lost connection with", e))?;
+        if !greeting.is_ok() {
+            return Err(Failure {
+                text: format!(
+                    "host {name}[{}] refused to talk to me: {greeting}",
+                    addr.ip()
+                ),
+                permanent: greeting.is_permanent(),
+            });
+        }
+        c.hello(s.helo)?;
+        if tls == TlsPolicy::None {
+            return Ok(c);
+        }
+        if !c.ext.starttls {
+            if tls == TlsPolicy::Encrypt {
+                return Err(Failure {
+                    text: format!(
+                        "TLS is required, but {name}[{}] does not offer STARTTLS",
+                        addr.ip()
+                    ),
+                    permanent: false,
+                });
+            }
+            return Ok(c);
+        }
+        let r = c
+            .command("STARTTLS")
+            .map_err(|e| io_fail(name, &addr, "lost connection with", e))?;
+        if !r.is_ok() {
+            if tls == TlsPolicy::Encrypt {
+                return Err(Failure {
+                    text: format!("TLS is required, but {name}[{}] said: {r}", addr.ip()),
+                    permanent: false,
+                });
+            }
+            return Ok(c);
+        }
+        let server = rustls::pki_types::ServerName::try_from(name.to_string())
+            .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+        let info = c
+            .conn
+            .upgrade(|stream| crate::tls::connect(server, stream))
+            .map_err(|e| io_fail(name, &addr, "TLS handshake with", e))?;
+        c.tls = Some(info);
+        c.hello(s.helo)?;
+        Ok(c)
+    }
+
+    fn hello(&mut self, helo: &str) -> Result<(), Failure> {
+        let (name, addr) = (self.name.clone(), self.addr);
+        let r = self
+            .command(&format!("EHLO {helo}"))
+            .map_err(|e| io_fail(&name, &addr, "lost connection with", e))?;
+        if r.is_ok() {
+            self.ext = parse_ehlo(&r.text);
+            return Ok(());
+        }
+        let r = self
+            .command(&format!("HELO {helo}"))
+            .map_err(|e| io_fail(&name, &addr, "lost connection with", e))?;
+        if !r.is_ok() {
+            return Err(Failure {
+                text: format!("host {name}[{}] refused HELO: {r}", addr.ip()),
+                permanent: r.is_permanent(),
+            });
+        }
+        self.ext = Extensions::default();
+        Ok(())
+    }
+
+    fn read_reply(&mut self) -> io::Result<Reply> {
+        let mut text = String::new();
+        loop {
+            let line = match self.conn.read_line(4096)? {
+                Line::Crlf(l) | Line::BareLf(l) => l,
+                Line::TooLong { .. } => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "reply line too long",
+                    ))
+                }
+                Line::Eof => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    ))
+                }
+            };
+            let line = String::from_utf8_lossy(&line).into_owned();
+            let code = line
+                .get(..3)
+                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|c| (200..600).contains(c));
+            let Some(code) = code else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("malformed reply {line:?}"),
+                ));
+            };
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(Reply { code, text });
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: &str) -> io::Result<Reply> {
+        self.conn.reply(cmd);
+        self.conn.flush()?;
+        self.read_reply()
+    }
+
+    /// Runs one transaction. An I/O error means the connection is gone; the caller defers
+    /// whatever has no final reply.
+    pub fn send(&mut self, tx: &Transaction) -> io::Result<Outcome> {
+        self.idle_since = Instant::now();
+        let mut rcpts = Vec::with_capacity(tx.rcpts.len());
+        let (mail, data_go) = if self.ext.pipelining {
+            // RFC 2920: MAIL, every RCPT and DATA in one write; replies come back in order.
+            self.conn.reply(&tx.mail);
+            for r in &tx.rcpts {
+                self.conn.reply(r);
+            }
+            self.conn.reply("DATA");
+            self.conn.flush()?;
+            let mail = self.read_reply()?;
+            for _ in &tx.rcpts {
+                rcpts.push(self.read_reply()?);
+            }
+            let data = self.read_reply()?;
+            (mail, data)
+        } else {
+            let mail = self.command(&tx.mail)?;
+            if !mail.is_ok() {
+                self.command("RSET")?;
+                return Ok(Outcome {
+                    mail,
+                    rcpts,
+                    data: None,
+                });
+            }
+            for r in &tx.rcpts {
+                rcpts.push(self.command(r)?);
+            }
+            if !rcpts.iter().any(Reply::is_ok) {
+                self.command("RSET")?;
+                return Ok(Outcome {
+                    mail,
+                    rcpts,
+                    data: None,
+                });
+            }
+            let data = self.command("DATA")?;
+            (mail, data)
+        };
+        if data_go.code != 354 {
+            // Nothing to send (all recipients refused, or DATA refused): clear the state.
+            self.command("RSET")?;
+            let data = (mail.is_ok() && rcpts.iter().any(Reply::is_ok)).then_some(data_go);
+            return Ok(Outcome { mail, rcpts, data });
+        }
+        if !mail.is_ok() || !rcpts.iter().any(Reply::is_ok) {
+            // A pipelining server that took DATA without recipients: end it empty.
+            self.conn.send_raw(b".\r\n");
+            self.conn.flush()?;
+            let _ = self.read_reply()?;
+            self.command("RSET")?;
+            return Ok(Outcome {
+                mail,
+                rcpts,
+                data: None,
+            });
+        }
+        let _ = self
+            .socket
+            .set_read_timeout(Some(Duration::from_secs(self.timeouts.1)));
+        self.conn.send_raw(&dot_stuff(tx.message));
+        self.conn.send_raw(b".\r\n");
+        self.conn.flush()?;
+        let data = self.read_reply();
+        let _ = self
+            .socket
+            .set_read_timeout(Some(Duration::from_secs(self.timeouts.0)));
+        Ok(Outcome {
+            mail,
+            rcpts,
+            data: Some(data?),
+        })
+    }
+
+    /// Says goodbye; errors do not matter any more.
+    pub fn quit(mut self) {
+        let _ = self.command("QUIT");
+    }
+}
+
+fn parse_ehlo(text: &str) -> Extensions {
+    let mut e = Extensions::default();
+    // The reply's lines were joined with spaces: split on the "250-" / "250 " markers.
+    for line in text.split("250-").flat_map(|l| l.split("250 ")) {
+        let mut words = line.split_whitespace();
+        match words.next().map(str::to_ascii_uppercase).as_deref() {
+            Some("PIPELINING") => e.pipelining = true,
+            Some("SIZE") => e.size = words.next().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
+            Some("8BITMIME") => e.eightbit = true,
+            Some("SMTPUTF8") => e.smtputf8 = true,
+            Some("DSN") => e.dsn = true,
+            Some("STARTTLS") => e.starttls = true,
+            _ => {}
+        }
+    }
+    e
+}
+
+/// The message as DATA sends it: CRLF line ends, a dot doubled at the start of a line, and
+/// a final CRLF (RFC 5321 4.5.2).
+pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + msg.len() / 50 + 4);
+    let mut at_line_start = true;
+    for &b in msg {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuffs_dots_and_reads_ehlo() {
+        assert_eq!(dot_stuff(b".a\r\nb\r\n..c\r\n"), b"..a\r\nb\r\n...c\r\n");
+        assert_eq!(dot_stuff(b"x"), b"x\r\n");
+        let e = parse_ehlo("250-mx.example.test 250-PIPELINING 250-SIZE 1000 250-DSN 250 STARTTLS");
+        assert!(e.pipelining && e.dsn && e.starttls && !e.eightbit);
+        assert_eq!(e.size, Some(1000));
+    }
+}

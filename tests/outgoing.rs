@@ -1,0 +1,490 @@
+//! Outgoing SMTP delivery against real peers: Postfix's smtp-sink as the receiving server
+//! and dnsmasq on a loopback port serving MX, A and null-MX records.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// smtp-sink on 127.0.0.1 (or `ip`), dumping every transaction into a directory.
+struct Sink {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Sink {
+    fn start(inst: &Instance, name: &str, ip: &str, port: u16, opts: &[&str]) -> Sink {
+        let dir = inst.dir.join(format!("sink-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        inst.own();
+        let log = std::fs::File::create(inst.dir.join(format!("sink-{name}.log"))).unwrap();
+        let mut cmd = Command::new("/usr/sbin/smtp-sink");
+        if is_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        let child = cmd
+            .args(opts)
+            .arg("-v")
+            .arg("-d")
+            .arg(format!("{}/m.", dir.display()))
+            .arg(format!("{ip}:{port}"))
+            .arg("100")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for("smtp-sink to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect((ip, port)).is_ok()
+        });
+        Sink { child, port, dir }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.retain(|m| m.contains("\n\n") || m.ends_with('\n'));
+        v
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn relay_instance(routes: &[(&str, u16)], extra: &str) -> Instance {
+    let mut r = String::from("[routes]\n");
+    for (domain, port) in routes {
+        r.push_str(&format!("\"{domain}\" = \"smtp:[127.0.0.1]:{port}\"\n"));
+    }
+    let cfg = format!("{r}{extra}");
+    let inst = Instance::new("", &cfg);
+    let text = std::fs::read_to_string(&inst.config).unwrap();
+    let relays: Vec<String> = routes.iter().map(|(d, _)| format!("\"{d}\"")).collect();
+    let text = text.replace(
+        "local = [\"example.test\"]",
+        &format!(
+            "local = [\"example.test\"]\nrelay = [{}]",
+            relays.join(", ")
+        ),
+    );
+    std::fs::write(&inst.config, text).unwrap();
+    inst
+}
+
+fn smtp(port: u16, from: &str, to: &[&str], body: &str, params: &str) -> String {
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("client.test")
+rcpt_opts = sys.argv[5].split() if sys.argv[5] else []
+mail_opts = [o for o in rcpt_opts if o.startswith(("RET=", "ENVID="))]
+rcpt_opts = [o for o in rcpt_opts if not o.startswith(("RET=", "ENVID="))]
+r = s.sendmail(sys.argv[2], sys.argv[4].split(","), sys.argv[3], mail_options=mail_opts, rcpt_options=rcpt_opts)
+print(r)
+s.quit()
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(port.to_string())
+        .arg(from)
+        .arg(body)
+        .arg(to.join(","))
+        .arg(params)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn all_recipients_in_one_connection_with_dsn_parameters() {
+    let sink_port = free_port();
+    let mut inst = relay_instance(&[("sink.test", sink_port)], "");
+    let sink = Sink::start(&inst, "a", "127.0.0.1", sink_port, &[]);
+    inst.start();
+    let rcpts = [
+        "a@sink.test",
+        "b@sink.test",
+        "c@sink.test",
+        "d@sink.test",
+        "e@sink.test",
+    ];
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &rcpts,
+        "Subject: five\r\n\r\nto five\r\n",
+        "NOTIFY=SUCCESS,FAILURE RET=HDRS ENVID=env42",
+    );
+    wait_for("the message at the sink", Duration::from_secs(30), || {
+        !sink.messages().is_empty()
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    let msgs = sink.messages();
+    assert_eq!(msgs.len(), 1, "one transaction carries all five: {msgs:?}");
+    let m = &msgs[0];
+    assert_eq!(m.matches("X-Rcpt-Args:").count(), 5, "{m}");
+    assert!(
+        m.contains("NOTIFY=SUCCESS,FAILURE"),
+        "DSN parameters passed on: {m}"
+    );
+    assert!(m.contains("RET=HDRS") && m.contains("ENVID=env42"), "{m}");
+    let log = std::fs::read_to_string(inst.dir.join("sink-a.log")).unwrap();
+    // One session: one EHLO (the harness's readiness probe connects but says nothing).
+    assert_eq!(log.matches("EHLO").count(), 1, "{log}");
+    let qlog = inst.log();
+    assert_eq!(qlog.matches("status=sent").count(), 5, "{qlog}");
+    assert!(
+        qlog.contains(&format!("relay=127.0.0.1[127.0.0.1]:{sink_port}"))
+            && qlog.contains("delays="),
+        "{qlog}"
+    );
+}
+
+#[test]
+fn replies_per_recipient_at_rcpt_and_after_data() {
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let mut inst = relay_instance(
+        &[
+            ("ok.test", ports[0]),
+            ("soft.test", ports[1]),
+            ("hard.test", ports[2]),
+            ("softdata.test", ports[3]),
+            ("harddata.test", ports[4]),
+        ],
+        "[outgoing]\nmin_backoff = 3600\nmax_backoff = 3600\n",
+    );
+    let _s0 = Sink::start(&inst, "ok", "127.0.0.1", ports[0], &[]);
+    let _s1 = Sink::start(&inst, "soft", "127.0.0.1", ports[1], &["-r", "RCPT"]);
+    let _s2 = Sink::start(&inst, "hard", "127.0.0.1", ports[2], &["-f", "RCPT"]);
+    let _s3 = Sink::start(&inst, "softdata", "127.0.0.1", ports[3], &["-r", "."]);
+    let _s4 = Sink::start(&inst, "harddata", "127.0.0.1", ports[4], &["-f", "."]);
+    inst.start();
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &[
+            "x@ok.test",
+            "x@soft.test",
+            "x@hard.test",
+            "x@softdata.test",
+            "x@harddata.test",
+        ],
+        "Subject: mixed\r\n\r\nmixed\r\n",
+        "",
+    );
+    wait_for(
+        "the bounce for the two hard failures",
+        Duration::from_secs(30),
+        || {
+            inst.read_maildir("alice")
+                .iter()
+                .any(|m| m.contains("x@hard.test") && m.contains("x@harddata.test"))
+        },
+    );
+    let bounce = inst
+        .read_maildir("alice")
+        .into_iter()
+        .find(|m| m.contains("Undelivered Mail"))
+        .unwrap();
+    assert_eq!(bounce.matches("Action: failed").count(), 2, "{bounce}");
+    assert!(
+        bounce.contains("Diagnostic-Code: smtp; 500 5.3.0"),
+        "{bounce}"
+    );
+    assert!(!bounce.contains("x@soft.test"), "{bounce}");
+    wait_for("the deferrals", Duration::from_secs(30), || {
+        inst.queue_json()
+            .first()
+            .is_some_and(|j| j["recipients"].as_array().unwrap().len() == 2)
+    });
+    let q = inst.queue_json();
+    let rcpts = q[0]["recipients"].as_array().unwrap();
+    for r in rcpts {
+        assert_eq!(r["state"], "deferred");
+        assert!(r["reply"].as_str().unwrap().starts_with("450 4.3.0"), "{r}");
+    }
+    let addrs: Vec<&str> = rcpts
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert!(addrs.contains(&"x@soft.test") && addrs.contains(&"x@softdata.test"));
+    assert!(inst.log().contains("to=x@ok.test") && inst.log().contains("status=sent"));
+}
+
+#[test]
+fn retry_after_a_temporary_failure_and_expiry_bounces() {
+    let (port, dead) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("later.test", port), ("never.test", dead)],
+        "[outgoing]\nmin_backoff = 1\nmax_backoff = 1\nmax_queue_lifetime = 4\ndelay_warning = 0\n",
+    );
+    inst.start();
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["x@later.test"],
+        "Subject: later\r\n\r\nlater\r\n",
+        "",
+    );
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["y@never.test"],
+        "Subject: never\r\n\r\nnever\r\n",
+        "",
+    );
+    wait_for(
+        "the refused connection to be visible in the queue",
+        Duration::from_secs(30),
+        || {
+            inst.queue_json().iter().any(|j| {
+                j["recipients"][0]["reply"].as_str().is_some_and(|r| {
+                    r.contains(&format!(
+                        "connect to 127.0.0.1[127.0.0.1]:{port}: Connection refused"
+                    ))
+                })
+            })
+        },
+    );
+    let sink = Sink::start(&inst, "later", "127.0.0.1", port, &[]);
+    wait_for("the retried delivery", Duration::from_secs(30), || {
+        sink.messages().len() == 1
+    });
+    // The other destination never comes up: at expiry the sender gets a report.
+    wait_for("the expiry report", Duration::from_secs(60), || {
+        inst.read_maildir("alice")
+            .iter()
+            .any(|m| m.contains("y@never.test"))
+    });
+    let report = inst
+        .read_maildir("alice")
+        .into_iter()
+        .find(|m| m.contains("y@never.test"))
+        .unwrap();
+    let check = "import email,sys\nm=email.message_from_string(sys.argv[1])\nassert m.get_content_type()=='multipart/report', m.get_content_type()\nassert m.get_param('report-type')=='delivery-status'\nparts=[p.get_content_type() for p in m.walk()]\nassert 'message/delivery-status' in parts, parts\nprint('ok')";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(check)
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{report}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("Action: failed") && report.contains("expired"),
+        "{report}"
+    );
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+}
+
+fn dnsmasq(inst: &Instance, records: &[String]) -> (Child, u16) {
+    let port = free_port();
+    let mut cmd = Command::new("dnsmasq");
+    cmd.args([
+        "--no-daemon",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--conf-file=/dev/null",
+        "--pid-file=",
+    ])
+    .arg(format!("--port={port}"))
+    .args(records)
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(inst.dir.join("dnsmasq.log")).unwrap());
+    if is_root() {
+        cmd.arg("--user=nobody");
+    }
+    let child = cmd.spawn().unwrap();
+    wait_for("dnsmasq", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (child, port)
+}
+
+#[test]
+fn mx_preference_null_mx_and_no_mx() {
+    let port = free_port();
+    let probe = Instance::new("", "");
+    let (mut dns, dns_port) = dnsmasq(
+        &probe,
+        &[
+            "--mx-host=mx.test,mx1.mx.test,10".into(),
+            "--mx-host=mx.test,mx2.mx.test,20".into(),
+            "--host-record=mx1.mx.test,127.0.0.2".into(),
+            "--host-record=mx2.mx.test,127.0.0.3".into(),
+            "--host-record=amx.test,127.0.0.3".into(),
+            "--dns-rr=nullmx.test,15,000000".into(),
+            // Answer for .test alone (NODATA, NXDOMAIN) instead of REFUSED for want of upstream.
+            "--local=/test/".into(),
+        ],
+    );
+    let mut inst = Instance::new("", &format!("[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[outgoing]\nport = {port}\nconnect_timeout = 5\n"));
+    let text = std::fs::read_to_string(&inst.config)
+        .unwrap()
+        .replace("[smtp]\n", "[smtp]\nmynetworks = [\"127.0.0.0/8\"]\n");
+    std::fs::write(&inst.config, text).unwrap();
+    // Only the second MX (127.0.0.3) answers: the first (127.0.0.2) refuses connections.
+    let sink = Sink::start(&inst, "mx2", "127.0.0.3", port, &[]);
+    inst.start();
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["x@mx.test"],
+        "Subject: mx\r\n\r\nvia mx2\r\n",
+        "",
+    );
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["y@amx.test"],
+        "Subject: amx\r\n\r\nno mx\r\n",
+        "",
+    );
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["z@nullmx.test"],
+        "Subject: null\r\n\r\nnull mx\r\n",
+        "",
+    );
+    wait_for("both at mx2", Duration::from_secs(60), || {
+        sink.messages().len() == 2
+    });
+    wait_for("the null MX bounce", Duration::from_secs(30), || {
+        inst.read_maildir("alice")
+            .iter()
+            .any(|m| m.contains("z@nullmx.test"))
+    });
+    let bounce = inst
+        .read_maildir("alice")
+        .into_iter()
+        .find(|m| m.contains("z@nullmx.test"))
+        .unwrap();
+    assert!(
+        bounce.contains("null MX") && bounce.contains("Status: 5.1.10"),
+        "{bounce}"
+    );
+    let log = inst.log();
+    assert!(
+        log.contains("relay=mx1.mx.test[127.0.0.2]") && log.contains("status=connect-failed"),
+        "{log}"
+    );
+    assert!(log.contains("relay=mx2.mx.test[127.0.0.3]"), "{log}");
+    let _ = dns.kill();
+    let _ = dns.wait();
+    drop(probe);
+}
+
+#[test]
+fn a_silent_destination_does_not_delay_another() {
+    let (silent, fast) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("silent.test", silent), ("fast.test", fast)],
+        "[outgoing]\ncommand_timeout = 120\n",
+    );
+    // A server that accepts connections and never says a word.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", silent)).unwrap();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let sink = Sink::start(&inst, "fast", "127.0.0.1", fast, &[]);
+    inst.start();
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["x@silent.test"],
+        "Subject: silent\r\n\r\ns\r\n",
+        "",
+    );
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["y@fast.test"],
+        "Subject: fast\r\n\r\nf\r\n",
+        "",
+    );
+    wait_for("the fast delivery", Duration::from_secs(30), || {
+        sink.messages().len() == 1
+    });
+    wait_for("the fast job to be done", Duration::from_secs(30), || {
+        inst.queue_json()
+            .iter()
+            .all(|j| j["recipients"][0]["address"] != "y@fast.test")
+    });
+    assert!(
+        inst.queue_json()
+            .iter()
+            .any(|j| j["recipients"][0]["address"] == "x@silent.test"),
+        "the silent one is still waiting"
+    );
+}
+
+#[test]
+fn two_smtp_workers_never_deliver_a_job_twice() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "[queues.smtp]\nworkers = 2\n");
+    let sink = Sink::start(&inst, "w", "127.0.0.1", port, &[]);
+    inst.start();
+    let n = 150;
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let inst = &inst;
+            s.spawn(move || {
+                for i in (t..n).step_by(3) {
+                    assert!(inst
+                        .sendmail(
+                            &[&format!("r{i}@sink.test")],
+                            &message(&format!("w{i}"), &format!("tok-{i}-"))
+                        )
+                        .status
+                        .success());
+                }
+            });
+        }
+    });
+    wait_for("all at the sink", Duration::from_secs(60), || {
+        sink.messages().len() >= n
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    let msgs = sink.messages();
+    assert_eq!(msgs.len(), n);
+    for i in 0..n {
+        assert_eq!(
+            msgs.iter()
+                .filter(|m| m.contains(&format!("tok-{i}-")))
+                .count(),
+            1,
+            "message {i}"
+        );
+    }
+}
