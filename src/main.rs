@@ -46,6 +46,10 @@ enum Cmd {
         #[arg(long)]
         queue: String,
     },
+    /// Role: move tracking events into the tracking database.
+    Tracker,
+    /// Show the history of each recipient of a message (queue id or Message-ID), or of all.
+    Track(TrackArgs),
     /// Look into the queue and act on it.
     #[command(subcommand)]
     Queue(queuetool::QueueCmd),
@@ -60,6 +64,25 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct TrackArgs {
+    /// A queue id or a Message-ID (angle brackets optional); all messages when absent.
+    id: Option<String>,
+    /// One JSON object per event, one per line.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    recipient: Option<String>,
+    /// An event or a state reached: received, routed, relayed, delivered, deferred, failed, …
+    #[arg(long)]
+    state: Option<String>,
+    /// Unix seconds.
+    #[arg(long)]
+    since: Option<i64>,
+    #[arg(long)]
+    until: Option<i64>,
 }
 
 fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
@@ -116,6 +139,8 @@ fn main() -> ExitCode {
         Cmd::Status => supervisor::status(&cfg),
         Cmd::Smtpd => roles::smtpd(cfg),
         Cmd::Router => roles::router(cfg),
+        Cmd::Tracker => roles::tracker(cfg),
+        Cmd::Track(a) => track(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
         Cmd::Queue(q) => queuetool::run(&cfg, q),
         Cmd::CheckConfig => check_config(&cfg),
@@ -138,6 +163,79 @@ fn check_config(cfg: &Config) -> ExitCode {
         }
     }
     println!("{}: ok", cfg.path.display());
+    ExitCode::SUCCESS
+}
+
+fn track(cfg: &Config, a: TrackArgs) -> ExitCode {
+    if let Err(e) = qms_common::privs::drop_to(cfg.user.as_deref()) {
+        eprintln!("qms: {e}");
+        return ExitCode::from(71);
+    }
+    let path = qms_tracker::db_path(&cfg.spool);
+    if !path.exists() {
+        eprintln!(
+            "qms: no tracking database at {} (is `qms start` running?)",
+            path.display()
+        );
+        return ExitCode::from(1);
+    }
+    let db = match qms_tracker::Db::open(&path) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("qms: {e}");
+            return ExitCode::from(73);
+        }
+    };
+    let q = qms_tracker::Query {
+        id: a.id.clone(),
+        recipient: a.recipient,
+        state: a.state,
+        since: a.since,
+        until: a.until,
+    };
+    let events = match db.history(&q) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("qms: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if events.is_empty() {
+        eprintln!(
+            "qms: no tracking events{}",
+            a.id.map(|i| format!(" for {i}")).unwrap_or_default()
+        );
+        return ExitCode::from(1);
+    }
+    if a.json {
+        for e in &events {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut last = String::new();
+    for e in &events {
+        if e.recipient != last {
+            println!("{}{}", if last.is_empty() { "" } else { "\n" }, e.recipient);
+            last = e.recipient.clone();
+        }
+        let when = qms_common::time::iso8601((e.time / 1_000_000) as i64);
+        let from = if e.from.is_empty() { "-" } else { &e.from };
+        let mut line = format!(
+            "  {when} {:<13} {from} -> {:<10} qid={}",
+            e.event, e.to, e.qid
+        );
+        if let Some(r) = &e.relay {
+            line.push_str(&format!(" relay={r}"));
+        }
+        if let Some(n) = e.attempt {
+            line.push_str(&format!(" attempt={n}"));
+        }
+        if let Some(r) = &e.reply {
+            line.push_str(&format!(" ({r})"));
+        }
+        println!("{line}");
+    }
     ExitCode::SUCCESS
 }
 

@@ -109,6 +109,12 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
             return ExitCode::from(73);
         }
     };
+    if matches!(
+        cmd,
+        QueueCmd::Hold(_) | QueueCmd::Release(_) | QueueCmd::Delete(_) | QueueCmd::Retry(_)
+    ) {
+        let _ = qms_common::track::open(&cfg.spool, "queue");
+    }
     match cmd {
         QueueCmd::List(a) => list(&spool, &a),
         QueueCmd::Show { id, body } => show(&spool, &id, body),
@@ -398,6 +404,20 @@ fn one(
         Claim::Gone => return Ok(false),
         Claim::Busy => return Err("busy: a worker holds it; try again".into()),
     };
+    let events: Vec<qms_common::track::Event> = c
+        .job
+        .recipients
+        .iter()
+        .map(|r| {
+            let state = r.state.as_str();
+            match action {
+                Action::Hold => c.job.track(&r.address, "held", state, "held"),
+                Action::Release => c.job.track(&r.address, "released", "held", state),
+                Action::Delete => c.job.track(&r.address, "deleted", state, "deleted"),
+                Action::Retry => c.job.track(&r.address, "retry", state, state),
+            }
+        })
+        .collect();
     let now = time::now();
     match action {
         Action::Hold => spool.move_to(*c, "hold").map_err(|e| e.to_string())?,
@@ -418,6 +438,7 @@ fn one(
         Action::Delete => "deleted",
         Action::Retry => "retry",
     };
+    events.into_iter().for_each(qms_common::track::emit);
     qlog!("qid={id} queue={queue} status={status} by={}", quote(by));
     Ok(true)
 }

@@ -25,6 +25,17 @@ fn watch_options(cfg: &Config, batch: usize) -> WatchOptions {
 }
 
 fn start_role(cfg: &Config, role: &str, drop: bool) -> Result<Spool, ExitCode> {
+    let spool = start_role_untracked(cfg, role, drop)?;
+    if let Err(e) = qms_common::track::open(&cfg.spool, role) {
+        qlog!(
+            "status=warning reason={}",
+            quote(&format!("cannot open the tracking file: {e}"))
+        );
+    }
+    Ok(spool)
+}
+
+fn start_role_untracked(cfg: &Config, role: &str, drop: bool) -> Result<Spool, ExitCode> {
     qms_common::log::init(role);
     signals::install();
     let changed = if drop {
@@ -99,6 +110,33 @@ pub fn router(cfg: Config) -> ExitCode {
         let batch = watcher.next_batch(&signals::STOP);
         if !batch.is_empty() {
             router.dispatch(batch);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `qms tracker`: moves tracking events from the processes' files into the database.
+pub fn tracker(cfg: Config) -> ExitCode {
+    let spool = match start_role_untracked(&cfg, "tracker", true) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let mut db = match qms_tracker::Db::open(&qms_tracker::db_path(spool.root())) {
+        Ok(d) => d,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e));
+            return ExitCode::from(73);
+        }
+    };
+    let dir = spool.root().join("track");
+    while !signals::stopping() {
+        match db.ingest(&dir) {
+            Ok(0) => std::thread::sleep(Duration::from_millis(250)),
+            Ok(_) => {}
+            Err(e) => {
+                qlog!("status=error reason={}", quote(&e));
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     }
     ExitCode::SUCCESS

@@ -68,6 +68,11 @@ fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
             index: 0,
         });
     }
+    v.push(Slot {
+        role: "tracker".into(),
+        queue: None,
+        index: 0,
+    });
     for i in 0..cfg.queues.get("incoming").copied().unwrap_or(1).max(1) {
         v.push(Slot {
             role: "router".into(),

@@ -227,6 +227,54 @@ fn replies_per_recipient_at_rcpt_and_after_data() {
         .collect();
     assert!(addrs.contains(&"x@soft.test") && addrs.contains(&"x@softdata.test"));
     assert!(inst.log().contains("to=x@ok.test") && inst.log().contains("status=sent"));
+
+    // `qms track` tells the whole story, per recipient.
+    let qid = q[0]["id"].as_str().unwrap().to_string();
+    let events = |inst: &Instance| -> Vec<serde_json::Value> {
+        let out = inst.qms(&["track", &qid, "--json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let has = |evs: &[serde_json::Value], rcpt: &str, ev: &str| {
+        evs.iter()
+            .any(|e| e["recipient"] == rcpt && e["event"] == ev)
+    };
+    wait_for(
+        "the tracker to record the bounce",
+        Duration::from_secs(30),
+        || {
+            let evs = events(&inst);
+            has(&evs, "x@hard.test", "bounce-sent") && has(&evs, "x@harddata.test", "bounce-sent")
+        },
+    );
+    let evs = events(&inst);
+    for ev in ["received", "routed", "relayed"] {
+        assert!(has(&evs, "x@ok.test", ev), "no {ev} for x@ok.test: {evs:?}");
+    }
+    assert!(
+        has(&evs, "x@hard.test", "failed")
+            && has(&evs, "x@soft.test", "deferred")
+            && has(&evs, "x@softdata.test", "deferred")
+    );
+    let relayed = evs
+        .iter()
+        .find(|e| e["recipient"] == "x@ok.test" && e["event"] == "relayed")
+        .unwrap();
+    assert!(
+        relayed["relay"].as_str().unwrap().contains("127.0.0.1"),
+        "{relayed}"
+    );
+    assert!(
+        relayed["reply"].as_str().unwrap().starts_with("250"),
+        "{relayed}"
+    );
+    let text = String::from_utf8_lossy(&inst.qms(&["track", &qid]).stdout).into_owned();
+    assert!(
+        text.contains("x@hard.test") && text.contains("bounce-sent"),
+        "{text}"
+    );
 }
 
 #[test]

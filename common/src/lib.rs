@@ -10,6 +10,7 @@ pub mod log;
 pub mod privs;
 pub mod safeio;
 pub mod time;
+pub mod track;
 
 pub use address::Address;
 pub use config::Config;

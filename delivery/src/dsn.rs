@@ -93,8 +93,20 @@ pub fn bounce(
     let mut r = Recipient::new(to.clone());
     r.notify = vec![Notify::Never];
     let new = Job::new("incoming", None, vec![r], client, protocol, &cfg.outgoing);
-    let build = |id: &QueueId| report(cfg, job, &rcpts, kind, &to, id, &original);
+    let mut new = new;
+    new.message_id = Some(format!(
+        "{}.{}.dsn@{}",
+        job.id,
+        qms_common::time::now_micros(),
+        cfg.hostname
+    ));
+    let tracked = new.clone();
+    let mid = tracked.message_id.clone().unwrap_or_default();
+    let build = |id: &QueueId| report(cfg, job, &rcpts, kind, &to, id, &original, &mid);
     let id = spool.enqueue(new, &build).map_err(|e| e.to_string())?;
+    let mut ev = tracked.track(&to, "received", "", "queued");
+    ev.qid = id.to_string();
+    qms_common::track::emit(ev);
     qlog!(
         "qid={} status=bounce-sent dsn_qid={id} kind={} to={to} nrcpt={}",
         job.id,
@@ -104,6 +116,7 @@ pub fn bounce(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn report(
     cfg: &Config,
     job: &Job,
@@ -112,6 +125,7 @@ fn report(
     to: &Address,
     id: &QueueId,
     original: &[u8],
+    message_id: &str,
 ) -> Vec<u8> {
     let now = time::now();
     let host = &cfg.hostname;
@@ -127,7 +141,7 @@ fn report(
     ));
     m.push_str(&format!("To: <{to}>\r\nSubject: {subject}\r\n"));
     m.push_str(&format!(
-        "Date: {}\r\nMessage-ID: <{id}.dsn@{host}>\r\n",
+        "Date: {}\r\nMessage-ID: <{message_id}>\r\n",
         time::rfc5322(now)
     ));
     m.push_str("Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n");

@@ -8,6 +8,16 @@ mod mbox;
 mod pipe;
 pub mod settle;
 
+use qms_spool::{RcptState, Recipient};
+
+/// The tracking name of a recipient's state in an output job: a pending one has been routed.
+pub fn track_state(r: &Recipient) -> &'static str {
+    match r.state {
+        RcptState::Pending => "routed",
+        s => s.as_str(),
+    }
+}
+
 pub use local::LocalAgent;
 
 use qms_spool::Claimed;

@@ -30,6 +30,17 @@ pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
                 "message expired after {} in the queue; last error: {last}",
                 qms_common::time::short_duration(now - c.job.arrival)
             ));
+            qms_common::track::emit(
+                qms_common::track::Event::new(
+                    id.as_str(),
+                    c.job.message_id.as_deref(),
+                    &r.address.to_string(),
+                    "expired",
+                    "deferred",
+                    "failed",
+                )
+                .reply(r.reply.as_deref()),
+            );
             r.state = RcptState::Failed;
             qlog!(
                 "qid={id} to={} status=expired reply={}",
@@ -54,6 +65,9 @@ pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
             let _ = spool.update(&mut c);
             return;
         }
+        for r in &failed {
+            qms_common::track::emit(c.job.track(&r.address, "bounce-sent", "failed", "failed"));
+        }
     }
     let delayed: Vec<_> = c
         .job
@@ -68,7 +82,17 @@ pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
         && cfg.outgoing.delay_warning > 0
     {
         match dsn::bounce(cfg, spool, &c.job, &delayed, dsn::Kind::Delay) {
-            Ok(()) => c.job.warned = true,
+            Ok(()) => {
+                c.job.warned = true;
+                for r in &delayed {
+                    qms_common::track::emit(c.job.track(
+                        &r.address,
+                        "delay-warned",
+                        "deferred",
+                        "deferred",
+                    ));
+                }
+            }
             Err(e) => qlog!("qid={id} status=warning-error reason={}", quote(&e)),
         }
     }

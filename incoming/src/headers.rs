@@ -109,8 +109,34 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-pub fn message_id(id: &str, host: &str) -> String {
-    format!("Message-ID: <{}.{id}@{host}>\r\n", qms_common::time::now())
+/// The value of the first field called `name`, unfolded and trimmed.
+pub fn value(msg: &[u8], name: &str) -> Option<String> {
+    let (f, _) = fields(msg);
+    let (s, e) = f.into_iter().find(|(s, e)| name_is(&msg[*s..*e], name))?;
+    let field = String::from_utf8_lossy(&msg[s..e]);
+    let v = field.split_once(':')?.1;
+    Some(v.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// The Message-ID of a message without angle brackets, if it has one.
+pub fn message_id_of(msg: &[u8]) -> Option<String> {
+    value(msg, "message-id")
+        .map(|v| {
+            v.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string()
+        })
+        .filter(|v| !v.is_empty())
+}
+
+/// A new Message-ID value (without brackets) for mail that lacks one.
+pub fn new_message_id(host: &str) -> String {
+    format!(
+        "{}.{}@{host}",
+        qms_common::time::now_micros(),
+        qms_spool::QueueId::generate()
+    )
 }
 
 pub fn date(now: i64) -> String {

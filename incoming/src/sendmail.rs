@@ -203,6 +203,7 @@ pub fn run(cfg: &Config, a: &Args) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(EX_CANTCREAT, &e.to_string()),
     };
+    let _ = qms_common::track::open(&cfg.spool, "sendmail");
     if a.mode == Mode::Smtp {
         return smtp_on_stdio(cfg, spool, me);
     }
@@ -307,6 +308,10 @@ pub fn run(cfg: &Config, a: &Args) -> i32 {
         ),
         None => format!("From: {}\r\n", me.address),
     });
+    let added_id =
+        (!headers::has(&msg, "message-id")).then(|| headers::new_message_id(&cfg.hostname));
+    job.message_id = added_id.clone().or_else(|| headers::message_id_of(&msg));
+    let tracked = job.clone();
     let build = |id: &QueueId| -> Vec<u8> {
         let now = qms_common::time::now();
         let hop = headers::Hop {
@@ -325,14 +330,25 @@ pub fn run(cfg: &Config, a: &Args) -> i32 {
         if !headers::has(&msg, "date") {
             out.extend_from_slice(headers::date(now).as_bytes());
         }
-        if !headers::has(&msg, "message-id") {
-            out.extend_from_slice(headers::message_id(id.as_str(), &cfg.hostname).as_bytes());
+        if added_id.is_some() {
+            out.extend_from_slice(
+                format!(
+                    "Message-ID: <{}>\r\n",
+                    added_id.as_deref().unwrap_or_default()
+                )
+                .as_bytes(),
+            );
         }
         out.extend_from_slice(&msg);
         out
     };
     match spool.enqueue(job, &build) {
         Ok(id) => {
+            for r in &tracked.recipients {
+                let mut ev = tracked.track(&r.address, "received", "", "queued");
+                ev.qid = id.to_string();
+                qms_common::track::emit(ev);
+            }
             qlog!(
                 "qid={id} uid={} from={} to={} size={} status=queued",
                 me.name,

@@ -758,19 +758,24 @@ impl<'a> Session<'a> {
             .map(|r| r.address.to_string())
             .collect();
         let sender = qms_common::address::show_sender(&job.sender);
+        // The Message-ID is known before the id: tracking keys on it.
+        let added_id = (submission && !headers::has(&msg, "message-id"))
+            .then(|| headers::new_message_id(&cfg.hostname));
+        job.message_id = added_id.clone().or_else(|| headers::message_id_of(&msg));
         let build = |id: &QueueId| -> Vec<u8> {
             let now = qms_common::time::now();
             let mut out = headers::received(&hop, id.as_str(), now).into_bytes();
             if submission && !headers::has(&msg, "date") {
                 out.extend_from_slice(headers::date(now).as_bytes());
             }
-            if submission && !headers::has(&msg, "message-id") {
-                out.extend_from_slice(headers::message_id(id.as_str(), &cfg.hostname).as_bytes());
+            if let Some(mid) = &added_id {
+                out.extend_from_slice(format!("Message-ID: <{mid}>\r\n").as_bytes());
             }
             out.extend_from_slice(&msg);
             out
         };
         let size = msg.len();
+        let tracked = job.clone();
         let result = self
             .shared
             .spool
@@ -787,6 +792,11 @@ impl<'a> Session<'a> {
                     quote(self.tls.as_deref().unwrap_or("none")),
                     quote(self.auth_user.as_deref().unwrap_or("-"))
                 );
+                for r in &tracked.recipients {
+                    let mut ev = tracked.track(&r.address, "received", "", "queued");
+                    ev.qid = id.to_string();
+                    qms_common::track::emit(ev);
+                }
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
             Err(e) => {

@@ -577,6 +577,23 @@ impl SmtpAgent {
             dsn::status_of(&res.reply, kind),
             res.reply
         );
+        let event = match state {
+            RcptState::Delivered => "relayed",
+            s => s.as_str(),
+        };
+        let ev = qms_common::track::Event::new(
+            id.as_str(),
+            c.job.message_id.as_deref(),
+            &r.address.to_string(),
+            event,
+            qms_delivery::track_state(r),
+            event,
+        );
+        qms_common::track::emit(
+            ev.reply(Some(&res.reply))
+                .relay(&res.relay)
+                .attempt(c.job.attempts + 1),
+        );
         r.state = state;
         r.reply = Some(res.reply);
     }

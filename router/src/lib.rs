@@ -9,6 +9,7 @@ mod expand;
 
 use expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
+use qms_common::track::Event;
 use qms_common::{qlog, Config};
 use qms_spool::{Claimed, Job, RcptState, Recipient, Spool};
 use std::collections::BTreeMap;
@@ -35,7 +36,8 @@ impl Router {
         let mut staged = Vec::new();
         let mut routed = Vec::new();
         for mut c in batch {
-            match self.route(&mut c) {
+            let mut events = Vec::new();
+            match self.route(&mut c, &mut events) {
                 Ok(children) => {
                     let mut ok = true;
                     for child in children {
@@ -53,7 +55,7 @@ impl Router {
                         }
                     }
                     if ok {
-                        routed.push(c);
+                        routed.push((c, events));
                     }
                 }
                 Err(e) => qlog!("qid={} status=error reason={}", c.job.id, quote(&e)),
@@ -64,7 +66,8 @@ impl Router {
             qlog!("status=error reason={}", quote(&e.to_string()));
             return;
         }
-        for c in routed {
+        for (c, events) in routed {
+            events.into_iter().for_each(qms_common::track::emit);
             let id = c.job.id.clone();
             // Recipients that failed at routing (unknown user, error: route) get error mail.
             let failed: Vec<Recipient> = c
@@ -93,7 +96,7 @@ impl Router {
 
     /// Decides every recipient of `c`: the output jobs to write, one per queue. Recipients
     /// that end here (discard, error, unknown) are marked final in `c.job`.
-    fn route(&self, c: &mut Claimed) -> Result<Vec<Job>, String> {
+    fn route(&self, c: &mut Claimed, events: &mut Vec<Event>) -> Result<Vec<Job>, String> {
         let aliases = self.aliases.get();
         let mut expander = Expander::new(&self.cfg, &aliases);
         // One output job per queue and envelope sender (a list with an owner has its own).
@@ -101,6 +104,10 @@ impl Router {
             BTreeMap::new();
         let id = c.job.id.clone();
         let sender = qms_common::address::show_sender(&c.job.sender);
+        let mid = c.job.message_id.clone();
+        let track = |a: &qms_common::Address, e: &str, from: &str, to: &str| {
+            Event::new(id.as_str(), mid.as_deref(), &a.to_string(), e, from, to)
+        };
         for r in c.job.recipients.iter_mut() {
             if r.state.is_final() {
                 continue;
@@ -115,16 +122,19 @@ impl Router {
                     Dest::Queue { queue, route, user } => (queue, route, user),
                     Dest::Discard => {
                         qlog!("qid={id} from={sender} to={addr} status=discarded");
+                        events.push(track(&addr, "discarded", "queued", "discarded"));
                         continue;
                     }
                     Dest::Fail(text) => {
                         qlog!("qid={id} from={sender} to={addr} status=bounced ({text})");
+                        events.push(track(&addr, "failed", "queued", "failed").reply(Some(&text)));
                         r.state = RcptState::Failed;
                         r.reply = Some(text);
                         continue;
                     }
                 };
                 qlog!("qid={id} from={sender} to={addr} orig_to={} queue={queue} route={} status=routed", r.address, quote(&route));
+                events.push(track(&addr, "routed", "queued", "routed").relay(&route));
                 out.route = Some(route);
                 out.user = user;
                 out.state = RcptState::Pending;

@@ -132,6 +132,9 @@ pub struct Job {
     pub ret: Option<DsnRet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envid: Option<String>,
+    /// The message's Message-ID (without angle brackets), for tracking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
     /// SMTPUTF8 was requested; 8BITMIME body.
     #[serde(default)]
     pub smtputf8: bool,
@@ -147,6 +150,24 @@ pub struct Job {
 }
 
 impl Job {
+    /// Records a tracking event for one recipient of this job.
+    pub fn track(
+        &self,
+        recipient: &Address,
+        event: &str,
+        from: &str,
+        to: &str,
+    ) -> qms_common::track::Event {
+        qms_common::track::Event::new(
+            self.id.as_str(),
+            self.message_id.as_deref(),
+            &recipient.to_string(),
+            event,
+            from,
+            to,
+        )
+    }
+
     /// The unfinished recipients.
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
         self.recipients.iter().filter(|r| !r.state.is_final())
@@ -184,6 +205,7 @@ impl Job {
             protocol: protocol.to_string(),
             ret: None,
             envid: None,
+            message_id: None,
             smtputf8: false,
             eightbit: false,
             recipients,

@@ -1,0 +1,121 @@
+//! Tracking events: every change of a recipient's state, appended as one JSON line to a
+//! file of this process's own under `SPOOL/track/` (no lock shared between processes).
+//! `qms tracker` ingests the files into the tracking database.
+//!
+//! The file is locked (flock) while its process lives, so the tracker can tell a finished
+//! file from one still being written. Lines are written whole with O_APPEND; a process
+//! killed in the middle of a line leaves at most that line unfinished, and the tracker
+//! only reads up to the last newline.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Unix time in microseconds: orders events of one recipient.
+    pub time: u64,
+    pub qid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    pub recipient: String,
+    /// received, routed, discarded, deferred, delivered, relayed, failed, expired,
+    /// delay-warned, bounce-sent, held, released, deleted.
+    pub event: String,
+    /// The recipient's state before and after.
+    pub from: String,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default)]
+    pub role: String,
+}
+
+impl Event {
+    pub fn new(
+        qid: &str,
+        message_id: Option<&str>,
+        recipient: &str,
+        event: &str,
+        from: &str,
+        to: &str,
+    ) -> Event {
+        Event {
+            time: crate::time::now_micros(),
+            qid: qid.to_string(),
+            message_id: message_id.map(str::to_string),
+            recipient: recipient.to_string(),
+            event: event.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+            ..Event::default()
+        }
+    }
+
+    pub fn reply(mut self, reply: Option<&str>) -> Event {
+        self.reply = reply.map(str::to_string);
+        self
+    }
+
+    pub fn relay(mut self, relay: &str) -> Event {
+        self.relay = Some(relay.to_string());
+        self
+    }
+
+    pub fn attempt(mut self, n: u32) -> Event {
+        self.attempt = Some(n);
+        self
+    }
+}
+
+struct Writer {
+    file: File,
+    role: String,
+}
+
+static WRITER: OnceLock<Mutex<Writer>> = OnceLock::new();
+
+/// Opens this process's event file; until then [`emit`] writes nothing.
+pub fn open(spool: &Path, role: &str) -> std::io::Result<()> {
+    let role = role.replace('/', "-");
+    let name = format!(
+        "{role}.{}.{}",
+        std::process::id(),
+        crate::time::now_micros()
+    );
+    let dir = spool.join("track");
+    // Locked before it gets the name the tracker looks for: an unlocked .jsonl file is one
+    // whose writer is gone.
+    let tmp = dir.join(format!("{name}.new"));
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&tmp)?;
+    fs2::FileExt::try_lock_exclusive(&file)?;
+    std::fs::rename(&tmp, dir.join(format!("{name}.jsonl")))?;
+    let _ = WRITER.set(Mutex::new(Writer { file, role }));
+    Ok(())
+}
+
+/// Appends an event. Errors are logged, never fatal: tracking must not stop mail.
+pub fn emit(mut ev: Event) {
+    let Some(w) = WRITER.get() else { return };
+    let Ok(mut w) = w.lock() else { return };
+    ev.role = w.role.clone();
+    let Ok(mut line) = serde_json::to_vec(&ev) else {
+        return;
+    };
+    line.push(b'\n');
+    if let Err(e) = w.file.write_all(&line) {
+        crate::qlog!(
+            "status=warning reason={}",
+            crate::log::quote(&format!("cannot write tracking event: {e}"))
+        );
+    }
+}
