@@ -536,3 +536,38 @@ fn two_smtp_workers_never_deliver_a_job_twice() {
         );
     }
 }
+
+#[test]
+fn a_cached_connection_closed_by_the_server_is_replaced() {
+    let port = free_port();
+    let mut inst = relay_instance(
+        &[("sink.test", port)],
+        "[outgoing]\nconnection_reuse = 300\nmin_backoff = 3600\nmax_backoff = 3600\nrecipient_limit = 1\n[queues.smtp]\nworkers = 1\n",
+    );
+    let first = Sink::start(&inst, "first", "127.0.0.1", port, &[]);
+    inst.start();
+    // Four transactions over two connections, which stay cached afterwards.
+    let rcpts = ["a@sink.test", "b@sink.test", "c@sink.test", "d@sink.test"];
+    assert!(inst
+        .sendmail(&rcpts, &message("one", "first round"))
+        .status
+        .success());
+    wait_for("the first round", Duration::from_secs(30), || {
+        first.messages().len() == 4
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    // The server goes away with qms's idle connections; a new one takes its place.
+    drop(first);
+    let second = Sink::start(&inst, "second", "127.0.0.1", port, &[]);
+    assert!(inst
+        .sendmail(&["e@sink.test"], &message("two", "second round"))
+        .status
+        .success());
+    // With a one-hour backoff, only delivery without a deferral gets here in time.
+    wait_for("the second round", Duration::from_secs(30), || {
+        second.messages().len() == 1
+    });
+    assert!(!inst.log().contains("status=deferred"), "{}", inst.log());
+}

@@ -129,9 +129,10 @@ impl SmtpAgent {
         hosts: &[dns::Host],
         port: u16,
         policy: TlsPolicy,
+        fresh: bool,
     ) -> Result<(Client, f64), Failure> {
         let reuse = std::time::Duration::from_secs(self.cfg.client.connection_reuse);
-        if let Ok(mut cache) = self.cache.lock() {
+        if let (false, Ok(mut cache)) = (fresh, self.cache.lock()) {
             for h in hosts {
                 for ip in &h.addrs {
                     if let Some(list) = cache.get_mut(&SocketAddr::new(*ip, port)) {
@@ -330,7 +331,7 @@ impl SmtpAgent {
             };
             let (mut c, conn_time, reused) = match client.take() {
                 Some(c) => (c, 0.0, true),
-                None => match self.client(hosts, port, policy) {
+                None => match self.client(hosts, port, policy, retried) {
                     Ok((c, t)) => (c, t, t == 0.0),
                     Err(f) => {
                         connected_ok = false;
@@ -395,10 +396,13 @@ impl SmtpAgent {
                     retried = false;
                     i += 1;
                 }
-                Err(e) if reused && !retried => {
-                    // A cached connection the server had closed: try once on a fresh one.
+                Err(_) if reused && !retried => {
+                    // A cached connection the server had closed; the others to that address
+                    // are likely gone too. Try once more on a fresh connection.
+                    if let Ok(mut cache) = self.cache.lock() {
+                        cache.remove(&c.addr);
+                    }
                     retried = true;
-                    let _ = e;
                 }
                 Err(e) => {
                     let d = [queued, dns_time, conn_time, t.elapsed().as_secs_f64()];
