@@ -94,6 +94,10 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Tools end quietly when their output pipe closes (`qms queue list | head`); the
+    // long-running roles ignore SIGPIPE again in `signals::install`.
+    // Safety: setting a signal disposition to its default before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let argv: Vec<String> = std::env::args().collect();
     let prog = argv
         .first()

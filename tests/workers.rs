@@ -248,3 +248,85 @@ fn a_corrupt_job_is_moved_aside_and_the_queue_flows() {
     assert!(!bad.exists());
     assert!(inst.log().contains("status=corrupt"), "{}", inst.log());
 }
+
+#[test]
+fn sighup_scales_workers_without_losing_or_doubling_jobs() {
+    let mut inst = Instance::new("", "[queues.local]\nworkers = 1\n");
+    inst.start();
+    let n = 120;
+    let status_count = |inst: &Instance| -> usize {
+        let out = inst.qms(&["status"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("deliver/local#") && !l.contains("restarting"))
+            .count()
+    };
+    assert_eq!(status_count(&inst), 1);
+    std::thread::scope(|s| {
+        let inst = &inst;
+        s.spawn(move || {
+            for i in 0..n {
+                assert!(inst
+                    .sendmail(
+                        &["alice@example.test"],
+                        &message(&format!("h{i}"), &format!("tok-{i}-"))
+                    )
+                    .status
+                    .success());
+            }
+        });
+        // Mid-flow: three local workers instead of one.
+        wait_for("some deliveries", Duration::from_secs(30), || {
+            inst.count_new("alice") >= 10
+        });
+        let cfg = std::fs::read_to_string(&inst.config)
+            .unwrap()
+            .replace("[queues.local]\nworkers = 1", "[queues.local]\nworkers = 3");
+        std::fs::write(&inst.config, cfg).unwrap();
+        let pid: i32 = std::fs::read_to_string(inst.spool().join("run/qms.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        wait_for("three local workers", Duration::from_secs(30), || {
+            status_count(inst) == 3
+        });
+    });
+    wait_for("all delivered", Duration::from_secs(60), || {
+        inst.count_new("alice") >= n
+    });
+    wait_for("queues empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    let msgs = inst.read_maildir("alice");
+    assert_eq!(msgs.len(), n, "a job was lost or delivered twice");
+    for i in 0..n {
+        assert_eq!(
+            msgs.iter()
+                .filter(|m| m.contains(&format!("tok-{i}-")))
+                .count(),
+            1,
+            "message {i}"
+        );
+    }
+    assert!(inst.log().contains("event=reload"));
+    // `qms stop` ends the instance.
+    let out = inst.qms(&["stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = inst.qms(&["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -18,6 +18,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// New connections being set up to one address at once, per process: a burst of connects
+/// can overflow a small server's accept queue and leave us waiting for a greeting.
+const CONNECTS_IN_FLIGHT: usize = 4;
+
 pub struct SmtpAgent {
     cfg: Arc<Config>,
     spool: Spool,
@@ -26,6 +30,8 @@ pub struct SmtpAgent {
     cache: Mutex<HashMap<SocketAddr, Vec<Client>>>,
     /// Slow start: how many connections a destination gets at once, grown on success.
     window: Mutex<HashMap<Dest, usize>>,
+    /// Connection attempts in progress per address (see CONNECTS_IN_FLIGHT).
+    connecting: (Mutex<HashMap<SocketAddr, usize>>, std::sync::Condvar),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,6 +85,7 @@ impl SmtpAgent {
             dns,
             cache: Mutex::new(HashMap::new()),
             window: Mutex::new(HashMap::new()),
+            connecting: (Mutex::new(HashMap::new()), std::sync::Condvar::new()),
         }
     }
 
@@ -154,7 +161,11 @@ impl SmtpAgent {
         let start = Instant::now();
         for h in hosts {
             for ip in &h.addrs {
-                match Client::connect(&h.name, SocketAddr::new(*ip, port), &settings) {
+                let addr = SocketAddr::new(*ip, port);
+                self.gate(addr, true);
+                let attempt = Client::connect(&h.name, addr, &settings);
+                self.gate(addr, false);
+                match attempt {
                     Ok(c) => return Ok((c, start.elapsed().as_secs_f64())),
                     Err(f) => {
                         qlog!(
@@ -168,6 +179,26 @@ impl SmtpAgent {
             }
         }
         Err(last)
+    }
+
+    /// Waits for a free connection slot to `addr` (enter) or gives one back (leave).
+    fn gate(&self, addr: SocketAddr, enter: bool) {
+        let (lock, cv) = &self.connecting;
+        let Ok(mut map) = lock.lock() else { return };
+        if enter {
+            while map.get(&addr).copied().unwrap_or(0) >= CONNECTS_IN_FLIGHT {
+                map = match cv.wait(map) {
+                    Ok(m) => m,
+                    Err(_) => return,
+                };
+            }
+            *map.entry(addr).or_insert(0) += 1;
+        } else {
+            if let Some(n) = map.get_mut(&addr) {
+                *n = n.saturating_sub(1);
+            }
+            cv.notify_all();
+        }
     }
 
     fn keep(&self, c: Client) {
@@ -235,7 +266,14 @@ impl SmtpAgent {
                 });
             }
         }
-        let limit = self.cfg.client.destination_concurrency;
+        // `destination_concurrency` is shared by the worker processes of the queue.
+        let workers = self.cfg.queues.get("smtp").copied().unwrap_or(1).max(1);
+        let limit = self
+            .cfg
+            .client
+            .destination_concurrency
+            .div_ceil(workers)
+            .max(1);
         let window = self
             .window
             .lock()
