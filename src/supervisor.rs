@@ -403,10 +403,15 @@ impl Supervisor {
     }
 }
 
+/// The supervisor's pid while it runs. The lock on the pid file is the test: it is held for
+/// the supervisor's whole life, and released even if the process is not yet reaped.
 fn running_pid(cfg: &Config) -> Option<Pid> {
+    let file = std::fs::File::open(pid_file(cfg)).ok()?;
+    if file.try_lock_shared().is_ok() {
+        return None;
+    }
     let text = std::fs::read_to_string(pid_file(cfg)).ok()?;
-    let pid = Pid::from_raw(text.trim().parse().ok()?);
-    kill(pid, None).ok().map(|_| pid)
+    Some(Pid::from_raw(text.trim().parse().ok()?))
 }
 
 pub fn stop(cfg: &Config) -> ExitCode {
@@ -416,10 +421,10 @@ pub fn stop(cfg: &Config) -> ExitCode {
     };
     let _ = kill(pid, Signal::SIGTERM);
     let end = Instant::now() + Duration::from_secs(60);
-    while kill(pid, None).is_ok() && Instant::now() < end {
+    while running_pid(cfg).is_some() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
     }
-    if kill(pid, None).is_ok() {
+    if running_pid(cfg).is_some() {
         eprintln!("qms: supervisor {pid} did not stop within 60 s");
         return ExitCode::from(1);
     }

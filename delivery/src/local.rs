@@ -265,22 +265,19 @@ fn record(c: &mut Claimed, ri: usize, result: Result_) {
         crate::dsn::status_of(&reply, if state == RcptState::Delivered { crate::dsn::Kind::Success } else if state == RcptState::Failed { crate::dsn::Kind::Failure } else { crate::dsn::Kind::Delay }),
         reply
     );
-    let attempt = c.job.attempts + 1;
     let event = if state == RcptState::Delivered {
         "delivered"
     } else {
         state.as_str()
     };
-    let mut ev = qms_common::track::Event::new(
-        id.as_str(),
-        c.job.message_id.as_deref(),
-        &r.address.to_string(),
+    qms_common::track::emit(crate::settle::attempt_event(
+        &c.job,
+        &c.job.recipients[ri],
         event,
-        crate::track_state(r),
-        event,
-    );
-    ev = ev.reply(Some(&reply)).relay("local").attempt(attempt);
-    qms_common::track::emit(ev);
+        &reply,
+        "local",
+    ));
+    let r = &mut c.job.recipients[ri];
     r.state = state;
     r.reply = Some(reply);
 }

@@ -15,6 +15,39 @@ pub fn backoff(cfg: &Config, attempts: u32) -> i64 {
         .clamp(o.min_backoff, o.max_backoff.max(o.min_backoff))
 }
 
+/// Sends error mail for the job's failed recipients (as their NOTIFY allows) and records
+/// `bounce-sent` for them. Used after delivery attempts and by the router.
+pub fn report_failures(cfg: &Config, spool: &Spool, job: &qms_spool::Job) -> Result<(), String> {
+    let failed: Vec<_> = job
+        .recipients
+        .iter()
+        .filter(|r| r.state == RcptState::Failed)
+        .cloned()
+        .collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    dsn::bounce(cfg, spool, job, &failed, dsn::Kind::Failure)?;
+    for r in &failed {
+        qms_common::track::emit(job.track(&r.address, "bounce-sent", "failed", "failed"));
+    }
+    Ok(())
+}
+
+/// The tracking event of one delivery attempt for recipient `r` of `job`.
+pub fn attempt_event(
+    job: &qms_spool::Job,
+    r: &qms_spool::Recipient,
+    event: &str,
+    reply: &str,
+    relay: &str,
+) -> qms_common::track::Event {
+    job.track(&r.address, event, crate::track_state(r), event)
+        .reply(Some(reply))
+        .relay(relay)
+        .attempt(job.attempts + 1)
+}
+
 /// Writes the outcome of an attempt on `c` (whose recipients' states are already set):
 /// bounces the failures, then finishes the job or reschedules it.
 pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
@@ -50,24 +83,12 @@ pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
         }
     }
     // Failures that have not been reported yet are reported now, then dropped from the job.
-    let failed: Vec<_> = c
-        .job
-        .recipients
-        .iter()
-        .filter(|r| r.state == RcptState::Failed)
-        .cloned()
-        .collect();
-    if !failed.is_empty() {
-        if let Err(e) = dsn::bounce(cfg, spool, &c.job, &failed, dsn::Kind::Failure) {
-            // Keep the failures in the job: the bounce is tried again at the next attempt.
-            qlog!("qid={id} status=bounce-error reason={}", quote(&e));
-            c.job.next_attempt = now + 60;
-            let _ = spool.update(&mut c);
-            return;
-        }
-        for r in &failed {
-            qms_common::track::emit(c.job.track(&r.address, "bounce-sent", "failed", "failed"));
-        }
+    if let Err(e) = report_failures(cfg, spool, &c.job) {
+        // Keep the failures in the job: the bounce is tried again at the next attempt.
+        qlog!("qid={id} status=bounce-error reason={}", quote(&e));
+        c.job.next_attempt = now + 60;
+        let _ = spool.update(&mut c);
+        return;
     }
     let delayed: Vec<_> = c
         .job

@@ -619,23 +619,20 @@ impl SmtpAgent {
             dsn::status_of(&res.reply, kind),
             res.reply
         );
+        // Handed to the next hop: "relayed", not "delivered" (that is the final host's word).
         let event = match state {
             RcptState::Delivered => "relayed",
             s => s.as_str(),
         };
-        let ev = qms_common::track::Event::new(
-            id.as_str(),
-            c.job.message_id.as_deref(),
-            &r.address.to_string(),
+        let ev = qms_delivery::settle::attempt_event(
+            &c.job,
+            &c.job.recipients[res.ri],
             event,
-            qms_delivery::track_state(r),
-            event,
+            &res.reply,
+            &res.relay,
         );
-        qms_common::track::emit(
-            ev.reply(Some(&res.reply))
-                .relay(&res.relay)
-                .attempt(c.job.attempts + 1),
-        );
+        qms_common::track::emit(ev);
+        let r = &mut c.job.recipients[res.ri];
         r.state = state;
         r.reply = Some(res.reply);
     }

@@ -70,23 +70,8 @@ impl Router {
             events.into_iter().for_each(qms_common::track::emit);
             let id = c.job.id.clone();
             // Recipients that failed at routing (unknown user, error: route) get error mail.
-            let failed: Vec<Recipient> = c
-                .job
-                .recipients
-                .iter()
-                .filter(|r| r.state == RcptState::Failed)
-                .cloned()
-                .collect();
-            if !failed.is_empty() {
-                if let Err(e) = qms_delivery::dsn::bounce(
-                    &self.cfg,
-                    &self.spool,
-                    &c.job,
-                    &failed,
-                    qms_delivery::dsn::Kind::Failure,
-                ) {
-                    qlog!("qid={id} status=bounce-error reason={}", quote(&e));
-                }
+            if let Err(e) = qms_delivery::settle::report_failures(&self.cfg, &self.spool, &c.job) {
+                qlog!("qid={id} status=bounce-error reason={}", quote(&e));
             }
             if let Err(e) = self.spool.finish(c) {
                 qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
