@@ -571,3 +571,178 @@ fn a_cached_connection_closed_by_the_server_is_replaced() {
     });
     assert!(!inst.log().contains("status=deferred"), "{}", inst.log());
 }
+
+#[test]
+fn success_report_when_the_next_hop_has_no_dsn_and_8bit_refusal() {
+    let (nodsn, no8) = (free_port(), free_port());
+    let mut inst = relay_instance(&[("nodsn.test", nodsn), ("no8bit.test", no8)], "");
+    let _a = Sink::start(&inst, "nodsn", "127.0.0.1", nodsn, &["-N"]);
+    let _b = Sink::start(&inst, "no8bit", "127.0.0.1", no8, &["-8"]);
+    inst.start();
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["x@nodsn.test"],
+        "Subject: tell me\r\n\r\nplease\r\n",
+        "NOTIFY=SUCCESS",
+    );
+    wait_for("the relayed report", Duration::from_secs(30), || {
+        inst.read_maildir("alice")
+            .iter()
+            .any(|m| m.contains("Action: relayed"))
+    });
+    let report = inst
+        .read_maildir("alice")
+        .into_iter()
+        .find(|m| m.contains("Action: relayed"))
+        .unwrap();
+    assert!(
+        report.contains("Final-Recipient: rfc822; x@nodsn.test")
+            && report.contains("Status: 2.0.0"),
+        "{report}"
+    );
+    // 8-bit mail to a peer without 8BITMIME: that recipient fails with a clear reason.
+    let script = "import smtplib,sys\ns=smtplib.SMTP('127.0.0.1',int(sys.argv[1]),timeout=30)\ns.ehlo()\ns.sendmail('alice@example.test',['y@no8bit.test'],'Subject: caf\\xe9\\r\\n\\r\\nna\\xefve\\r\\n'.encode('latin-1'),mail_options=['BODY=8BITMIME'])\ns.quit()";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(inst.smtp_port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the 8-bit failure report", Duration::from_secs(30), || {
+        inst.read_maildir("alice")
+            .iter()
+            .any(|m| m.contains("y@no8bit.test"))
+    });
+    let bounce = inst
+        .read_maildir("alice")
+        .into_iter()
+        .find(|m| m.contains("y@no8bit.test"))
+        .unwrap();
+    assert!(
+        bounce.contains("Status: 5.6.3") && bounce.contains("8BITMIME"),
+        "{bounce}"
+    );
+}
+
+#[test]
+fn delay_warning_at_the_warning_time() {
+    let dead = free_port();
+    let mut inst = relay_instance(
+        &[("slow.test", dead)],
+        "[outgoing]\nmin_backoff = 1\nmax_backoff = 1\ndelay_warning = 1\n",
+    );
+    inst.start();
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["x@slow.test"],
+        "Subject: slow\r\n\r\nslow\r\n",
+        "",
+    );
+    wait_for("the delay warning", Duration::from_secs(30), || {
+        inst.read_maildir("alice")
+            .iter()
+            .any(|m| m.contains("Action: delayed"))
+    });
+    let warning = inst
+        .read_maildir("alice")
+        .into_iter()
+        .find(|m| m.contains("Action: delayed"))
+        .unwrap();
+    assert!(
+        warning.contains("Delayed Mail")
+            && warning.contains("Will-Retry-Until:")
+            && warning.contains("Connection refused"),
+        "{warning}"
+    );
+    // Only one warning, however many attempts follow.
+    let attempts = |inst: &Instance| {
+        inst.queue_json()
+            .first()
+            .map(|j| j["recipients"][0]["attempts"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    wait_for("two more attempts", Duration::from_secs(30), || {
+        attempts(&inst) >= 3
+    });
+    assert_eq!(
+        inst.read_maildir("alice")
+            .iter()
+            .filter(|m| m.contains("Action: delayed"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn starttls_to_a_tls_peer_and_encrypt_policy() {
+    // The receiving peer is a second qms with a certificate.
+    let mut peer = Instance::new("", "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
+    let text = std::fs::read_to_string(&peer.config).unwrap().replace(
+        "local = [\"example.test\"]",
+        "local = [\"example.test\", \"peer.test\"]",
+    );
+    let text = text.replace(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
+    );
+    std::fs::write(&peer.config, text).unwrap();
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=peer.test",
+        ])
+        .arg("-keyout")
+        .arg(peer.dir.join("key.pem"))
+        .arg("-out")
+        .arg(peer.dir.join("cert.pem"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    peer.own();
+    peer.start();
+    let plain = free_port();
+    let mut inst = relay_instance(
+        &[("peer.test", peer.smtp_port), ("plain.test", plain)],
+        "[outgoing]\ntls = \"may\"\n[outgoing.tls_routes]\n\"plain.test\" = \"encrypt\"\n",
+    );
+    let _sink = Sink::start(&inst, "plain", "127.0.0.1", plain, &[]);
+    inst.start();
+    smtp(
+        inst.smtp_port,
+        "alice@example.test",
+        &["carol@peer.test", "z@plain.test"],
+        "Subject: tls\r\n\r\nover tls\r\n",
+        "",
+    );
+    wait_for("delivery at the peer", Duration::from_secs(30), || {
+        peer.count_new("carol") == 1
+    });
+    let m = &peer.read_maildir("carol")[0];
+    assert!(
+        m.contains("with ESMTPS id") && m.contains("(using TLSv1"),
+        "{m}"
+    );
+    // `encrypt` towards a server without STARTTLS: deferred, never sent in the clear.
+    wait_for("the encrypt deferral", Duration::from_secs(30), || {
+        inst.queue_json().iter().any(|j| {
+            j["recipients"][0]["reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("TLS is required"))
+        })
+    });
+}

@@ -260,7 +260,7 @@ pub struct Client {
     pub dns_server: Option<SocketAddr>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TlsPolicy {
     None,
     May,

@@ -34,19 +34,24 @@ pub struct SmtpAgent {
     connecting: (Mutex<HashMap<SocketAddr, usize>>, std::sync::Condvar),
 }
 
+/// Where a group of recipients goes, and with which TLS policy (recipients whose domains
+/// ask for different policies travel apart even to the same host).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Dest {
     /// `smtp:[host]:port`: no MX lookup.
-    Relay { host: String, port: u16 },
+    Relay {
+        host: String,
+        port: u16,
+        tls: TlsPolicy,
+    },
     /// MX lookup for the domain.
-    Mx(String),
+    Mx { domain: String, tls: TlsPolicy },
 }
 
 impl Dest {
-    fn key(&self) -> &str {
+    fn tls(&self) -> TlsPolicy {
         match self {
-            Dest::Relay { host, .. } => host,
-            Dest::Mx(d) => d,
+            Dest::Relay { tls, .. } | Dest::Mx { tls, .. } => *tls,
         }
     }
 }
@@ -100,10 +105,19 @@ impl SmtpAgent {
         }
     }
 
-    fn policy(&self, dest: &Dest) -> TlsPolicy {
+    /// The TLS policy for a recipient domain: `[outgoing.tls_routes]` by domain, then by
+    /// `.parent` domain, then `*`, then `[outgoing] tls`.
+    fn policy(&self, domain: &str) -> TlsPolicy {
         let c = &self.cfg.client;
-        c.tls_routes
-            .get(&dest.key().to_ascii_lowercase())
+        let domain = domain.to_ascii_lowercase();
+        let mut rest = domain.as_str();
+        let mut found = c.tls_routes.get(rest);
+        while found.is_none() {
+            let Some(i) = rest.find('.') else { break };
+            found = c.tls_routes.get(&rest[i..]);
+            rest = &rest[i + 1..];
+        }
+        found
             .or_else(|| c.tls_routes.get("*"))
             .copied()
             .unwrap_or(c.tls)
@@ -116,7 +130,7 @@ impl SmtpAgent {
             Err(e) => return (dns::Lookup::Temporary(e.clone()), 25),
         };
         match dest {
-            Dest::Relay { host, port } => {
+            Dest::Relay { host, port, .. } => {
                 let lookup = match host.parse::<IpAddr>() {
                     Ok(ip) => dns::Lookup::Hosts(vec![dns::Host {
                         name: host.clone(),
@@ -126,7 +140,7 @@ impl SmtpAgent {
                 };
                 (lookup, *port)
             }
-            Dest::Mx(domain) => (dns.mail_hosts(domain), self.cfg.client.port),
+            Dest::Mx { domain, .. } => (dns.mail_hosts(domain), self.cfg.client.port),
         }
     }
 
@@ -286,7 +300,7 @@ impl SmtpAgent {
         for (i, tx) in txs.into_iter().enumerate() {
             per_lane[i % lanes].push(tx);
         }
-        let policy = self.policy(dest);
+        let policy = dest.tls();
         let results: Vec<(Vec<Res>, bool)> = std::thread::scope(|s| {
             let handles: Vec<_> = per_lane
                 .iter()
@@ -671,8 +685,15 @@ impl qms_delivery::Agent for SmtpAgent {
                 .filter(|(_, r)| !r.state.is_final())
             {
                 let dest = match r.route.as_deref().map(Route::parse) {
-                    Some(Ok(Route::Relay { host, port })) => Dest::Relay { host, port },
-                    _ => Dest::Mx(r.address.domain().to_string()),
+                    Some(Ok(Route::Relay { host, port })) => Dest::Relay {
+                        host,
+                        port,
+                        tls: self.policy(r.address.domain()),
+                    },
+                    _ => Dest::Mx {
+                        domain: r.address.domain().to_string(),
+                        tls: self.policy(r.address.domain()),
+                    },
                 };
                 groups.entry(dest).or_default().push((ji, ri));
             }
