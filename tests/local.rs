@@ -7,30 +7,6 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-fn smtp_send(port: u16, from: &str, to: &[&str], body: &str) {
-    let script = r#"
-import smtplib, sys
-s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
-refused = s.sendmail(sys.argv[2], sys.argv[4].split(","), sys.argv[3])
-assert refused == {}, refused
-s.quit()
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(port.to_string())
-        .arg(from)
-        .arg(body)
-        .arg(to.join(","))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn header<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
     let head = msg.split("\n\n").next().unwrap_or("");
     head.lines()
@@ -73,6 +49,7 @@ fn aliases_lists_includes_loops_owners_pipes_files() {
         "sender@example.test",
         &["team@example.test"],
         "Subject: team\r\n\r\nto the team\r\n",
+        "",
     );
     wait_for("team copies", Duration::from_secs(30), || {
         inst.count_new("alice") == 1 && inst.count_new("bob") == 1
@@ -84,6 +61,7 @@ fn aliases_lists_includes_loops_owners_pipes_files() {
         "sender@example.test",
         &["big@example.test"],
         "Subject: big\r\n\r\nto the list\r\n",
+        "",
     );
     wait_for("1,000 list copies", Duration::from_secs(120), || {
         inst.count_new("alice") == 1001
@@ -112,6 +90,7 @@ fn aliases_lists_includes_loops_owners_pipes_files() {
         "alice@example.test",
         &["loop1@example.test"],
         "Subject: loop\r\n\r\nround and round\r\n",
+        "",
     );
     wait_for("the bounce", Duration::from_secs(30), || {
         inst.read_maildir("alice")
@@ -134,6 +113,7 @@ fn aliases_lists_includes_loops_owners_pipes_files() {
         "sender@example.test",
         &["filer@example.test", "piper@example.test"],
         "Subject: targets\r\n\r\nfile and pipe\r\n",
+        "",
     );
     wait_for("the file delivery", Duration::from_secs(30), || {
         std::fs::read_to_string(dir.join("file.mbox")).is_ok_and(|t| t.contains("file and pipe"))
@@ -336,20 +316,7 @@ fn killing_the_router_mid_dispatch_loses_nothing() {
         // Kill whichever router runs, again and again, while the messages flow.
         let mut kills = 0;
         while !sent.load(std::sync::atomic::Ordering::SeqCst) {
-            let out = Command::new("pgrep")
-                .args(["-f", &format!("{} router", inst.config.display())])
-                .output()
-                .unwrap();
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if Command::new("kill")
-                    .args(["-KILL", pid])
-                    .status()
-                    .unwrap()
-                    .success()
-                {
-                    kills += 1;
-                }
-            }
+            kills += kill_role(&inst, "router");
             std::thread::sleep(Duration::from_millis(40));
         }
         eprintln!("router killed {kills} times");

@@ -10,7 +10,6 @@ use std::time::Duration;
 /// smtp-sink on 127.0.0.1 (or `ip`), dumping every transaction into a directory.
 struct Sink {
     child: Child,
-    pub port: u16,
     dir: PathBuf,
 }
 
@@ -38,7 +37,7 @@ impl Sink {
         wait_for("smtp-sink to listen", Duration::from_secs(10), || {
             std::net::TcpStream::connect((ip, port)).is_ok()
         });
-        Sink { child, port, dir }
+        Sink { child, dir }
     }
 
     fn messages(&self) -> Vec<String> {
@@ -81,36 +80,6 @@ fn relay_instance(routes: &[(&str, u16)], extra: &str) -> Instance {
     inst
 }
 
-fn smtp(port: u16, from: &str, to: &[&str], body: &str, params: &str) -> String {
-    let script = r#"
-import smtplib, sys
-s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
-s.ehlo("client.test")
-rcpt_opts = sys.argv[5].split() if sys.argv[5] else []
-mail_opts = [o for o in rcpt_opts if o.startswith(("RET=", "ENVID="))]
-rcpt_opts = [o for o in rcpt_opts if not o.startswith(("RET=", "ENVID="))]
-r = s.sendmail(sys.argv[2], sys.argv[4].split(","), sys.argv[3], mail_options=mail_opts, rcpt_options=rcpt_opts)
-print(r)
-s.quit()
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(port.to_string())
-        .arg(from)
-        .arg(body)
-        .arg(to.join(","))
-        .arg(params)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn all_recipients_in_one_connection_with_dsn_parameters() {
     let sink_port = free_port();
@@ -124,7 +93,7 @@ fn all_recipients_in_one_connection_with_dsn_parameters() {
         "d@sink.test",
         "e@sink.test",
     ];
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &rcpts,
@@ -177,7 +146,7 @@ fn replies_per_recipient_at_rcpt_and_after_data() {
     let _s3 = Sink::start(&inst, "softdata", "127.0.0.1", ports[3], &["-r", "."]);
     let _s4 = Sink::start(&inst, "harddata", "127.0.0.1", ports[4], &["-f", "."]);
     inst.start();
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &[
@@ -285,14 +254,14 @@ fn retry_after_a_temporary_failure_and_expiry_bounces() {
         "[outgoing]\nmin_backoff = 1\nmax_backoff = 1\nmax_queue_lifetime = 4\ndelay_warning = 0\n",
     );
     inst.start();
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["x@later.test"],
         "Subject: later\r\n\r\nlater\r\n",
         "",
     );
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["y@never.test"],
@@ -399,21 +368,21 @@ fn mx_preference_null_mx_and_no_mx() {
     // Only the second MX (127.0.0.3) answers: the first (127.0.0.2) refuses connections.
     let sink = Sink::start(&inst, "mx2", "127.0.0.3", port, &[]);
     inst.start();
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["x@mx.test"],
         "Subject: mx\r\n\r\nvia mx2\r\n",
         "",
     );
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["y@amx.test"],
         "Subject: amx\r\n\r\nno mx\r\n",
         "",
     );
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["z@nullmx.test"],
@@ -465,14 +434,14 @@ fn a_silent_destination_does_not_delay_another() {
     });
     let sink = Sink::start(&inst, "fast", "127.0.0.1", fast, &[]);
     inst.start();
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["x@silent.test"],
         "Subject: silent\r\n\r\ns\r\n",
         "",
     );
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["y@fast.test"],
@@ -579,7 +548,7 @@ fn success_report_when_the_next_hop_has_no_dsn_and_8bit_refusal() {
     let _a = Sink::start(&inst, "nodsn", "127.0.0.1", nodsn, &["-N"]);
     let _b = Sink::start(&inst, "no8bit", "127.0.0.1", no8, &["-8"]);
     inst.start();
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["x@nodsn.test"],
@@ -638,7 +607,7 @@ fn delay_warning_at_the_warning_time() {
         "[outgoing]\nmin_backoff = 1\nmax_backoff = 1\ndelay_warning = 1\n",
     );
     inst.start();
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["x@slow.test"],
@@ -693,26 +662,7 @@ fn starttls_to_a_tls_peer_and_encrypt_policy() {
         "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
     );
     std::fs::write(&peer.config, text).unwrap();
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=peer.test",
-        ])
-        .arg("-keyout")
-        .arg(peer.dir.join("key.pem"))
-        .arg("-out")
-        .arg(peer.dir.join("cert.pem"))
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    make_cert(&peer.dir, "peer.test");
     peer.own();
     peer.start();
     let plain = free_port();
@@ -722,7 +672,7 @@ fn starttls_to_a_tls_peer_and_encrypt_policy() {
     );
     let _sink = Sink::start(&inst, "plain", "127.0.0.1", plain, &[]);
     inst.start();
-    smtp(
+    smtp_send(
         inst.smtp_port,
         "alice@example.test",
         &["carol@peer.test", "z@plain.test"],

@@ -29,23 +29,6 @@ fn talk(port: u16, input: &[u8], replies: usize) -> String {
     out
 }
 
-fn python(script: &str, args: &[String]) -> (bool, String) {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[test]
 fn smtplib_plain_many_recipients_and_dot_stuffing() {
     let mut inst = Instance::new("", "");

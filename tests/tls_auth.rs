@@ -16,26 +16,7 @@ fn tls_instance() -> Instance {
             "[submissions]\nlisten = [\"127.0.0.1:{sub}\"]\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[auth]\nusers = \"users\"\nmax_failures = 3\n[routes]\n\"far.test\" = \"pipe:cat > /dev/null\"\n"
         ),
     );
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=mx.example.test",
-        ])
-        .arg("-keyout")
-        .arg(inst.dir.join("key.pem"))
-        .arg("-out")
-        .arg(inst.dir.join("cert.pem"))
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    make_cert(&inst.dir, "mx.example.test");
     let mut p = Command::new(BIN)
         .args(["passwd", "alice"])
         .stdin(Stdio::piped())
@@ -61,23 +42,6 @@ fn submissions_port(inst: &Instance) -> u16 {
         .nth(1)
         .unwrap();
     after.split('"').next().unwrap().parse().unwrap()
-}
-
-fn python(script: &str, args: &[String]) -> (bool, String) {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[test]

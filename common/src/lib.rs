@@ -10,6 +10,7 @@ pub mod log;
 pub mod privs;
 pub mod safeio;
 pub mod time;
+pub mod tls;
 pub mod track;
 
 pub use address::Address;

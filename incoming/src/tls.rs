@@ -42,20 +42,6 @@ pub fn accept(
         conn.complete_io(&mut sock)
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
     }
-    let version = conn
-        .protocol_version()
-        .map(|v| {
-            format!("{v:?}")
-                .replace("_", ".")
-                .replace("TLSv1.", "TLSv1.")
-        })
-        .unwrap_or_default();
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .map(|c| format!("{:?}", c.suite()))
-        .unwrap_or_default();
-    Ok((
-        Box::new(StreamOwned::new(conn, sock)),
-        format!("{version} with cipher {cipher}"),
-    ))
+    let info = qms_common::tls::describe(&conn);
+    Ok((Box::new(StreamOwned::new(conn, sock)), info))
 }

@@ -81,16 +81,6 @@ pub fn connect(
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
     }
-    let version = conn
-        .protocol_version()
-        .map(|v| format!("{v:?}").replace('_', "."))
-        .unwrap_or_default();
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .map(|c| format!("{:?}", c.suite()))
-        .unwrap_or_default();
-    Ok((
-        Box::new(StreamOwned::new(conn, sock)),
-        format!("{version} with cipher {cipher}"),
-    ))
+    let info = qms_common::tls::describe(&conn);
+    Ok((Box::new(StreamOwned::new(conn, sock)), info))
 }

@@ -247,6 +247,86 @@ pub fn message(subject: &str, body: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-pub fn has_path(p: &Path) -> bool {
-    p.exists()
+/// Runs a Python script with arguments: whether it succeeded, and what it printed.
+pub fn python(script: &str, args: &[String]) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Sends one message with Python's smtplib and asserts every recipient was accepted.
+/// `params` holds MAIL options (RET=, ENVID=) and RCPT options (NOTIFY=, ORCPT=).
+pub fn smtp_send(port: u16, from: &str, to: &[&str], body: &str, params: &str) {
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("client.test")
+opts = sys.argv[5].split() if sys.argv[5] else []
+mail_opts = [o for o in opts if o.startswith(("RET=", "ENVID="))]
+rcpt_opts = [o for o in opts if not o.startswith(("RET=", "ENVID="))]
+refused = s.sendmail(sys.argv[2], sys.argv[4].split(","), sys.argv[3], mail_options=mail_opts, rcpt_options=rcpt_opts)
+assert refused == {}, refused
+s.quit()
+"#;
+    let args = [
+        port.to_string(),
+        from.to_string(),
+        body.to_string(),
+        to.join(","),
+        params.to_string(),
+    ];
+    let (ok, out) = python(script, &args);
+    assert!(ok, "{out}");
+}
+
+/// A self-signed certificate and key (cert.pem, key.pem) in `dir`.
+pub fn make_cert(dir: &Path, cn: &str) {
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// SIGKILLs every process of `role` (`router`, `smtpd`, `tracker`, …) of this instance.
+pub fn kill_role(inst: &Instance, role: &str) -> usize {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("{} {role}", inst.config.display())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            Command::new("kill")
+                .args(["-KILL", pid])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .count()
 }
