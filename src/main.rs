@@ -50,6 +50,9 @@ enum Cmd {
     Tracker,
     /// Show the history of each recipient of a message (queue id or Message-ID), or of all.
     Track(TrackArgs),
+    /// Delivery reports: `qms dsn classify FILE…` prints one JSON object per file.
+    #[command(subcommand)]
+    Dsn(DsnCmd),
     /// Look into the queue and act on it.
     #[command(subcommand)]
     Queue(queuetool::QueueCmd),
@@ -63,6 +66,15 @@ enum Cmd {
     Sendmail {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DsnCmd {
+    /// Classify messages: dsn, mdn, bounce, autoreply or other, with per-recipient results.
+    Classify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -130,6 +142,7 @@ fn main() -> ExitCode {
     match &cli.cmd {
         Cmd::Sendmail { args } => return sendmail(cli.config.as_deref(), args),
         Cmd::Passwd { user } => return passwd(user),
+        Cmd::Dsn(DsnCmd::Classify { files }) => return classify(files),
         _ => {}
     }
     let cfg = match load_config(cli.config.as_deref()) {
@@ -149,7 +162,7 @@ fn main() -> ExitCode {
         Cmd::Queue(q) => queuetool::run(&cfg, q),
         Cmd::CheckConfig => check_config(&cfg),
         Cmd::Newaliases => newaliases(&cfg),
-        Cmd::Passwd { .. } | Cmd::Sendmail { .. } => ExitCode::SUCCESS,
+        Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) => ExitCode::SUCCESS,
     }
 }
 
@@ -241,6 +254,31 @@ fn track(cfg: &Config, a: TrackArgs) -> ExitCode {
         println!("{line}");
     }
     ExitCode::SUCCESS
+}
+
+fn classify(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for f in files {
+        let result = std::fs::read(f)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| qms_delivery::report::classify(&raw));
+        match result {
+            Ok(r) => {
+                let mut v = r.to_json();
+                v["file"] = serde_json::Value::String(f.display().to_string());
+                println!("{v}");
+            }
+            Err(e) => {
+                eprintln!("qms: {}: {e}", f.display());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(65)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn passwd(user: &str) -> ExitCode {

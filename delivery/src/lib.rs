@@ -6,6 +6,7 @@ mod local;
 mod maildir;
 mod mbox;
 mod pipe;
+pub mod report;
 pub mod settle;
 
 use qms_spool::{RcptState, Recipient};
