@@ -696,3 +696,138 @@ fn starttls_to_a_tls_peer_and_encrypt_policy() {
         })
     });
 }
+
+const TRACKED: &str = "X-B-Envelope-Addr: bounces@example.test\n\
+BX-Delivery-Notification-Req-To: reports@example.test\n\
+BX-Delivery-Notification-Req-For: x@sink.test\n\
+BX-Non-Delivery-Notification-Req-To: bounces@example.test\n\
+BX-Disposition-Notification-Req-To: reader@example.test\n\
+X-B-CrossRef: offer-42\n\
+X-B-Non-Delivery-Notification-Actions: notify-co-recipients\n\
+BX-Sending-Method: submit\n\
+BX-MTA-Rem-Passwd: hunter2-secret\n\
+BX-Frobnicate: yes\n\
+Subject: tracked offer\n\
+\n\
+Dear candidate\n";
+
+#[test]
+fn tracked_sending_headers_from_a_trusted_submitter() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "");
+    let sink = Sink::start(&inst, "msp", "127.0.0.1", port, &[]);
+    inst.start();
+    let out = inst.sendmail(&["x@sink.test", "y@sink.test"], TRACKED.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the message at the sink", Duration::from_secs(30), || {
+        sink.messages().len() == 1
+    });
+    let m = &sink.messages()[0];
+    let head = m.split("\n\n").next().unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("\nbx-"),
+        "BX- fields left qms: {m}"
+    );
+    assert!(
+        head.contains("X-B-CrossRef: offer-42")
+            && head.contains("X-B-Non-Delivery-Notification-Actions"),
+        "{m}"
+    );
+    assert!(
+        head.contains("Disposition-Notification-To: <reader@example.test>")
+            && head.contains("Return-Receipt-To: <reader@example.test>"),
+        "{m}"
+    );
+    assert!(
+        m.contains("X-Mail-Args: <bounces@example.test>")
+            && m.contains("RET=HDRS")
+            && m.contains("ENVID=offer-42"),
+        "{m}"
+    );
+    let rcpt_args: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("X-Rcpt-Args:"))
+        .collect();
+    assert!(
+        rcpt_args
+            .iter()
+            .any(|l| l.contains("<x@sink.test>") && l.contains("SUCCESS") && l.contains("FAILURE")),
+        "{rcpt_args:?}"
+    );
+    assert!(
+        rcpt_args.iter().any(|l| l.contains("<y@sink.test>")
+            && !l.contains("SUCCESS")
+            && l.contains("FAILURE,DELAY")),
+        "{rcpt_args:?}"
+    );
+    let log = inst.log();
+    assert!(
+        !log.contains("hunter2-secret") && !m.contains("hunter2-secret"),
+        "a credential leaked"
+    );
+    assert!(
+        log.contains("status=msp-ignored") && log.contains("BX-Frobnicate"),
+        "{log}"
+    );
+}
+
+#[test]
+fn tracked_sending_headers_from_anyone_else_are_removed() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "");
+    let sink = Sink::start(&inst, "untrusted", "127.0.0.1", port, &[]);
+    inst.start();
+    // Plain SMTP from a client outside mynetworks, to a relay domain.
+    smtp_send(
+        inst.smtp_port,
+        "stranger@remote.test",
+        &["x@sink.test"],
+        &TRACKED.replace('\n', "\r\n"),
+        "",
+    );
+    wait_for("the message at the sink", Duration::from_secs(30), || {
+        sink.messages().len() == 1
+    });
+    let m = &sink.messages()[0];
+    let head = m.split("\n\n").next().unwrap().to_ascii_lowercase();
+    assert!(
+        !head.contains("\nbx-")
+            && !head.contains("\nx-b-")
+            && !head.contains("disposition-notification-to"),
+        "{m}"
+    );
+    assert!(
+        m.contains("X-Mail-Args: <stranger@remote.test>"),
+        "the envelope must not change: {m}"
+    );
+    assert!(inst.log().contains("status=msp-removed"));
+}
+
+#[test]
+fn dryrun_routes_and_tracks_but_sends_nothing() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "");
+    let sink = Sink::start(&inst, "dry", "127.0.0.1", port, &[]);
+    inst.start();
+    let msg =
+        "BX-Sending-Run-Control: dryrun\nX-B-CrossRef: dry-1\nSubject: dry\n\nnot for sending\n";
+    assert!(inst
+        .sendmail(&["x@sink.test"], msg.as_bytes())
+        .status
+        .success());
+    wait_for("the dry run in the log", Duration::from_secs(30), || {
+        inst.log().contains("status=dryrun")
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    wait_for("the dryrun event", Duration::from_secs(30), || {
+        String::from_utf8_lossy(&inst.qms(&["track", "--state", "dryrun"]).stdout)
+            .contains("x@sink.test")
+    });
+    assert!(sink.messages().is_empty(), "a dry run sent mail");
+}

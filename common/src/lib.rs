@@ -6,6 +6,7 @@ pub mod address;
 pub mod aliases;
 pub mod config;
 pub mod conn;
+pub mod headers;
 pub mod log;
 pub mod privs;
 pub mod safeio;

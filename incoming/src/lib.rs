@@ -4,7 +4,6 @@
 pub mod auth;
 
 mod data;
-mod headers;
 pub mod policy;
 pub mod sendmail;
 mod session;

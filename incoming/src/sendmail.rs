@@ -2,9 +2,9 @@
 //! through the same spool path as the SMTP server. Flags follow sendmail(8); exit codes
 //! follow sysexits.h.
 
-use crate::headers;
 use crate::session::{Kind, Peer, Session, Shared};
 use qms_common::conn::Conn;
+use qms_common::headers;
 use qms_common::log::quote;
 use qms_common::{qlog, Address, Config};
 use qms_spool::{Client, Committer, Job, Notify, QueueId, Recipient, Spool};

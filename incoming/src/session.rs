@@ -2,10 +2,10 @@
 //! `sendmail -bs`. It ends in a durable job in the `incoming` queue or in nothing.
 
 use crate::data::{self, Data};
-use crate::headers;
 use crate::policy;
 use qms_common::aliases;
 use qms_common::conn::{Conn, Line};
+use qms_common::headers;
 use qms_common::log::quote;
 use qms_common::{qlog, Address, Config};
 use qms_spool::{Client, Committer, DsnRet, Job, Notify, QueueId, Recipient, Spool};

@@ -6,6 +6,7 @@
 //! the incoming jobs are removed, so a crash can only make the router route a job again.
 
 mod expand;
+mod msp;
 
 use expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
@@ -36,12 +37,40 @@ impl Router {
         let mut staged = Vec::new();
         let mut routed = Vec::new();
         for mut c in batch {
+            // Tracked-sending fields first: they can change the sender and the DSN requests.
+            let rewritten = match self.spool.read_body(&c.job) {
+                Ok(msg) => msp::apply(&mut c.job, &msg),
+                Err(e) => {
+                    qlog!(
+                        "qid={} status=warning reason={}",
+                        c.job.id,
+                        quote(&e.to_string())
+                    );
+                    None
+                }
+            };
             let mut events = Vec::new();
             match self.route(&mut c, &mut events) {
+                Ok(children) if c.job.dryrun => {
+                    for r in children.iter().flat_map(|j| j.recipients.iter()) {
+                        qlog!(
+                            "qid={} to={} status=dryrun (routed via {}, not sent)",
+                            c.job.id,
+                            r.address,
+                            r.route.as_deref().unwrap_or("-")
+                        );
+                        events.push(
+                            c.job
+                                .track(&r.address, "dryrun", "routed", "dryrun")
+                                .relay(r.route.as_deref().unwrap_or("")),
+                        );
+                    }
+                    routed.push((c, events));
+                }
                 Ok(children) => {
                     let mut ok = true;
                     for child in children {
-                        match self.spool.stage_child(&c.job, &child) {
+                        match self.spool.stage_child(&c.job, &child, rewritten.as_deref()) {
                             Ok(Some(s)) => staged.push(s),
                             Ok(None) => {}
                             Err(e) => {

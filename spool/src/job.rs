@@ -135,6 +135,15 @@ pub struct Job {
     /// The message's Message-ID (without angle brackets), for tracking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
+    /// Tracked sending (X822-MSP): the application's reference (`X-B-CrossRef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crossref: Option<String>,
+    /// What to do when a recipient is not delivered (`X-B-Non-Delivery-Notification-Actions`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nd_actions: Vec<String>,
+    /// `BX-Sending-Run-Control: dryrun`: route, log and track, deliver nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dryrun: bool,
     /// SMTPUTF8 was requested; 8BITMIME body.
     #[serde(default)]
     pub smtputf8: bool,
@@ -206,6 +215,9 @@ impl Job {
             ret: None,
             envid: None,
             message_id: None,
+            crossref: None,
+            nd_actions: Vec::new(),
+            dryrun: false,
             smtputf8: false,
             eightbit: false,
             recipients,

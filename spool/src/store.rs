@@ -317,12 +317,39 @@ impl Spool {
 
     /// Stages a job for another queue that shares `parent`'s message file (the router's
     /// dispatch). Returns `None` when that job exists already (a dispatch redone after a crash).
-    pub fn stage_child(&self, parent: &Job, child: &Job) -> Result<Option<Staged>> {
+    /// With `message`, the child gets a message file of its own (the router rewrote the
+    /// headers) instead of a link to its parent's.
+    pub fn stage_child(
+        &self,
+        parent: &Job,
+        child: &Job,
+        message: Option<&[u8]>,
+    ) -> Result<Option<Staged>> {
         let dest = self.job_path("queue", &child.queue, &child.id);
         if dest.exists() || self.job_path("hold", &child.queue, &child.id).exists() {
             return Ok(None);
         }
         let link = self.body_path(child);
+        if let Some(data) = message {
+            // Truncated first: a dispatch redone after a crash may find a part written.
+            let write = (|| {
+                use std::io::Write;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o640)
+                    .open(&link)?;
+                f.write_all(data)?;
+                Ok::<File, io::Error>(f)
+            })();
+            let file = write.map_err(io_err("write", &link))?;
+            return Ok(Some(Staged {
+                id: child.id.clone(),
+                body: Some((file, link)),
+                job: self.stage_job(child)?,
+            }));
+        }
         match fs::hard_link(self.body_path(parent), &link) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

@@ -1,5 +1,5 @@
-//! The little header work the incoming side does on raw bytes: count hops, look for a field,
-//! remove Bcc, and write Received:, Date: and Message-ID:. The body is never rewritten.
+//! Raw header work on messages as stored (CRLF): find, count, read and remove fields, and
+//! write Received:, Date: and Message-ID:. The body of a message is never rewritten.
 
 /// The byte ranges of each header field (name start .. end of its last continuation line,
 /// CRLF included) and the offset where the body starts.
@@ -97,7 +97,7 @@ pub fn received(hop: &Hop, id: &str, now: i64) -> String {
     if let Some(r) = &hop.for_rcpt {
         s.push_str(&format!("\r\n\tfor <{}>", clean(r)));
     }
-    s.push_str(&format!("; {}\r\n", qms_common::time::rfc5322(now)));
+    s.push_str(&format!("; {}\r\n", crate::time::rfc5322(now)));
     s
 }
 
@@ -106,6 +106,21 @@ fn clean(s: &str) -> String {
     s.chars()
         .filter(|c| !c.is_control() && *c != '(' && *c != ')')
         .take(200)
+        .collect()
+}
+
+/// Every field as (name, unfolded value), in order.
+pub fn named_fields(msg: &[u8]) -> Vec<(String, String)> {
+    let (f, _) = fields(msg);
+    f.into_iter()
+        .filter_map(|(s, e)| {
+            let text = String::from_utf8_lossy(&msg[s..e]);
+            let (name, value) = text.split_once(':')?;
+            Some((
+                name.trim().to_string(),
+                value.split_whitespace().collect::<Vec<_>>().join(" "),
+            ))
+        })
         .collect()
 }
 
@@ -132,15 +147,18 @@ pub fn message_id_of(msg: &[u8]) -> Option<String> {
 
 /// A new Message-ID value (without brackets) for mail that lacks one.
 pub fn new_message_id(host: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
     format!(
-        "{}.{}@{host}",
-        qms_common::time::now_micros(),
-        qms_spool::QueueId::generate()
+        "{}.{}.{n}@{host}",
+        crate::time::now_micros(),
+        std::process::id()
     )
 }
 
 pub fn date(now: i64) -> String {
-    format!("Date: {}\r\n", qms_common::time::rfc5322(now))
+    format!("Date: {}\r\n", crate::time::rfc5322(now))
 }
 
 /// The recipients named in To:, Cc: and Bcc: (for `sendmail -t`).
