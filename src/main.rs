@@ -48,6 +48,8 @@ enum Cmd {
     },
     /// Role: move tracking events into the tracking database.
     Tracker,
+    /// Role: act on the reports that come back to `[tracking] envelope_maildir`.
+    Dsnproc,
     /// Show the history of each recipient of a message (queue id or Message-ID), or of all.
     Track(TrackArgs),
     /// Delivery reports: `qms dsn classify FILE…` prints one JSON object per file.
@@ -80,7 +82,7 @@ enum DsnCmd {
 
 #[derive(clap::Args)]
 struct TrackArgs {
-    /// A queue id or a Message-ID (angle brackets optional); all messages when absent.
+    /// A queue id, a Message-ID (angle brackets optional) or an X-B-CrossRef; all when absent.
     id: Option<String>,
     /// One JSON object per event, one per line.
     #[arg(long)]
@@ -157,6 +159,7 @@ fn main() -> ExitCode {
         Cmd::Smtpd => roles::smtpd(cfg),
         Cmd::Router => roles::router(cfg),
         Cmd::Tracker => roles::tracker(cfg),
+        Cmd::Dsnproc => roles::dsnproc(cfg),
         Cmd::Track(a) => track(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
         Cmd::Queue(q) => queuetool::run(&cfg, q),
@@ -247,6 +250,9 @@ fn track(cfg: &Config, a: TrackArgs) -> ExitCode {
         }
         if let Some(n) = e.attempt {
             line.push_str(&format!(" attempt={n}"));
+        }
+        if !e.role.is_empty() {
+            line.push_str(&format!(" by={}", e.role));
         }
         if let Some(r) = &e.reply {
             line.push_str(&format!(" ({r})"));

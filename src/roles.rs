@@ -142,6 +142,21 @@ pub fn tracker(cfg: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `qms dsnproc`: acts on the reports that come back to the envelope mailbox.
+pub fn dsnproc(cfg: Config) -> ExitCode {
+    let spool = match start_role(&cfg, "dsnproc", true) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    match qms_delivery::dsnproc::run(&cfg, &spool, &signals::STOP) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e));
+            ExitCode::from(78)
+        }
+    }
+}
+
 pub fn deliver(cfg: Config, queue: &str) -> ExitCode {
     if !cfg.queues.contains_key(queue) {
         eprintln!(

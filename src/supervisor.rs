@@ -73,6 +73,13 @@ fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
         queue: None,
         index: 0,
     });
+    if cfg.tracking.envelope_maildir.is_some() {
+        v.push(Slot {
+            role: "dsnproc".into(),
+            queue: None,
+            index: 0,
+        });
+    }
     for i in 0..cfg.queues.get("incoming").copied().unwrap_or(1).max(1) {
         v.push(Slot {
             role: "router".into(),

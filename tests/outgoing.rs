@@ -831,3 +831,73 @@ fn dryrun_routes_and_tracks_but_sends_nothing() {
     });
     assert!(sink.messages().is_empty(), "a dry run sent mail");
 }
+
+#[test]
+fn full_loop_bounce_tracked_and_co_recipient_told_once() {
+    let (ok_port, bad_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("ok.test", ok_port), ("bad.test", bad_port)],
+        "[tracking]\nenvelope_maildir = \"mail/bounces\"\n",
+    );
+    let text = std::fs::read_to_string(&inst.config).unwrap().replace(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"bounces@example.test\" = { maildir = \"mail/bounces\" }\n",
+    );
+    std::fs::write(&inst.config, text).unwrap();
+    let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
+    let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
+    inst.start();
+    let msg = "From: app@example.test\nTo: a@ok.test, b@bad.test\nMessage-ID: <offer-77@example.test>\n\
+X-B-Envelope-Addr: bounces@example.test\nBX-Non-Delivery-Notification-Req-To: bounces@example.test\n\
+X-B-Non-Delivery-Notification-Actions: notify-co-recipients\nX-B-CrossRef: offer-77\nSubject: Your offer\n\nWelcome aboard.\n";
+    assert!(inst.sendmail(&["-t"], msg.as_bytes()).status.success());
+    // The bounce reaches the envelope mailbox and dsnproc reads it (moves it to cur/).
+    let cur = inst.maildir("bounces").join("cur");
+    wait_for(
+        "dsnproc to read the bounce",
+        Duration::from_secs(60),
+        || std::fs::read_dir(&cur).map(|d| d.count()).unwrap_or(0) >= 1,
+    );
+    // The co-recipient gets one notice, and qms track shows the failure.
+    wait_for("the notice at a@ok.test", Duration::from_secs(60), || {
+        ok.messages()
+            .iter()
+            .any(|m| m.contains("Not delivered to b@bad.test"))
+    });
+    wait_for("the failure in qms track", Duration::from_secs(30), || {
+        let out = String::from_utf8_lossy(&inst.qms(&["track", "offer-77@example.test"]).stdout)
+            .into_owned();
+        out.contains("b@bad.test")
+            && out.contains("co-recipient-notified")
+            && out.contains("dsnproc")
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    let msgs = ok.messages();
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| m.contains("Not delivered to b@bad.test"))
+            .count(),
+        1,
+        "{msgs:?}"
+    );
+    assert_eq!(
+        msgs.iter().filter(|m| m.contains("Welcome aboard")).count(),
+        1
+    );
+    let notice = msgs.iter().find(|m| m.contains("Not delivered")).unwrap();
+    assert!(
+        notice.contains("X-Rcpt-Args: <a@ok.test>")
+            && !notice.contains("X-Rcpt-Args: <b@bad.test>"),
+        "{notice}"
+    );
+    let events =
+        String::from_utf8_lossy(&inst.qms(&["track", "offer-77", "--json"]).stdout).into_owned();
+    assert!(
+        events.lines().any(|l| l.contains("\"b@bad.test\"")
+            && l.contains("\"failed\"")
+            && l.contains("dsnproc")),
+        "found by crossref: {events}"
+    );
+}

@@ -334,6 +334,17 @@ pub struct Config {
     pub auth: Auth,
     /// Log lines as JSON objects instead of key=value text.
     pub log_json: bool,
+    pub tracking: Tracking,
+}
+
+/// Tracked sending: where returned reports arrive and what to do about them.
+#[derive(Clone, Debug, Default)]
+pub struct Tracking {
+    /// The Maildir `qms dsnproc` reads (the envelope address's mailbox).
+    pub envelope_maildir: Option<PathBuf>,
+    /// Tell the other To/Cc recipients when one hard-fails, for every tracked message
+    /// (otherwise only when the message asks with `X-B-Non-Delivery-Notification-Actions`).
+    pub co_recipient_notices: bool,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +460,13 @@ struct RawAuth {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawTracking {
+    envelope_maildir: Option<String>,
+    co_recipient_notices: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     format: Option<String>,
 }
@@ -490,6 +508,8 @@ struct Raw {
     auth: RawAuth,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    tracking: RawTracking,
 }
 
 /// The queues every instance has, whatever the config says, with their default worker counts.
@@ -765,6 +785,10 @@ impl Config {
             tls,
             auth,
             log_json,
+            tracking: Tracking {
+                envelope_maildir: raw.tracking.envelope_maildir.as_deref().map(resolve),
+                co_recipient_notices: raw.tracking.co_recipient_notices.unwrap_or(false),
+            },
         })
     }
 

@@ -33,6 +33,9 @@ pub struct Event {
     pub relay: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// The application's reference of a tracked message (`X-B-CrossRef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crossref: Option<String>,
     #[serde(default)]
     pub role: String,
 }

@@ -2,6 +2,7 @@
 //! what every delivery agent does after an attempt: retry later, give up, or finish.
 
 pub mod dsn;
+pub mod dsnproc;
 mod local;
 mod maildir;
 mod mbox;

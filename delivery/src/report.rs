@@ -34,6 +34,9 @@ pub struct Report {
     pub original_message_id: Option<String>,
     pub envid: Option<String>,
     pub reporting_mta: Option<String>,
+    /// The header section of the returned message, when the report carries it.
+    #[serde(skip)]
+    pub returned_headers: Option<Vec<u8>>,
 }
 
 /// Unfolds a block of header-style fields into (lower-case name, value) pairs.
@@ -187,6 +190,7 @@ pub fn classify(raw: &[u8]) -> Result<Report, String> {
         original_message_id: None,
         envid: None,
         reporting_mta: None,
+        returned_headers: None,
     };
     for p in &msg.parts {
         let ct = ctype(p);
@@ -206,11 +210,13 @@ pub fn classify(raw: &[u8]) -> Result<Report, String> {
                     _ => None,
                 }
                 .or_else(|| original_id_in(&body));
+                report.returned_headers = Some(header_section(p.contents()));
             }
             "text/rfc822-headers" | "text/global-headers"
                 if report.original_message_id.is_none() =>
             {
                 report.original_message_id = original_id_in(&body);
+                report.returned_headers = Some(header_section(p.contents()));
             }
             _ => {}
         }
@@ -238,6 +244,24 @@ pub fn classify(raw: &[u8]) -> Result<Report, String> {
         return Ok(report);
     }
     Ok(report)
+}
+
+fn header_section(raw: &[u8]) -> Vec<u8> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 2)
+        .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| i + 1))
+        .unwrap_or(raw.len());
+    // Reports read from a mailbox have LF line ends; the header helpers work on CRLF.
+    let mut out = Vec::with_capacity(end + 64);
+    for (i, &b) in raw[..end].iter().enumerate() {
+        if b == b'\n' && (i == 0 || raw[i - 1] != b'\r') {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out
 }
 
 /// The Message-ID of a returned copy found in text (after the usual "copy of the message" lines).

@@ -119,8 +119,11 @@ impl Router {
         let id = c.job.id.clone();
         let sender = qms_common::address::show_sender(&c.job.sender);
         let mid = c.job.message_id.clone();
+        let crossref = c.job.crossref.clone();
         let track = |a: &qms_common::Address, e: &str, from: &str, to: &str| {
-            Event::new(id.as_str(), mid.as_deref(), &a.to_string(), e, from, to)
+            let mut ev = Event::new(id.as_str(), mid.as_deref(), &a.to_string(), e, from, to);
+            ev.crossref = crossref.clone();
+            ev
         };
         for r in c.job.recipients.iter_mut() {
             if r.state.is_final() {

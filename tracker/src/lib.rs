@@ -17,7 +17,8 @@ pub struct Db {
 /// Which events `qms track` shows.
 #[derive(Default, Debug)]
 pub struct Query {
-    /// A queue id or a Message-ID (with or without angle brackets); None for all messages.
+    /// A queue id, a Message-ID (with or without angle brackets) or an `X-B-CrossRef`; None
+    /// for all messages.
     pub id: Option<String>,
     pub recipient: Option<String>,
     /// An event name or a state reached (`delivered`, `failed`, …).
@@ -47,6 +48,13 @@ impl Db {
              CREATE INDEX IF NOT EXISTS events_message_id ON events(message_id);
              CREATE INDEX IF NOT EXISTS events_recipient ON events(recipient);
              CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, offset INTEGER NOT NULL);",
+        )
+        .map_err(err)?;
+        // Added after the first schema: present in new databases, added to old ones.
+        let _ = conn.execute("ALTER TABLE events ADD COLUMN crossref TEXT", []);
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS events_crossref ON events(crossref)",
+            [],
         )
         .map_err(err)?;
         Ok(Db { conn })
@@ -91,7 +99,7 @@ impl Db {
             let complete = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             {
                 let mut insert = tx
-                    .prepare_cached("INSERT INTO events (time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")
+                    .prepare_cached("INSERT INTO events (time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role, crossref) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)")
                     .map_err(err)?;
                 for line in data[..complete]
                     .split(|b| *b == b'\n')
@@ -111,7 +119,8 @@ impl Db {
                                     ev.reply,
                                     ev.relay,
                                     ev.attempt,
-                                    ev.role
+                                    ev.role,
+                                    ev.crossref
                                 ])
                                 .map_err(err)?;
                             stored += 1;
@@ -145,10 +154,40 @@ impl Db {
         Ok(stored)
     }
 
+    /// The queue id and Message-ID of a tracked message, by its Message-ID or `X-B-CrossRef`.
+    pub fn find_message(&self, key: &str) -> Result<Option<(String, Option<String>)>, String> {
+        let key = key.trim().trim_start_matches('<').trim_end_matches('>');
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT qid, message_id FROM events WHERE message_id = ?1 OR crossref = ?1 ORDER BY time LIMIT 1")
+            .map_err(err)?;
+        let mut rows = stmt.query(params![key]).map_err(err)?;
+        match rows.next().map_err(err)? {
+            Some(r) => Ok(Some((r.get(0).map_err(err)?, r.get(1).map_err(err)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// True when an event of this kind was recorded for the message and recipient.
+    pub fn has_event(
+        &self,
+        message_id: &str,
+        recipient: &str,
+        event: &str,
+    ) -> Result<bool, String> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE message_id = ?1 AND lower(recipient) = lower(?2) AND event = ?3)",
+                params![message_id, recipient, event],
+                |r| r.get(0),
+            )
+            .map_err(err)
+    }
+
     /// The events a query selects, oldest first.
     pub fn history(&self, q: &Query) -> Result<Vec<Event>, String> {
         let mut sql = String::from(
-            "SELECT time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role FROM events WHERE 1=1",
+            "SELECT time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role, crossref FROM events WHERE 1=1",
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if let Some(id) = &q.id {
@@ -160,7 +199,7 @@ impl Db {
             args.push(id.into());
             // A queue id also finds the rest of its message's history by Message-ID.
             sql.push_str(&format!(
-                " AND (qid = ?{n} OR message_id = ?{n} OR message_id IN (SELECT message_id FROM events WHERE qid = ?{n} AND message_id IS NOT NULL))",
+                " AND (qid = ?{n} OR message_id = ?{n} OR crossref = ?{n} OR message_id IN (SELECT message_id FROM events WHERE (qid = ?{n} OR crossref = ?{n}) AND message_id IS NOT NULL))",
                 n = args.len()
             ));
         }
@@ -199,6 +238,7 @@ impl Db {
                     relay: r.get(8)?,
                     attempt: r.get::<_, Option<i64>>(9)?.map(|a| a as u32),
                     role: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
+                    crossref: r.get(11)?,
                 })
             })
             .map_err(err)?;

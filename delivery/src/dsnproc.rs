@@ -1,0 +1,275 @@
+//! `qms dsnproc`: reads the reports that come back to the envelope mailbox (a Maildir),
+//! classifies them, ties each to its tracked message and recipient, records what they say
+//! as tracking events, and, when asked, tells the other To/Cc recipients of a message that
+//! one of them did not get it.
+//!
+//! A report is tied to its message by the returned Message-ID, else by ENVID (qms sets it to
+//! the `X-B-CrossRef` or the Message-ID of tracked mail). A processed report moves from
+//! `new/` to `cur/`, as a mail reader would mark it read.
+
+use crate::report::{self, Report, ReportKind};
+use qms_common::log::quote;
+use qms_common::track::Event;
+use qms_common::{qlog, Address, Config};
+use qms_spool::{Client, Job, Notify, QueueId, Recipient, Spool};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const NOTICE_EVENT: &str = "co-recipient-notified";
+
+/// How long a report that matches no tracked message is looked at again before it is set
+/// aside (the tracker ingests events a moment after they happen).
+const GIVE_UP: Duration = Duration::from_secs(300);
+
+pub struct DsnProc<'a> {
+    cfg: &'a Config,
+    spool: &'a Spool,
+    db: qms_tracker::Db,
+    /// Notices sent by this process (the tracker may not have the events yet).
+    notified: HashSet<(String, String)>,
+}
+
+/// Runs until `stop` is set, looking at the Maildir every half second.
+pub fn run(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), String> {
+    let maildir = cfg
+        .tracking
+        .envelope_maildir
+        .clone()
+        .ok_or("no [tracking] envelope_maildir in the config")?;
+    let db = qms_tracker::Db::open(&qms_tracker::db_path(spool.root()))?;
+    let mut p = DsnProc {
+        cfg,
+        spool,
+        db,
+        notified: HashSet::new(),
+    };
+    crate::maildir::ensure(&maildir, true).map_err(|e| format!("{}: {e}", maildir.display()))?;
+    while !stop.load(Ordering::Relaxed) {
+        if p.pass(&maildir) == 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    Ok(())
+}
+
+impl DsnProc<'_> {
+    /// Handles every report waiting in `new/`; returns how many.
+    fn pass(&mut self, maildir: &Path) -> usize {
+        let mut done = 0;
+        let Ok(rd) = std::fs::read_dir(maildir.join("new")) else {
+            return 0;
+        };
+        let mut names: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        for name in &names {
+            let path = maildir.join("new").join(name);
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| report::classify(&raw))
+            {
+                Ok(r) => {
+                    if !self.handle(&r, &name.to_string_lossy(), age >= GIVE_UP) {
+                        continue; // the tracker may not have the message yet: look again later
+                    }
+                }
+                Err(e) => qlog!(
+                    "file={} status=unreadable reason={}",
+                    name.to_string_lossy(),
+                    quote(&e)
+                ),
+            }
+            let seen = maildir
+                .join("cur")
+                .join(format!("{}:2,S", name.to_string_lossy()));
+            if let Err(e) = std::fs::rename(&path, &seen) {
+                qlog!(
+                    "file={} status=error reason={}",
+                    name.to_string_lossy(),
+                    quote(&e.to_string())
+                );
+            }
+            done += 1;
+        }
+        done
+    }
+
+    /// Returns false to keep the report for another look.
+    fn handle(&mut self, r: &Report, file: &str, last_try: bool) -> bool {
+        let key = r.original_message_id.clone().or_else(|| r.envid.clone());
+        let found = key
+            .as_deref()
+            .and_then(|k| self.db.find_message(k).ok().flatten());
+        let correlated = found.is_some();
+        let (qid, message_id) = match found {
+            Some((q, m)) => (q, m.or(r.original_message_id.clone())),
+            None => ("-".to_string(), r.original_message_id.clone()),
+        };
+        let kind = serde_json::to_value(r.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        if matches!(r.kind, ReportKind::Other | ReportKind::Autoreply) {
+            qlog!("file={file} kind={kind} qid={qid} status=ignored");
+            return true;
+        }
+        if !correlated {
+            if !last_try && key.is_some() {
+                return false;
+            }
+            // Not one of ours, or a forgery: recorded in the log, believed nowhere.
+            qlog!(
+                "file={file} kind={kind} status=uncorrelated message_id={}",
+                quote(key.as_deref().unwrap_or("-"))
+            );
+            return true;
+        }
+        for rr in &r.recipients {
+            let (event, to) = match (r.kind, rr.action.as_str()) {
+                (ReportKind::Mdn, a) => (a.to_string(), a.to_string()),
+                (_, "failed") => ("failed".into(), "failed".into()),
+                (_, "delayed") => ("delayed".into(), "delayed".into()),
+                (_, "delivered") => ("confirmed-delivered".into(), "confirmed-delivered".into()),
+                (_, "relayed") => ("relayed".into(), "relayed".into()),
+                (_, other) => (other.to_string(), other.to_string()),
+            };
+            let mut ev = Event::new(
+                &qid,
+                message_id.as_deref(),
+                &rr.address,
+                &event,
+                "relayed",
+                &to,
+            );
+            ev.reply = rr.diagnostic.clone().or(rr.status.clone());
+            ev.relay = r.reporting_mta.clone();
+            qms_common::track::emit(ev);
+            qlog!(
+                "qid={qid} to={} status={event} report={kind} dsn={} file={file}",
+                rr.address,
+                rr.status.as_deref().unwrap_or("-")
+            );
+            let hard =
+                rr.action == "failed" && rr.status.as_deref().is_none_or(|s| s.starts_with('5'));
+            if hard {
+                if let (Some(mid), Some(head)) = (&message_id, &r.returned_headers) {
+                    self.notify_co_recipients(&qid, mid, &rr.address, head);
+                }
+            }
+        }
+        true
+    }
+
+    /// Tells the other To/Cc recipients that `failed` did not receive the message: only when
+    /// asked, never to the failed address or Bcc recipients, never for a list's member, once.
+    fn notify_co_recipients(&mut self, qid: &str, message_id: &str, failed: &str, head: &[u8]) {
+        let actions = qms_common::headers::value(head, "X-B-Non-Delivery-Notification-Actions")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if !self.cfg.tracking.co_recipient_notices && !actions.contains("notify-co-recipients") {
+            return;
+        }
+        let Some(parsed) = mail_parser::MessageParser::new().parse_headers(head) else {
+            return;
+        };
+        let mut visible: Vec<String> = Vec::new();
+        for list in [parsed.to(), parsed.cc()].into_iter().flatten() {
+            for a in list.iter() {
+                if let Some(addr) = a.address() {
+                    visible.push(addr.to_ascii_lowercase());
+                }
+            }
+        }
+        let failed_l = failed.to_ascii_lowercase();
+        // A member of a list the sender wrote to was not addressed by the sender: no notice.
+        if !visible.contains(&failed_l) {
+            return;
+        }
+        let key = (message_id.to_string(), failed_l.clone());
+        if self.notified.contains(&key)
+            || self
+                .db
+                .has_event(message_id, failed, NOTICE_EVENT)
+                .unwrap_or(false)
+        {
+            return;
+        }
+        let others: Vec<Address> = visible
+            .iter()
+            .filter(|a| **a != failed_l)
+            .filter_map(|a| Address::parse(a).ok())
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let subject = parsed
+            .subject()
+            .unwrap_or("(no subject)")
+            .replace(['\r', '\n'], " ");
+        let host = &self.cfg.hostname;
+        let rcpts: Vec<Recipient> = others
+            .iter()
+            .map(|a| {
+                let mut r = Recipient::new(a.clone());
+                r.notify = vec![Notify::Never];
+                r
+            })
+            .collect();
+        let client = Client {
+            local_user: Some("dsnproc".into()),
+            trusted: true,
+            ..Client::default()
+        };
+        let job = Job::new(
+            "incoming",
+            None,
+            rcpts,
+            client,
+            "notice",
+            &self.cfg.outgoing,
+        );
+        let to_line = others
+            .iter()
+            .map(|a| format!("<{a}>"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let build = |id: &QueueId| -> Vec<u8> {
+            let now = qms_common::time::now();
+            format!(
+                "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: {to_line}\r\nSubject: Not delivered to {failed}: {subject}\r\nDate: {}\r\nMessage-ID: <{id}.notice@{host}>\r\nIn-Reply-To: <{message_id}>\r\nReferences: <{message_id}>\r\nAuto-Submitted: auto-generated\r\n\r\nThe message \"{subject}\" that you also received could not be delivered to\r\n{failed}. This notice goes to its other recipients, once.\r\n",
+                qms_common::time::rfc5322(now)
+            )
+            .into_bytes()
+        };
+        match self.spool.enqueue(job, &build) {
+            Ok(nid) => {
+                self.notified.insert(key);
+                qms_common::track::emit(
+                    Event::new(
+                        qid,
+                        Some(message_id),
+                        failed,
+                        NOTICE_EVENT,
+                        "failed",
+                        "failed",
+                    )
+                    .reply(Some(&format!("notice {nid} to {to_line}"))),
+                );
+                qlog!(
+                    "qid={qid} to={failed} status={NOTICE_EVENT} notice_qid={nid} recipients={}",
+                    quote(&to_line)
+                );
+            }
+            Err(e) => qlog!(
+                "qid={qid} to={failed} status=notice-error reason={}",
+                quote(&e.to_string())
+            ),
+        }
+    }
+}
