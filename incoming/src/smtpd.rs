@@ -137,8 +137,18 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
             continue;
         }
         for (kind, l) in &listeners {
-            while let Ok((stream, addr)) = l.accept() {
-                accept(&shared, &counts, *kind, stream, addr.ip());
+            loop {
+                match l.accept() {
+                    Ok((stream, addr)) => accept(&shared, &counts, *kind, stream, addr.ip()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // Out of descriptors or memory: the listener stays readable, so wait a
+                        // little instead of spinning; the client waits in the backlog.
+                        qlog!("event=accept-error reason={}", quote(&e.to_string()));
+                        std::thread::sleep(Duration::from_millis(100));
+                        break;
+                    }
+                }
             }
         }
     }
