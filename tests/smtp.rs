@@ -294,13 +294,28 @@ fn session_and_connection_limits() {
     assert!(!out.contains("250 2.0.0 Ok"), "{out}");
     // Two stalled sessions from one address hold its quota; a third is refused at once,
     // and neither stalls anyone's mail once they are gone.
-    let mut a = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
-    let mut b = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
-    b.write_all(b"EHLO half-a-comm").unwrap();
-    for s in [&mut a, &mut b] {
+    // A session's slot is given back just after its last reply: open the two stalled
+    // sessions once both get a banner.
+    let banner = |s: &mut TcpStream| -> bool {
         let mut buf = [0u8; 100];
-        assert!(s.read(&mut buf).unwrap() > 0, "no banner");
-    }
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"220 "))
+    };
+    let mut pair = None;
+    wait_for(
+        "two sessions with a banner",
+        Duration::from_secs(20),
+        || {
+            let mut a = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+            let mut b = TcpStream::connect(("127.0.0.1", inst.smtp_port)).unwrap();
+            if banner(&mut a) && banner(&mut b) {
+                pair = Some((a, b));
+                return true;
+            }
+            false
+        },
+    );
+    let (a, mut b) = pair.unwrap();
+    b.write_all(b"EHLO half-a-comm").unwrap();
     let third = talk(inst.smtp_port, b"", 1);
     assert!(
         third.starts_with("421 4.7.0 Too many connections from your address"),

@@ -38,8 +38,7 @@ pub fn write(line: &str) {
         if !rest.is_empty() {
             obj.insert("text".into(), rest.into());
         }
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{}", serde_json::Value::Object(obj));
+        emit(format!("{}\n", serde_json::Value::Object(obj)));
         return;
     }
     let stamp = if *STAMP.get().unwrap_or(&true) {
@@ -47,8 +46,16 @@ pub fn write(line: &str) {
     } else {
         String::new()
     };
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{stamp}qms/{role}[{}]: {line}", std::process::id());
+    emit(format!(
+        "{stamp}qms/{role}[{}]: {line}\n",
+        std::process::id()
+    ));
+}
+
+/// One write() per line: processes share the log file, and a line written in pieces could
+/// be cut by another process's line.
+fn emit(line: String) {
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Quotes a value for a key=value line when it holds spaces or quotes.
