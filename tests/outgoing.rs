@@ -901,3 +901,87 @@ X-B-Non-Delivery-Notification-Actions: notify-co-recipients\nX-B-CrossRef: offer
         "found by crossref: {events}"
     );
 }
+
+#[test]
+fn verp_envelopes_are_signed_and_forgeries_not_believed() {
+    let (ok_port, bad_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("ok.test", ok_port), ("bad.test", bad_port)],
+        "[tracking]\nenvelope_maildir = \"mail/envelope\"\nenvelope = \"envelope@example.test\"\nkey = \"a-test-key-of-enough-length\"\n",
+    );
+    let text = std::fs::read_to_string(&inst.config).unwrap().replace(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"envelope@example.test\" = { maildir = \"mail/envelope\" }\n",
+    );
+    std::fs::write(&inst.config, text).unwrap();
+    let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
+    let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
+    inst.start();
+    let msg = "From: app@example.test\nTo: a@ok.test, b@bad.test\nX-B-CrossRef: v-1\n\
+X-B-Non-Delivery-Notification-Actions: notify-co-recipients\nSubject: signed\n\nbody\n";
+    assert!(inst.sendmail(&["-t"], msg.as_bytes()).status.success());
+    wait_for(
+        "the original and the notice at a@ok.test",
+        Duration::from_secs(60),
+        || ok.messages().len() == 2,
+    );
+    let original = ok
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("Subject: signed"))
+        .unwrap();
+    assert!(
+        original.contains("X-Mail-Args: <envelope+"),
+        "a VERP envelope per recipient: {original}"
+    );
+    // The real report was believed; a copy with a tampered signature is not.
+    let cur = inst.maildir("envelope").join("cur");
+    wait_for("the report read", Duration::from_secs(30), || {
+        std::fs::read_dir(&cur).map(|d| d.count()).unwrap_or(0) == 1
+    });
+    let real = std::fs::read_dir(&cur)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(&real).unwrap();
+    let to_line = text
+        .lines()
+        .find(|l| l.starts_with("Delivered-To: envelope+"))
+        .unwrap()
+        .to_string();
+    let forged_line = format!(
+        "{}x@example.test",
+        to_line
+            .split('@')
+            .next()
+            .unwrap()
+            .trim_end_matches(|c: char| c != '-')
+    );
+    let forged = text.replacen(&to_line, &forged_line, 1);
+    let tmp = inst.maildir("envelope").join("tmp/forged");
+    std::fs::write(&tmp, forged).unwrap();
+    inst.own();
+    std::fs::rename(&tmp, inst.maildir("envelope").join("new/forged")).unwrap();
+    wait_for("the forgery to be refused", Duration::from_secs(30), || {
+        inst.log().contains("status=forged")
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    assert_eq!(
+        ok.messages().len(),
+        2,
+        "a forged bounce caused another notice"
+    );
+    let failed = String::from_utf8_lossy(
+        &inst
+            .qms(&["track", "v-1", "--state", "failed", "--json"])
+            .stdout,
+    )
+    .lines()
+    .filter(|l| l.contains("dsnproc") && l.contains("\"event\":\"failed\""))
+    .count();
+    assert_eq!(failed, 1, "only the real report is recorded");
+}

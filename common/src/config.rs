@@ -345,6 +345,10 @@ pub struct Tracking {
     /// Tell the other To/Cc recipients when one hard-fails, for every tracked message
     /// (otherwise only when the message asks with `X-B-Non-Delivery-Notification-Actions`).
     pub co_recipient_notices: bool,
+    /// The dedicated envelope address: tracked mail goes out as `envelope+QID-SIG@domain`.
+    pub envelope: Option<Address>,
+    /// The key that signs VERP tokens (`key`, or the contents of `key_file`).
+    pub key: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -463,6 +467,9 @@ struct RawAuth {
 struct RawTracking {
     envelope_maildir: Option<String>,
     co_recipient_notices: Option<bool>,
+    envelope: Option<String>,
+    key: Option<String>,
+    key_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -753,6 +760,24 @@ impl Config {
             cert: resolve(&t.cert),
             key: resolve(&t.key),
         });
+        let envelope = match raw.tracking.envelope.as_deref() {
+            Some(a) => {
+                Some(Address::parse(a).map_err(|e| err("tracking.envelope", e.to_string()))?)
+            }
+            None => None,
+        };
+        let key = match (&raw.tracking.key, &raw.tracking.key_file) {
+            (_, Some(f)) => std::fs::read(resolve(f))
+                .map_err(|e| err("tracking.key_file", format!("cannot read {f}: {e}")))?,
+            (Some(k), None) => k.as_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        if envelope.is_some() && key.len() < 16 {
+            return Err(err(
+                "tracking.key",
+                "a VERP envelope needs a key (key or key_file) of at least 16 bytes".into(),
+            ));
+        }
         let auth = Auth {
             users: raw.auth.users.as_deref().map(resolve),
             plaintext_loopback: raw.auth.plaintext_loopback.unwrap_or(false),
@@ -788,6 +813,8 @@ impl Config {
             tracking: Tracking {
                 envelope_maildir: raw.tracking.envelope_maildir.as_deref().map(resolve),
                 co_recipient_notices: raw.tracking.co_recipient_notices.unwrap_or(false),
+                envelope,
+                key,
             },
         })
     }

@@ -13,6 +13,7 @@ pub mod safeio;
 pub mod time;
 pub mod tls;
 pub mod track;
+pub mod verp;
 
 pub use address::Address;
 pub use config::Config;

@@ -19,6 +19,17 @@ use std::time::Duration;
 
 const NOTICE_EVENT: &str = "co-recipient-notified";
 
+/// The address a report was delivered to (the first Delivered-To: of the mailbox copy).
+fn delivered_to(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(&raw[..raw.len().min(8192)]).into_owned();
+    text.lines().take_while(|l| !l.is_empty()).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("delivered-to")
+            .then(|| v.trim().to_string())
+    })
+}
+
 /// How long a report that matches no tracked message is looked at again before it is set
 /// aside (the tracker ingests events a moment after they happen).
 const GIVE_UP: Duration = Duration::from_secs(300);
@@ -70,12 +81,15 @@ impl DsnProc<'_> {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .unwrap_or_default();
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|raw| report::classify(&raw))
-            {
+            let raw = std::fs::read(&path).unwrap_or_default();
+            match report::classify(&raw) {
                 Ok(r) => {
-                    if !self.handle(&r, &name.to_string_lossy(), age >= GIVE_UP) {
+                    if !self.handle(
+                        &r,
+                        delivered_to(&raw).as_deref(),
+                        &name.to_string_lossy(),
+                        age >= GIVE_UP,
+                    ) {
                         continue; // the tracker may not have the message yet: look again later
                     }
                 }
@@ -101,8 +115,25 @@ impl DsnProc<'_> {
     }
 
     /// Returns false to keep the report for another look.
-    fn handle(&mut self, r: &Report, file: &str, last_try: bool) -> bool {
-        let key = r.original_message_id.clone().or_else(|| r.envid.clone());
+    fn handle(&mut self, r: &Report, came_to: Option<&str>, file: &str, last_try: bool) -> bool {
+        // A VERP address names the message; its signature must match the reported recipient.
+        let mut signed_qid = None;
+        if let (Some(base), Some(to)) = (&self.cfg.tracking.envelope, came_to) {
+            for rr in &r.recipients {
+                match qms_common::verp::check(base, &self.cfg.tracking.key, to, &rr.address) {
+                    qms_common::verp::Token::Valid { qid } => signed_qid = Some(qid),
+                    qms_common::verp::Token::Forged { qid } => {
+                        qlog!("file={file} qid={qid} to={} status=forged reason=\"bad VERP signature; not believed\"", rr.address);
+                        return true;
+                    }
+                    qms_common::verp::Token::None => {}
+                }
+            }
+        }
+        let key = signed_qid
+            .clone()
+            .or_else(|| r.original_message_id.clone())
+            .or_else(|| r.envid.clone());
         let found = key
             .as_deref()
             .and_then(|k| self.db.find_message(k).ok().flatten());

@@ -120,6 +120,8 @@ impl Router {
         let sender = qms_common::address::show_sender(&c.job.sender);
         let mid = c.job.message_id.clone();
         let crossref = c.job.crossref.clone();
+        let tracked = crossref.is_some()
+            || (c.job.sender.is_some() && c.job.sender == self.cfg.tracking.envelope);
         let track = |a: &qms_common::Address, e: &str, from: &str, to: &str| {
             let mut ev = Event::new(id.as_str(), mid.as_deref(), &a.to_string(), e, from, to);
             ev.crossref = crossref.clone();
@@ -129,7 +131,22 @@ impl Router {
             if r.state.is_final() {
                 continue;
             }
-            for Expanded { addr, dest, owner } in expander.expand(&r.address) {
+            for Expanded {
+                addr,
+                dest,
+                mut owner,
+            } in expander.expand(&r.address)
+            {
+                // Tracked mail: a signed envelope per recipient, so its reports name it.
+                if let (Some(base), true) = (&self.cfg.tracking.envelope, tracked) {
+                    owner = qms_common::verp::envelope(
+                        base,
+                        &self.cfg.tracking.key,
+                        id.as_str(),
+                        &addr.to_string(),
+                    )
+                    .or(owner);
+                }
                 let mut out = r.clone();
                 if addr != r.address {
                     out.original = Some(r.address.clone());
@@ -156,7 +173,7 @@ impl Router {
                 out.user = user;
                 out.state = RcptState::Pending;
                 if let Some(o) = &owner {
-                    qlog!("qid={id} to={addr} list_owner={o} status=list-sender");
+                    qlog!("qid={id} to={addr} sender={o} status=own-sender");
                 }
                 let list = by_queue.entry((queue, owner)).or_default();
                 if !list

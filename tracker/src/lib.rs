@@ -159,7 +159,7 @@ impl Db {
         let key = key.trim().trim_start_matches('<').trim_end_matches('>');
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT qid, message_id FROM events WHERE message_id = ?1 OR crossref = ?1 ORDER BY time LIMIT 1")
+            .prepare_cached("SELECT qid, message_id FROM events WHERE qid = ?1 OR message_id = ?1 OR crossref = ?1 ORDER BY time LIMIT 1")
             .map_err(err)?;
         let mut rows = stmt.query(params![key]).map_err(err)?;
         match rows.next().map_err(err)? {
