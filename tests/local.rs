@@ -136,14 +136,13 @@ fn mbox_waits_for_a_lock_and_never_interleaves() {
     let mut inst = Instance::new("", "[queues.local]\nworkers = 2\n");
     let dir = inst.dir.clone();
     let mbox = dir.join("carol.mbox");
-    let cfg = std::fs::read_to_string(&inst.config).unwrap().replace(
+    inst.edit_config(
         "[mailboxes]\n",
         &format!(
             "[mailboxes]\n\"carol@example.test\" = {{ mbox = \"{}\" }}\n",
             mbox.display()
         ),
     );
-    std::fs::write(&inst.config, cfg).unwrap();
     std::fs::write(&mbox, "").unwrap();
     inst.own();
     inst.start();
@@ -194,22 +193,12 @@ fn mbox_waits_for_a_lock_and_never_interleaves() {
     );
 
     // Many deliveries by two workers at once: every message whole, none interleaved.
-    std::thread::scope(|s| {
-        for t in 0..4 {
-            let inst = &inst;
-            s.spawn(move || {
-                for i in 0..25 {
-                    let body = format!("{}\nEND-{t}-{i}", format!("line {t}-{i}\n").repeat(200));
-                    assert!(inst
-                        .sendmail(
-                            &["carol@example.test"],
-                            &message(&format!("c{t}-{i}"), &body)
-                        )
-                        .status
-                        .success());
-                }
-            });
-        }
+    send_many(&inst, 100, 4, |i| {
+        let body = format!("{}\nEND-{i}-x", format!("line {i}-x\n").repeat(200));
+        (
+            "carol@example.test".into(),
+            message(&format!("c{i}-x"), &body),
+        )
     });
     wait_for("100 more messages", Duration::from_secs(60), || {
         std::fs::read_to_string(&mbox)
@@ -219,18 +208,9 @@ fn mbox_waits_for_a_lock_and_never_interleaves() {
             == 100
     });
     let script = "import mailbox,sys\nmb=mailbox.mbox(sys.argv[1])\nbad=0\nn=0\nfor m in mb:\n  p=m.get_payload()\n  s=m['Subject'] or ''\n  if s.startswith('c'):\n    n+=1\n    k=s[1:]\n    if p.count('line '+k+'\\n')!=200 or ('END-'+k) not in p or p.count('line ')!=200: bad+=1\nprint(n,bad)";
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&mbox)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "100 0",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = python(script, &[mbox.display().to_string()]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "100 0");
 }
 
 #[test]

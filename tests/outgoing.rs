@@ -67,16 +67,14 @@ fn relay_instance(routes: &[(&str, u16)], extra: &str) -> Instance {
     }
     let cfg = format!("{r}{extra}");
     let inst = Instance::new("", &cfg);
-    let text = std::fs::read_to_string(&inst.config).unwrap();
     let relays: Vec<String> = routes.iter().map(|(d, _)| format!("\"{d}\"")).collect();
-    let text = text.replace(
+    inst.edit_config(
         "local = [\"example.test\"]",
         &format!(
             "local = [\"example.test\"]\nrelay = [{}]",
             relays.join(", ")
         ),
     );
-    std::fs::write(&inst.config, text).unwrap();
     inst
 }
 
@@ -297,17 +295,8 @@ fn retry_after_a_temporary_failure_and_expiry_bounces() {
         .find(|m| m.contains("y@never.test"))
         .unwrap();
     let check = "import email,sys\nm=email.message_from_string(sys.argv[1])\nassert m.get_content_type()=='multipart/report', m.get_content_type()\nassert m.get_param('report-type')=='delivery-status'\nparts=[p.get_content_type() for p in m.walk()]\nassert 'message/delivery-status' in parts, parts\nprint('ok')";
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(check)
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{report}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = python(check, std::slice::from_ref(&report));
+    assert!(ok, "{out}{report}");
     assert!(
         report.contains("Action: failed") && report.contains("expired"),
         "{report}"
@@ -361,10 +350,7 @@ fn mx_preference_null_mx_and_no_mx() {
         ],
     );
     let mut inst = Instance::new("", &format!("[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[outgoing]\nport = {port}\nconnect_timeout = 5\n"));
-    let text = std::fs::read_to_string(&inst.config)
-        .unwrap()
-        .replace("[smtp]\n", "[smtp]\nmynetworks = [\"127.0.0.0/8\"]\n");
-    std::fs::write(&inst.config, text).unwrap();
+    inst.edit_config("[smtp]\n", "[smtp]\nmynetworks = [\"127.0.0.0/8\"]\n");
     // Only the second MX (127.0.0.3) answers: the first (127.0.0.2) refuses connections.
     let sink = Sink::start(&inst, "mx2", "127.0.0.3", port, &[]);
     inst.start();
@@ -471,21 +457,11 @@ fn two_smtp_workers_never_deliver_a_job_twice() {
     let sink = Sink::start(&inst, "w", "127.0.0.1", port, &[]);
     inst.start();
     let n = 150;
-    std::thread::scope(|s| {
-        for t in 0..3 {
-            let inst = &inst;
-            s.spawn(move || {
-                for i in (t..n).step_by(3) {
-                    assert!(inst
-                        .sendmail(
-                            &[&format!("r{i}@sink.test")],
-                            &message(&format!("w{i}"), &format!("tok-{i}-"))
-                        )
-                        .status
-                        .success());
-                }
-            });
-        }
+    send_many(&inst, n, 3, |i| {
+        (
+            format!("r{i}@sink.test"),
+            message(&format!("w{i}"), &format!("tok-{i}-")),
+        )
     });
     wait_for("all at the sink", Duration::from_secs(60), || {
         sink.messages().len() >= n
@@ -572,17 +548,8 @@ fn success_report_when_the_next_hop_has_no_dsn_and_8bit_refusal() {
     );
     // 8-bit mail to a peer without 8BITMIME: that recipient fails with a clear reason.
     let script = "import smtplib,sys\ns=smtplib.SMTP('127.0.0.1',int(sys.argv[1]),timeout=30)\ns.ehlo()\ns.sendmail('alice@example.test',['y@no8bit.test'],'Subject: caf\\xe9\\r\\n\\r\\nna\\xefve\\r\\n'.encode('latin-1'),mail_options=['BODY=8BITMIME'])\ns.quit()";
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(inst.smtp_port.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
     wait_for("the 8-bit failure report", Duration::from_secs(30), || {
         inst.read_maildir("alice")
             .iter()
@@ -653,15 +620,14 @@ fn delay_warning_at_the_warning_time() {
 fn starttls_to_a_tls_peer_and_encrypt_policy() {
     // The receiving peer is a second qms with a certificate.
     let mut peer = Instance::new("", "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
-    let text = std::fs::read_to_string(&peer.config).unwrap().replace(
+    peer.edit_config(
         "local = [\"example.test\"]",
         "local = [\"example.test\", \"peer.test\"]",
     );
-    let text = text.replace(
+    peer.edit_config(
         "[mailboxes]\n",
         "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
     );
-    std::fs::write(&peer.config, text).unwrap();
     make_cert(&peer.dir, "peer.test");
     peer.own();
     peer.start();
@@ -839,11 +805,10 @@ fn full_loop_bounce_tracked_and_co_recipient_told_once() {
         &[("ok.test", ok_port), ("bad.test", bad_port)],
         "[tracking]\nenvelope_maildir = \"mail/bounces\"\n",
     );
-    let text = std::fs::read_to_string(&inst.config).unwrap().replace(
+    inst.edit_config(
         "[mailboxes]\n",
         "[mailboxes]\n\"bounces@example.test\" = { maildir = \"mail/bounces\" }\n",
     );
-    std::fs::write(&inst.config, text).unwrap();
     let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
     let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
     inst.start();
@@ -909,11 +874,10 @@ fn verp_envelopes_are_signed_and_forgeries_not_believed() {
         &[("ok.test", ok_port), ("bad.test", bad_port)],
         "[tracking]\nenvelope_maildir = \"mail/envelope\"\nenvelope = \"envelope@example.test\"\nkey = \"a-test-key-of-enough-length\"\n",
     );
-    let text = std::fs::read_to_string(&inst.config).unwrap().replace(
+    inst.edit_config(
         "[mailboxes]\n",
         "[mailboxes]\n\"envelope@example.test\" = { maildir = \"mail/envelope\" }\n",
     );
-    std::fs::write(&inst.config, text).unwrap();
     let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
     let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
     inst.start();

@@ -216,11 +216,10 @@ fn disconnect_mid_data_leaves_nothing() {
 #[test]
 fn dsn_parameters_and_bdat_are_stored() {
     let mut inst = Instance::new("", "[routes]\n\"hold.test\" = \"pipe:exit 75\"\n[outgoing]\nmin_backoff = 3600\nmax_backoff = 3600\n");
-    let cfg = std::fs::read_to_string(&inst.config).unwrap().replace(
+    inst.edit_config(
         "local = [\"example.test\"]",
         "local = [\"example.test\"]\nrelay = [\"hold.test\"]",
     );
-    std::fs::write(&inst.config, cfg).unwrap();
     inst.start();
     let input = b"EHLO c\r\nMAIL FROM:<a@remote.test> RET=HDRS ENVID=env+2B1\r\nRCPT TO:<alice@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;alice+2Bx@example.test\r\nBDAT 20\r\nSubject: chunked\r\n\r\nBDAT 4 LAST\r\nhi\r\nQUIT\r\n";
     let out = talk(inst.smtp_port, input, 7);
@@ -256,10 +255,7 @@ fn dsn_parameters_and_bdat_are_stored() {
 #[test]
 fn mynetworks_may_relay() {
     let mut inst = Instance::new("", "[routes]\n\"far.test\" = \"pipe:cat > /dev/null\"\n");
-    let cfg = std::fs::read_to_string(&inst.config)
-        .unwrap()
-        .replace("[smtp]\n", "[smtp]\nmynetworks = [\"127.0.0.0/8\"]\n");
-    std::fs::write(&inst.config, cfg).unwrap();
+    inst.edit_config("[smtp]\n", "[smtp]\nmynetworks = [\"127.0.0.0/8\"]\n");
     inst.start();
     let out = talk(
         inst.smtp_port,

@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
 use std::time::Duration;
 
 fn count(inst: &Instance, state: &str) -> usize {
@@ -18,18 +17,12 @@ fn events_survive_killed_tracker_and_writer_exactly_once() {
     let n = 60;
     for i in 0..n {
         let msg = format!("Message-ID: <m{i}@client.test>\r\nSubject: t{i}\r\n\r\nbody {i}\r\n");
-        let script = "import smtplib,sys\ns=smtplib.SMTP('127.0.0.1',int(sys.argv[1]),timeout=30)\ns.sendmail('a@remote.test',['alice@example.test'],sys.argv[2])\ns.quit()";
-        let out = Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .arg(inst.smtp_port.to_string())
-            .arg(&msg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        smtp_send(
+            inst.smtp_port,
+            "a@remote.test",
+            &["alice@example.test"],
+            &msg,
+            "",
         );
         if i % 10 == 5 {
             kill_role(&inst, "tracker");

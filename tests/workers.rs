@@ -11,23 +11,11 @@ fn two_workers_never_deliver_a_job_twice() {
     let mut inst = Instance::new("", "[queues.local]\nworkers = 2\n");
     inst.start();
     let n = 200;
-    std::thread::scope(|s| {
-        for t in 0..4 {
-            let inst = &inst;
-            s.spawn(move || {
-                for i in (t..n).step_by(4) {
-                    let out = inst.sendmail(
-                        &["alice@example.test"],
-                        &message(&format!("m{i}"), &format!("token-{i}")),
-                    );
-                    assert!(
-                        out.status.success(),
-                        "{}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-            });
-        }
+    send_many(&inst, n, 4, |i| {
+        (
+            "alice@example.test".into(),
+            message(&format!("m{i}"), &format!("token-{i}")),
+        )
     });
     wait_for("all delivered", Duration::from_secs(60), || {
         inst.count_new("alice") >= n
@@ -85,10 +73,7 @@ fn a_killed_worker_releases_its_job_to_another() {
             dir.display()
         ),
     );
-    let cfg = std::fs::read_to_string(&inst.config)
-        .unwrap()
-        .replace("SCRIPT", &script.display().to_string());
-    std::fs::write(&inst.config, cfg).unwrap();
+    inst.edit_config("SCRIPT", &script.display().to_string());
     inst.start();
     let out = inst.sendmail(&["someone@slow.test"], &message("slow", "the-slow-one"));
     assert!(out.status.success());
@@ -152,10 +137,7 @@ fn queue_tools_act_while_workers_run() {
             dir.display()
         ),
     );
-    let cfg = std::fs::read_to_string(&inst.config)
-        .unwrap()
-        .replace("SCRIPT", &script.display().to_string());
-    std::fs::write(&inst.config, cfg).unwrap();
+    inst.edit_config("SCRIPT", &script.display().to_string());
     inst.start();
     for who in ["a@later.test", "b@later.test"] {
         assert!(inst
@@ -265,24 +247,18 @@ fn sighup_scales_workers_without_losing_or_doubling_jobs() {
     std::thread::scope(|s| {
         let inst = &inst;
         s.spawn(move || {
-            for i in 0..n {
-                assert!(inst
-                    .sendmail(
-                        &["alice@example.test"],
-                        &message(&format!("h{i}"), &format!("tok-{i}-"))
-                    )
-                    .status
-                    .success());
-            }
+            send_many(inst, n, 1, |i| {
+                (
+                    "alice@example.test".into(),
+                    message(&format!("h{i}"), &format!("tok-{i}-")),
+                )
+            })
         });
         // Mid-flow: three local workers instead of one.
         wait_for("some deliveries", Duration::from_secs(30), || {
             inst.count_new("alice") >= 10
         });
-        let cfg = std::fs::read_to_string(&inst.config)
-            .unwrap()
-            .replace("[queues.local]\nworkers = 1", "[queues.local]\nworkers = 3");
-        std::fs::write(&inst.config, cfg).unwrap();
+        inst.edit_config("[queues.local]\nworkers = 1", "[queues.local]\nworkers = 3");
         let pid: i32 = std::fs::read_to_string(inst.spool().join("run/qms.pid"))
             .unwrap()
             .trim()

@@ -101,6 +101,16 @@ scan_interval = 2
         }
     }
 
+    /// Rewrites the config file, replacing `from` (which must be there) with `to`.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains(from), "the config has no {from:?}");
+        // Replaced in one rename: processes read the config while a test changes it.
+        let tmp = self.config.with_extension("toml.new");
+        std::fs::write(&tmp, text.replace(from, to)).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
     pub fn spool(&self) -> PathBuf {
         self.dir.join("spool")
     }
@@ -245,6 +255,32 @@ impl Drop for Instance {
 pub fn message(subject: &str, body: &str) -> Vec<u8> {
     format!("From: root@example.test\nTo: alice@example.test\nSubject: {subject}\n\n{body}\n")
         .into_bytes()
+}
+
+/// Injects messages 0..n with `sendmail` from `threads` threads at once; `make(i)` gives
+/// message i's recipient and text. Every injection must succeed.
+pub fn send_many(
+    inst: &Instance,
+    n: usize,
+    threads: usize,
+    make: impl Fn(usize) -> (String, Vec<u8>) + Sync,
+) {
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let make = &make;
+            s.spawn(move || {
+                for i in (t..n).step_by(threads) {
+                    let (to, msg) = make(i);
+                    let out = inst.sendmail(&[&to], &msg);
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            });
+        }
+    });
 }
 
 /// Runs a Python script with arguments: whether it succeeded, and what it printed.
