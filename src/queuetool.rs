@@ -261,6 +261,15 @@ fn show(spool: &Spool, id: &str, body: bool) -> ExitCode {
         if let Some(u) = &j.client.local_user {
             println!("client: local user {u}");
         }
+        if let Some(h) = &j.smarthost {
+            println!("smarthost: {h}");
+        }
+        if j.debug {
+            println!("run control: debug (SMTP dialogue logged)");
+        }
+        if !j.post_plugins.is_empty() {
+            println!("post-plugins: {}", j.post_plugins.join(", "));
+        }
         println!(
             "attempts: {}\nnext attempt: {}",
             j.attempts,

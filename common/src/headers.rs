@@ -49,11 +49,24 @@ pub fn has(msg: &[u8], name: &str) -> bool {
 
 /// The message without any field called `name`.
 pub fn remove(msg: &[u8], name: &str) -> Vec<u8> {
+    remove_where(msg, |field| name_is(field, name))
+}
+
+/// The message without the fields whose name starts with `prefix` (any case), such as the
+/// local `BX-` fields of tracked sending, which may carry credentials.
+pub fn remove_prefixed(msg: &[u8], prefix: &str) -> Vec<u8> {
+    let p = prefix.as_bytes();
+    remove_where(msg, |field| {
+        field.len() > p.len() && field[..p.len()].eq_ignore_ascii_case(p)
+    })
+}
+
+fn remove_where(msg: &[u8], drop: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let (f, _) = fields(msg);
     let mut out = Vec::with_capacity(msg.len());
     let mut pos = 0;
     for (s, e) in f {
-        if name_is(&msg[s..e], name) {
+        if drop(&msg[s..e]) {
             out.extend_from_slice(&msg[pos..s]);
             pos = e;
         }

@@ -84,7 +84,9 @@ pub fn bounce(
     } else {
         BOUNCE_PROTOCOL
     };
+    // BX- fields are local and may hold credentials: they never go back in a report.
     let original = spool.read_body(job).map_err(|e| e.to_string())?;
+    let original = qms_common::headers::remove_prefixed(&original, "BX-");
     let client = Client {
         local_user: Some("MAILER-DAEMON".into()),
         trusted: true,

@@ -7,6 +7,8 @@ mod local;
 mod maildir;
 mod mbox;
 mod pipe;
+pub mod plugin;
+mod program;
 pub mod report;
 pub mod settle;
 

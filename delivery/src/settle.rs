@@ -82,6 +82,7 @@ pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
             );
         }
     }
+    crate::plugin::post(cfg, &c.job, &c.job.recipients);
     // Failures that have not been reported yet are reported now, then dropped from the job.
     if let Err(e) = report_failures(cfg, spool, &c.job) {
         // Keep the failures in the job: the bounce is tried again at the next attempt.

@@ -1,10 +1,16 @@
-//! The SMTP client: one connection to one host, EHLO and opportunistic STARTTLS, then
-//! transactions with a reply for every recipient, pipelined when the server offers it.
+//! The SMTP client: one connection to one host, EHLO and opportunistic STARTTLS (or TLS
+//! from the first byte), AUTH for smarthosts, then transactions with a reply for every
+//! recipient, pipelined when the server offers it. With `debug` set, every line of the
+//! dialogue is logged (credentials and message text never).
 
+use base64::Engine;
 use qms_common::config::TlsPolicy;
 use qms_common::conn::{Conn, Line};
+use qms_common::log::quote;
+use qms_common::qlog;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// A server reply: its code and its text (lines joined with a space).
@@ -46,6 +52,8 @@ pub struct Extensions {
     pub smtputf8: bool,
     pub dsn: bool,
     pub starttls: bool,
+    /// SASL mechanisms offered, upper case.
+    pub auth: Vec<String>,
 }
 
 pub struct Client {
@@ -57,6 +65,8 @@ pub struct Client {
     pub tls: Option<String>,
     pub idle_since: Instant,
     timeouts: (u64, u64),
+    /// The queue id the dialogue is logged under, for `BX-Sending-Run-Control: debug`.
+    debug: Option<String>,
 }
 
 /// What one transaction sends.
@@ -83,6 +93,12 @@ pub struct Settings<'a> {
     pub connect_timeout: u64,
     pub command_timeout: u64,
     pub data_timeout: u64,
+    /// TLS from the first byte (a smarthost's `ssl`, port 465).
+    pub implicit_tls: bool,
+    /// A client certificate and key to present, when the server asks.
+    pub client_cert: Option<(&'a Path, &'a Path)>,
+    /// Log the whole dialogue under this queue id.
+    pub debug: Option<&'a str>,
 }
 
 fn io_fail(host: &str, addr: &SocketAddr, what: &str, e: impl std::fmt::Display) -> Failure {
@@ -127,7 +143,18 @@ impl Client {
             tls: None,
             idle_since: Instant::now(),
             timeouts: (s.command_timeout, s.data_timeout),
+            debug: s.debug.map(str::to_string),
         };
+        let server = rustls::pki_types::ServerName::try_from(name.to_string())
+            .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+        if s.implicit_tls {
+            let info = c
+                .conn
+                .upgrade(|stream| crate::tls::connect(server.clone(), stream, s.client_cert))
+                .map_err(|e| io_fail(name, &addr, "TLS handshake with", e))?;
+            c.trace("", &format!("TLS from the start: {info}"));
+            c.tls = Some(info);
+        }
         let greeting = c
             .read_reply()
             .map_err(|e| io_fail(name, &addr, "lost connection with", e))?;
@@ -141,7 +168,7 @@ impl Client {
             });
         }
         c.hello(s.helo)?;
-        if tls == TlsPolicy::None {
+        if tls == TlsPolicy::None || c.tls.is_some() {
             return Ok(c);
         }
         if !c.ext.starttls {
@@ -168,12 +195,11 @@ impl Client {
             }
             return Ok(c);
         }
-        let server = rustls::pki_types::ServerName::try_from(name.to_string())
-            .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
         let info = c
             .conn
-            .upgrade(|stream| crate::tls::connect(server, stream))
+            .upgrade(|stream| crate::tls::connect(server, stream, s.client_cert))
             .map_err(|e| io_fail(name, &addr, "TLS handshake with", e))?;
+        c.trace("", &format!("TLS started: {info}"));
         c.tls = Some(info);
         c.hello(s.helo)?;
         Ok(c)
@@ -201,6 +227,77 @@ impl Client {
         Ok(())
     }
 
+    /// Logs one line of the dialogue when this connection is being debugged.
+    fn trace(&self, dir: &str, line: &str) {
+        if let Some(id) = &self.debug {
+            qlog!(
+                "qid={id} debug=smtp relay={}[{}]:{} dir={} line={}",
+                self.name,
+                self.addr.ip(),
+                self.addr.port(),
+                if dir.is_empty() { "-" } else { dir },
+                quote(line)
+            );
+        }
+    }
+
+    /// Queues a command line; `shown` is what the debug log says instead (credentials).
+    fn put(&mut self, line: &str, shown: Option<&str>) {
+        self.trace(">", shown.unwrap_or(line));
+        self.conn.reply(line);
+    }
+
+    /// AUTH PLAIN, or LOGIN when that is all the server offers; only under TLS. A refusal
+    /// is temporary, as in Postfix: the password may be fixed before the message expires.
+    pub fn authenticate(&mut self, user: &str, password: &str) -> Result<(), Failure> {
+        let host = format!("{}[{}]", self.name, self.addr.ip());
+        let fail = |text: String| Failure {
+            text,
+            permanent: false,
+        };
+        if self.tls.is_none() {
+            return Err(fail(format!(
+                "will not send credentials to {host} without TLS"
+            )));
+        }
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let lost = |e: io::Error| fail(format!("lost connection with {host} during AUTH: {e}"));
+        let r = if self.ext.auth.iter().any(|m| m == "PLAIN") {
+            let token = b64(format!("\0{user}\0{password}").as_bytes());
+            self.put(
+                &format!("AUTH PLAIN {token}"),
+                Some("AUTH PLAIN (credentials hidden)"),
+            );
+            self.exchange().map_err(lost)?
+        } else if self.ext.auth.iter().any(|m| m == "LOGIN") {
+            self.put("AUTH LOGIN", None);
+            let mut r = self.exchange().map_err(lost)?;
+            for secret in [user, password] {
+                if r.code != 334 {
+                    break;
+                }
+                self.put(&b64(secret.as_bytes()), Some("(credentials hidden)"));
+                r = self.exchange().map_err(lost)?;
+            }
+            r
+        } else {
+            return Err(fail(format!(
+                "{host} offers no AUTH mechanism qms uses (PLAIN, LOGIN)"
+            )));
+        };
+        if r.code == 235 {
+            return Ok(());
+        }
+        Err(fail(format!(
+            "authentication as {user} to {host} failed: {r}"
+        )))
+    }
+
+    fn exchange(&mut self) -> io::Result<Reply> {
+        self.conn.flush()?;
+        self.read_reply()
+    }
+
     fn read_reply(&mut self) -> io::Result<Reply> {
         let mut text = String::new();
         loop {
@@ -220,6 +317,7 @@ impl Client {
                 }
             };
             let line = String::from_utf8_lossy(&line).into_owned();
+            self.trace("<", &line);
             let code = line
                 .get(..3)
                 .and_then(|c| c.parse::<u16>().ok())
@@ -241,9 +339,8 @@ impl Client {
     }
 
     fn command(&mut self, cmd: &str) -> io::Result<Reply> {
-        self.conn.reply(cmd);
-        self.conn.flush()?;
-        self.read_reply()
+        self.put(cmd, None);
+        self.exchange()
     }
 
     /// Runs one transaction. An I/O error means the connection is gone; the caller defers
@@ -253,11 +350,11 @@ impl Client {
         let mut rcpts = Vec::with_capacity(tx.rcpts.len());
         let (mail, data_go) = if self.ext.pipelining {
             // RFC 2920: MAIL, every RCPT and DATA in one write; replies come back in order.
-            self.conn.reply(&tx.mail);
+            self.put(&tx.mail, None);
             for r in &tx.rcpts {
-                self.conn.reply(r);
+                self.put(r, None);
             }
-            self.conn.reply("DATA");
+            self.put("DATA", None);
             self.conn.flush()?;
             let mail = self.read_reply()?;
             for _ in &tx.rcpts {
@@ -297,6 +394,7 @@ impl Client {
         }
         if !mail.is_ok() || !rcpts.iter().any(Reply::is_ok) {
             // A pipelining server that took DATA without recipients: end it empty.
+            self.trace(">", ".");
             self.conn.send_raw(b".\r\n");
             self.conn.flush()?;
             let _ = self.read_reply()?;
@@ -310,6 +408,8 @@ impl Client {
         let _ = self
             .socket
             .set_read_timeout(Some(Duration::from_secs(self.timeouts.1)));
+        self.trace(">", &format!("(the message, {} bytes)", tx.message.len()));
+        self.trace(">", ".");
         self.conn.send_raw(&dot_stuff(tx.message));
         self.conn.send_raw(b".\r\n");
         self.conn.flush()?;
@@ -342,6 +442,7 @@ fn parse_ehlo(text: &str) -> Extensions {
             Some("SMTPUTF8") => e.smtputf8 = true,
             Some("DSN") => e.dsn = true,
             Some("STARTTLS") => e.starttls = true,
+            Some("AUTH") => e.auth = words.map(str::to_ascii_uppercase).collect(),
             _ => {}
         }
     }

@@ -12,7 +12,7 @@ use qms_common::address::show_sender;
 use qms_common::config::{Route, TlsPolicy};
 use qms_common::{qlog, Config};
 use qms_delivery::dsn;
-use qms_spool::{Claimed, Job, Notify, RcptState, Spool};
+use qms_spool::{Claimed, Job, LinkSecurity, Notify, RcptState, Smarthost, Spool};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -37,21 +37,34 @@ pub struct SmtpAgent {
 /// Where a group of recipients goes, and with which TLS policy (recipients whose domains
 /// ask for different policies travel apart even to the same host).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Dest {
+struct Dest {
+    target: Target,
+    tls: TlsPolicy,
+    /// A job whose dialogue is logged (`debug` run control) travels on its own connections.
+    debug: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Target {
     /// `smtp:[host]:port`: no MX lookup.
-    Relay {
-        host: String,
-        port: u16,
-        tls: TlsPolicy,
-    },
+    Relay { host: String, port: u16 },
     /// MX lookup for the domain.
-    Mx { domain: String, tls: TlsPolicy },
+    Mx { domain: String },
+    /// The message's own smarthost (`BX-MTA-Rem-*`), with its credentials.
+    Smarthost(Smarthost),
 }
 
 impl Dest {
-    fn tls(&self) -> TlsPolicy {
-        match self {
-            Dest::Relay { tls, .. } | Dest::Mx { tls, .. } => *tls,
+    /// Connections that are not shared with other messages: authenticated as the message's
+    /// submitter, or logged line by line.
+    fn private(&self) -> bool {
+        self.debug.is_some() || matches!(self.target, Target::Smarthost(_))
+    }
+
+    fn smarthost(&self) -> Option<&Smarthost> {
+        match &self.target {
+            Target::Smarthost(h) => Some(h),
+            _ => None,
         }
     }
 }
@@ -102,6 +115,9 @@ impl SmtpAgent {
             connect_timeout: c.connect_timeout,
             command_timeout: c.command_timeout,
             data_timeout: c.data_timeout,
+            implicit_tls: false,
+            client_cert: None,
+            debug: None,
         }
     }
 
@@ -129,8 +145,8 @@ impl SmtpAgent {
             Ok(d) => d,
             Err(e) => return (dns::Lookup::Temporary(e.clone()), 25),
         };
-        match dest {
-            Dest::Relay { host, port, .. } => {
+        match &dest.target {
+            Target::Smarthost(Smarthost { host, port, .. }) | Target::Relay { host, port } => {
                 let lookup = match host.parse::<IpAddr>() {
                     Ok(ip) => dns::Lookup::Hosts(vec![dns::Host {
                         name: host.clone(),
@@ -140,20 +156,21 @@ impl SmtpAgent {
                 };
                 (lookup, *port)
             }
-            Dest::Mx { domain, .. } => (dns.mail_hosts(domain), self.cfg.client.port),
+            Target::Mx { domain } => (dns.mail_hosts(domain), self.cfg.client.port),
         }
     }
 
-    /// A connection to the first host that answers: a cached one, else a new one.
+    /// A connection to the first host that answers: a cached one, else a new one (logged in
+    /// to a smarthost that wants credentials).
     fn client(
         &self,
         hosts: &[dns::Host],
         port: u16,
-        policy: TlsPolicy,
+        dest: &Dest,
         fresh: bool,
     ) -> Result<(Client, f64), Failure> {
         let reuse = std::time::Duration::from_secs(self.cfg.client.connection_reuse);
-        if let (false, Ok(mut cache)) = (fresh, self.cache.lock()) {
+        if let (false, Ok(mut cache)) = (fresh || dest.private(), self.cache.lock()) {
             for h in hosts {
                 for ip in &h.addrs {
                     if let Some(list) = cache.get_mut(&SocketAddr::new(*ip, port)) {
@@ -167,7 +184,13 @@ impl SmtpAgent {
             }
         }
         let mut settings = self.settings();
-        settings.tls = policy;
+        settings.tls = dest.tls;
+        settings.debug = dest.debug.as_deref();
+        let smarthost = dest.smarthost();
+        if let Some(h) = smarthost {
+            settings.implicit_tls = h.security == LinkSecurity::Ssl;
+            settings.client_cert = h.cert_file.as_deref().zip(h.key_file.as_deref());
+        }
         let mut last = Failure {
             text: "no host to try".into(),
             permanent: false,
@@ -177,8 +200,26 @@ impl SmtpAgent {
             for ip in &h.addrs {
                 let addr = SocketAddr::new(*ip, port);
                 self.gate(addr, true);
-                let attempt = Client::connect(&h.name, addr, &settings);
+                let mut attempt = Client::connect(&h.name, addr, &settings);
                 self.gate(addr, false);
+                if let (
+                    Ok(c),
+                    Some(Smarthost {
+                        user: Some(u),
+                        password: Some(p),
+                        ..
+                    }),
+                ) = (&mut attempt, smarthost)
+                {
+                    if let Err(f) = c.authenticate(u, p) {
+                        qlog!(
+                            "relay={}[{ip}]:{port} status=auth-failed reason={}",
+                            h.name,
+                            qms_common::log::quote(&f.text)
+                        );
+                        return Err(f);
+                    }
+                }
                 match attempt {
                     Ok(c) => return Ok((c, start.elapsed().as_secs_f64())),
                     Err(f) => {
@@ -300,12 +341,11 @@ impl SmtpAgent {
         for (i, tx) in txs.into_iter().enumerate() {
             per_lane[i % lanes].push(tx);
         }
-        let policy = dest.tls();
         let results: Vec<(Vec<Res>, bool)> = std::thread::scope(|s| {
             let handles: Vec<_> = per_lane
                 .iter()
                 .map(|lane| {
-                    s.spawn(|| self.lane(lane, &hosts, port, policy, jobs, bodies, start, dns_time))
+                    s.spawn(|| self.lane(lane, &hosts, port, dest, jobs, bodies, start, dns_time))
                 })
                 .collect();
             handles
@@ -334,7 +374,7 @@ impl SmtpAgent {
         txs: &[Tx],
         hosts: &[dns::Host],
         port: u16,
-        policy: TlsPolicy,
+        dest: &Dest,
         jobs: &[&Job],
         bodies: &[Result<Vec<u8>, String>],
         start: Instant,
@@ -383,7 +423,7 @@ impl SmtpAgent {
             };
             let (mut c, conn_time, reused) = match client.take() {
                 Some(c) => (c, 0.0, true),
-                None => match self.client(hosts, port, policy, retried) {
+                None => match self.client(hosts, port, dest, retried) {
                     Ok((c, t)) => (c, t, t == 0.0),
                     Err(f) => {
                         connected_ok = false;
@@ -472,8 +512,10 @@ impl SmtpAgent {
                 }
             }
         }
-        if let Some(c) = client {
-            self.keep(c);
+        match client {
+            Some(c) if dest.private() => c.quit(),
+            Some(c) => self.keep(c),
+            None => {}
         }
         (out, connected_ok)
     }
@@ -684,16 +726,32 @@ impl qms_delivery::Agent for SmtpAgent {
                 .enumerate()
                 .filter(|(_, r)| !r.state.is_final())
             {
-                let dest = match r.route.as_deref().map(Route::parse) {
-                    Some(Ok(Route::Relay { host, port })) => Dest::Relay {
-                        host,
-                        port,
-                        tls: self.policy(r.address.domain()),
+                let tls = self.policy(r.address.domain());
+                let dest = match (&c.job.smarthost, r.route.as_deref().map(Route::parse)) {
+                    (Some(h), _) => Dest {
+                        target: Target::Smarthost(h.clone()),
+                        tls: match h.security {
+                            LinkSecurity::May => TlsPolicy::May,
+                            LinkSecurity::Tls | LinkSecurity::Ssl => TlsPolicy::Encrypt,
+                        },
+                        debug: None,
                     },
-                    _ => Dest::Mx {
-                        domain: r.address.domain().to_string(),
-                        tls: self.policy(r.address.domain()),
+                    (None, Some(Ok(Route::Relay { host, port }))) => Dest {
+                        target: Target::Relay { host, port },
+                        tls,
+                        debug: None,
                     },
+                    _ => Dest {
+                        target: Target::Mx {
+                            domain: r.address.domain().to_string(),
+                        },
+                        tls,
+                        debug: None,
+                    },
+                };
+                let dest = Dest {
+                    debug: c.job.debug.then(|| c.job.id.to_string()),
+                    ..dest
                 };
                 groups.entry(dest).or_default().push((ji, ri));
             }

@@ -4,8 +4,10 @@
 
 use qms_common::conn::Stream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 #[derive(Debug)]
@@ -72,12 +74,35 @@ fn config() -> Result<Arc<ClientConfig>, String> {
         .clone()
 }
 
+/// A configuration that presents a client certificate (a smarthost that asks for one).
+fn with_client_cert(cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("cannot read client certificate {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read client key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Opportunistic(provider)))
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("client certificate and key do not match: {e}"))?;
+    Ok(Arc::new(cfg))
+}
+
 /// The client handshake; returns the encrypted stream and `TLSv1.3 with cipher …`.
 pub fn connect(
     server: ServerName<'static>,
     mut sock: Box<dyn Stream>,
+    client_cert: Option<(&Path, &Path)>,
 ) -> Result<(Box<dyn Stream>, String), String> {
-    let mut conn = ClientConnection::new(config()?, server).map_err(|e| e.to_string())?;
+    let cfg = match client_cert {
+        Some((cert, key)) => with_client_cert(cert, key)?,
+        None => config()?,
+    };
+    let mut conn = ClientConnection::new(cfg, server).map_err(|e| e.to_string())?;
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
     }

@@ -7,11 +7,14 @@
 
 mod expand;
 mod msp;
+mod smarthost;
 
 use expand::{Dest, Expanded, Expander};
+use qms_common::address::show_sender;
 use qms_common::log::quote;
 use qms_common::track::Event;
 use qms_common::{qlog, Config};
+use qms_delivery::plugin::{self, Pre};
 use qms_spool::{Claimed, Job, RcptState, Recipient, Spool};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,19 +40,73 @@ impl Router {
         let mut staged = Vec::new();
         let mut routed = Vec::new();
         for mut c in batch {
+            let original = c.job.clone();
             // Tracked-sending fields first: they can change the sender and the DSN requests.
-            let rewritten = match self.spool.read_body(&c.job) {
-                Ok(msg) => msp::apply(&mut c.job, &msg),
+            let (rewritten, refusal) = match self.spool.read_body(&c.job) {
+                Ok(msg) => {
+                    let applied = msp::apply(&self.cfg, &mut c.job, &msg);
+                    let mut message = applied.message;
+                    let mut refusal = applied.refusal;
+                    if refusal.is_none() {
+                        for name in &applied.pre_plugins {
+                            let input = message.as_deref().unwrap_or(&msg);
+                            match plugin::pre(&self.cfg, &c.job, name, input) {
+                                Pre::Keep => {}
+                                Pre::Replace(m) => message = Some(m),
+                                Pre::Refuse(why) => {
+                                    refusal = Some(format!("5.7.0 {why}"));
+                                    break;
+                                }
+                                Pre::Later(why) => {
+                                    refusal = Some(format!("4.3.0 {why}"));
+                                    break;
+                                }
+                            }
+                            qlog!("qid={} plugin={name} stage=pre status=ok", c.job.id);
+                        }
+                    }
+                    (message, refusal)
+                }
                 Err(e) => {
                     qlog!(
                         "qid={} status=warning reason={}",
                         c.job.id,
                         quote(&e.to_string())
                     );
-                    None
+                    (None, None)
                 }
             };
+            if let Some(why) = refusal.as_deref().filter(|w| w.starts_with('4')) {
+                // Leave the job as it came for a later try; nothing of this pass is kept.
+                qlog!("qid={} status=deferred reason={}", c.job.id, quote(why));
+                c.job = original;
+                c.job.next_attempt = qms_common::time::now() + 60;
+                if let Err(e) = self.spool.update(&mut c) {
+                    qlog!(
+                        "qid={} status=error reason={}",
+                        c.job.id,
+                        quote(&e.to_string())
+                    );
+                }
+                continue;
+            }
             let mut events = Vec::new();
+            if let Some(why) = refusal {
+                let (id, sender) = (c.job.id.clone(), show_sender(&c.job.sender));
+                for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+                    qlog!(
+                        "qid={id} from={sender} to={} status=bounced ({why})",
+                        r.address
+                    );
+                    r.state = RcptState::Failed;
+                    r.reply = Some(why.clone());
+                }
+                for r in &c.job.recipients {
+                    let mut ev = c.job.track(&r.address, "failed", "queued", "failed");
+                    ev.crossref = c.job.crossref.clone();
+                    events.push(ev.reply(Some(&why)));
+                }
+            }
             match self.route(&mut c, &mut events) {
                 Ok(children) if c.job.dryrun => {
                     for r in children.iter().flat_map(|j| j.recipients.iter()) {
@@ -194,6 +251,10 @@ impl Router {
                     job.sender = Some(o);
                 }
                 job.body = format!("{}.{queue}", job.id);
+                if queue != "smtp" {
+                    // Credentials stay only where they are used.
+                    job.smarthost = None;
+                }
                 job.queue = queue;
                 job.recipients = recipients;
                 job.attempts = 0;

@@ -17,14 +17,33 @@
 //!   `Return-Receipt-To:` (RFC 8098).
 //! - `X-B-CrossRef` and `X-B-Non-Delivery-Notification-Actions` are stored in the job.
 //! - `BX-Sending-Method: inject|submit` is noted; `BX-Sending-Run-Control: dryrun` routes,
-//!   logs and tracks but delivers nothing.
-//! - The smarthost (`BX-MTA-Rem-*`) and plugin (`BX-MTA-Submission-*-Plugins`) fields are not
-//!   acted on yet: they are stripped and named in the log, their values never.
+//!   logs and tracks but delivers nothing; `debug` logs the whole SMTP dialogue of the
+//!   message (credentials hidden). Both may be given, comma-separated.
+//! - `BX-MTA-Rem-*` (see `smarthost`) sends the message's SMTP recipients through a smarthost
+//!   of its own; only for `[msp] smarthost_users`. Their values never reach a log.
+//! - `BX-MTA-Submission-Pre-Plugins: NAME, NAME` and `-Post-Plugins:` name programs of the
+//!   `[msp] plugin_dir` allow-list (see `qms_delivery::plugin`).
+//! - A request that cannot be met (a smarthost from someone not allowed, a bad smarthost
+//!   field, a plugin not on the allow-list) fails the message, with error mail saying why,
+//!   rather than sending it some other way than asked.
 
+use crate::smarthost;
 use qms_common::headers;
 use qms_common::log::quote;
-use qms_common::{qlog, Address};
+use qms_common::{qlog, Address, Config};
+use qms_delivery::plugin;
 use qms_spool::{DsnRet, Job, Notify};
+
+/// What the tracked-sending fields asked for beyond the job's own fields.
+#[derive(Default)]
+pub struct Applied {
+    /// The message with fields stripped or added; None when it stays as it is.
+    pub message: Option<Vec<u8>>,
+    /// Pre-plugins to run, in order, before the message is routed.
+    pub pre_plugins: Vec<String>,
+    /// Why the message cannot be sent as it asks: every recipient fails with this.
+    pub refusal: Option<String>,
+}
 
 fn is_msp(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
@@ -37,15 +56,14 @@ fn addresses(v: &str) -> Vec<Address> {
         .collect()
 }
 
-/// Applies the tracked-sending fields of `msg` to `job`. Returns the rewritten message when
-/// fields were stripped or added, None when the message stays as it is.
-pub fn apply(job: &mut Job, msg: &[u8]) -> Option<Vec<u8>> {
+/// Applies the tracked-sending fields of `msg` to `job`.
+pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
     let fields: Vec<(String, String)> = headers::named_fields(msg)
         .into_iter()
         .filter(|(n, _)| is_msp(n))
         .collect();
     if fields.is_empty() {
-        return None;
+        return Applied::default();
     }
     let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
     if !job.client.trusted {
@@ -58,7 +76,10 @@ pub fn apply(job: &mut Job, msg: &[u8]) -> Option<Vec<u8>> {
         for n in &names {
             out = headers::remove(&out, n);
         }
-        return Some(out);
+        return Applied {
+            message: Some(out),
+            ..Applied::default()
+        };
     }
     let get = |name: &str| {
         fields
@@ -126,11 +147,32 @@ pub fn apply(job: &mut Job, msg: &[u8]) -> Option<Vec<u8>> {
                 .collect()
         })
         .unwrap_or_default();
-    job.dryrun = get("BX-Sending-Run-Control").is_some_and(|v| {
-        v.to_ascii_lowercase()
-            .split([',', ' '])
-            .any(|w| w == "dryrun")
-    });
+    let control = get("BX-Sending-Run-Control")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let words: Vec<&str> = control.split([',', ' ']).collect();
+    job.dryrun = words.contains(&"dryrun");
+    job.debug = words.contains(&"debug");
+    let mut refusal = None;
+    let mut pre_plugins = Vec::new();
+    match smarthost::parse(&fields) {
+        Ok(Some(_)) if !smarthost::allowed(cfg, &job.client) => {
+            refusal = Some("5.7.1 this submitter may not choose a smarthost (BX-MTA-Rem-*)".into());
+        }
+        Ok(h) => job.smarthost = h,
+        Err(e) => refusal = Some(format!("5.5.4 {e}")),
+    }
+    for (field, stage) in [
+        ("BX-MTA-Submission-Pre-Plugins", &mut pre_plugins),
+        ("BX-MTA-Submission-Post-Plugins", &mut job.post_plugins),
+    ] {
+        for name in plugin::names(&get(field).unwrap_or_default()) {
+            match plugin::resolve(cfg, &name) {
+                Ok(_) => stage.push(name),
+                Err(e) => refusal = refusal.or(Some(format!("5.7.0 {e}"))),
+            }
+        }
+    }
     if requested {
         job.envid = job
             .envid
@@ -142,7 +184,7 @@ pub fn apply(job: &mut Job, msg: &[u8]) -> Option<Vec<u8>> {
     if let Some(s) = sender {
         job.sender = Some(s);
     }
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 14] = [
         "bx-delivery-notification-req-to",
         "bx-delivery-notification-req-for",
         "bx-delivery-notification-req-perrecipient",
@@ -155,6 +197,8 @@ pub fn apply(job: &mut Job, msg: &[u8]) -> Option<Vec<u8>> {
         "bx-sending-method",
         "bx-sending-run-control",
         "bx-delivery-notification",
+        "bx-mta-submission-pre-plugins",
+        "bx-mta-submission-post-plugins",
     ];
     let stripped: Vec<&str> = names
         .iter()
@@ -164,25 +208,32 @@ pub fn apply(job: &mut Job, msg: &[u8]) -> Option<Vec<u8>> {
     let ignored: Vec<&str> = stripped
         .iter()
         .copied()
-        .filter(|n| !KNOWN.contains(&n.to_ascii_lowercase().as_str()))
+        .filter(|n| !KNOWN.contains(&n.to_ascii_lowercase().as_str()) && !smarthost::is_field(n))
         .collect();
     if !ignored.is_empty() {
         // Names only: these fields can carry credentials (BX-MTA-Rem-Passwd).
         qlog!(
-            "qid={} status=msp-ignored reason=\"not supported; stripped\" headers={}",
+            "qid={} status=msp-ignored reason=\"unknown; stripped\" headers={}",
             job.id,
             quote(&ignored.join(","))
         );
     }
+    // The smarthost is shown as host, port and user: never its password.
     qlog!(
-        "qid={} status=msp from={} crossref={} envid={} dryrun={} stripped={}",
+        "qid={} status=msp from={} crossref={} envid={} dryrun={} debug={} smarthost={} plugins={} stripped={}",
         job.id,
         qms_common::address::show_sender(&job.sender),
         quote(job.crossref.as_deref().unwrap_or("-")),
         quote(job.envid.as_deref().unwrap_or("-")),
         job.dryrun,
+        job.debug,
+        quote(&job.smarthost.as_ref().map_or("-".into(), |h| h.to_string())),
+        quote(&format!("pre:{} post:{}", pre_plugins.join(","), job.post_plugins.join(","))),
         stripped.len()
     );
+    if let Some(r) = &refusal {
+        qlog!("qid={} status=msp-refused reason={}", job.id, quote(r));
+    }
     let mut out = msg.to_vec();
     for n in &stripped {
         out = headers::remove(&out, n);
@@ -192,5 +243,9 @@ pub fn apply(job: &mut Job, msg: &[u8]) -> Option<Vec<u8>> {
         with.extend_from_slice(&out);
         out = with;
     }
-    Some(out)
+    Applied {
+        message: Some(out),
+        pre_plugins,
+        refusal,
+    }
 }

@@ -108,6 +108,62 @@ impl Recipient {
     }
 }
 
+/// How the connection to a per-message smarthost is protected (`BX-MTA-Rem-LinkConfidentiality`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkSecurity {
+    /// STARTTLS when offered (credentials are still only sent under TLS).
+    May,
+    /// `tls`: STARTTLS required.
+    Tls,
+    /// `ssl`: TLS from the first byte (port 465 style).
+    Ssl,
+}
+
+/// A smarthost named by the message itself (`BX-MTA-Rem-*`), with its credentials. The job
+/// file (mode 0600, in the qms user's spool) is the only place the password is kept.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Smarthost {
+    pub host: String,
+    pub port: u16,
+    pub security: LinkSecurity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A client certificate and its key (PEM), for servers that ask for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Smarthost {
+    // By hand, so that no debug print can show the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}", self)
+    }
+}
+
+impl std::fmt::Display for Smarthost {
+    /// `[host]:port (tls, user alice)`: what logs and `qms queue show` may say of it.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let security = match self.security {
+            LinkSecurity::May => "starttls if offered",
+            LinkSecurity::Tls => "starttls",
+            LinkSecurity::Ssl => "tls",
+        };
+        write!(f, "[{}]:{} ({security}", self.host, self.port)?;
+        if let Some(u) = &self.user {
+            write!(f, ", user {u}")?;
+        }
+        if self.cert_file.is_some() {
+            write!(f, ", client certificate")?;
+        }
+        write!(f, ")")
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Job {
     pub version: u32,
@@ -144,6 +200,15 @@ pub struct Job {
     /// `BX-Sending-Run-Control: dryrun`: route, log and track, deliver nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dryrun: bool,
+    /// `BX-Sending-Run-Control: debug`: log the whole SMTP dialogue of this message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub debug: bool,
+    /// `BX-MTA-Rem-*`: the smarthost this message leaves through, instead of its routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smarthost: Option<Smarthost>,
+    /// `BX-MTA-Submission-Post-Plugins`: allow-listed programs told of every attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_plugins: Vec<String>,
     /// SMTPUTF8 was requested; 8BITMIME body.
     #[serde(default)]
     pub smtputf8: bool,
@@ -218,6 +283,9 @@ impl Job {
             crossref: None,
             nd_actions: Vec::new(),
             dryrun: false,
+            debug: false,
+            smarthost: None,
+            post_plugins: Vec::new(),
             smtputf8: false,
             eightbit: false,
             recipients,

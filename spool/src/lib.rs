@@ -12,6 +12,8 @@ mod watch;
 
 pub use commit::Committer;
 pub use id::QueueId;
-pub use job::{Client, DsnRet, Job, Notify, RcptState, Recipient, JOB_VERSION};
+pub use job::{
+    Client, DsnRet, Job, LinkSecurity, Notify, RcptState, Recipient, Smarthost, JOB_VERSION,
+};
 pub use store::{Claim, Claimed, Spool, SpoolError, Staged};
 pub use watch::{WatchOptions, Watcher};

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod sink;
+#[allow(unused_imports)]
+pub use sink::{relay_instance, Sink};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_qms");
 
 pub fn free_port() -> u16 {

@@ -2,7 +2,9 @@
 //! so a mistake is reported once, with file, line and key, before any process starts.
 
 use crate::address::Address;
-use serde::Deserialize;
+mod raw;
+
+use raw::{OneOrMany, Raw, RawListener};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -335,6 +337,20 @@ pub struct Config {
     /// Log lines as JSON objects instead of key=value text.
     pub log_json: bool,
     pub tracking: Tracking,
+    pub msp: Msp,
+}
+
+/// `[msp]`: what trusted submitters may ask of the submission pipeline beyond headers.
+#[derive(Clone, Debug, Default)]
+pub struct Msp {
+    /// SASL users and local login names that may send through a smarthost of their own
+    /// choice (`BX-MTA-Rem-*`). Nobody by default.
+    pub smarthost_users: Vec<String>,
+    /// The plugin allow-list: the executables in this directory are what
+    /// `BX-MTA-Submission-Pre-Plugins` and `-Post-Plugins` may name. None: no plugins.
+    pub plugin_dir: Option<PathBuf>,
+    /// Seconds a plugin may run before it is killed.
+    pub plugin_timeout: u64,
 }
 
 /// Tracked sending: where returned reports arrive and what to do about them.
@@ -349,174 +365,6 @@ pub struct Tracking {
     pub envelope: Option<Address>,
     /// The key that signs VERP tokens (`key`, or the contents of `key_file`).
     pub key: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    listen: Option<OneOrMany>,
-    mynetworks: Option<Vec<String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDomains {
-    #[serde(default)]
-    local: Vec<String>,
-    #[serde(default)]
-    relay: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMailbox {
-    maildir: Option<String>,
-    mbox: Option<String>,
-    user: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQueue {
-    workers: usize,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    message_size: Option<u64>,
-    recipients: Option<usize>,
-    command_line: Option<usize>,
-    text_line: Option<usize>,
-    connections: Option<usize>,
-    connections_per_client: Option<usize>,
-    command_timeout: Option<u64>,
-    data_timeout: Option<u64>,
-    errors: Option<u32>,
-    hops: Option<usize>,
-    pipe_timeout: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawOutgoing {
-    min_backoff: Option<i64>,
-    max_backoff: Option<i64>,
-    delay_warning: Option<i64>,
-    max_queue_lifetime: Option<i64>,
-    port: Option<u16>,
-    tls: Option<String>,
-    #[serde(default)]
-    tls_routes: BTreeMap<String, String>,
-    recipient_limit: Option<usize>,
-    destination_concurrency: Option<usize>,
-    connect_timeout: Option<u64>,
-    command_timeout: Option<u64>,
-    data_timeout: Option<u64>,
-    connection_reuse: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDns {
-    server: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawScheduler {
-    scan_interval: Option<u64>,
-    busy_retry: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert: String,
-    key: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    users: Option<String>,
-    plaintext_loopback: Option<bool>,
-    max_failures: Option<u32>,
-    #[serde(default)]
-    senders: BTreeMap<String, Vec<String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTracking {
-    envelope_maildir: Option<String>,
-    co_recipient_notices: Option<bool>,
-    envelope: Option<String>,
-    key: Option<String>,
-    key_file: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    format: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    spool: String,
-    hostname: Option<String>,
-    user: Option<String>,
-    postmaster: Option<String>,
-    trusted_users: Option<Vec<String>>,
-    aliases: Option<String>,
-    recipient_delimiter: Option<String>,
-    #[serde(default)]
-    smtp: RawListener,
-    #[serde(default)]
-    submission: RawListener,
-    #[serde(default)]
-    submissions: RawListener,
-    #[serde(default)]
-    domains: RawDomains,
-    #[serde(default)]
-    routes: BTreeMap<String, String>,
-    #[serde(default)]
-    mailboxes: BTreeMap<String, RawMailbox>,
-    #[serde(default)]
-    queues: BTreeMap<String, RawQueue>,
-    #[serde(default)]
-    limits: RawLimits,
-    #[serde(default)]
-    outgoing: RawOutgoing,
-    #[serde(default)]
-    scheduler: RawScheduler,
-    #[serde(default)]
-    dns: RawDns,
-    tls: Option<RawTls>,
-    #[serde(default)]
-    auth: RawAuth,
-    #[serde(default)]
-    log: RawLog,
-    #[serde(default)]
-    tracking: RawTracking,
 }
 
 /// The queues every instance has, whatever the config says, with their default worker counts.
@@ -815,6 +663,11 @@ impl Config {
                 co_recipient_notices: raw.tracking.co_recipient_notices.unwrap_or(false),
                 envelope,
                 key,
+            },
+            msp: Msp {
+                smarthost_users: raw.msp.smarthost_users,
+                plugin_dir: raw.msp.plugin_dir.as_deref().map(resolve),
+                plugin_timeout: raw.msp.plugin_timeout.unwrap_or(60).max(1),
             },
         })
     }

@@ -1,0 +1,184 @@
+//! The TOML shape of the config file, as serde reads it; `super` checks it and turns it
+//! into `Config`.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub(super) fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub(super) listen: Option<OneOrMany>,
+    pub(super) mynetworks: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDomains {
+    #[serde(default)]
+    pub(super) local: Vec<String>,
+    #[serde(default)]
+    pub(super) relay: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMailbox {
+    pub(super) maildir: Option<String>,
+    pub(super) mbox: Option<String>,
+    pub(super) user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQueue {
+    pub(super) workers: usize,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) message_size: Option<u64>,
+    pub(super) recipients: Option<usize>,
+    pub(super) command_line: Option<usize>,
+    pub(super) text_line: Option<usize>,
+    pub(super) connections: Option<usize>,
+    pub(super) connections_per_client: Option<usize>,
+    pub(super) command_timeout: Option<u64>,
+    pub(super) data_timeout: Option<u64>,
+    pub(super) errors: Option<u32>,
+    pub(super) hops: Option<usize>,
+    pub(super) pipe_timeout: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutgoing {
+    pub(super) min_backoff: Option<i64>,
+    pub(super) max_backoff: Option<i64>,
+    pub(super) delay_warning: Option<i64>,
+    pub(super) max_queue_lifetime: Option<i64>,
+    pub(super) port: Option<u16>,
+    pub(super) tls: Option<String>,
+    #[serde(default)]
+    pub(super) tls_routes: BTreeMap<String, String>,
+    pub(super) recipient_limit: Option<usize>,
+    pub(super) destination_concurrency: Option<usize>,
+    pub(super) connect_timeout: Option<u64>,
+    pub(super) command_timeout: Option<u64>,
+    pub(super) data_timeout: Option<u64>,
+    pub(super) connection_reuse: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDns {
+    pub(super) server: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawScheduler {
+    pub(super) scan_interval: Option<u64>,
+    pub(super) busy_retry: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: String,
+    pub(super) key: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub(super) users: Option<String>,
+    pub(super) plaintext_loopback: Option<bool>,
+    pub(super) max_failures: Option<u32>,
+    #[serde(default)]
+    pub(super) senders: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTracking {
+    pub(super) envelope_maildir: Option<String>,
+    pub(super) co_recipient_notices: Option<bool>,
+    pub(super) envelope: Option<String>,
+    pub(super) key: Option<String>,
+    pub(super) key_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMsp {
+    #[serde(default)]
+    pub(super) smarthost_users: Vec<String>,
+    pub(super) plugin_dir: Option<String>,
+    pub(super) plugin_timeout: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) format: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Raw {
+    pub(super) spool: String,
+    pub(super) hostname: Option<String>,
+    pub(super) user: Option<String>,
+    pub(super) postmaster: Option<String>,
+    pub(super) trusted_users: Option<Vec<String>>,
+    pub(super) aliases: Option<String>,
+    pub(super) recipient_delimiter: Option<String>,
+    #[serde(default)]
+    pub(super) smtp: RawListener,
+    #[serde(default)]
+    pub(super) submission: RawListener,
+    #[serde(default)]
+    pub(super) submissions: RawListener,
+    #[serde(default)]
+    pub(super) domains: RawDomains,
+    #[serde(default)]
+    pub(super) routes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) mailboxes: BTreeMap<String, RawMailbox>,
+    #[serde(default)]
+    pub(super) queues: BTreeMap<String, RawQueue>,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) outgoing: RawOutgoing,
+    #[serde(default)]
+    pub(super) scheduler: RawScheduler,
+    #[serde(default)]
+    pub(super) dns: RawDns,
+    pub(super) tls: Option<RawTls>,
+    #[serde(default)]
+    pub(super) auth: RawAuth,
+    #[serde(default)]
+    pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) tracking: RawTracking,
+    #[serde(default)]
+    pub(super) msp: RawMsp,
+}

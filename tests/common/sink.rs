@@ -1,0 +1,78 @@
+//! Peers for outgoing tests: Postfix's smtp-sink as a receiving server, and an instance
+//! that relays chosen domains to loopback ports.
+
+use super::*;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+/// Postfix's smtp-sink on 127.0.0.1 (or `ip`), dumping every transaction into a directory.
+pub struct Sink {
+    child: Child,
+    pub dir: PathBuf,
+}
+
+impl Sink {
+    pub fn start(inst: &Instance, name: &str, ip: &str, port: u16, opts: &[&str]) -> Sink {
+        let dir = inst.dir.join(format!("sink-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        inst.own();
+        let log = std::fs::File::create(inst.dir.join(format!("sink-{name}.log"))).unwrap();
+        let mut cmd = Command::new("/usr/sbin/smtp-sink");
+        if is_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        let child = cmd
+            .args(opts)
+            .arg("-v")
+            .arg("-d")
+            .arg(format!("{}/m.", dir.display()))
+            .arg(format!("{ip}:{port}"))
+            .arg("100")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for("smtp-sink to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect((ip, port)).is_ok()
+        });
+        Sink { child, dir }
+    }
+
+    pub fn messages(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.retain(|m| m.contains("\n\n") || m.ends_with('\n'));
+        v
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn relay_instance(routes: &[(&str, u16)], extra: &str) -> Instance {
+    let mut r = String::from("[routes]\n");
+    for (domain, port) in routes {
+        r.push_str(&format!("\"{domain}\" = \"smtp:[127.0.0.1]:{port}\"\n"));
+    }
+    let cfg = format!("{r}{extra}");
+    let inst = Instance::new("", &cfg);
+    let relays: Vec<String> = routes.iter().map(|(d, _)| format!("\"{d}\"")).collect();
+    inst.edit_config(
+        "local = [\"example.test\"]",
+        &format!(
+            "local = [\"example.test\"]\nrelay = [{}]",
+            relays.join(", ")
+        ),
+    );
+    inst
+}

@@ -1,0 +1,577 @@
+//! Tracked sending (X822-MSP headers) end to end: the router's handling of BX-/X-B- fields,
+//! per-message smarthosts, plugins, debug and dry runs, and the DSN processor's loop.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const TRACKED: &str = "X-B-Envelope-Addr: bounces@example.test\n\
+BX-Delivery-Notification-Req-To: reports@example.test\n\
+BX-Delivery-Notification-Req-For: x@sink.test\n\
+BX-Non-Delivery-Notification-Req-To: bounces@example.test\n\
+BX-Disposition-Notification-Req-To: reader@example.test\n\
+X-B-CrossRef: offer-42\n\
+X-B-Non-Delivery-Notification-Actions: notify-co-recipients\n\
+BX-Sending-Method: submit\n\
+BX-Frobnicate: yes\n\
+Subject: tracked offer\n\
+\n\
+Dear candidate\n";
+
+#[test]
+fn tracked_sending_headers_from_a_trusted_submitter() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "");
+    let sink = Sink::start(&inst, "msp", "127.0.0.1", port, &[]);
+    inst.start();
+    let out = inst.sendmail(&["x@sink.test", "y@sink.test"], TRACKED.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the message at the sink", Duration::from_secs(30), || {
+        sink.messages().len() == 1
+    });
+    let m = &sink.messages()[0];
+    let head = m.split("\n\n").next().unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("\nbx-"),
+        "BX- fields left qms: {m}"
+    );
+    assert!(
+        head.contains("X-B-CrossRef: offer-42")
+            && head.contains("X-B-Non-Delivery-Notification-Actions"),
+        "{m}"
+    );
+    assert!(
+        head.contains("Disposition-Notification-To: <reader@example.test>")
+            && head.contains("Return-Receipt-To: <reader@example.test>"),
+        "{m}"
+    );
+    assert!(
+        m.contains("X-Mail-Args: <bounces@example.test>")
+            && m.contains("RET=HDRS")
+            && m.contains("ENVID=offer-42"),
+        "{m}"
+    );
+    let rcpt_args: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("X-Rcpt-Args:"))
+        .collect();
+    assert!(
+        rcpt_args
+            .iter()
+            .any(|l| l.contains("<x@sink.test>") && l.contains("SUCCESS") && l.contains("FAILURE")),
+        "{rcpt_args:?}"
+    );
+    assert!(
+        rcpt_args.iter().any(|l| l.contains("<y@sink.test>")
+            && !l.contains("SUCCESS")
+            && l.contains("FAILURE,DELAY")),
+        "{rcpt_args:?}"
+    );
+    let log = inst.log();
+    assert!(
+        log.contains("status=msp-ignored") && log.contains("BX-Frobnicate"),
+        "{log}"
+    );
+}
+
+#[test]
+fn tracked_sending_headers_from_anyone_else_are_removed() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "");
+    let sink = Sink::start(&inst, "untrusted", "127.0.0.1", port, &[]);
+    inst.start();
+    // Plain SMTP from a client outside mynetworks, to a relay domain.
+    smtp_send(
+        inst.smtp_port,
+        "stranger@remote.test",
+        &["x@sink.test"],
+        &TRACKED.replace('\n', "\r\n"),
+        "",
+    );
+    wait_for("the message at the sink", Duration::from_secs(30), || {
+        sink.messages().len() == 1
+    });
+    let m = &sink.messages()[0];
+    let head = m.split("\n\n").next().unwrap().to_ascii_lowercase();
+    assert!(
+        !head.contains("\nbx-")
+            && !head.contains("\nx-b-")
+            && !head.contains("disposition-notification-to"),
+        "{m}"
+    );
+    assert!(
+        m.contains("X-Mail-Args: <stranger@remote.test>"),
+        "the envelope must not change: {m}"
+    );
+    assert!(inst.log().contains("status=msp-removed"));
+}
+
+#[test]
+fn dryrun_routes_and_tracks_but_sends_nothing() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "");
+    let sink = Sink::start(&inst, "dry", "127.0.0.1", port, &[]);
+    inst.start();
+    let msg =
+        "BX-Sending-Run-Control: dryrun\nX-B-CrossRef: dry-1\nSubject: dry\n\nnot for sending\n";
+    assert!(inst
+        .sendmail(&["x@sink.test"], msg.as_bytes())
+        .status
+        .success());
+    wait_for("the dry run in the log", Duration::from_secs(30), || {
+        inst.log().contains("status=dryrun")
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    wait_for("the dryrun event", Duration::from_secs(30), || {
+        String::from_utf8_lossy(&inst.qms(&["track", "--state", "dryrun"]).stdout)
+            .contains("x@sink.test")
+    });
+    assert!(sink.messages().is_empty(), "a dry run sent mail");
+}
+
+#[test]
+fn full_loop_bounce_tracked_and_co_recipient_told_once() {
+    let (ok_port, bad_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("ok.test", ok_port), ("bad.test", bad_port)],
+        "[tracking]\nenvelope_maildir = \"mail/bounces\"\n",
+    );
+    inst.edit_config(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"bounces@example.test\" = { maildir = \"mail/bounces\" }\n",
+    );
+    let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
+    let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
+    inst.start();
+    let msg = "From: app@example.test\nTo: a@ok.test, b@bad.test\nMessage-ID: <offer-77@example.test>\n\
+X-B-Envelope-Addr: bounces@example.test\nBX-Non-Delivery-Notification-Req-To: bounces@example.test\n\
+X-B-Non-Delivery-Notification-Actions: notify-co-recipients\nX-B-CrossRef: offer-77\nSubject: Your offer\n\nWelcome aboard.\n";
+    assert!(inst.sendmail(&["-t"], msg.as_bytes()).status.success());
+    // The bounce reaches the envelope mailbox and dsnproc reads it (moves it to cur/).
+    let cur = inst.maildir("bounces").join("cur");
+    wait_for(
+        "dsnproc to read the bounce",
+        Duration::from_secs(60),
+        || std::fs::read_dir(&cur).map(|d| d.count()).unwrap_or(0) >= 1,
+    );
+    // The co-recipient gets one notice, and qms track shows the failure.
+    wait_for("the notice at a@ok.test", Duration::from_secs(60), || {
+        ok.messages()
+            .iter()
+            .any(|m| m.contains("Not delivered to b@bad.test"))
+    });
+    wait_for("the failure in qms track", Duration::from_secs(30), || {
+        let out = String::from_utf8_lossy(&inst.qms(&["track", "offer-77@example.test"]).stdout)
+            .into_owned();
+        out.contains("b@bad.test")
+            && out.contains("co-recipient-notified")
+            && out.contains("dsnproc")
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    let msgs = ok.messages();
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| m.contains("Not delivered to b@bad.test"))
+            .count(),
+        1,
+        "{msgs:?}"
+    );
+    assert_eq!(
+        msgs.iter().filter(|m| m.contains("Welcome aboard")).count(),
+        1
+    );
+    let notice = msgs.iter().find(|m| m.contains("Not delivered")).unwrap();
+    assert!(
+        notice.contains("X-Rcpt-Args: <a@ok.test>")
+            && !notice.contains("X-Rcpt-Args: <b@bad.test>"),
+        "{notice}"
+    );
+    let events =
+        String::from_utf8_lossy(&inst.qms(&["track", "offer-77", "--json"]).stdout).into_owned();
+    assert!(
+        events.lines().any(|l| l.contains("\"b@bad.test\"")
+            && l.contains("\"failed\"")
+            && l.contains("dsnproc")),
+        "found by crossref: {events}"
+    );
+}
+
+#[test]
+fn verp_envelopes_are_signed_and_forgeries_not_believed() {
+    let (ok_port, bad_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("ok.test", ok_port), ("bad.test", bad_port)],
+        "[tracking]\nenvelope_maildir = \"mail/envelope\"\nenvelope = \"envelope@example.test\"\nkey = \"a-test-key-of-enough-length\"\n",
+    );
+    inst.edit_config(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"envelope@example.test\" = { maildir = \"mail/envelope\" }\n",
+    );
+    let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
+    let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
+    inst.start();
+    let msg = "From: app@example.test\nTo: a@ok.test, b@bad.test\nX-B-CrossRef: v-1\n\
+X-B-Non-Delivery-Notification-Actions: notify-co-recipients\nSubject: signed\n\nbody\n";
+    assert!(inst.sendmail(&["-t"], msg.as_bytes()).status.success());
+    wait_for(
+        "the original and the notice at a@ok.test",
+        Duration::from_secs(60),
+        || ok.messages().len() == 2,
+    );
+    let original = ok
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("Subject: signed"))
+        .unwrap();
+    assert!(
+        original.contains("X-Mail-Args: <envelope+"),
+        "a VERP envelope per recipient: {original}"
+    );
+    // The real report was believed; a copy with a tampered signature is not.
+    let cur = inst.maildir("envelope").join("cur");
+    wait_for("the report read", Duration::from_secs(30), || {
+        std::fs::read_dir(&cur).map(|d| d.count()).unwrap_or(0) == 1
+    });
+    let real = std::fs::read_dir(&cur)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(&real).unwrap();
+    let to_line = text
+        .lines()
+        .find(|l| l.starts_with("Delivered-To: envelope+"))
+        .unwrap()
+        .to_string();
+    let forged_line = format!(
+        "{}x@example.test",
+        to_line
+            .split('@')
+            .next()
+            .unwrap()
+            .trim_end_matches(|c: char| c != '-')
+    );
+    let forged = text.replacen(&to_line, &forged_line, 1);
+    let tmp = inst.maildir("envelope").join("tmp/forged");
+    std::fs::write(&tmp, forged).unwrap();
+    inst.own();
+    std::fs::rename(&tmp, inst.maildir("envelope").join("new/forged")).unwrap();
+    wait_for("the forgery to be refused", Duration::from_secs(30), || {
+        inst.log().contains("status=forged")
+    });
+    wait_for("the queue to empty", Duration::from_secs(30), || {
+        inst.queue_json().is_empty()
+    });
+    assert_eq!(
+        ok.messages().len(),
+        2,
+        "a forged bounce caused another notice"
+    );
+    let failed = String::from_utf8_lossy(
+        &inst
+            .qms(&["track", "v-1", "--state", "failed", "--json"])
+            .stdout,
+    )
+    .lines()
+    .filter(|l| l.contains("dsnproc") && l.contains("\"event\":\"failed\""))
+    .count();
+    assert_eq!(failed, 1, "only the real report is recorded");
+}
+
+const SECRET: &str = "s3cret-Smarthost-pw";
+
+fn current_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A second qms as the smarthost: submission (STARTTLS) and submissions (TLS) with AUTH,
+/// user `app` whose password is SECRET, mailbox carol@peer.test.
+fn smarthost_peer() -> (Instance, u16) {
+    let subs = free_port();
+    let peer = Instance::new(
+        "",
+        &format!(
+            "[submissions]\nlisten = [\"127.0.0.1:{subs}\"]\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+[auth]\nusers = \"users\"\nsenders = {{ app = [\"@example.test\"] }}\n"
+        ),
+    );
+    peer.edit_config(
+        "local = [\"example.test\"]",
+        "local = [\"example.test\", \"peer.test\"]",
+    );
+    peer.edit_config(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
+    );
+    make_cert(&peer.dir, "peer.test");
+    let mut p = std::process::Command::new(BIN)
+        .args(["passwd", "app"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    p.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .unwrap();
+    let line = p.wait_with_output().unwrap().stdout;
+    std::fs::write(peer.dir.join("users"), &line).unwrap();
+    peer.own();
+    (peer, subs)
+}
+
+fn via(port: u16, security: &str, password: &str, extra: &str, subject: &str) -> String {
+    format!(
+        "X-B-Envelope-Addr: alice@example.test\nBX-MTA-Rem-Protocol: submission\n\
+BX-MTA-Rem-Host: 127.0.0.1\nBX-MTA-Rem-Port: {port}\nBX-MTA-Rem-LinkConfidentiality: {security}\n\
+BX-MTA-Rem-User: app\nBX-MTA-Rem-Passwd: {password}\n{extra}\
+From: alice@example.test\nTo: carol@peer.test\nSubject: {subject}\n\nthrough the smarthost\n"
+    )
+}
+
+#[test]
+fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
+    let (mut peer, subs) = smarthost_peer();
+    peer.start();
+    let mut inst = Instance::new(
+        "",
+        &format!("[msp]\nsmarthost_users = [\"{}\"]\n", current_user()),
+    );
+    inst.start();
+    let starttls = via(
+        peer.submission_port,
+        "tls",
+        SECRET,
+        "BX-Sending-Run-Control: debug\n",
+        "via starttls",
+    );
+    let implicit = via(subs, "ssl", SECRET, "X-B-CrossRef: sh-2\n", "via ssl");
+    let wrong = via(subs, "ssl", "not-the-password", "", "wrong password");
+    let cert =
+        |c: &str, k: &str| format!("BX-MTA-Rem-CertFile: {}\nBX-MTA-Rem-KeyFile: {}\n", c, k);
+    let (pem, key) = (peer.dir.join("cert.pem"), peer.dir.join("key.pem"));
+    let with_cert = via(
+        subs,
+        "ssl",
+        SECRET,
+        &cert(&pem.display().to_string(), &key.display().to_string()),
+        "with a client certificate",
+    );
+    let no_cert = via(
+        subs,
+        "ssl",
+        SECRET,
+        &cert("/nonexistent.pem", "/nonexistent.key"),
+        "no cert",
+    );
+    for m in [&starttls, &implicit, &wrong, &with_cert, &no_cert] {
+        let out = inst.sendmail(&["carol@peer.test"], m.as_bytes());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for(
+        "three messages at the smarthost",
+        Duration::from_secs(30),
+        || peer.count_new("carol") == 3,
+    );
+    let got = peer.read_maildir("carol");
+    for subject in ["via starttls", "via ssl", "with a client certificate"] {
+        let m = got.iter().find(|m| m.contains(subject)).expect(subject);
+        let head = m.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(!head.contains("\nbx-"), "BX- fields left qms: {m}");
+        assert!(m.contains("with ESMTPSA"), "authenticated under TLS: {m}");
+    }
+    // A refused login defers the message (Postfix's soft bounce), it does not lose it.
+    wait_for(
+        "the refused login in the queue",
+        Duration::from_secs(30),
+        || {
+            inst.queue_json().iter().any(|j| {
+                j["recipients"][0]["reply"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("authentication as app") && r.contains("failed"))
+            })
+        },
+    );
+    wait_for(
+        "the unreadable certificate in the queue",
+        Duration::from_secs(30),
+        || {
+            inst.queue_json().iter().any(|j| {
+                j["recipients"][0]["reply"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("cannot read client certificate /nonexistent.pem"))
+            })
+        },
+    );
+    let id = inst.queue_json()[0]["id"].as_str().unwrap().to_string();
+    let shown = String::from_utf8_lossy(&inst.qms(&["queue", "show", &id]).stdout).into_owned();
+    assert!(shown.contains("smarthost: [127.0.0.1]"), "{shown}");
+    // The debug run logged the dialogue, with the credentials hidden.
+    let log = inst.log();
+    let transcript: Vec<&str> = log.lines().filter(|l| l.contains("debug=smtp")).collect();
+    for want in [
+        "line=\"220 ",
+        "STARTTLS",
+        "TLS started",
+        "AUTH PLAIN (credentials hidden)",
+        "line=\"235 ",
+        "MAIL FROM:<alice@example.test>",
+        "RCPT TO:<carol@peer.test>",
+        "bytes)",
+    ] {
+        assert!(
+            transcript.iter().any(|l| l.contains(want)),
+            "no {want:?} in the transcript: {transcript:#?}"
+        );
+    }
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("dir=> line=\"AUTH PLAIN ") && !l.contains("(credentials hidden)")),
+        "an AUTH token was logged: {}",
+        log.lines()
+            .filter(|l| l.contains("AUTH PLAIN "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Only the debugged message has a transcript.
+    assert!(!transcript.iter().any(|l| l.contains("Subject")));
+    let ids: std::collections::BTreeSet<&str> = transcript
+        .iter()
+        .filter_map(|l| l.split("qid=").nth(1)?.split(' ').next())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    // The password is nowhere but the queued job it belongs to.
+    let track =
+        String::from_utf8_lossy(&inst.qms(&["track", "sh-2", "--json"]).stdout).into_owned();
+    assert!(track.contains("relayed"), "{track}");
+    let mut places = vec![log, peer.log(), shown, track];
+    places.extend(got);
+    for f in inst.files("track") {
+        places
+            .push(std::fs::read_to_string(inst.spool().join("track").join(f)).unwrap_or_default());
+    }
+    for p in &places {
+        assert!(
+            !p.contains(SECRET) && !p.contains("not-the-password"),
+            "a password leaked: {p}"
+        );
+    }
+}
+
+#[test]
+fn plugins_from_the_allow_list_and_refused_requests() {
+    let port = free_port();
+    let mut inst = relay_instance(&[("sink.test", port)], "[msp]\nplugin_dir = \"plugins\"\n");
+    inst.edit_config("[smtp]\n", "[smtp]\nmynetworks = [\"127.0.0.0/8\"]\n");
+    let plugins = inst.dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let out = inst.dir.join("post.out");
+    for (name, body) in [
+        ("stamp", "printf 'X-Stamped: %s\\n' \"$QMS_CROSSREF\"\nexec cat".to_string()),
+        ("refuse", "cat > /dev/null\necho 'no offers on Sundays' >&2\nexit 1".to_string()),
+        (
+            "notify",
+            format!(
+                "{{ echo \"result=$QMS_RESULT attempt=$QMS_ATTEMPT crossref=$QMS_CROSSREF\"; printf '%s' \"$QMS_RESULTS\"; cat; }} >> {}",
+                out.display()
+            ),
+        ),
+    ] {
+        let p = plugins.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(plugins.join("not-executable"), "#!/bin/sh\n").unwrap();
+    inst.own();
+    let sink = Sink::start(&inst, "plugins", "127.0.0.1", port, &[]);
+    inst.start();
+    let send = |fields: &str, subject: &str| {
+        let m = format!(
+            "X-B-Envelope-Addr: alice@example.test\nX-B-CrossRef: {subject}\n{fields}Subject: {subject}\n\nbody\n"
+        );
+        assert!(inst
+            .sendmail(&["x@sink.test"], m.as_bytes())
+            .status
+            .success());
+    };
+    send(
+        "BX-MTA-Submission-Pre-Plugins: stamp\nBX-MTA-Submission-Post-Plugins: notify\n",
+        "p-1",
+    );
+    send("BX-MTA-Submission-Pre-Plugins: stamp, refuse\n", "p-2");
+    send("BX-MTA-Submission-Pre-Plugins: ../../../bin/true\n", "p-3");
+    send("BX-MTA-Submission-Post-Plugins: not-executable\n", "p-4");
+    // Trusted (mynetworks) but not on the smarthost list.
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &["x@sink.test"],
+        "BX-MTA-Rem-Host: 127.0.0.1\r\nBX-MTA-Rem-User: app\r\nBX-MTA-Rem-Passwd: hunter2-secret\r\nSubject: p-5\r\n\r\nbody\r\n",
+        "",
+    );
+    wait_for(
+        "the stamped message at the sink",
+        Duration::from_secs(30),
+        || !sink.messages().is_empty(),
+    );
+    let m = &sink.messages()[0];
+    assert!(
+        m.contains("X-Stamped: p-1") && m.contains("Subject: p-1"),
+        "{m}"
+    );
+    wait_for("the post-plugin's report", Duration::from_secs(30), || {
+        std::fs::read_to_string(&out).is_ok_and(|s| s.contains("\"recipient\""))
+    });
+    let report = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        report.contains("result=delivered attempt=1 crossref=p-1")
+            && report.contains("x@sink.test delivered")
+            && report.contains("\"state\":\"delivered\""),
+        "{report}"
+    );
+    wait_for(
+        "four error reports to alice",
+        Duration::from_secs(30),
+        || inst.count_new("alice") == 4,
+    );
+    let bounces = inst.read_maildir("alice");
+    for (subject, why) in [
+        ("p-2", "no offers on Sundays"),
+        ("p-3", "not a plain file name"),
+        ("p-4", "not an executable file"),
+        ("p-5", "may not choose a smarthost"),
+    ] {
+        assert!(
+            bounces
+                .iter()
+                .any(|b| b.contains(&format!("Subject: {subject}")) && b.contains(why)),
+            "no bounce for {subject} saying {why:?}: {bounces:#?}"
+        );
+    }
+    assert_eq!(sink.messages().len(), 1, "a refused message was sent");
+    let log = inst.log();
+    assert!(
+        !log.contains("hunter2-secret") && !bounces.iter().any(|b| b.contains("hunter2-secret")),
+        "a credential leaked"
+    );
+}
