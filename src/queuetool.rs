@@ -195,9 +195,8 @@ fn list(spool: &Spool, a: &ListArgs) -> ExitCode {
         total += j.size;
         let held = if f.area == "hold" { "!" } else { " " };
         println!(
-            "{}{held:<1}{} {:<9} {:>8} {:<20} {}",
+            "{}{held:<1} {:<9} {:>8} {:<20} {}",
             j.id,
-            "",
             j.queue,
             j.size,
             time::iso8601(j.arrival),

@@ -575,3 +575,89 @@ fn plugins_from_the_allow_list_and_refused_requests() {
         "a credential leaked"
     );
 }
+
+#[test]
+fn reports_fetched_from_a_remote_imap_mailbox() {
+    const IMAP_PASSWORD: &str = "imap-pw-Xy7";
+    let port = free_port();
+    // The provider's side lives apart: the instance's directory is handed to its user.
+    let provider = Instance::new("", "");
+    let dovecot = Dovecot::start(&provider.dir, "reports", IMAP_PASSWORD);
+    let mut inst = relay_instance(
+        &[("ok.test", port)],
+        &format!(
+            "[tracking]\nenvelope_maildir = \"mail/envelope\"\n[tracking.imap]\nserver = \"127.0.0.1:{}\"\n\
+user = \"reports\"\npassword_file = \"imap.pass\"\nca_file = \"{}\"\ninterval = 1\n",
+            dovecot.port,
+            dovecot.ca.display()
+        ),
+    );
+    std::fs::write(inst.dir.join("imap.pass"), format!("{IMAP_PASSWORD}\n")).unwrap();
+    inst.own();
+    let sink = Sink::start(&inst, "ok", "127.0.0.1", port, &[]);
+    inst.start();
+    let msg = "From: app@example.test\nTo: a@ok.test\nMessage-ID: <imap-1@example.test>\n\
+X-B-Envelope-Addr: bounces@provider.test\nX-B-CrossRef: imap-1\nSubject: fetched report\n\nhello\n";
+    assert!(inst.sendmail(&["-t"], msg.as_bytes()).status.success());
+    wait_for("the message at the sink", Duration::from_secs(30), || {
+        sink.messages().len() == 1
+    });
+    wait_for("the message tracked", Duration::from_secs(30), || {
+        String::from_utf8_lossy(&inst.qms(&["track", "imap-1"]).stdout).contains("relayed")
+    });
+    // The next hop accepted it, then bounced it to the provider's mailbox.
+    dovecot.deliver(
+        "1.report",
+        "From: MAILER-DAEMON@mx.ok.test\nTo: bounces@provider.test\nSubject: Undelivered Mail\n\
+MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n\
+--B\nContent-Type: text/plain\n\nNot delivered.\n\n--B\nContent-Type: message/delivery-status\n\n\
+Reporting-MTA: dns; mx.ok.test\nOriginal-Envelope-Id: imap-1\n\nFinal-Recipient: rfc822; a@ok.test\n\
+Action: failed\nStatus: 5.2.1\nDiagnostic-Code: smtp; 550 5.2.1 mailbox disabled\n\n\
+--B\nContent-Type: text/rfc822-headers\n\nMessage-ID: <imap-1@example.test>\nSubject: fetched report\n\n--B--\n",
+    );
+    wait_for(
+        "the failure recorded from the fetched report",
+        Duration::from_secs(60),
+        || {
+            let out = String::from_utf8_lossy(&inst.qms(&["track", "imap-1", "--json"]).stdout)
+                .into_owned();
+            out.lines()
+                .any(|l| l.contains("\"failed\"") && l.contains("dsnproc") && l.contains("5.2.1"))
+        },
+    );
+    // Seen on the server, kept in the local envelope Maildir as read.
+    wait_for(
+        "the report flagged \\Seen on the server",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_dir(dovecot.maildir.join("cur")).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains(":2,S"))
+            })
+        },
+    );
+    let local: Vec<String> = std::fs::read_dir(inst.maildir("envelope").join("cur"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(local.len(), 1, "{local:?}");
+    assert!(local[0].starts_with("imap."), "{local:?}");
+    // Another poll finds nothing new: the report is not recorded twice.
+    wait_for("two more polls", Duration::from_secs(30), || {
+        dovecot.log().matches("Login: user=<reports>").count() >= 3
+    });
+    let failed = String::from_utf8_lossy(
+        &inst
+            .qms(&["track", "imap-1", "--state", "failed", "--json"])
+            .stdout,
+    )
+    .lines()
+    .filter(|l| l.contains("dsnproc"))
+    .count();
+    assert_eq!(failed, 1);
+    assert!(
+        !inst.log().contains(IMAP_PASSWORD),
+        "the IMAP password was logged"
+    );
+}

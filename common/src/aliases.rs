@@ -146,31 +146,6 @@ pub fn parse_targets(text: &str) -> Result<Vec<Target>, String> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_aliases_file() {
-        let a = Aliases::parse(
-            "# comment\npostmaster: root\nstaff: alice, bob@remote.test,\n  /var/log/staff.mbox, \"|/usr/bin/logger -t mail\"\nlist: :include:/etc/qms/list\n",
-        )
-        .unwrap();
-        assert_eq!(
-            a.get("POSTMASTER").unwrap(),
-            &[Target::Address("root".into())]
-        );
-        let staff = a.get("staff").unwrap();
-        assert_eq!(staff.len(), 4);
-        assert_eq!(staff[3], Target::Command("/usr/bin/logger -t mail".into()));
-        assert_eq!(
-            a.get("list").unwrap(),
-            &[Target::Include("/etc/qms/list".into())]
-        );
-        assert!(Aliases::parse("nocolon\n").is_err());
-    }
-}
-
 /// The aliases of a running process, re-read when the file changes (checked at most once a
 /// second), so `newaliases` or an edit takes effect without a restart.
 pub struct Cache {
@@ -225,5 +200,30 @@ impl Cache {
             }
         }
         st.aliases.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_aliases_file() {
+        let a = Aliases::parse(
+            "# comment\npostmaster: root\nstaff: alice, bob@remote.test,\n  /var/log/staff.mbox, \"|/usr/bin/logger -t mail\"\nlist: :include:/etc/qms/list\n",
+        )
+        .unwrap();
+        assert_eq!(
+            a.get("POSTMASTER").unwrap(),
+            &[Target::Address("root".into())]
+        );
+        let staff = a.get("staff").unwrap();
+        assert_eq!(staff.len(), 4);
+        assert_eq!(staff[3], Target::Command("/usr/bin/logger -t mail".into()));
+        assert_eq!(
+            a.get("list").unwrap(),
+            &[Target::Include("/etc/qms/list".into())]
+        );
+        assert!(Aliases::parse("nocolon\n").is_err());
     }
 }

@@ -81,8 +81,7 @@ pub fn quote(v: &str) -> String {
 pub fn parse_pairs(line: &str) -> (Vec<(String, String)>, String) {
     let mut pairs = Vec::new();
     let mut rest = line.trim_start();
-    loop {
-        let Some(eq) = rest.find('=') else { break };
+    while let Some(eq) = rest.find('=') {
         let key = &rest[..eq];
         if key.is_empty()
             || !key

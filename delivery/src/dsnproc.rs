@@ -1,4 +1,5 @@
-//! `qms dsnproc`: reads the reports that come back to the envelope mailbox (a Maildir),
+//! `qms dsnproc`: reads the reports that come back to the envelope mailbox (a Maildir, into
+//! which `imap` also fetches those of a remote mailbox when `[tracking.imap]` says so),
 //! classifies them, ties each to its tracked message and recipient, records what they say
 //! as tracking events, and, when asked, tells the other To/Cc recipients of a message that
 //! one of them did not get it.
@@ -57,7 +58,26 @@ pub fn run(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), String>
         notified: HashSet::new(),
     };
     crate::maildir::ensure(&maildir, true).map_err(|e| format!("{}: {e}", maildir.display()))?;
+    let mut next_poll = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(imap) = cfg
+            .tracking
+            .imap
+            .as_ref()
+            .filter(|_| next_poll.elapsed() > Duration::ZERO)
+        {
+            match crate::imap::poll(imap, &maildir) {
+                Ok(0) => {}
+                Ok(n) => qlog!("imap={}:{} status=fetched count={n}", imap.host, imap.port),
+                Err(e) => qlog!(
+                    "imap={}:{} status=error reason={}",
+                    imap.host,
+                    imap.port,
+                    quote(&e)
+                ),
+            }
+            next_poll = std::time::Instant::now() + Duration::from_secs(imap.interval);
+        }
         if p.pass(&maildir) == 0 {
             std::thread::sleep(Duration::from_millis(500));
         }

@@ -3,6 +3,7 @@
 
 pub mod dsn;
 pub mod dsnproc;
+mod imap;
 mod local;
 mod maildir;
 mod mbox;

@@ -140,7 +140,7 @@ mod tests {
 
     #[test]
     fn eof_mid_data_keeps_nothing() {
-        assert!(matches!(run(b"half a message\r\n").0, None));
+        assert!(run(b"half a message\r\n").0.is_none());
     }
 
     #[test]

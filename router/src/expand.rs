@@ -65,7 +65,7 @@ impl<'a> Expander<'a> {
             })
         };
         if let Some(route) = self.cfg.address_route(addr) {
-            push(self.from_route(addr, route));
+            push(self.route_dest(addr, route));
             return;
         }
         let local = self.cfg.is_local_domain(addr.domain());
@@ -225,7 +225,7 @@ impl<'a> Expander<'a> {
             return Dest::Fail(format!("5.1.1 <{addr}>: user unknown"));
         }
         match self.cfg.domain_route(addr.domain()) {
-            Some(route) => self.from_route(addr, route),
+            Some(route) => self.route_dest(addr, route),
             None => Dest::Queue {
                 queue: "smtp".into(),
                 route: "smtp".into(),
@@ -234,7 +234,7 @@ impl<'a> Expander<'a> {
         }
     }
 
-    fn from_route(&self, addr: &Address, route: &Route) -> Dest {
+    fn route_dest(&self, addr: &Address, route: &Route) -> Dest {
         match route {
             Route::Local => self.final_dest(addr, true),
             Route::Discard => Dest::Discard,

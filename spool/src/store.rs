@@ -217,10 +217,7 @@ impl Spool {
             let _ = file.try_lock_exclusive();
             let body = message(&id);
             let body = body.as_slice();
-            let write = (|| {
-                use std::io::Write;
-                (&file).write_all(body)
-            })();
+            let write = std::io::Write::write_all(&mut &file, body);
             if let Err(e) = write {
                 let _ = fs::remove_file(&body_path);
                 return Err(SpoolError::Io {

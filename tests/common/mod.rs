@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod dovecot;
 mod sink;
+#[allow(unused_imports)]
+pub use dovecot::Dovecot;
 #[allow(unused_imports)]
 pub use sink::{relay_instance, Sink};
 

@@ -365,6 +365,23 @@ pub struct Tracking {
     pub envelope: Option<Address>,
     /// The key that signs VERP tokens (`key`, or the contents of `key_file`).
     pub key: Vec<u8>,
+    /// `[tracking.imap]`: a remote mailbox whose reports are fetched into `envelope_maildir`.
+    pub imap: Option<Imap>,
+}
+
+/// A remote IMAP mailbox, reached over TLS from the first byte (IMAPS).
+#[derive(Clone, Debug)]
+pub struct Imap {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Read when polling, so that only `dsnproc` needs to be able to read it.
+    pub password_file: PathBuf,
+    pub mailbox: String,
+    /// Certificates to trust instead of the system's (a private CA or a self-signed server).
+    pub ca_file: Option<PathBuf>,
+    /// Seconds between polls.
+    pub interval: u64,
 }
 
 /// The queues every instance has, whatever the config says, with their default worker counts.
@@ -626,6 +643,38 @@ impl Config {
                 "a VERP envelope needs a key (key or key_file) of at least 16 bytes".into(),
             ));
         }
+        let imap = match raw.tracking.imap {
+            Some(i) => {
+                // IMAPS: port 993 unless the server names another.
+                let has_port = i
+                    .server
+                    .rsplit_once(':')
+                    .is_some_and(|(_, p)| !p.contains(']'));
+                let server = if has_port {
+                    i.server.clone()
+                } else {
+                    format!("{}:993", i.server)
+                };
+                let (host, port) =
+                    parse_hop(&server).map_err(|e| err("tracking.imap.server", e))?;
+                if raw.tracking.envelope_maildir.is_none() {
+                    return Err(err(
+                        "tracking.imap",
+                        "IMAP polling fetches into envelope_maildir, which is not set".into(),
+                    ));
+                }
+                Some(Imap {
+                    host,
+                    port,
+                    user: i.user,
+                    password_file: resolve(&i.password_file),
+                    mailbox: i.mailbox.unwrap_or_else(|| "INBOX".into()),
+                    ca_file: i.ca_file.as_deref().map(resolve),
+                    interval: i.interval.unwrap_or(60).max(1),
+                })
+            }
+            None => None,
+        };
         let auth = Auth {
             users: raw.auth.users.as_deref().map(resolve),
             plaintext_loopback: raw.auth.plaintext_loopback.unwrap_or(false),
@@ -663,6 +712,7 @@ impl Config {
                 co_recipient_notices: raw.tracking.co_recipient_notices.unwrap_or(false),
                 envelope,
                 key,
+                imap,
             },
             msp: Msp {
                 smarthost_users: raw.msp.smarthost_users,

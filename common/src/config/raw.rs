@@ -123,6 +123,18 @@ pub(super) struct RawTracking {
     pub(super) envelope: Option<String>,
     pub(super) key: Option<String>,
     pub(super) key_file: Option<String>,
+    pub(super) imap: Option<RawImap>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawImap {
+    pub(super) server: String,
+    pub(super) user: String,
+    pub(super) password_file: String,
+    pub(super) mailbox: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) interval: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
