@@ -521,6 +521,12 @@ fn plugins_from_the_allow_list_and_refused_requests() {
     send("BX-MTA-Submission-Pre-Plugins: stamp, refuse\n", "p-2");
     send("BX-MTA-Submission-Pre-Plugins: ../../../bin/true\n", "p-3");
     send("BX-MTA-Submission-Post-Plugins: not-executable\n", "p-4");
+    send("BX-Sending-Method: submit\n", "p-6");
+    // Injection uses qms's own routes, whatever smarthost the message names.
+    send(
+        "BX-Sending-Method: inject\nBX-MTA-Rem-Host: 192.0.2.1\n",
+        "p-7",
+    );
     // Trusted (mynetworks) but not on the smarthost list.
     smtp_send(
         inst.smtp_port,
@@ -529,12 +535,12 @@ fn plugins_from_the_allow_list_and_refused_requests() {
         "BX-MTA-Rem-Host: 127.0.0.1\r\nBX-MTA-Rem-User: app\r\nBX-MTA-Rem-Passwd: hunter2-secret\r\nSubject: p-5\r\n\r\nbody\r\n",
         "",
     );
-    wait_for(
-        "the stamped message at the sink",
-        Duration::from_secs(30),
-        || !sink.messages().is_empty(),
-    );
-    let m = &sink.messages()[0];
+    wait_for("two messages at the sink", Duration::from_secs(30), || {
+        sink.messages().len() == 2
+    });
+    let sent = sink.messages();
+    assert!(sent.iter().any(|m| m.contains("Subject: p-7")), "{sent:#?}");
+    let m = sent.iter().find(|m| m.contains("Subject: p-1")).unwrap();
     assert!(
         m.contains("X-Stamped: p-1") && m.contains("Subject: p-1"),
         "{m}"
@@ -550,9 +556,9 @@ fn plugins_from_the_allow_list_and_refused_requests() {
         "{report}"
     );
     wait_for(
-        "four error reports to alice",
+        "five error reports to alice",
         Duration::from_secs(30),
-        || inst.count_new("alice") == 4,
+        || inst.count_new("alice") == 5,
     );
     let bounces = inst.read_maildir("alice");
     for (subject, why) in [
@@ -560,6 +566,7 @@ fn plugins_from_the_allow_list_and_refused_requests() {
         ("p-3", "not a plain file name"),
         ("p-4", "not an executable file"),
         ("p-5", "may not choose a smarthost"),
+        ("p-6", "submit needs BX-MTA-Rem-Host"),
     ] {
         assert!(
             bounces
@@ -568,7 +575,7 @@ fn plugins_from_the_allow_list_and_refused_requests() {
             "no bounce for {subject} saying {why:?}: {bounces:#?}"
         );
     }
-    assert_eq!(sink.messages().len(), 1, "a refused message was sent");
+    assert_eq!(sink.messages().len(), 2, "a refused message was sent");
     let log = inst.log();
     assert!(
         !log.contains("hunter2-secret") && !bounces.iter().any(|b| b.contains("hunter2-secret")),

@@ -16,7 +16,10 @@
 //! - `BX-Disposition-Notification-Req-To: ADDR` adds `Disposition-Notification-To:` and
 //!   `Return-Receipt-To:` (RFC 8098).
 //! - `X-B-CrossRef` and `X-B-Non-Delivery-Notification-Actions` are stored in the job.
-//! - `BX-Sending-Method: inject|submit` is noted; `BX-Sending-Run-Control: dryrun` routes,
+//! - `BX-Sending-Method: inject` routes the message by qms's own tables (smarthost fields are
+//!   stripped and not used); `submit` sends it through the `BX-MTA-Rem-*` smarthost, which
+//!   must then be given; absent, a smarthost is used when one is named.
+//! - `BX-Sending-Run-Control: dryrun` routes,
 //!   logs and tracks but delivers nothing; `debug` logs the whole SMTP dialogue of the
 //!   message (credentials hidden). Both may be given, comma-separated.
 //! - `BX-MTA-Rem-*` (see `smarthost`) sends the message's SMTP recipients through a smarthost
@@ -155,7 +158,18 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
     job.debug = words.contains(&"debug");
     let mut refusal = None;
     let mut pre_plugins = Vec::new();
-    match smarthost::parse(&fields) {
+    let method = get("BX-Sending-Method").map(|m| m.to_ascii_lowercase());
+    let rem = match method.as_deref() {
+        // Injection: qms's own routes; smarthost fields do not apply.
+        Some("inject") => Ok(None),
+        Some("submit") => smarthost::parse(&fields).and_then(|h| {
+            h.map(Some)
+                .ok_or_else(|| "BX-Sending-Method: submit needs BX-MTA-Rem-Host".to_string())
+        }),
+        None => smarthost::parse(&fields),
+        Some(_) => Err("BX-Sending-Method is not inject or submit".to_string()),
+    };
+    match rem {
         Ok(Some(_)) if !smarthost::allowed(cfg, &job.client) => {
             refusal = Some("5.7.1 this submitter may not choose a smarthost (BX-MTA-Rem-*)".into());
         }
