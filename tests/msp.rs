@@ -12,7 +12,7 @@ BX-Non-Delivery-Notification-Req-To: bounces@example.test\n\
 BX-Disposition-Notification-Req-To: reader@example.test\n\
 X-B-CrossRef: offer-42\n\
 X-B-Non-Delivery-Notification-Actions: notify-co-recipients\n\
-BX-Sending-Method: submit\n\
+BX-Sending-Method: inject\n\
 BX-Frobnicate: yes\n\
 Subject: tracked offer\n\
 \n\

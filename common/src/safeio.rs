@@ -70,12 +70,17 @@ fn fault(at: Fault) -> io::Result<()> {
 
 /// Creates `tmp` exclusively and writes `data` into it; nothing is synced yet.
 pub fn stage(tmp: PathBuf, dest: PathBuf, data: &[u8]) -> io::Result<Staged> {
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(0o640)
         .open(&tmp)?;
+    stage_file(file, tmp, dest, data)
+}
+
+/// Like [`stage`], for an empty file the caller made at `tmp`.
+pub fn stage_file(mut file: File, tmp: PathBuf, dest: PathBuf, data: &[u8]) -> io::Result<Staged> {
     if let Err(e) = file.write_all(data) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

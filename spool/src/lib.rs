@@ -5,6 +5,7 @@
 //! and change jobs while workers run. See docs/architecture.md for the layout.
 
 mod commit;
+mod free;
 mod id;
 mod job;
 mod store;

@@ -6,12 +6,14 @@
 //! SPOOL/queue/QUEUE/ID.json  jobs waiting in QUEUE (incoming, local, smtp, pipe, …)
 //! SPOOL/hold/QUEUE/ID.json   jobs put on hold, kept until released
 //! SPOOL/corrupt/QUEUE/ID.json unreadable jobs, moved aside for a human
+//! SPOOL/free/                finished files kept for reuse (see `free`); never read
 //! ```
 //!
 //! A job is claimed by an exclusive `flock` on its file. A new version of a job is written to
 //! `tmp/`, locked, synced and renamed over the old one, so the job is never unlocked while
 //! its worker holds it; a worker that dies drops its locks with its file descriptors.
 
+use crate::free::Pool;
 use crate::id::QueueId;
 use crate::job::{Job, JOB_VERSION};
 use fs2::FileExt;
@@ -19,7 +21,7 @@ use qms_common::{qlog, safeio};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug)]
@@ -73,6 +75,7 @@ type Result<T> = std::result::Result<T, SpoolError>;
 #[derive(Clone, Debug)]
 pub struct Spool {
     root: PathBuf,
+    free: std::sync::Arc<Pool>,
 }
 
 /// A message being enqueued: its file is written and locked, its job staged in `tmp/`.
@@ -109,8 +112,11 @@ impl Spool {
     pub fn open(root: &Path, queues: &[String]) -> Result<Spool> {
         let spool = Spool {
             root: root.to_path_buf(),
+            free: std::sync::Arc::new(Pool::new(root.join("free"))),
         };
-        for d in ["tmp", "msg", "queue", "hold", "corrupt", "run", "track"] {
+        for d in [
+            "tmp", "msg", "queue", "hold", "corrupt", "run", "track", "free",
+        ] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
         }
@@ -182,7 +188,12 @@ impl Spool {
                 err: e,
             },
         })?;
-        parse_job(&data).map_err(|reason| SpoolError::Corrupt { path: p, reason })
+        match parse_job(&data) {
+            // A file reused (see `free`) between our open and read: this job is gone.
+            Ok(job) if job.id != *id => Err(SpoolError::NotFound(id.to_string())),
+            Ok(job) => Ok(job),
+            Err(reason) => Err(SpoolError::Corrupt { path: p, reason }),
+        }
     }
 
     // ---- enqueue -------------------------------------------------------------------------
@@ -197,12 +208,7 @@ impl Spool {
             let id = QueueId::generate();
             let body_name = format!("{id}.{queue}");
             let body_path = self.root.join("msg").join(&body_name);
-            let file = match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&body_path)
-            {
+            let file = match self.free.create(&body_path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
@@ -328,15 +334,16 @@ impl Spool {
         }
         let link = self.body_path(child);
         if let Some(data) = message {
-            // Truncated first: a dispatch redone after a crash may find a part written.
             let write = (|| {
                 use std::io::Write;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o640)
-                    .open(&link)?;
+                let mut f = match self.free.create(&link) {
+                    // A dispatch redone after a crash may find a part written: start again.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(&link)?,
+                    other => other?,
+                };
                 f.write_all(data)?;
                 Ok::<File, io::Error>(f)
             })();
@@ -470,18 +477,34 @@ impl Spool {
             job.queue,
             std::process::id()
         ));
-        let s = safeio::stage(tmp.clone(), dest, &data).map_err(io_err("write", &tmp))?;
-        s.file()
-            .try_lock_exclusive()
-            .map_err(io_err("lock", &tmp))?;
+        let file = self.free.create(&tmp).map_err(io_err("create", &tmp))?;
+        let s =
+            safeio::stage_file(file, tmp.clone(), dest, &data).map_err(io_err("write", &tmp))?;
+        // Waits, rather than fails, for a recycled file whose last holder is letting go.
+        s.file().lock_exclusive().map_err(io_err("lock", &tmp))?;
         Ok(s)
     }
 
-    /// Removes a finished job and its link to the message file.
+    /// Removes a finished job and its link to the message file (the files go to `free/`).
     pub fn finish(&self, c: Claimed) -> Result<()> {
-        fs::remove_file(&c.path).map_err(io_err("remove", &c.path))?;
-        let _ = fs::remove_file(self.body_path(&c.job));
+        // Out of the queue while still locked, so no worker can claim it in between.
+        let done = if c.job.smarthost.is_some() {
+            fs::remove_file(&c.path) // it held credentials: gone for good
+        } else {
+            self.free.retire(&c.path)
+        };
+        done.map_err(io_err("remove", &c.path))?;
         drop(c.file);
+        // Links are only added while the incoming job exists, so a count of one is final.
+        let body = self.body_path(&c.job);
+        match fs::metadata(&body) {
+            Ok(m) if m.nlink() == 1 => {
+                let _ = self.free.retire(&body);
+            }
+            _ => {
+                let _ = fs::remove_file(&body);
+            }
+        }
         Ok(())
     }
 

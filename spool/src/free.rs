@@ -1,0 +1,149 @@
+//! `SPOOL/free/`: finished spool files kept for reuse instead of deleted.
+//!
+//! On ext4 without a journal, creating a file scans the inodes of its block group that were
+//! freed in the last minutes (the kernel avoids handing them out again soon); under mail
+//! churn that scan costs more than writing the file. So a finished job or message file is
+//! renamed into `free/`, and a new one is made by renaming a free one into place and
+//! truncating it. Renames allocate no inode. Nothing in `free/` is ever read, and the pool
+//! is kept small; files that held credentials are deleted, never kept here.
+
+use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Files kept at most; past this, finished files are deleted.
+const CAPACITY: usize = 4096;
+/// Names taken from one directory read.
+const BATCH: usize = 256;
+/// Re-read the directory at most this often when the pool looked empty.
+const REFILL_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Debug)]
+pub struct Pool {
+    dir: PathBuf,
+    names: Mutex<(Vec<OsString>, Option<Instant>)>,
+    retired: AtomicUsize,
+    /// How many files the pool held at the last count.
+    size: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(dir: PathBuf) -> Pool {
+        Pool {
+            dir,
+            names: Mutex::new((Vec::new(), None)),
+            retired: AtomicUsize::new(0),
+            size: AtomicUsize::new(0),
+        }
+    }
+
+    fn take_name(&self) -> Option<OsString> {
+        let mut guard = self.names.lock().ok()?;
+        let (names, filled) = &mut *guard;
+        if names.is_empty() && filled.is_none_or(|t| t.elapsed() >= REFILL_EVERY) {
+            *filled = Some(Instant::now());
+            if let Ok(rd) = fs::read_dir(&self.dir) {
+                names.extend(rd.flatten().take(BATCH).map(|e| e.file_name()));
+                // Processes read the same directory: start at different places.
+                let n = names.len().max(1);
+                names.rotate_left(std::process::id() as usize % n);
+            }
+        }
+        names.pop()
+    }
+
+    /// An empty file at `path`, open for reading and writing: a free one renamed there, or a
+    /// new one. Fails with `AlreadyExists` when `path` exists (ids are claimed this way).
+    pub fn create(&self, path: &Path) -> io::Result<File> {
+        while let Some(name) = self.take_name() {
+            let from = self.dir.join(&name);
+            match renameat2(
+                AT_FDCWD,
+                &from,
+                AT_FDCWD,
+                path,
+                RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => {
+                    return OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .truncate(true)
+                        .open(path)
+                }
+                // Taken by another process first.
+                Err(nix::errno::Errno::ENOENT) => continue,
+                Err(nix::errno::Errno::EEXIST) => return Err(io::ErrorKind::AlreadyExists.into()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(path)
+    }
+
+    /// Takes `path`, a file nothing refers to any more, out of its directory: into the pool,
+    /// or deleted when the pool is full.
+    pub fn retire(&self, path: &Path) -> io::Result<()> {
+        let n = self.retired.fetch_add(1, Ordering::Relaxed);
+        if n % BATCH == 0 {
+            let count = fs::read_dir(&self.dir).map(|rd| rd.count()).unwrap_or(0);
+            self.size.store(count, Ordering::Relaxed);
+        }
+        if self.size.load(Ordering::Relaxed) >= CAPACITY {
+            return fs::remove_file(path);
+        }
+        self.size.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}.{n}", std::process::id());
+        fs::rename(path, self.dir.join(&name))?;
+        // This process's next file can be this one, without reading the directory.
+        if let Ok(mut guard) = self.names.lock() {
+            if guard.0.len() < BATCH {
+                guard.0.push(name.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_retired_file_comes_back_empty_under_its_new_name() {
+        let dir = std::env::temp_dir().join(format!("qms-free-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("free")).unwrap();
+        let pool = Pool::new(dir.join("free"));
+        let a = dir.join("a");
+        pool.create(&a).unwrap().write_all(b"old job").unwrap();
+        let ino = fs::metadata(&a).unwrap().ino();
+        pool.retire(&a).unwrap();
+        assert!(!a.exists());
+        let b = dir.join("b");
+        let mut f = pool.create(&b).unwrap();
+        assert_eq!(fs::metadata(&b).unwrap().ino(), ino, "the inode was reused");
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "", "nothing of the old file is left");
+        // An existing name is never replaced.
+        pool.retire(&b).unwrap();
+        fs::write(&a, "live").unwrap();
+        let e = pool.create(&a).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read_to_string(&a).unwrap(), "live");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
