@@ -71,16 +71,25 @@ impl Pool {
                 RenameFlags::RENAME_NOREPLACE,
             ) {
                 Ok(()) => {
-                    return OpenOptions::new()
+                    match OpenOptions::new()
                         .read(true)
                         .write(true)
                         .truncate(true)
                         .open(path)
+                    {
+                        Ok(f) => return Ok(f),
+                        // Not ours to write (another user's): drop it, make a new one.
+                        Err(_) => {
+                            let _ = fs::remove_file(path);
+                            break;
+                        }
+                    }
                 }
                 // Taken by another process first.
                 Err(nix::errno::Errno::ENOENT) => continue,
                 Err(nix::errno::Errno::EEXIST) => return Err(io::ErrorKind::AlreadyExists.into()),
-                Err(e) => return Err(e.into()),
+                // Not allowed here (a set-group-id sendmail): a new file will do.
+                Err(_) => break,
             }
         }
         OpenOptions::new()
@@ -94,6 +103,12 @@ impl Pool {
     /// Takes `path`, a file nothing refers to any more, out of its directory: into the pool,
     /// or deleted when the pool is full.
     pub fn retire(&self, path: &Path) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        // Only files this user may write again are worth keeping.
+        let mine = fs::metadata(path).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
+        if !mine {
+            return fs::remove_file(path);
+        }
         let n = self.retired.fetch_add(1, Ordering::Relaxed);
         if n % BATCH == 0 {
             let count = fs::read_dir(&self.dir).map(|rd| rd.count()).unwrap_or(0);
