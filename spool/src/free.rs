@@ -27,6 +27,7 @@ const REFILL_EVERY: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub struct Pool {
     dir: PathBuf,
+    /// Names to try, and when a read of the directory last found it empty.
     names: Mutex<(Vec<OsString>, Option<Instant>)>,
     retired: AtomicUsize,
     /// How many files the pool held at the last count.
@@ -45,15 +46,20 @@ impl Pool {
 
     fn take_name(&self) -> Option<OsString> {
         let mut guard = self.names.lock().ok()?;
-        let (names, filled) = &mut *guard;
-        if names.is_empty() && filled.is_none_or(|t| t.elapsed() >= REFILL_EVERY) {
-            *filled = Some(Instant::now());
+        let (names, empty_at) = &mut *guard;
+        if names.is_empty() && empty_at.is_none_or(|t| t.elapsed() >= REFILL_EVERY) {
             if let Ok(rd) = fs::read_dir(&self.dir) {
                 names.extend(rd.flatten().take(BATCH).map(|e| e.file_name()));
-                // Processes read the same directory: start at different places.
-                let n = names.len().max(1);
-                names.rotate_left(std::process::id() as usize % n);
             }
+            // Processes read the same directory: take its names in different orders.
+            let mut x = (u64::from(std::process::id()) << 32) | names.len() as u64 | 1;
+            for i in (1..names.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                names.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            *empty_at = names.is_empty().then(Instant::now);
         }
         names.pop()
     }
