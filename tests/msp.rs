@@ -632,14 +632,30 @@ Action: failed\nStatus: 5.2.1\nDiagnostic-Code: smtp; 550 5.2.1 mailbox disabled
                 .any(|l| l.contains("\"failed\"") && l.contains("dsnproc") && l.contains("5.2.1"))
         },
     );
+    // A read receipt that names the message only in In-Reply-To:.
+    dovecot.deliver(
+        "2.mdn",
+        "From: a@ok.test\nTo: bounces@provider.test\nSubject: Read: fetched report\n\
+In-Reply-To: <imap-1@example.test>\nMIME-Version: 1.0\n\
+Content-Type: multipart/report; report-type=disposition-notification; boundary=\"M\"\n\n\
+--M\nContent-Type: message/disposition-notification\n\nReporting-UA: ua.ok.test; Mailer\n\
+Final-Recipient: rfc822;a@ok.test\nDisposition: manual-action/MDN-sent-manually; displayed\n\n--M--\n",
+    );
+    wait_for("the receipt recorded", Duration::from_secs(60), || {
+        String::from_utf8_lossy(&inst.qms(&["track", "imap-1", "--json"]).stdout)
+            .lines()
+            .any(|l| l.contains("\"displayed\"") && l.contains("dsnproc"))
+    });
     // Seen on the server, kept in the local envelope Maildir as read.
     wait_for(
-        "the report flagged \\Seen on the server",
+        "both reports flagged \\Seen on the server",
         Duration::from_secs(30),
         || {
             std::fs::read_dir(dovecot.maildir.join("cur")).is_ok_and(|d| {
                 d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().contains(":2,S"))
+                    .filter(|e| e.file_name().to_string_lossy().contains(":2,S"))
+                    .count()
+                    == 2
             })
         },
     );
@@ -648,8 +664,8 @@ Action: failed\nStatus: 5.2.1\nDiagnostic-Code: smtp; 550 5.2.1 mailbox disabled
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(local.len(), 1, "{local:?}");
-    assert!(local[0].starts_with("imap."), "{local:?}");
+    assert_eq!(local.len(), 2, "{local:?}");
+    assert!(local.iter().all(|l| l.starts_with("imap.")), "{local:?}");
     // Another poll finds nothing new: the report is not recorded twice.
     wait_for("two more polls", Duration::from_secs(30), || {
         dovecot.log().matches("Login: user=<reports>").count() >= 3

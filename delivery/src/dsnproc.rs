@@ -140,7 +140,15 @@ impl DsnProc<'_> {
         let mut signed_qid = None;
         if let (Some(base), Some(to)) = (&self.cfg.tracking.envelope, came_to) {
             for rr in &r.recipients {
-                match qms_common::verp::check(base, &self.cfg.tracking.key, to, &rr.address) {
+                // Signed for the address qms sent to: the Original-Recipient when the next hop
+                // forwarded the message and reports the final one.
+                let key = &self.cfg.tracking.key;
+                let check = |a: &str| qms_common::verp::check(base, key, to, a);
+                let token = match rr.original_recipient.as_deref().map(check) {
+                    Some(t @ qms_common::verp::Token::Valid { .. }) => t,
+                    _ => check(&rr.address),
+                };
+                match token {
                     qms_common::verp::Token::Valid { qid } => signed_qid = Some(qid),
                     qms_common::verp::Token::Forged { qid } => {
                         qlog!("file={file} qid={qid} to={} status=forged reason=\"bad VERP signature; not believed\"", rr.address);
@@ -150,13 +158,18 @@ impl DsnProc<'_> {
                 }
             }
         }
-        let key = signed_qid
-            .clone()
-            .or_else(|| r.original_message_id.clone())
-            .or_else(|| r.envid.clone());
-        let found = key
-            .as_deref()
-            .and_then(|k| self.db.find_message(k).ok().flatten());
+        // The ways to the message, surest first.
+        let keys: Vec<String> = signed_qid
+            .iter()
+            .chain(&r.original_message_id)
+            .chain(&r.envid)
+            .chain(&r.references)
+            .cloned()
+            .collect();
+        let key = keys.first().cloned();
+        let found = keys
+            .iter()
+            .find_map(|k| self.db.find_message(k).ok().flatten());
         let correlated = found.is_some();
         let (qid, message_id) = match found {
             Some((q, m)) => (q, m.or(r.original_message_id.clone())),
@@ -210,7 +223,8 @@ impl DsnProc<'_> {
                 rr.action == "failed" && rr.status.as_deref().is_none_or(|s| s.starts_with('5'));
             if hard {
                 if let (Some(mid), Some(head)) = (&message_id, &r.returned_headers) {
-                    self.notify_co_recipients(&qid, mid, &rr.address, head);
+                    let addressed = rr.original_recipient.as_deref().unwrap_or(&rr.address);
+                    self.notify_co_recipients(&qid, mid, addressed, head);
                 }
             }
         }

@@ -25,6 +25,9 @@ pub struct RcptReport {
     pub action: String,
     pub status: Option<String>,
     pub diagnostic: Option<String>,
+    /// `Original-Recipient:` (the address as the sender gave it, before any forwarding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_recipient: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -37,6 +40,10 @@ pub struct Report {
     /// The header section of the returned message, when the report carries it.
     #[serde(skip)]
     pub returned_headers: Option<Vec<u8>>,
+    /// The Message-IDs of the report's own In-Reply-To: and References: fields: a last way
+    /// to find the message when the report returns nothing of it.
+    #[serde(skip)]
+    pub references: Vec<String>,
 }
 
 /// Unfolds a block of header-style fields into (lower-case name, value) pairs.
@@ -112,6 +119,7 @@ fn push_rcpt(f: &[(String, String)], report: &mut Report) {
             .to_ascii_lowercase(),
         status: get(f, "status").map(|s| s.split_whitespace().next().unwrap_or("").to_string()),
         diagnostic: get(f, "diagnostic-code").map(typed_value),
+        original_recipient: get(f, "original-recipient").map(typed_value),
     });
 }
 
@@ -138,6 +146,7 @@ fn parse_mdn(body: &str, report: &mut Report) {
             action,
             status: None,
             diagnostic: None,
+            original_recipient: get(&f, "original-recipient").map(typed_value),
         });
     }
 }
@@ -191,6 +200,7 @@ pub fn classify(raw: &[u8]) -> Result<Report, String> {
         envid: None,
         reporting_mta: None,
         returned_headers: None,
+        references: references_of(&header_section(raw)),
     };
     for p in &msg.parts {
         let ct = ctype(p);
@@ -244,6 +254,30 @@ pub fn classify(raw: &[u8]) -> Result<Report, String> {
         return Ok(report);
     }
     Ok(report)
+}
+
+/// The `<id>`s of In-Reply-To: and References:, nearest first.
+fn references_of(head: &[u8]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let refs = qms_common::headers::value(head, "References").unwrap_or_default();
+    let reply = qms_common::headers::value(head, "In-Reply-To").unwrap_or_default();
+    // The last of References: is the message replied to, as In-Reply-To: names it.
+    let mut ids: Vec<&str> = reply.split('<').skip(1).collect();
+    ids.extend(
+        refs.split('<')
+            .skip(1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev(),
+    );
+    for id in ids {
+        if let Some((id, _)) = id.split_once('>') {
+            if !id.is_empty() && !out.iter().any(|o| o == id) {
+                out.push(id.to_string());
+            }
+        }
+    }
+    out
 }
 
 fn header_section(raw: &[u8]) -> Vec<u8> {
@@ -396,6 +430,7 @@ fn nonstandard_bounce(text: &str, subject: &str, from: &str) -> Option<Vec<RcptR
                     action: action.into(),
                     status,
                     diagnostic: (!reason.is_empty()).then_some(reason),
+                    original_recipient: None,
                 });
             }
             i = j;
@@ -436,5 +471,32 @@ impl Report {
     /// The JSON object `qms dsn classify` prints for one file.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_that_returns_nothing_is_found_by_its_references() {
+        let mdn = "From: Frank <frank@far.test>\r\nTo: app@sender.test\r\nSubject: Read\r\n\
+In-Reply-To: <offer-20@sender.test>\r\nReferences: <thread-1@sender.test>\r\n <offer-20@sender.test>\r\n\
+MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=disposition-notification; boundary=\"M\"\r\n\r\n\
+--M\r\nContent-Type: message/disposition-notification\r\n\r\nReporting-UA: ua.far.test; Mailer\r\n\
+Original-Recipient: rfc822;frank@sender-list.test\r\nFinal-Recipient: rfc822;frank@far.test\r\n\
+Disposition: manual-action/MDN-sent-manually; displayed\r\n\r\n--M--\r\n";
+        let r = classify(mdn.as_bytes()).unwrap();
+        assert_eq!(r.kind, ReportKind::Mdn);
+        assert_eq!(r.original_message_id, None);
+        assert_eq!(
+            r.references,
+            ["offer-20@sender.test", "thread-1@sender.test"]
+        );
+        assert_eq!(r.recipients[0].address, "frank@far.test");
+        assert_eq!(
+            r.recipients[0].original_recipient.as_deref(),
+            Some("frank@sender-list.test")
+        );
     }
 }

@@ -6,8 +6,9 @@
 mod client;
 mod dns;
 mod tls;
+mod transaction;
 
-use client::{Client, Failure, Reply, Settings, Transaction};
+use client::{Client, Failure, Settings, Transaction};
 use qms_common::address::show_sender;
 use qms_common::config::{Route, TlsPolicy};
 use qms_common::{qlog, Config};
@@ -17,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use transaction::{judge, mail_command, rcpt_command, refuse_before_sending, Verdict};
 
 /// New connections being set up to one address at once, per process: a burst of connects
 /// can overflow a small server's accept queue and leave us waiting for a greeting.
@@ -67,12 +69,6 @@ impl Dest {
             _ => None,
         }
     }
-}
-
-enum Verdict {
-    Sent { peer_dsn: bool },
-    Deferred,
-    Failed,
 }
 
 /// What happened to one recipient, with what the log line needs.
@@ -451,7 +447,7 @@ impl SmtpAgent {
                 },
             };
             let relay = format!("{}[{}]:{}", c.name, c.addr.ip(), c.addr.port());
-            if let Some(reason) = refuse_before_sending(job, tx, &c, body.len()) {
+            if let Some(reason) = refuse_before_sending(job, &tx.ris, &c, body.len()) {
                 push_all(
                     &mut out,
                     &|| Verdict::Failed,
@@ -518,132 +514,6 @@ impl SmtpAgent {
             None => {}
         }
         (out, connected_ok)
-    }
-}
-
-/// What the peer cannot take, decided before anything is sent (RFC 6152, 6531, 1870).
-fn refuse_before_sending(job: &Job, tx: &Tx, c: &Client, size: usize) -> Option<String> {
-    let host = format!("{}[{}]", c.name, c.addr.ip());
-    let utf8 = job.smtputf8
-        || job.sender.as_ref().is_some_and(|s| s.is_utf8())
-        || tx
-            .ris
-            .iter()
-            .any(|&ri| job.recipients[ri].address.is_utf8());
-    if utf8 && !c.ext.smtputf8 {
-        return Some(format!(
-            "5.6.7 {host} does not support SMTPUTF8, which this message needs"
-        ));
-    }
-    if job.eightbit && !c.ext.eightbit {
-        return Some(format!(
-            "5.6.3 {host} does not support 8BITMIME, which this message needs"
-        ));
-    }
-    if c.ext.size.is_some_and(|max| size as u64 > max) {
-        return Some(format!(
-            "5.3.4 message size {size} exceeds the limit of {host}"
-        ));
-    }
-    None
-}
-
-/// RFC 3461 xtext: `+XX` for `+`, `=` and anything outside printable ASCII.
-fn xtext(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if (33..=126).contains(&b) && b != b'+' && b != b'=' {
-                (b as char).to_string()
-            } else {
-                format!("+{b:02X}")
-            }
-        })
-        .collect()
-}
-
-fn mail_command(job: &Job, c: &Client, size: usize) -> String {
-    let mut m = format!(
-        "MAIL FROM:<{}>",
-        job.sender
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-    );
-    if c.ext.size.is_some() {
-        m.push_str(&format!(" SIZE={size}"));
-    }
-    if job.eightbit && c.ext.eightbit {
-        m.push_str(" BODY=8BITMIME");
-    }
-    if job.smtputf8 && c.ext.smtputf8 {
-        m.push_str(" SMTPUTF8");
-    }
-    if c.ext.dsn {
-        match job.ret {
-            Some(qms_spool::DsnRet::Full) => m.push_str(" RET=FULL"),
-            Some(qms_spool::DsnRet::Hdrs) => m.push_str(" RET=HDRS"),
-            None => {}
-        }
-        if let Some(e) = &job.envid {
-            m.push_str(&format!(" ENVID={}", xtext(e)));
-        }
-    }
-    m
-}
-
-fn rcpt_command(job: &Job, ri: usize, c: &Client) -> String {
-    let r = &job.recipients[ri];
-    let mut cmd = format!("RCPT TO:<{}>", r.address);
-    if c.ext.dsn {
-        if !r.notify.is_empty() {
-            let n: Vec<&str> = r
-                .notify
-                .iter()
-                .map(|n| match n {
-                    Notify::Never => "NEVER",
-                    Notify::Success => "SUCCESS",
-                    Notify::Failure => "FAILURE",
-                    Notify::Delay => "DELAY",
-                })
-                .collect();
-            cmd.push_str(&format!(" NOTIFY={}", n.join(",")));
-        }
-        if let Some(o) = &r.orcpt {
-            if let Some((kind, addr)) = o.split_once(';') {
-                cmd.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
-            }
-        }
-    }
-    cmd
-}
-
-/// The verdict for one recipient from the replies to MAIL, its RCPT and the data.
-fn judge(
-    mail: &Reply,
-    rcpt: Option<&Reply>,
-    data: Option<&Reply>,
-    peer_dsn: bool,
-) -> (Verdict, String) {
-    let by = |r: &Reply| {
-        if r.is_permanent() {
-            Verdict::Failed
-        } else {
-            Verdict::Deferred
-        }
-    };
-    if !mail.is_ok() {
-        return (by(mail), mail.text.clone());
-    }
-    let Some(rcpt) = rcpt else {
-        return (Verdict::Deferred, "4.4.2 no reply to RCPT".into());
-    };
-    if !rcpt.is_ok() {
-        return (by(rcpt), rcpt.text.clone());
-    }
-    match data {
-        Some(d) if d.is_ok() => (Verdict::Sent { peer_dsn }, d.text.clone()),
-        Some(d) => (by(d), d.text.clone()),
-        None => (Verdict::Deferred, "4.4.2 the message was not sent".into()),
     }
 }
 

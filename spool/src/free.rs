@@ -116,7 +116,7 @@ impl Pool {
             return fs::remove_file(path);
         }
         let n = self.retired.fetch_add(1, Ordering::Relaxed);
-        if n % BATCH == 0 {
+        if n.is_multiple_of(BATCH) {
             let count = fs::read_dir(&self.dir).map(|rd| rd.count()).unwrap_or(0);
             self.size.store(count, Ordering::Relaxed);
         }
