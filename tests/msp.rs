@@ -632,6 +632,19 @@ Action: failed\nStatus: 5.2.1\nDiagnostic-Code: smtp; 550 5.2.1 mailbox disabled
                 .any(|l| l.contains("\"failed\"") && l.contains("dsnproc") && l.contains("5.2.1"))
         },
     );
+    // A temporary failure reported as final is noted, not taken for a bounce.
+    dovecot.deliver(
+        "0.soft",
+        "From: MAILER-DAEMON@mx.ok.test\nTo: bounces@provider.test\nSubject: Undelivered Mail\n\
+MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n\
+--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.ok.test\nOriginal-Envelope-Id: imap-1\n\n\
+Final-Recipient: rfc822; a@ok.test\nAction: failed\nStatus: 4.2.2\nDiagnostic-Code: smtp; 452 4.2.2 mailbox full\n\n--B--\n",
+    );
+    wait_for("the soft failure recorded", Duration::from_secs(60), || {
+        String::from_utf8_lossy(&inst.qms(&["track", "imap-1", "--json"]).stdout)
+            .lines()
+            .any(|l| l.contains("\"soft-failed\"") && l.contains("4.2.2"))
+    });
     // A read receipt that names the message only in In-Reply-To:.
     dovecot.deliver(
         "2.mdn",
@@ -648,14 +661,14 @@ Final-Recipient: rfc822;a@ok.test\nDisposition: manual-action/MDN-sent-manually;
     });
     // Seen on the server, kept in the local envelope Maildir as read.
     wait_for(
-        "both reports flagged \\Seen on the server",
+        "every report flagged \\Seen on the server",
         Duration::from_secs(30),
         || {
             std::fs::read_dir(dovecot.maildir.join("cur")).is_ok_and(|d| {
                 d.flatten()
                     .filter(|e| e.file_name().to_string_lossy().contains(":2,S"))
                     .count()
-                    == 2
+                    == 3
             })
         },
     );
@@ -664,7 +677,7 @@ Final-Recipient: rfc822;a@ok.test\nDisposition: manual-action/MDN-sent-manually;
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(local.len(), 2, "{local:?}");
+    assert_eq!(local.len(), 3, "{local:?}");
     assert!(local.iter().all(|l| l.starts_with("imap.")), "{local:?}");
     // Another poll finds nothing new: the report is not recorded twice.
     wait_for("two more polls", Duration::from_secs(30), || {

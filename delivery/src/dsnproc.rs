@@ -195,8 +195,11 @@ impl DsnProc<'_> {
             return true;
         }
         for rr in &r.recipients {
+            let soft = rr.status.as_deref().is_some_and(|s| s.starts_with('4'));
             let (event, to) = match (r.kind, rr.action.as_str()) {
                 (ReportKind::Mdn, a) => (a.to_string(), a.to_string()),
+                // A temporary failure reported as final: noted, the recipient not failed.
+                (_, "failed") if soft => ("soft-failed".into(), "relayed".into()),
                 (_, "failed") => ("failed".into(), "failed".into()),
                 (_, "delayed") => ("delayed".into(), "delayed".into()),
                 (_, "delivered") => ("confirmed-delivered".into(), "confirmed-delivered".into()),
