@@ -4,8 +4,9 @@
 //! freed in the last minutes (the kernel avoids handing them out again soon); under mail
 //! churn that scan costs more than writing the file. So a finished job or message file is
 //! renamed into `free/`, and a new one is made by renaming a free one into place and
-//! truncating it. Renames allocate no inode. Nothing in `free/` is ever read, and the pool
-//! is kept small; files that held credentials are deleted, never kept here.
+//! truncating it. Renames allocate no inode. Nothing in `free/` is ever read (the files are
+//! emptied when reused), and the pool has a cap; files that held credentials are deleted,
+//! never kept here.
 
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 use std::ffi::OsString;
@@ -17,8 +18,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Files kept at most; past this, finished files are deleted.
-const CAPACITY: usize = 4096;
+/// Files kept at most; past this, finished files are deleted. Big enough that a backlog
+/// delivered after a burst comes back here rather than freeing inodes (whose creation later
+/// costs the scan): an empty inode costs a directory entry, the inode table is there anyway.
+const CAPACITY: usize = 65536;
+/// Count the directory again after this many files were put in.
+const RECOUNT_EVERY: usize = 4096;
 /// Names taken from one directory read.
 const BATCH: usize = 256;
 /// Re-read the directory at most this often when the pool looked empty.
@@ -116,7 +121,7 @@ impl Pool {
             return fs::remove_file(path);
         }
         let n = self.retired.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(BATCH) {
+        if n.is_multiple_of(RECOUNT_EVERY) {
             let count = fs::read_dir(&self.dir).map(|rd| rd.count()).unwrap_or(0);
             self.size.store(count, Ordering::Relaxed);
         }
