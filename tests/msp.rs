@@ -317,20 +317,7 @@ fn smarthost_peer() -> (Instance, u16) {
         "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
     );
     make_cert(&peer.dir, "peer.test");
-    let mut p = std::process::Command::new(BIN)
-        .args(["passwd", "app"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    p.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{SECRET}\n").as_bytes())
-        .unwrap();
-    let line = p.wait_with_output().unwrap().stdout;
-    std::fs::write(peer.dir.join("users"), &line).unwrap();
+    std::fs::write(peer.dir.join("users"), passwd_line("app", SECRET)).unwrap();
     peer.own();
     (peer, subs)
 }

@@ -17,20 +17,7 @@ fn tls_instance() -> Instance {
         ),
     );
     make_cert(&inst.dir, "mx.example.test");
-    let mut p = Command::new(BIN)
-        .args(["passwd", "alice"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    p.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    let line = p.wait_with_output().unwrap().stdout;
-    assert!(String::from_utf8_lossy(&line).starts_with("alice:$argon2"));
-    std::fs::write(inst.dir.join("users"), &line).unwrap();
+    std::fs::write(inst.dir.join("users"), passwd_line("alice", PASSWORD)).unwrap();
     inst.own();
     inst
 }

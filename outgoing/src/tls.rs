@@ -4,9 +4,13 @@
 
 use qms_common::conn::Stream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WantsClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use rustls::{
+    ClientConfig, ClientConnection, ConfigBuilder, DigitallySignedStruct, SignatureScheme,
+    StreamOwned,
+};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -58,19 +62,19 @@ impl ServerCertVerifier for Opportunistic {
     }
 }
 
+fn builder() -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Opportunistic(provider))))
+}
+
 fn config() -> Result<Arc<ClientConfig>, String> {
     static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
     CONFIG
-        .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let cfg = ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Opportunistic(provider)))
-                .with_no_client_auth();
-            Ok(Arc::new(cfg))
-        })
+        .get_or_init(|| Ok(Arc::new(builder()?.with_no_client_auth())))
         .clone()
 }
 
@@ -81,12 +85,7 @@ fn with_client_cert(cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, String
         .map_err(|e| format!("cannot read client certificate {}: {e}", cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("cannot read client key {}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Opportunistic(provider)))
+    let cfg = builder()?
         .with_client_auth_cert(certs, key)
         .map_err(|e| format!("client certificate and key do not match: {e}"))?;
     Ok(Arc::new(cfg))

@@ -15,17 +15,6 @@ pub struct Dovecot {
     pub maildir: PathBuf,
 }
 
-fn openssl(args: &[&str], dir: &Path) {
-    let ok = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success(), "openssl {args:?}");
-}
-
 impl Dovecot {
     /// Starts Dovecot under `dir/dovecot`, with `user` / `password`.
     pub fn start(dir: &Path, user: &str, password: &str) -> Dovecot {

@@ -333,28 +333,46 @@ s.quit()
     assert!(ok, "{out}");
 }
 
-/// A self-signed certificate and key (cert.pem, key.pem) in `dir`.
-pub fn make_cert(dir: &Path, cn: &str) {
+/// Runs openssl with `args` in `dir`; the test fails if it does.
+pub fn openssl(args: &[&str], dir: &Path) {
     let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={cn}"),
-        ])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
+        .args(args)
+        .current_dir(dir)
         .stderr(Stdio::null())
+        .stdout(Stdio::null())
         .status()
         .unwrap();
-    assert!(ok.success());
+    assert!(ok.success(), "openssl {args:?}");
+}
+
+/// A self-signed certificate and key (cert.pem, key.pem) in `dir`.
+pub fn make_cert(dir: &Path, cn: &str) {
+    let subject = format!("/CN={cn}");
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject,
+            "-keyout", "key.pem", "-out", "cert.pem",
+        ],
+        dir,
+    );
+}
+
+/// A `[auth] users` line for `user` with `password`, made by `qms passwd`.
+pub fn passwd_line(user: &str, password: &str) -> Vec<u8> {
+    let mut p = Command::new(BIN)
+        .args(["passwd", user])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let line = p.wait_with_output().unwrap().stdout;
+    assert!(String::from_utf8_lossy(&line).starts_with(&format!("{user}:$argon2")));
+    line
 }
 
 /// SIGKILLs every process of `role` (`router`, `smtpd`, `tracker`, …) of this instance.
