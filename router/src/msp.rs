@@ -75,10 +75,7 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
             job.id,
             quote(&names.join(","))
         );
-        let mut out = msg.to_vec();
-        for n in &names {
-            out = headers::remove(&out, n);
-        }
+        let out = headers::remove_prefixed(&headers::remove_prefixed(msg, "BX-"), "X-B-");
         return Applied {
             message: Some(out),
             ..Applied::default()
@@ -248,10 +245,7 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
     if let Some(r) = &refusal {
         qlog!("qid={} status=msp-refused reason={}", job.id, quote(r));
     }
-    let mut out = msg.to_vec();
-    for n in &stripped {
-        out = headers::remove(&out, n);
-    }
+    let mut out = headers::remove_prefixed(msg, "BX-");
     if !added.is_empty() {
         let mut with = added.into_bytes();
         with.extend_from_slice(&out);
