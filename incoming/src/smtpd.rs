@@ -1,5 +1,7 @@
 //! `qms smtpd`: accepts connections on every configured listener, one thread per session,
-//! with limits on connections in total and per client address.
+//! with limits on connections in total and per client address. A thread whose session ended
+//! waits a while for the next connection: with one message per connection, creating threads
+//! was a tenth of smtpd's CPU.
 
 use crate::session::{Kind, Peer, Session, Shared};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -81,6 +83,43 @@ pub fn export(listeners: Vec<(Kind, TcpListener)>) -> (String, Vec<RawFd>) {
     (spec, fds)
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// How long a session thread waits for another connection before it exits.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// Session threads: a new connection goes to a thread that waits for one, else to a new one.
+struct Threads {
+    /// Rendezvous: a send succeeds only if a thread is waiting in `recv` right now, so no
+    /// connection ever queues behind a busy session.
+    tx: crossbeam_channel::Sender<Job>,
+    rx: crossbeam_channel::Receiver<Job>,
+}
+
+impl Threads {
+    fn new() -> Threads {
+        let (tx, rx) = crossbeam_channel::bounded(0);
+        Threads { tx, rx }
+    }
+
+    fn run(&self, job: Job) -> std::io::Result<()> {
+        let job = match self.tx.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(e) => e.into_inner(),
+        };
+        let rx = self.rx.clone();
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                job();
+                while let Ok(next) = rx.recv_timeout(IDLE) {
+                    next();
+                }
+            })
+            .map(|_| ())
+    }
+}
+
 struct Counts {
     total: AtomicUsize,
     per_client: Mutex<HashMap<IpAddr, usize>>,
@@ -128,6 +167,7 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
         total: AtomicUsize::new(0),
         per_client: Mutex::new(HashMap::new()),
     });
+    let threads = Threads::new();
     while !stop.load(Ordering::Relaxed) {
         let mut fds: Vec<PollFd> = listeners
             .iter()
@@ -139,7 +179,9 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
         for (kind, l) in &listeners {
             loop {
                 match l.accept() {
-                    Ok((stream, addr)) => accept(&shared, &counts, *kind, stream, addr.ip()),
+                    Ok((stream, addr)) => {
+                        accept(&shared, &counts, &threads, *kind, stream, addr.ip())
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         // Out of descriptors or memory: the listener stays readable, so wait a
@@ -161,6 +203,7 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
 fn accept(
     shared: &Arc<Shared>,
     counts: &Arc<Counts>,
+    threads: &Threads,
     kind: Kind,
     mut stream: TcpStream,
     ip: IpAddr,
@@ -177,18 +220,16 @@ fn accept(
     let _ = stream.set_write_timeout(timeout);
     let _ = stream.set_nodelay(true);
     let (shared, counts, counts2) = (shared.clone(), counts.clone(), counts.clone());
-    let spawned = std::thread::Builder::new()
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            let peer = Peer {
-                addr: Some(ip),
-                local_user: None,
-                forced_sender: None,
-            };
-            let socket = stream.try_clone().ok();
-            serve(&shared, kind, peer, Box::new(stream), socket);
-            counts.leave(ip);
-        });
+    let spawned = threads.run(Box::new(move || {
+        let peer = Peer {
+            addr: Some(ip),
+            local_user: None,
+            forced_sender: None,
+        };
+        let socket = stream.try_clone().ok();
+        serve(&shared, kind, peer, Box::new(stream), socket);
+        counts.leave(ip);
+    }));
     if let Err(e) = spawned {
         counts2.leave(ip);
         qlog!(
