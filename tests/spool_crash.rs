@@ -59,6 +59,7 @@ fn killed_enqueues_lose_nothing_acknowledged() {
 
     // Every visible job parses and its message is whole; every returned enqueue is visible.
     let mut visible = Vec::new();
+    // Jobs are `ID.json`; `.ID.PID.tmp` is a job still being written when its writer died.
     for name in inst.files("queue/incoming") {
         let text = std::fs::read(inst.spool().join("queue/incoming").join(&name)).unwrap();
         let job: serde_json::Value =
@@ -111,11 +112,19 @@ fn killed_enqueues_lose_nothing_acknowledged() {
         "tmp/ keeps debris: {:?}",
         inst.files("tmp")
     );
-    assert!(
-        inst.files("msg").is_empty(),
-        "msg/ keeps orphans: {:?}",
-        inst.files("msg")
-    );
+    let staged: Vec<String> = inst
+        .all_files("queue/incoming")
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(staged.is_empty(), "half-written jobs kept: {staged:?}");
+    // Finished message files are kept for reuse (`.free.*`); nothing else may stay.
+    let orphans: Vec<String> = inst
+        .all_files("msg")
+        .into_iter()
+        .filter(|n| !n.starts_with(".free."))
+        .collect();
+    assert!(orphans.is_empty(), "msg/ keeps orphans: {orphans:?}");
     let log = inst.log();
     assert!(log.contains("debris_removed="), "{log}");
 }

@@ -1,12 +1,14 @@
-//! `SPOOL/free/`: finished spool files kept for reuse instead of deleted.
+//! Finished spool files kept for reuse instead of deleted: `.free.PID.N` in the directory
+//! they served in (`msg/`, `queue/QUEUE/`).
 //!
 //! On ext4 without a journal, creating a file scans the inodes of its block group that were
 //! freed in the last minutes (the kernel avoids handing them out again soon); under mail
 //! churn that scan costs more than writing the file. So a finished job or message file is
-//! renamed into `free/`, and a new one is made by renaming a free one into place and
-//! truncating it. Renames allocate no inode. Nothing in `free/` is ever read (the files are
-//! emptied when reused), and the pool has a cap; files that held credentials are deleted,
-//! never kept here.
+//! renamed to a free name, and a new one is made by renaming a free one into place and
+//! truncating it. Renames allocate no inode, and within one directory they also avoid the
+//! file system's single lock for renames between directories. Nothing free is ever read (the
+//! files are emptied when reused), and each pool has a cap; files that held credentials are
+//! deleted, never kept.
 
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 use std::ffi::OsString;
@@ -18,10 +20,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Files kept at most; past this, finished files are deleted. Big enough that a backlog
-/// delivered after a burst comes back here rather than freeing inodes (whose creation later
-/// costs the scan): an empty inode costs a directory entry, the inode table is there anyway.
-const CAPACITY: usize = 65536;
+/// Files kept at most per directory; past this, finished files are deleted. Big enough that
+/// a backlog delivered after a burst comes back here rather than freeing inodes (whose
+/// creation later costs the scan): an empty inode costs a directory entry, the inode table
+/// is there anyway.
+const CAPACITY: usize = 32768;
+/// The names of free files start with this; no job or message name does.
+pub const PREFIX: &str = ".free.";
 /// Count the directory again after this many files were put in.
 const RECOUNT_EVERY: usize = 4096;
 /// Names taken from one directory read.
@@ -54,7 +59,11 @@ impl Pool {
         let (names, empty_at) = &mut *guard;
         if names.is_empty() && empty_at.is_none_or(|t| t.elapsed() >= REFILL_EVERY) {
             if let Ok(rd) = fs::read_dir(&self.dir) {
-                names.extend(rd.flatten().take(BATCH).map(|e| e.file_name()));
+                let free = rd
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .filter(|n| n.as_encoded_bytes().starts_with(PREFIX.as_bytes()));
+                names.extend(free.take(BATCH));
             }
             // Processes read the same directory: take its names in different orders.
             let mut x = (u64::from(std::process::id()) << 32) | names.len() as u64 | 1;
@@ -122,14 +131,24 @@ impl Pool {
         }
         let n = self.retired.fetch_add(1, Ordering::Relaxed);
         if n.is_multiple_of(RECOUNT_EVERY) {
-            let count = fs::read_dir(&self.dir).map(|rd| rd.count()).unwrap_or(0);
+            let count = fs::read_dir(&self.dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| {
+                            e.file_name()
+                                .as_encoded_bytes()
+                                .starts_with(PREFIX.as_bytes())
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
             self.size.store(count, Ordering::Relaxed);
         }
         if self.size.load(Ordering::Relaxed) >= CAPACITY {
             return fs::remove_file(path);
         }
         self.size.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}.{n}", std::process::id());
+        let name = format!("{PREFIX}{}.{n}", std::process::id());
         fs::rename(path, self.dir.join(&name))?;
         // This process's next file can be this one, without reading the directory.
         if let Ok(mut guard) = self.names.lock() {
@@ -151,8 +170,8 @@ mod tests {
     fn a_retired_file_comes_back_empty_under_its_new_name() {
         let dir = std::env::temp_dir().join(format!("qms-free-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("free")).unwrap();
-        let pool = Pool::new(dir.join("free"));
+        fs::create_dir_all(&dir).unwrap();
+        let pool = Pool::new(dir.clone());
         let a = dir.join("a");
         pool.create(&a).unwrap().write_all(b"old job").unwrap();
         let ino = fs::metadata(&a).unwrap().ino();

@@ -1,16 +1,17 @@
 //! The spool directory and every operation on its files.
 //!
 //! ```text
-//! SPOOL/tmp/                 files being written; whatever is left here at start is debris
+//! SPOOL/tmp/                 the supervisor's status file being written
 //! SPOOL/msg/ID.QUEUE         message files: one hard link per job, removed with the job
 //! SPOOL/queue/QUEUE/ID.json  jobs waiting in QUEUE (incoming, local, smtp, pipe, …)
+//! SPOOL/queue/QUEUE/.ID.PID.tmp  a job being written; left at start, it is debris
+//! SPOOL/*/.free.PID.N        finished files kept for reuse (see `free`); never read
 //! SPOOL/hold/QUEUE/ID.json   jobs put on hold, kept until released
 //! SPOOL/corrupt/QUEUE/ID.json unreadable jobs, moved aside for a human
-//! SPOOL/free/                finished files kept for reuse (see `free`); never read
 //! ```
 //!
-//! A job is claimed by an exclusive `flock` on its file. A new version of a job is written to
-//! `tmp/`, locked, synced and renamed over the old one, so the job is never unlocked while
+//! A job is claimed by an exclusive `flock` on its file. A new version of a job is written
+//! beside it, locked, synced and renamed over the old one, so the job is never unlocked while
 //! its worker holds it; a worker that dies drops its locks with its file descriptors.
 
 use crate::free::Pool;
@@ -18,11 +19,13 @@ use crate::id::QueueId;
 use crate::job::{Job, JOB_VERSION};
 use fs2::FileExt;
 use qms_common::{qlog, safeio};
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug)]
 pub enum SpoolError {
@@ -75,7 +78,8 @@ type Result<T> = std::result::Result<T, SpoolError>;
 #[derive(Clone, Debug)]
 pub struct Spool {
     root: PathBuf,
-    free: std::sync::Arc<Pool>,
+    /// The reuse pool of each directory files are made in (see `free`).
+    pools: Arc<Mutex<HashMap<PathBuf, Arc<Pool>>>>,
 }
 
 /// A message being enqueued: its file is written and locked, its job staged in `tmp/`.
@@ -112,11 +116,9 @@ impl Spool {
     pub fn open(root: &Path, queues: &[String]) -> Result<Spool> {
         let spool = Spool {
             root: root.to_path_buf(),
-            free: std::sync::Arc::new(Pool::new(root.join("free"))),
+            pools: Arc::new(Mutex::new(HashMap::new())),
         };
-        for d in [
-            "tmp", "msg", "queue", "hold", "corrupt", "run", "track", "free",
-        ] {
+        for d in ["tmp", "msg", "queue", "hold", "corrupt", "run", "track"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
         }
@@ -131,6 +133,16 @@ impl Spool {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The reuse pool of the directory `path` is in.
+    fn pool(&self, path: &Path) -> Arc<Pool> {
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(dir.clone())
+            .or_insert_with(|| Arc::new(Pool::new(dir)))
+            .clone()
     }
 
     pub fn queue_dir(&self, queue: &str) -> PathBuf {
@@ -208,7 +220,7 @@ impl Spool {
             let id = QueueId::generate();
             let body_name = format!("{id}.{queue}");
             let body_path = self.root.join("msg").join(&body_name);
-            let file = match self.free.create(&body_path) {
+            let file = match self.pool(&body_path).create(&body_path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
@@ -336,7 +348,7 @@ impl Spool {
         if let Some(data) = message {
             let write = (|| {
                 use std::io::Write;
-                let mut f = match self.free.create(&link) {
+                let mut f = match self.pool(&link).create(&link) {
                     // A dispatch redone after a crash may find a part written: start again.
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fs::OpenOptions::new()
                         .write(true)
@@ -471,13 +483,12 @@ impl Spool {
             path: dest.clone(),
             err: io::Error::other(e),
         })?;
-        let tmp = self.root.join("tmp").join(format!(
-            "{}.{}.{}.json",
-            job.id,
-            job.queue,
-            std::process::id()
-        ));
-        let file = self.free.create(&tmp).map_err(io_err("create", &tmp))?;
+        // Staged beside its destination: the rename into place stays in one directory.
+        let tmp = dest.with_file_name(format!(".{}.{}.tmp", job.id, std::process::id()));
+        let file = self
+            .pool(&tmp)
+            .create(&tmp)
+            .map_err(io_err("create", &tmp))?;
         let s =
             safeio::stage_file(file, tmp.clone(), dest, &data).map_err(io_err("write", &tmp))?;
         // Waits, rather than fails, for a recycled file whose last holder is letting go.
@@ -491,7 +502,7 @@ impl Spool {
         let done = if c.job.smarthost.is_some() {
             fs::remove_file(&c.path) // it held credentials: gone for good
         } else {
-            self.free.retire(&c.path)
+            self.pool(&c.path).retire(&c.path)
         };
         done.map_err(io_err("remove", &c.path))?;
         drop(c.file);
@@ -499,7 +510,7 @@ impl Spool {
         let body = self.body_path(&c.job);
         match fs::metadata(&body) {
             Ok(m) if m.nlink() == 1 => {
-                let _ = self.free.retire(&body);
+                let _ = self.pool(&body).retire(&body);
             }
             _ => {
                 let _ = fs::remove_file(&body);
@@ -524,9 +535,21 @@ impl Spool {
     pub fn recover(&self) -> usize {
         let mut removed = 0;
         let unlocked = |p: &Path| fs::File::open(p).is_ok_and(|f| f.try_lock_exclusive().is_ok());
-        if let Ok(rd) = fs::read_dir(self.root.join("tmp")) {
+        // Staged jobs that were never renamed into place: `.ID.PID.tmp` beside their queue's
+        // jobs (and anything in tmp/, where older versions staged them).
+        let mut dirs = vec![self.root.join("tmp")];
+        for area in ["queue", "hold"] {
+            if let Ok(rd) = fs::read_dir(self.root.join(area)) {
+                dirs.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        for dir in dirs {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
             for e in rd.flatten() {
-                if unlocked(&e.path()) && fs::remove_file(e.path()).is_ok() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let debris =
+                    dir.ends_with("tmp") || (name.starts_with('.') && name.ends_with(".tmp"));
+                if debris && unlocked(&e.path()) && fs::remove_file(e.path()).is_ok() {
                     removed += 1;
                 }
             }

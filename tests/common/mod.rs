@@ -227,8 +227,16 @@ scan_interval = 2
             .collect()
     }
 
-    /// Files in a spool directory (relative to the spool).
+    /// Files in a spool directory (relative to the spool), as `ls` shows them: without the
+    /// dot files (jobs being written, files kept for reuse).
     pub fn files(&self, sub: &str) -> Vec<String> {
+        let mut v = self.all_files(sub);
+        v.retain(|n| !n.starts_with('.'));
+        v
+    }
+
+    /// Every file in a spool directory, dot files too.
+    pub fn all_files(&self, sub: &str) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.spool().join(sub))
             .map(|d| {
                 d.flatten()
