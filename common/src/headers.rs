@@ -163,11 +163,7 @@ pub fn new_message_id(host: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "{}.{}.{n}@{host}",
-        crate::time::now_micros(),
-        std::process::id()
-    )
+    format!("{}.{}.{n}@{host}", crate::time::now_micros(), crate::pid())
 }
 
 pub fn date(now: i64) -> String {

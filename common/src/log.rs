@@ -30,7 +30,7 @@ pub fn write(line: &str) {
             crate::time::iso8601(crate::time::now()).into(),
         );
         obj.insert("role".into(), role.into());
-        obj.insert("pid".into(), std::process::id().into());
+        obj.insert("pid".into(), crate::pid().into());
         let (pairs, rest) = parse_pairs(line);
         for (k, v) in pairs {
             obj.insert(k, v.into());
@@ -46,10 +46,7 @@ pub fn write(line: &str) {
     } else {
         String::new()
     };
-    emit(format!(
-        "{stamp}qms/{role}[{}]: {line}\n",
-        std::process::id()
-    ));
+    emit(format!("{stamp}qms/{role}[{}]: {line}\n", crate::pid()));
 }
 
 /// One write() per line: processes share the log file, and a line written in pieces could

@@ -130,6 +130,32 @@ pub fn sync_data<'a>(files: impl Iterator<Item = &'a File>) -> io::Result<bool> 
     }
 }
 
+/// Reads an open file to its end. Unlike `read_to_end` on a `File`, it does not ask the
+/// kernel for the size first: spool files are small, and those are two system calls a read.
+pub fn read_all(mut file: &File) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Reads the file at `path`, as [`read_all`].
+pub fn read_path(path: &Path) -> io::Result<Vec<u8>> {
+    read_all(&File::open(path)?)
+}
+
 /// Fsyncs each distinct parent directory of the given paths once.
 pub fn sync_dirs<'a>(paths: impl Iterator<Item = &'a Path>) -> io::Result<()> {
     let dirs: BTreeSet<&Path> = paths.filter_map(Path::parent).collect();

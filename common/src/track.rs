@@ -87,11 +87,7 @@ static WRITER: OnceLock<Mutex<Writer>> = OnceLock::new();
 /// Opens this process's event file; until then [`emit`] writes nothing.
 pub fn open(spool: &Path, role: &str) -> std::io::Result<()> {
     let role = role.replace('/', "-");
-    let name = format!(
-        "{role}.{}.{}",
-        std::process::id(),
-        crate::time::now_micros()
-    );
+    let name = format!("{role}.{}.{}", crate::pid(), crate::time::now_micros());
     let dir = spool.join("track");
     // Locked before it gets the name the tracker looks for: an unlocked .jsonl file is one
     // whose writer is gone.

@@ -39,7 +39,7 @@ pub fn stage(dir: &Path, host: &str, message: &[u8]) -> io::Result<safeio::Stage
         "{}.M{}P{}Q{n}.{host},S={}",
         now / 1_000_000,
         now % 1_000_000,
-        std::process::id(),
+        qms_common::pid(),
         message.len()
     );
     safeio::stage(

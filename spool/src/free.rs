@@ -42,6 +42,8 @@ pub struct Pool {
     retired: AtomicUsize,
     /// How many files the pool held at the last count.
     size: AtomicUsize,
+    /// Our effective user: only files it owns are worth keeping.
+    euid: u32,
 }
 
 impl Pool {
@@ -51,6 +53,7 @@ impl Pool {
             names: Mutex::new((Vec::new(), None)),
             retired: AtomicUsize::new(0),
             size: AtomicUsize::new(0),
+            euid: nix::unistd::geteuid().as_raw(),
         }
     }
 
@@ -121,12 +124,15 @@ impl Pool {
     }
 
     /// Takes `path`, a file nothing refers to any more, out of its directory: into the pool,
-    /// or deleted when the pool is full.
-    pub fn retire(&self, path: &Path) -> io::Result<()> {
+    /// or deleted when the pool is full. `meta` is its metadata, if the caller has it.
+    pub fn retire(&self, path: &Path, meta: Option<&fs::Metadata>) -> io::Result<()> {
         use std::os::unix::fs::MetadataExt;
+        let owner = match meta {
+            Some(m) => Some(m.uid()),
+            None => fs::metadata(path).ok().map(|m| m.uid()),
+        };
         // Only files this user may write again are worth keeping.
-        let mine = fs::metadata(path).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
-        if !mine {
+        if owner != Some(self.euid) {
             return fs::remove_file(path);
         }
         let n = self.retired.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +154,7 @@ impl Pool {
             return fs::remove_file(path);
         }
         self.size.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{PREFIX}{}.{n}", std::process::id());
+        let name = format!("{PREFIX}{}.{n}", qms_common::pid());
         fs::rename(path, self.dir.join(&name))?;
         // This process's next file can be this one, without reading the directory.
         if let Ok(mut guard) = self.names.lock() {
@@ -175,7 +181,7 @@ mod tests {
         let a = dir.join("a");
         pool.create(&a).unwrap().write_all(b"old job").unwrap();
         let ino = fs::metadata(&a).unwrap().ino();
-        pool.retire(&a).unwrap();
+        pool.retire(&a, None).unwrap();
         assert!(!a.exists());
         let b = dir.join("b");
         let mut f = pool.create(&b).unwrap();
@@ -184,7 +190,7 @@ mod tests {
         f.read_to_string(&mut s).unwrap();
         assert_eq!(s, "", "nothing of the old file is left");
         // An existing name is never replaced.
-        pool.retire(&b).unwrap();
+        pool.retire(&b, None).unwrap();
         fs::write(&a, "live").unwrap();
         let e = pool.create(&a).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);

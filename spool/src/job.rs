@@ -121,7 +121,7 @@ pub enum LinkSecurity {
 }
 
 /// A smarthost named by the message itself (`BX-MTA-Rem-*`), with its credentials. The job
-/// file (mode 0600, in the qms user's spool) is the only place the password is kept.
+/// file (mode 0640: the qms user and group only) is the only place the password is kept.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Smarthost {
     pub host: String,

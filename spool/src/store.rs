@@ -22,7 +22,7 @@ use qms_common::{qlog, safeio};
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -159,7 +159,7 @@ impl Spool {
 
     pub fn read_body(&self, job: &Job) -> Result<Vec<u8>> {
         let p = self.body_path(job);
-        fs::read(&p).map_err(io_err("read message", &p))
+        safeio::read_path(&p).map_err(io_err("read message", &p))
     }
 
     /// The queues that have a directory, in name order.
@@ -192,7 +192,7 @@ impl Spool {
     /// Reads a job without locking it: a snapshot for listings.
     pub fn load(&self, area: &str, queue: &str, id: &QueueId) -> Result<Job> {
         let p = self.job_path(area, queue, id);
-        let data = fs::read(&p).map_err(|e| match e.kind() {
+        let data = safeio::read_path(&p).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
             _ => SpoolError::Io {
                 what: "read".into(),
@@ -434,10 +434,7 @@ impl Spool {
                 (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Gone),
                 _ => continue,
             }
-            let mut data = Vec::new();
-            (&file)
-                .read_to_end(&mut data)
-                .map_err(io_err("read", &path))?;
+            let data = safeio::read_all(&file).map_err(io_err("read", &path))?;
             return match parse_job(&data) {
                 Ok(job) => Ok(Claim::Got(Box::new(Claimed { job, file, path }))),
                 Err(reason) if !tool || area == "queue" => {
@@ -484,7 +481,7 @@ impl Spool {
             err: io::Error::other(e),
         })?;
         // Staged beside its destination: the rename into place stays in one directory.
-        let tmp = dest.with_file_name(format!(".{}.{}.tmp", job.id, std::process::id()));
+        let tmp = dest.with_file_name(format!(".{}.{}.tmp", job.id, qms_common::pid()));
         let file = self
             .pool(&tmp)
             .create(&tmp)
@@ -502,7 +499,8 @@ impl Spool {
         let done = if c.job.smarthost.is_some() {
             fs::remove_file(&c.path) // it held credentials: gone for good
         } else {
-            self.pool(&c.path).retire(&c.path)
+            self.pool(&c.path)
+                .retire(&c.path, c.file.metadata().ok().as_ref())
         };
         done.map_err(io_err("remove", &c.path))?;
         drop(c.file);
@@ -510,7 +508,7 @@ impl Spool {
         let body = self.body_path(&c.job);
         match fs::metadata(&body) {
             Ok(m) if m.nlink() == 1 => {
-                let _ = self.pool(&body).retire(&body);
+                let _ = self.pool(&body).retire(&body, Some(&m));
             }
             _ => {
                 let _ = fs::remove_file(&body);
