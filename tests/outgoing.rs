@@ -399,15 +399,7 @@ fn two_smtp_workers_never_deliver_a_job_twice() {
     });
     let msgs = sink.messages();
     assert_eq!(msgs.len(), n);
-    for i in 0..n {
-        assert_eq!(
-            msgs.iter()
-                .filter(|m| m.contains(&format!("tok-{i}-")))
-                .count(),
-            1,
-            "message {i}"
-        );
-    }
+    assert_each_once(&msgs, n);
 }
 
 #[test]

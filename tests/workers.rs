@@ -281,15 +281,7 @@ fn sighup_scales_workers_without_losing_or_doubling_jobs() {
     });
     let msgs = inst.read_maildir("alice");
     assert_eq!(msgs.len(), n, "a job was lost or delivered twice");
-    for i in 0..n {
-        assert_eq!(
-            msgs.iter()
-                .filter(|m| m.contains(&format!("tok-{i}-")))
-                .count(),
-            1,
-            "message {i}"
-        );
-    }
+    assert_each_once(&msgs, n);
     assert!(inst.log().contains("event=reload"));
     // `qms stop` ends the instance.
     let out = inst.qms(&["stop"]);

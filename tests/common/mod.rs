@@ -267,6 +267,15 @@ impl Drop for Instance {
     }
 }
 
+/// Each of the messages `tok-0-` … `tok-{n-1}-` (as `send_many` makes them) is there once.
+pub fn assert_each_once(msgs: &[String], n: usize) {
+    for i in 0..n {
+        let tok = format!("tok-{i}-");
+        let found = msgs.iter().filter(|m| m.contains(&tok)).count();
+        assert_eq!(found, 1, "message {i} was delivered {found} times");
+    }
+}
+
 pub fn message(subject: &str, body: &str) -> Vec<u8> {
     format!("From: root@example.test\nTo: alice@example.test\nSubject: {subject}\n\n{body}\n")
         .into_bytes()
