@@ -1,8 +1,10 @@
 //! `qms`: one binary, a subcommand per process role and per tool. Called through a link named
 //! `sendmail`, `mailq` or `newaliases`, it behaves as that command.
 
+mod permissions;
 mod queuetool;
 mod roles;
+mod showq;
 mod signals;
 mod supervisor;
 
@@ -48,6 +50,13 @@ enum Cmd {
     },
     /// Role: move tracking events into the tracking database.
     Tracker,
+    /// Role: take local users' messages from the drop directory into the queue.
+    Pickup,
+    /// Role: the queue listing for `mailq` run by users who cannot read the spool.
+    Showq,
+    /// As root: create the spool and fix its owners and modes, and those of qms-postdrop,
+    /// as docs/security.md lists them. Never follows a symbolic link.
+    SetPermissions,
     /// Role: act on the reports that come back to `[tracking] envelope_maildir`.
     Dsnproc,
     /// Show the history of each recipient of a message (queue id or Message-ID), or of all.
@@ -108,6 +117,12 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // qms is never installed set-id; if it was, that privilege is given up here, for good,
+    // before anything is read.
+    if let Err(e) = qms_common::privs::drop_setid() {
+        eprintln!("qms: {e}");
+        return ExitCode::from(71);
+    }
     // Tools end quietly when their output pipe closes (`qms queue list | head`); the
     // long-running roles ignore SIGPIPE again in `signals::install`.
     // Safety: setting a signal disposition to its default before any thread exists.
@@ -159,6 +174,9 @@ fn main() -> ExitCode {
         Cmd::Smtpd => roles::smtpd(cfg),
         Cmd::Router => roles::router(cfg),
         Cmd::Tracker => roles::tracker(cfg),
+        Cmd::Pickup => roles::pickup(cfg),
+        Cmd::Showq => roles::showq(cfg),
+        Cmd::SetPermissions => permissions::run(&cfg),
         Cmd::Dsnproc => roles::dsnproc(cfg),
         Cmd::Track(a) => track(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
@@ -339,12 +357,10 @@ fn sendmail(explicit: Option<&Path>, args: &[String]) -> ExitCode {
             return ExitCode::from(sm::EX_USAGE as u8);
         }
     };
+    // Any config will do: sendmail has no privilege of its own (qms-postdrop reads only
+    // the system config for users other than root).
     let explicit = a.config.as_deref().map(Path::new).or(explicit);
     let path = qms_common::config::locate(explicit);
-    // A set-group-id sendmail must not let a user point it at a config of their own.
-    if nix::unistd::getgid() != nix::unistd::getegid() && !sm::is_system_config(&path) {
-        let _ = nix::unistd::setgid(nix::unistd::getgid());
-    }
     let cfg = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -355,6 +371,6 @@ fn sendmail(explicit: Option<&Path>, args: &[String]) -> ExitCode {
     match a.mode {
         sm::Mode::ListQueue => queuetool::run(&cfg, queuetool::QueueCmd::list_all()),
         sm::Mode::Newaliases => newaliases(&cfg),
-        _ => ExitCode::from(sm::run(&cfg, &a) as u8),
+        _ => ExitCode::from(sm::run(&cfg, args, &a) as u8),
     }
 }

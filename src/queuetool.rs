@@ -95,9 +95,39 @@ fn all_jobs(spool: &Spool, queue: Option<&str>) -> Vec<Found> {
     out
 }
 
+/// True when this process may read the spool and act on it: root, the qms user, or anyone
+/// on an instance without a `user` (unprivileged, as in examples/qms.toml).
+fn may_manage(cfg: &Config) -> bool {
+    let uid = nix::unistd::getuid();
+    uid.is_root()
+        || match &cfg.user {
+            None => true,
+            Some(u) => qms_common::privs::Account::lookup(u).is_ok_and(|a| a.uid == uid),
+        }
+}
+
 pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
     qms_common::log::init("queue");
     let by = user();
+    if !may_manage(cfg) {
+        return match cmd {
+            // Everyone may see the envelopes, as with Postfix's mailq, through showq.
+            QueueCmd::List(a) => match crate::showq::fetch(cfg) {
+                Ok(docs) => render(docs, &a),
+                Err(e) => {
+                    eprintln!("mailq: {e}");
+                    ExitCode::from(69)
+                }
+            },
+            _ => {
+                eprintln!(
+                    "qms: permission denied: only root and the mail system's user ({}) may look into messages or change the queue; `mailq` lists it for everyone",
+                    cfg.user.as_deref().unwrap_or("?")
+                );
+                ExitCode::from(77)
+            }
+        };
+    }
     if let Err(e) = qms_common::privs::drop_to(cfg.user.as_deref()) {
         eprintln!("qms: {e}");
         return ExitCode::from(71);
@@ -116,7 +146,7 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
         let _ = qms_common::track::open(&cfg.spool, "queue");
     }
     match cmd {
-        QueueCmd::List(a) => list(&spool, &a),
+        QueueCmd::List(a) => render(envelope_docs(&spool, a.queue.as_deref()), &a),
         QueueCmd::Show { id, body } => show(&spool, &id, body),
         QueueCmd::Hold(s) => act(&spool, &s, Action::Hold, &by),
         QueueCmd::Release(s) => act(&spool, &s, Action::Release, &by),
@@ -126,33 +156,12 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
     }
 }
 
-fn matches(f: &Found, a: &ListArgs, now: i64) -> bool {
-    let j = &f.job;
-    let lc = |s: &str| s.to_ascii_lowercase();
-    a.sender
-        .as_ref()
-        .is_none_or(|s| lc(&show_sender(&j.sender)).contains(&lc(s)))
-        && a.recipient.as_ref().is_none_or(|r| {
-            j.recipients
-                .iter()
-                .any(|x| lc(&x.address.to_string()).contains(&lc(r)))
-        })
-        && a.domain.as_ref().is_none_or(|d| {
-            j.recipients
-                .iter()
-                .any(|x| x.address.domain().eq_ignore_ascii_case(d))
-        })
-        && a.older_than.is_none_or(|age| now - j.arrival >= age)
-}
-
-fn list(spool: &Spool, a: &ListArgs) -> ExitCode {
-    let now = time::now();
-    let jobs: Vec<Found> = all_jobs(spool, a.queue.as_deref())
-        .into_iter()
-        .filter(|f| matches(f, a, now))
-        .collect();
-    if a.json {
-        for f in &jobs {
+/// The envelope of every queued and held message, as `queue list --json` prints it: what
+/// `mailq` shows to anyone, so never a body, a header or a credential.
+pub fn envelope_docs(spool: &Spool, queue: Option<&str>) -> Vec<serde_json::Value> {
+    all_jobs(spool, queue)
+        .iter()
+        .map(|f| {
             let j = &f.job;
             let rcpts: Vec<serde_json::Value> = j
                 .recipients
@@ -168,7 +177,7 @@ fn list(spool: &Spool, a: &ListArgs) -> ExitCode {
                     })
                 })
                 .collect();
-            let doc = serde_json::json!({
+            serde_json::json!({
                 "id": j.id.as_str(),
                 "queue": j.queue,
                 "held": f.area == "hold",
@@ -176,12 +185,45 @@ fn list(spool: &Spool, a: &ListArgs) -> ExitCode {
                 "arrival": j.arrival,
                 "sender": show_sender(&j.sender),
                 "recipients": rcpts,
-            });
-            println!("{doc}");
+            })
+        })
+        .collect()
+}
+
+fn matches(d: &serde_json::Value, a: &ListArgs, now: i64) -> bool {
+    let lc = |s: &str| s.to_ascii_lowercase();
+    let rcpts = || {
+        d["recipients"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["address"].as_str())
+    };
+    a.queue.as_ref().is_none_or(|q| d["queue"].as_str() == Some(q))
+        && a.sender
+            .as_ref()
+            .is_none_or(|s| lc(d["sender"].as_str().unwrap_or("")).contains(&lc(s)))
+        && a.recipient
+            .as_ref()
+            .is_none_or(|r| rcpts().any(|x| lc(x).contains(&lc(r))))
+        && a.domain.as_ref().is_none_or(|dom| {
+            rcpts().any(|x| x.rsplit_once('@').is_some_and(|(_, d)| d.eq_ignore_ascii_case(dom)))
+        })
+        && a.older_than
+            .is_none_or(|age| now - d["arrival"].as_i64().unwrap_or(now) >= age)
+}
+
+/// Prints the listing: JSON lines, or mailq's table.
+fn render(docs: Vec<serde_json::Value>, a: &ListArgs) -> ExitCode {
+    let now = time::now();
+    let docs: Vec<serde_json::Value> = docs.into_iter().filter(|d| matches(d, a, now)).collect();
+    if a.json {
+        for d in &docs {
+            println!("{d}");
         }
         return ExitCode::SUCCESS;
     }
-    if jobs.is_empty() {
+    if docs.is_empty() {
         println!("Mail queue is empty");
         return ExitCode::SUCCESS;
     }
@@ -190,31 +232,35 @@ fn list(spool: &Spool, a: &ListArgs) -> ExitCode {
         "-Queue ID-", "-Queue-", "-Size-", "-Arrival Time-"
     );
     let mut total = 0u64;
-    for f in &jobs {
-        let j = &f.job;
-        total += j.size;
-        let held = if f.area == "hold" { "!" } else { " " };
+    for d in &docs {
+        let size = d["size"].as_u64().unwrap_or(0);
+        total += size;
+        let held = if d["held"].as_bool() == Some(true) { "!" } else { " " };
         println!(
             "{}{held:<1} {:<9} {:>8} {:<20} {}",
-            j.id,
-            j.queue,
-            j.size,
-            time::iso8601(j.arrival),
-            show_sender(&j.sender)
+            d["id"].as_str().unwrap_or("?"),
+            d["queue"].as_str().unwrap_or("?"),
+            size,
+            time::iso8601(d["arrival"].as_i64().unwrap_or(0)),
+            d["sender"].as_str().unwrap_or("")
         );
-        for r in &j.recipients {
-            let reply = r
-                .reply
-                .as_deref()
+        for r in d["recipients"].as_array().into_iter().flatten() {
+            let reply = r["reply"]
+                .as_str()
                 .map(|x| format!(" ({x})"))
                 .unwrap_or_default();
-            println!("{:>47} {} [{}]{reply}", "", r.address, r.state.as_str());
+            println!(
+                "{:>47} {} [{}]{reply}",
+                "",
+                r["address"].as_str().unwrap_or("?"),
+                r["state"].as_str().unwrap_or("?")
+            );
         }
     }
     println!(
         "-- {} Kbytes in {} Requests.",
         total.div_ceil(1024),
-        jobs.len()
+        docs.len()
     );
     ExitCode::SUCCESS
 }

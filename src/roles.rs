@@ -24,8 +24,8 @@ fn watch_options(cfg: &Config, batch: usize) -> WatchOptions {
     }
 }
 
-fn start_role(cfg: &Config, role: &str, drop: bool) -> Result<Spool, ExitCode> {
-    let spool = start_role_untracked(cfg, role, drop)?;
+fn start_role(cfg: &Config, role: &str, keep: Privs) -> Result<Spool, ExitCode> {
+    let spool = start_role_untracked(cfg, role, keep)?;
     if let Err(e) = qms_common::track::open(&cfg.spool, role) {
         qlog!(
             "status=warning reason={}",
@@ -35,19 +35,37 @@ fn start_role(cfg: &Config, role: &str, drop: bool) -> Result<Spool, ExitCode> {
     Ok(spool)
 }
 
-fn start_role_untracked(cfg: &Config, role: &str, drop: bool) -> Result<Spool, ExitCode> {
+/// How much privilege a role keeps (see docs/security.md).
+#[derive(Clone, Copy, PartialEq)]
+enum Privs {
+    /// The qms user and nothing else.
+    None,
+    /// The qms user with CAP_SETUID and CAP_SETGID, to fork children that become a
+    /// recipient's user: the local delivery agents only.
+    SwitchUser,
+}
+
+fn start_role_untracked(cfg: &Config, role: &str, keep: Privs) -> Result<Spool, ExitCode> {
     qms_common::log::init(role);
     signals::install();
-    let changed = if drop {
-        privs::drop_to(cfg.user.as_deref())
-    } else {
-        privs::work_as(cfg.user.as_deref())
-    };
-    {
-        if let Err(e) = changed {
-            qlog!("status=fatal reason={}", quote(&e));
-            return Err(ExitCode::from(71));
+    // Nothing a role writes is for anyone but the qms user.
+    // Safety: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    let changed = match (keep, cfg.user.as_deref()) {
+        (Privs::SwitchUser, Some(user)) => privs::drop_keeping_setuid(user),
+        (Privs::None, user) => privs::drop_to(user),
+        (Privs::SwitchUser, None) if nix::unistd::getuid().is_root() => {
+            Err("running as root needs `user` in the config".into())
         }
+        (Privs::SwitchUser, None) => Ok(()),
+    };
+    if let Err(e) = changed {
+        qlog!("status=fatal reason={}", quote(&e));
+        return Err(ExitCode::from(71));
+    }
+    if keep == Privs::None && privs::can_switch_user() {
+        qlog!("status=fatal reason=\"still able to change user after dropping privileges\"");
+        return Err(ExitCode::from(71));
     }
     open_spool(cfg)
 }
@@ -64,11 +82,12 @@ pub fn smtpd(cfg: Config) -> ExitCode {
             }
         },
     };
-    // The key is read before root is given up: it is usually readable by root alone.
+    // The key is usually readable by root alone: under the supervisor, it opened the files
+    // as root and hands them over as descriptors.
     let tls = match cfg
         .tls
         .as_ref()
-        .map(qms_incoming::tls::server_config)
+        .map(|t| qms_incoming::tls::inherited(t).unwrap_or_else(|| qms_incoming::tls::server_config(t)))
         .transpose()
     {
         Ok(t) => t,
@@ -77,7 +96,7 @@ pub fn smtpd(cfg: Config) -> ExitCode {
             return ExitCode::from(78);
         }
     };
-    let spool = match start_role(&cfg, "smtpd", true) {
+    let spool = match start_role(&cfg, "smtpd", Privs::None) {
         Ok(s) => s,
         Err(c) => return c,
     };
@@ -94,7 +113,7 @@ pub fn smtpd(cfg: Config) -> ExitCode {
 }
 
 pub fn router(cfg: Config) -> ExitCode {
-    let spool = match start_role(&cfg, "router", true) {
+    let spool = match start_role(&cfg, "router", Privs::None) {
         Ok(s) => s,
         Err(c) => return c,
     };
@@ -117,7 +136,7 @@ pub fn router(cfg: Config) -> ExitCode {
 
 /// `qms tracker`: moves tracking events from the processes' files into the database.
 pub fn tracker(cfg: Config) -> ExitCode {
-    let spool = match start_role_untracked(&cfg, "tracker", true) {
+    let spool = match start_role_untracked(&cfg, "tracker", Privs::None) {
         Ok(s) => s,
         Err(c) => return c,
     };
@@ -144,7 +163,7 @@ pub fn tracker(cfg: Config) -> ExitCode {
 
 /// `qms dsnproc`: acts on the reports that come back to the envelope mailbox.
 pub fn dsnproc(cfg: Config) -> ExitCode {
-    let spool = match start_role(&cfg, "dsnproc", true) {
+    let spool = match start_role(&cfg, "dsnproc", Privs::None) {
         Ok(s) => s,
         Err(c) => return c,
     };
@@ -166,9 +185,13 @@ pub fn deliver(cfg: Config, queue: &str) -> ExitCode {
         );
         return ExitCode::from(64);
     }
-    // Local and pipe delivery keep root so each delivery can run as its recipient's user.
-    let keeps_root = matches!(queue, "local" | "pipe");
-    let spool = match start_role(&cfg, &format!("deliver/{queue}"), !keeps_root) {
+    // Local delivery keeps the right to become each recipient's user; SMTP delivery does not.
+    let keep = if queue == "smtp" {
+        Privs::None
+    } else {
+        Privs::SwitchUser
+    };
+    let spool = match start_role(&cfg, &format!("deliver/{queue}"), keep) {
         Ok(s) => s,
         Err(c) => return c,
     };
@@ -192,4 +215,34 @@ pub fn deliver(cfg: Config, queue: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `qms pickup`: takes local users' messages from the drop directory into the queue.
+pub fn pickup(cfg: Config) -> ExitCode {
+    let spool = match start_role(&cfg, "pickup", Privs::None) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    match qms_incoming::pickup::run(&cfg, &spool, &signals::STOP) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e));
+            ExitCode::from(71)
+        }
+    }
+}
+
+/// `qms showq`: the queue listing for `mailq` run by users who cannot read the spool.
+pub fn showq(cfg: Config) -> ExitCode {
+    let spool = match start_role_untracked(&cfg, "showq", Privs::None) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    match crate::showq::serve(&cfg, &spool, &signals::STOP) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e));
+            ExitCode::from(71)
+        }
+    }
 }

@@ -11,7 +11,9 @@ use nix::unistd::Pid;
 use qms_common::log::quote;
 use qms_common::{qlog, safeio, Config};
 use std::collections::BTreeMap;
-use std::os::fd::RawFd;
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::Ordering;
@@ -68,11 +70,13 @@ fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
             index: 0,
         });
     }
-    v.push(Slot {
-        role: "tracker".into(),
-        queue: None,
-        index: 0,
-    });
+    for role in ["tracker", "pickup", "showq"] {
+        v.push(Slot {
+            role: role.into(),
+            queue: None,
+            index: 0,
+        });
+    }
     if cfg.tracking.envelope_maildir.is_some() {
         v.push(Slot {
             role: "dsnproc".into(),
@@ -103,6 +107,16 @@ fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
 
 pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     qms_common::log::init("master");
+    // Safety: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        // Owners and modes first, without following links; refuses to run without `user`.
+        if let Err(e) = crate::permissions::at_start(&cfg) {
+            eprintln!("qms: {e}");
+            return ExitCode::from(78);
+        }
+    }
     let spool = match qms_spool::Spool::open(&cfg.spool, &cfg.queue_names()) {
         Ok(s) => s,
         Err(e) => {
@@ -137,6 +151,14 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
             return ExitCode::from(71);
         }
     };
+    // The TLS key is usually readable by root alone: opened now, handed to smtpd.
+    let tls_files = match open_tls(&cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("qms: {e}");
+            return ExitCode::from(78);
+        }
+    };
     if daemon {
         // No threads exist yet, so forking here is safe.
         match unsafe { nix::unistd::fork() } {
@@ -151,25 +173,36 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
         }
     }
     let _ = lock.set_len(0);
-    let _ = std::fs::write(pid_file(&cfg), format!("{}\n", std::process::id()));
-    let removed = spool.recover();
-    if let Err(e) = qms_common::privs::own_tree(&cfg.spool, cfg.user.as_deref()) {
-        eprintln!("qms: {e}");
-        return ExitCode::from(71);
+    let _ = (&lock).write_all(format!("{}\n", std::process::id()).as_bytes());
+    // Root ends here: the supervisor goes on as the qms user, keeping only the right to
+    // start local delivery agents that may become recipients' users.
+    if let (true, Some(user)) = (root, cfg.user.as_deref()) {
+        if let Err(e) = qms_common::privs::drop_keeping_setuid(user) {
+            eprintln!("qms: cannot give up root: {e}");
+            return ExitCode::from(71);
+        }
     }
+    let removed = spool.recover();
     qlog!(
-        "event=start spool={} debris_removed={removed}",
-        cfg.spool.display()
+        "event=start spool={} debris_removed={removed} uid={}",
+        cfg.spool.display(),
+        nix::unistd::getuid()
     );
     let has_listeners = !listeners.is_empty();
     let (fd_spec, fds) = qms_incoming::smtpd::export(listeners);
     for fd in &fds {
         inherit(*fd);
     }
+    let tls_spec = tls_files.as_ref().map(|(c, k)| {
+        inherit(c.as_raw_fd());
+        inherit(k.as_raw_fd());
+        format!("{},{}", c.as_raw_fd(), k.as_raw_fd())
+    });
     signals::install();
     let mut sup = Supervisor {
         cfg,
         fd_spec,
+        tls_spec,
         has_listeners,
         children: BTreeMap::new(),
     };
@@ -177,8 +210,17 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     let _ = std::fs::remove_file(status_file(&sup.cfg));
     let _ = std::fs::remove_file(pid_file(&sup.cfg));
     drop(lock);
+    drop(tls_files);
     qlog!("event=stop");
     ExitCode::SUCCESS
+}
+
+/// Opens `[tls] cert` and `key` (checking that they make a server config).
+fn open_tls(cfg: &Config) -> Result<Option<(std::fs::File, std::fs::File)>, String> {
+    let Some(t) = &cfg.tls else { return Ok(None) };
+    qms_incoming::tls::server_config(t)?;
+    let open = |p: &std::path::Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
+    Ok(Some((open(&t.cert)?, open(&t.key)?)))
 }
 
 /// Lets children inherit a descriptor (Rust opens everything close-on-exec).
@@ -192,6 +234,8 @@ fn inherit(fd: RawFd) {
 struct Supervisor {
     cfg: Config,
     fd_spec: String,
+    /// `CERTFD,KEYFD` for smtpd, when TLS is configured.
+    tls_spec: Option<String>,
     has_listeners: bool,
     children: BTreeMap<Slot, Child>,
 }
@@ -214,10 +258,20 @@ impl Supervisor {
         let exe = std::env::current_exe().ok()?;
         let mut cmd = Command::new(exe);
         cmd.arg("-c").arg(&self.cfg.path).args(slot.args());
+        cmd.env_remove(qms_incoming::smtpd::LISTEN_FDS_ENV)
+            .env_remove(qms_incoming::tls::TLS_FDS_ENV);
         if slot.role == "smtpd" {
             cmd.env(qms_incoming::smtpd::LISTEN_FDS_ENV, &self.fd_spec);
-        } else {
-            cmd.env_remove(qms_incoming::smtpd::LISTEN_FDS_ENV);
+            if let Some(t) = &self.tls_spec {
+                cmd.env(qms_incoming::tls::TLS_FDS_ENV, t);
+            }
+        }
+        // Only local delivery agents keep the right to change user across exec; every
+        // other role starts with no capability at all.
+        let pass = slot.queue.as_deref().is_some_and(|q| q != "smtp");
+        // Safety: the closure only makes capability system calls, which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || qms_common::privs::pass_setuid_on_exec(pass));
         }
         match cmd.spawn() {
             Ok(child) => {

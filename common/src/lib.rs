@@ -4,8 +4,10 @@
 
 pub mod address;
 pub mod aliases;
+pub mod authority;
 pub mod config;
 pub mod conn;
+pub mod expand;
 pub mod headers;
 pub mod log;
 pub mod privs;

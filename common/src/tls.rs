@@ -12,3 +12,22 @@ pub fn describe(state: &rustls::CommonState) -> String {
         .unwrap_or_default();
     format!("{version} with cipher {cipher}")
 }
+
+/// The certificates to check a server against: those in `ca_file` (PEM) when given, else
+/// the system's roots.
+pub fn roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut store = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = match ca_file {
+        Some(f) => CertificateDer::pem_file_iter(f)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        None => rustls_native_certs::load_native_certs().certs,
+    };
+    let (added, _) = store.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err("no trusted certificates to check the server against".into());
+    }
+    Ok(store)
+}

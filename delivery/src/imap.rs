@@ -10,9 +10,8 @@
 
 use qms_common::config::Imap;
 use qms_common::safeio;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
@@ -21,27 +20,12 @@ use std::time::Duration;
 /// Messages fetched per UID FETCH.
 const CHUNK: usize = 50;
 
-fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
-    let mut store = RootCertStore::empty();
-    let certs: Vec<CertificateDer<'static>> = match ca_file {
-        Some(f) => CertificateDer::pem_file_iter(f)
-            .and_then(|i| i.collect::<Result<_, _>>())
-            .map_err(|e| format!("cannot read {}: {e}", f.display()))?,
-        None => rustls_native_certs::load_native_certs().certs,
-    };
-    let (added, _) = store.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err("no trusted certificates to check the IMAP server against".into());
-    }
-    Ok(store)
-}
-
 fn connect(imap: &Imap) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots(imap.ca_file.as_deref())?)
+        .with_root_certificates(qms_common::tls::roots(imap.ca_file.as_deref())?)
         .with_no_client_auth();
     let name = ServerName::try_from(imap.host.clone())
         .map_err(|_| format!("{:?} is not a host name", imap.host))?;

@@ -8,6 +8,7 @@ mod local;
 mod maildir;
 mod mbox;
 mod pipe;
+mod runas;
 pub mod plugin;
 mod program;
 pub mod report;

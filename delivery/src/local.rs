@@ -1,30 +1,73 @@
 //! The local delivery agent (`qms deliver --queue local` and `--queue pipe`): Maildir, mbox,
-//! file and program targets. As root, each delivery runs in a child process as the
-//! recipient's user; otherwise Maildir deliveries of a whole batch share one disk sync.
+//! file and program targets.
+//!
+//! Nothing in a job file is believed: before anything runs, each recipient's route and user
+//! are derived again from the config and the aliases (`qms_common::expand`), and a job
+//! whose route they do not give is deferred. Deliveries for a user run in a child that has
+//! fully become that user (`runas`); configured mailboxes without a `user` are written by
+//! this process, as qms's own user, and a batch of Maildir deliveries shares one disk sync.
 
-use crate::{maildir, mbox, pipe, settle, Agent};
+use crate::{maildir, mbox, pipe, runas, settle, Agent};
 use qms_common::address::show_sender;
+use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
+use qms_common::privs::{self, Account};
 use qms_common::{qlog, safeio, Config};
-use qms_spool::{Claimed, RcptState, Spool};
-use std::path::Path;
+use qms_spool::{Claimed, RcptState, Recipient, Spool};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct LocalAgent {
     cfg: Arc<Config>,
     spool: Spool,
+    aliases: qms_common::aliases::Cache,
+    /// This process's own account: whom deliveries run as when qms runs unprivileged.
+    me: Option<Account>,
 }
 
-enum Result_ {
+/// The result of one delivery attempt.
+pub enum Outcome {
     Done,
     Temp(String),
     Perm(String),
 }
 
+/// Where a recipient goes, as the config and aliases give it.
+enum Target {
+    Maildir(PathBuf),
+    Mbox(PathBuf),
+    Pipe(String),
+}
+
+fn target(route: &str) -> Option<Target> {
+    let (kind, arg) = route.split_once(':')?;
+    match kind {
+        "maildir" => Some(Target::Maildir(PathBuf::from(arg))),
+        "mbox" | "file" => Some(Target::Mbox(PathBuf::from(arg))),
+        "pipe" => Some(Target::Pipe(arg.to_string())),
+        _ => None,
+    }
+}
+
+fn io_result(e: std::io::Error, what: &str) -> Outcome {
+    // A full disk or quota is temporary; so is almost everything else on a local disk.
+    Outcome::Temp(format!("4.3.0 {what}: {e}"))
+}
+
+/// Expansions of the recipients' original addresses, computed once per batch.
+type Derived = HashMap<String, Vec<Expanded>>;
+
 impl LocalAgent {
     pub fn new(cfg: Arc<Config>, spool: Spool) -> LocalAgent {
-        LocalAgent { cfg, spool }
+        let aliases = qms_common::aliases::Cache::new(cfg.aliases.clone());
+        LocalAgent {
+            cfg,
+            spool,
+            aliases,
+            me: Account::by_uid(nix::unistd::getuid()),
+        }
     }
 
     /// A configured mailbox's Maildir is made when missing; any other (a system user's
@@ -35,48 +78,51 @@ impl LocalAgent {
             .values()
             .any(|m| matches!(&m.mailbox, qms_common::config::Mailbox::Maildir(p) if p == dir))
     }
-}
 
-/// Where the router sent a recipient: `maildir:PATH`, `mbox:PATH`, `file:PATH`, `pipe:CMD`.
-enum Target<'a> {
-    Maildir(&'a Path),
-    Mbox(&'a Path),
-    Pipe(&'a str),
-}
-
-fn target(route: &str) -> Option<Target<'_>> {
-    let (kind, arg) = route.split_once(':')?;
-    match kind {
-        "maildir" => Some(Target::Maildir(Path::new(arg))),
-        "mbox" | "file" => Some(Target::Mbox(Path::new(arg))),
-        "pipe" => Some(Target::Pipe(arg)),
-        _ => None,
-    }
-}
-
-fn io_result(e: std::io::Error, what: &str) -> Result_ {
-    // A full disk or quota is temporary; so is almost everything else on a local disk.
-    Result_::Temp(format!("4.3.0 {what}: {e}"))
-}
-
-impl LocalAgent {
-    /// Does one delivery now, in this process (already running as the right user).
-    fn deliver_one(
-        &self,
-        target: &Target,
-        sender: &str,
-        rcpt: &qms_spool::Recipient,
-        copy: &[u8],
-        create: bool,
-    ) -> Result_ {
-        match target {
-            Target::Maildir(dir) => {
-                if let Err(e) = maildir::ensure(dir, create && self.may_create(dir)) {
-                    return io_result(e, &format!("Maildir {}", dir.display()));
+    /// The target and user the config and aliases give for `r` now, or why not to deliver.
+    fn check(&self, r: &Recipient, derived: &mut Derived) -> Result<(Target, Option<String>), Outcome> {
+        let origin = r.original.as_ref().unwrap_or(&r.address);
+        let expansions = derived.entry(origin.lookup_key()).or_insert_with(|| {
+            let aliases = self.aliases.get();
+            Expander::new(&self.cfg, &aliases).expand(origin)
+        });
+        let route = r.route.as_deref().unwrap_or("");
+        let mut why = None;
+        for e in expansions.iter().filter(|e| e.addr == r.address) {
+            match &e.dest {
+                Dest::Queue { route: want, user, .. } if want == route => {
+                    let t = target(route).ok_or_else(|| {
+                        Outcome::Perm(format!("5.3.5 no local delivery route for {}", r.address))
+                    })?;
+                    return Ok((t, user.clone()));
                 }
-                match maildir::stage(dir, &self.cfg.hostname, copy) {
+                Dest::Defer(t) => why = Some(Outcome::Temp(t.clone())),
+                Dest::Fail(t) => why = why.or(Some(Outcome::Perm(t.clone()))),
+                _ => {}
+            }
+        }
+        qlog!(
+            "status=warning to={} route={} reason=\"the job's route is not what the config and aliases give now; not run\"",
+            r.address,
+            quote(route)
+        );
+        Err(why.unwrap_or_else(|| {
+            Outcome::Temp(format!(
+                "4.3.0 the route of {} in the job is not given by the config or aliases now (changed aliases, or a job not written by qms); see the log",
+                r.address
+            ))
+        }))
+    }
+
+    /// Delivers to `t` in this process, which already runs as `user`.
+    fn deliver_here(&self, t: &Target, user: &Account, sender: &str, r: &Recipient, copy: &[u8]) -> Outcome {
+        match t {
+            Target::Maildir(dir) => {
+                let staged = maildir::ensure(dir, self.may_create(dir))
+                    .and_then(|()| maildir::stage(dir, &self.cfg.hostname, copy));
+                match staged {
                     Ok(s) => match safeio::commit(std::slice::from_ref(&s)) {
-                        Ok(()) => Result_::Done,
+                        Ok(()) => Outcome::Done,
                         Err(e) => {
                             s.abandon();
                             io_result(e, &format!("Maildir {}", dir.display()))
@@ -86,91 +132,40 @@ impl LocalAgent {
                 }
             }
             Target::Mbox(path) => match mbox::append(path, &mbox::mbox_entry(sender, copy)) {
-                Ok(()) => Result_::Done,
+                Ok(()) => Outcome::Done,
                 Err(e) => io_result(e, &format!("mailbox {}", path.display())),
             },
             Target::Pipe(cmd) => {
-                let a = &rcpt.address;
-                let (user, ext) = match self.cfg.recipient_delimiter {
-                    Some(sep) => a.split_extension(sep),
-                    None => (a.local(), None),
-                };
+                let a = &r.address;
+                let ext = self
+                    .cfg
+                    .recipient_delimiter
+                    .and_then(|sep| a.split_extension(sep).1)
+                    .unwrap_or("");
+                let original = r.original.as_ref().unwrap_or(a).to_string();
                 let env = pipe::Envelope {
                     sender,
                     recipient: &a.to_string(),
-                    user: rcpt.user.as_deref().unwrap_or(user),
-                    extension: ext.unwrap_or(""),
+                    original_recipient: &original,
+                    extension: ext,
                     domain: a.domain(),
                     local: a.local(),
                 };
-                match pipe::run(
-                    cmd,
-                    &env,
-                    copy,
-                    Duration::from_secs(self.cfg.limits.pipe_timeout),
-                ) {
-                    pipe::Outcome::Delivered => Result_::Done,
-                    pipe::Outcome::Deferred(r) => Result_::Temp(r),
-                    pipe::Outcome::Failed(r) => Result_::Perm(r),
+                let timeout = Duration::from_secs(self.cfg.limits.pipe_timeout);
+                match pipe::run(cmd, user, &env, copy, timeout) {
+                    pipe::Outcome::Delivered => Outcome::Done,
+                    pipe::Outcome::Deferred(r) => Outcome::Temp(r),
+                    pipe::Outcome::Failed(r) => Outcome::Perm(r),
                 }
             }
-        }
-    }
-
-    /// As root: fork, become the recipient's user, deliver, report through the exit code.
-    /// The refusal to use root is in `privs::become_user`.
-    fn deliver_as(
-        &self,
-        user: &str,
-        target: &Target,
-        sender: &str,
-        rcpt: &qms_spool::Recipient,
-        copy: &[u8],
-    ) -> Result_ {
-        use nix::sys::wait::{waitpid, WaitStatus};
-        use nix::unistd::{fork, ForkResult};
-        let (rfd, wfd) = match nix::unistd::pipe() {
-            Ok(p) => p,
-            Err(e) => return Result_::Temp(format!("4.3.0 pipe: {e}")),
-        };
-        // Safety: this process is single-threaded while it delivers (workers use no threads).
-        match unsafe { fork() } {
-            Ok(ForkResult::Child) => {
-                drop(rfd);
-                let (code, text) = match qms_common::privs::become_user(user) {
-                    Err(e) => (75, format!("4.3.0 cannot become {user}: {e}")),
-                    Ok(()) => match self.deliver_one(target, sender, rcpt, copy, true) {
-                        Result_::Done => (0, String::new()),
-                        Result_::Temp(t) => (75, t),
-                        Result_::Perm(t) => (1, t),
-                    },
-                };
-                let _ = nix::unistd::write(&wfd, text.as_bytes());
-                // Safety: _exit skips destructors and atexit handlers of the parent's state.
-                unsafe { libc::_exit(code) }
-            }
-            Ok(ForkResult::Parent { child }) => {
-                drop(wfd);
-                let mut text = Vec::new();
-                let _ = std::io::Read::read_to_end(&mut std::fs::File::from(rfd), &mut text);
-                let text = String::from_utf8_lossy(&text).into_owned();
-                match waitpid(child, None) {
-                    Ok(WaitStatus::Exited(_, 0)) => Result_::Done,
-                    Ok(WaitStatus::Exited(_, 75)) => Result_::Temp(text),
-                    Ok(WaitStatus::Exited(_, _)) => Result_::Perm(text),
-                    other => Result_::Temp(format!(
-                        "4.3.0 delivery process ended abnormally: {other:?}"
-                    )),
-                }
-            }
-            Err(e) => Result_::Temp(format!("4.3.0 fork: {e}")),
         }
     }
 }
 
 impl Agent for LocalAgent {
     fn deliver(&mut self, mut batch: Vec<Claimed>) {
-        let root = nix::unistd::getuid().is_root();
+        let privileged = privs::can_switch_user();
+        let mut derived = Derived::new();
         // Maildir deliveries made in this process, committed together: (job, recipient, file).
         let mut staged: Vec<(usize, usize, safeio::Staged)> = Vec::new();
         for (ji, c) in batch.iter_mut().enumerate() {
@@ -184,43 +179,54 @@ impl Agent for LocalAgent {
                     continue;
                 }
             };
-            let sender = c
-                .job
-                .sender
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
+            let sender = c.job.sender.as_ref().map(|s| s.to_string()).unwrap_or_default();
             for ri in 0..c.job.recipients.len() {
                 let r = &c.job.recipients[ri];
                 if r.state.is_final() {
                     continue;
                 }
                 let rcpt_s = r.address.to_string();
-                let result = if crate::loops::delivered_to(&body, &rcpt_s) {
-                    Result_::Perm(format!("5.4.6 mail forwarding loop for {rcpt_s}"))
-                } else {
-                    let copy = maildir::local_copy(&sender, &rcpt_s, &body);
-                    match r.route.as_deref().and_then(target) {
-                        None => {
-                            Result_::Perm(format!("5.3.5 no local delivery route for {rcpt_s}"))
-                        }
-                        Some(t) => match (&t, root, r.user.as_deref()) {
-                            (_, true, Some(user)) => self.deliver_as(user, &t, &sender, r, &copy),
-                            (_, true, None) if nix::unistd::geteuid().is_root() => {
-                                Result_::Perm("5.7.1 no user to run this delivery as (set `user` in the config; root is never used)".into())
-                            }
-                            (Target::Maildir(dir), _, _) => match maildir::ensure(dir, self.may_create(dir))
-                                .and_then(|()| maildir::stage(dir, &self.cfg.hostname, &copy))
-                            {
-                                Ok(s) => {
-                                    staged.push((ji, ri, s));
-                                    continue;
-                                }
-                                Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
-                            },
-                            (t, _, _) => self.deliver_one(t, &sender, r, &copy, true),
-                        },
+                if crate::loops::delivered_to(&body, &rcpt_s) {
+                    let why = format!("5.4.6 mail forwarding loop for {rcpt_s}");
+                    record(c, ri, Outcome::Perm(why));
+                    continue;
+                }
+                let (t, user) = match self.check(r, &mut derived) {
+                    Ok(x) => x,
+                    Err(o) => {
+                        record(c, ri, o);
+                        continue;
                     }
+                };
+                let copy = maildir::local_copy(&sender, &rcpt_s, &body);
+                let account = match user.as_deref().map(Account::lookup) {
+                    Some(Ok(a)) => Some(a),
+                    Some(Err(e)) => {
+                        let why = format!("4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)");
+                        record(c, ri, Outcome::Temp(why));
+                        continue;
+                    }
+                    None => None,
+                };
+                let result = match (account, &t) {
+                    // For a user, in a child that has become the user.
+                    (Some(a), _) if privileged => runas::deliver(&a, || self.deliver_here(&t, &a, &sender, r, &copy)),
+                    // Unprivileged, or a configured mailbox without a user: as this process.
+                    (_, Target::Maildir(dir)) => {
+                        match maildir::ensure(dir, self.may_create(dir))
+                            .and_then(|()| maildir::stage(dir, &self.cfg.hostname, &copy))
+                        {
+                            Ok(s) => {
+                                staged.push((ji, ri, s));
+                                continue;
+                            }
+                            Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
+                        }
+                    }
+                    (_, t) => match &self.me {
+                        Some(me) => self.deliver_here(t, me, &sender, r, &copy),
+                        None => Outcome::Temp("4.3.5 this process's uid has no account".into()),
+                    },
                 };
                 record(c, ri, result);
             }
@@ -232,10 +238,10 @@ impl Agent for LocalAgent {
             let err = commit.err().map(|e| format!("4.3.0 Maildir write: {e}"));
             for (ji, ri, s) in staged {
                 let result = match &err {
-                    None => Result_::Done,
+                    None => Outcome::Done,
                     Some(e) => {
                         s.abandon();
-                        Result_::Temp(e.clone())
+                        Outcome::Temp(e.clone())
                     }
                 };
                 record(&mut batch[ji], ri, result);
@@ -247,22 +253,23 @@ impl Agent for LocalAgent {
     }
 }
 
-fn record(c: &mut Claimed, ri: usize, result: Result_) {
+fn record(c: &mut Claimed, ri: usize, result: Outcome) {
+    use crate::dsn::{status_of, Kind};
     let id = c.job.id.clone();
     let delay = qms_common::time::now() - c.job.arrival;
     let sender = show_sender(&c.job.sender);
     let r = &mut c.job.recipients[ri];
     let route = r.route.clone().unwrap_or_default();
-    let (state, status, reply) = match result {
-        Result_::Done => (RcptState::Delivered, "sent", "delivered".to_string()),
-        Result_::Temp(t) => (RcptState::Deferred, "deferred", t),
-        Result_::Perm(t) => (RcptState::Failed, "bounced", t),
+    let (state, status, reply, kind) = match result {
+        Outcome::Done => (RcptState::Delivered, "sent", "delivered".to_string(), Kind::Success),
+        Outcome::Temp(t) => (RcptState::Deferred, "deferred", t, Kind::Delay),
+        Outcome::Perm(t) => (RcptState::Failed, "bounced", t, Kind::Failure),
     };
     qlog!(
         "qid={id} from={sender} to={} relay=local route={} delay={delay} dsn={} status={status} ({})",
         r.address,
         quote(&route),
-        crate::dsn::status_of(&reply, if state == RcptState::Delivered { crate::dsn::Kind::Success } else if state == RcptState::Failed { crate::dsn::Kind::Failure } else { crate::dsn::Kind::Delay }),
+        status_of(&reply, kind),
         reply
     );
     let event = if state == RcptState::Delivered {
@@ -270,13 +277,7 @@ fn record(c: &mut Claimed, ri: usize, result: Result_) {
     } else {
         state.as_str()
     };
-    qms_common::track::emit(crate::settle::attempt_event(
-        &c.job,
-        &c.job.recipients[ri],
-        event,
-        &reply,
-        "local",
-    ));
+    qms_common::track::emit(crate::settle::attempt_event(&c.job, &c.job.recipients[ri], event, &reply, "local"));
     let r = &mut c.job.recipients[ri];
     r.state = state;
     r.reply = Some(reply);

@@ -5,6 +5,7 @@ pub mod auth;
 
 mod data;
 pub mod policy;
+pub mod pickup;
 pub mod sendmail;
 mod session;
 pub mod smtpd;

@@ -5,7 +5,8 @@ use qms_common::aliases::Aliases;
 use qms_common::{Address, Config};
 
 /// True when a local-domain address reaches someone: a mailbox, an alias, a route for the
-/// exact address, or a system user. `user+tag` is looked up as `user`.
+/// exact address, or a login account (not root or a system account: those need an alias;
+/// `root` falls back to the `postmaster` alias). `user+tag` is looked up as `user`.
 pub fn local_exists(cfg: &Config, aliases: &Aliases, addr: &Address) -> bool {
     let (user, _) = match cfg.recipient_delimiter {
         Some(sep) => addr.split_extension(sep),
@@ -19,10 +20,10 @@ pub fn local_exists(cfg: &Config, aliases: &Aliases, addr: &Address) -> bool {
         || cfg.routes.contains_key(&base)
         || aliases.get(user).is_some()
         || aliases.get(&base).is_some()
-        || nix::unistd::User::from_name(&user.to_lowercase())
-            .ok()
-            .flatten()
-            .is_some()
+        || (user.eq_ignore_ascii_case("root") && aliases.get("postmaster").is_some())
+        // root, daemons and nobody have no mailbox of their own: only an alias reaches them.
+        || qms_common::privs::Account::lookup(&user.to_lowercase())
+            .is_ok_and(|a| qms_common::privs::is_mail_account(&a, cfg.user.as_deref()))
 }
 
 /// The reply to refuse a recipient with, or None to accept it.

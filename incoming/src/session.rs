@@ -335,9 +335,8 @@ impl<'a> Session<'a> {
         if sender.as_ref().is_some_and(Address::is_utf8) && !tx.smtputf8 {
             return self.error("553 5.6.7 Non-ASCII address needs SMTPUTF8");
         }
-        if let (Some(user), Some(addr), Kind::Submission | Kind::Submissions) =
-            (&self.auth_user, &sender, self.kind)
-        {
+        // An authenticated user sends only as themselves, on every listener.
+        if let (Some(user), Some(addr)) = (&self.auth_user, &sender) {
             if !crate::auth::may_send_as(self.cfg(), user, addr) {
                 qlog!("client={} sasl_user={user} from={addr} status=reject reason=\"sender not owned\"", client_name(&self.peer));
                 return self.error(&format!(

@@ -99,6 +99,9 @@ pub struct Settings<'a> {
     pub client_cert: Option<(&'a Path, &'a Path)>,
     /// Log the whole dialogue under this queue id.
     pub debug: Option<&'a str>,
+    /// Check the server's certificate (a smarthost that gets credentials): TLS is then
+    /// required, never given up for a plain connection.
+    pub verify: Option<Option<&'a Path>>,
 }
 
 fn io_fail(host: &str, addr: &SocketAddr, what: &str, e: impl std::fmt::Display) -> Failure {
@@ -113,7 +116,10 @@ impl Client {
     pub fn connect(name: &str, addr: SocketAddr, s: &Settings) -> Result<Client, Failure> {
         match Client::connect_once(name, addr, s, s.tls) {
             // `may`: a failed handshake falls back to a plain connection.
-            Err(f) if s.tls == TlsPolicy::May && f.text.contains("TLS handshake") => {
+            Err(f) if s.tls == TlsPolicy::May
+                && s.verify.is_none()
+                && f.text.contains("TLS handshake") =>
+            {
                 Client::connect_once(name, addr, s, TlsPolicy::None)
             }
             other => other,
@@ -147,11 +153,20 @@ impl Client {
         };
         let server = rustls::pki_types::ServerName::try_from(name.to_string())
             .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+        let check = match s.verify {
+            Some(ca) => crate::tls::Check::Verify(ca),
+            None => crate::tls::Check::None,
+        };
+        let tls = if s.verify.is_some() { TlsPolicy::Encrypt } else { tls };
+        let unverified = |e: String| match s.verify {
+            Some(_) => format!("4.7.5 certificate not verified ({e}); credentials are sent only to a verified server (set [msp.ca_files] for a private CA)"),
+            None => e,
+        };
         if s.implicit_tls {
             let info = c
                 .conn
-                .upgrade(|stream| crate::tls::connect(server.clone(), stream, s.client_cert))
-                .map_err(|e| io_fail(name, &addr, "TLS handshake with", e))?;
+                .upgrade(|stream| crate::tls::connect(server.clone(), stream, s.client_cert, check))
+                .map_err(|e| io_fail(name, &addr, "TLS handshake with", unverified(e.to_string())))?;
             c.trace("", &format!("TLS from the start: {info}"));
             c.tls = Some(info);
         }
@@ -197,8 +212,8 @@ impl Client {
         }
         let info = c
             .conn
-            .upgrade(|stream| crate::tls::connect(server, stream, s.client_cert))
-            .map_err(|e| io_fail(name, &addr, "TLS handshake with", e))?;
+            .upgrade(|stream| crate::tls::connect(server, stream, s.client_cert, check))
+            .map_err(|e| io_fail(name, &addr, "TLS handshake with", unverified(e.to_string())))?;
         c.trace("", &format!("TLS started: {info}"));
         c.tls = Some(info);
         c.hello(s.helo)?;

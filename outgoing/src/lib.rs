@@ -113,6 +113,7 @@ impl SmtpAgent {
             data_timeout: c.data_timeout,
             implicit_tls: false,
             client_cert: None,
+            verify: None,
             debug: None,
         }
     }
@@ -186,6 +187,10 @@ impl SmtpAgent {
         if let Some(h) = smarthost {
             settings.implicit_tls = h.security == LinkSecurity::Ssl;
             settings.client_cert = h.cert_file.as_deref().zip(h.key_file.as_deref());
+            if h.user.is_some() || h.password.is_some() {
+                let ca = self.cfg.msp.ca_files.get(&h.host.to_ascii_lowercase());
+                settings.verify = Some(ca.map(|p| p.as_path()));
+            }
         }
         let mut last = Failure {
             text: "no host to try".into(),

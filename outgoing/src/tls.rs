@@ -1,6 +1,7 @@
 //! TLS for the SMTP client. Between MTAs TLS is opportunistic (RFC 3207, Postfix's `may`
 //! and `encrypt`): it protects against passive listening, and certificates are not checked,
-//! since MX hosts rarely have one that names them.
+//! since MX hosts rarely have one that names them. A smarthost that gets credentials is
+//! different: its certificate is checked, or nothing is sent.
 
 use qms_common::conn::Stream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -91,15 +92,49 @@ fn with_client_cert(cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, String
     Ok(Arc::new(cfg))
 }
 
+/// A configuration that checks the server's certificate against `roots` (the system's, or
+/// a smarthost's `ca_file`): the only kind credentials are sent over.
+fn verifying(ca_file: Option<&Path>, client_cert: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let b = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(qms_common::tls::roots(ca_file)?);
+    let cfg = match client_cert {
+        None => b.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<_, _>>())
+                .map_err(|e| format!("cannot read client certificate {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("cannot read client key {}: {e}", key.display()))?;
+            b.with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate and key do not match: {e}"))?
+        }
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// How a handshake treats the server's certificate.
+#[derive(Clone, Copy)]
+pub enum Check<'a> {
+    /// Opportunistic: encrypted, not checked (MX hosts).
+    None,
+    /// Checked against the system's roots, or these certificates.
+    Verify(Option<&'a Path>),
+}
+
 /// The client handshake; returns the encrypted stream and `TLSv1.3 with cipher …`.
 pub fn connect(
     server: ServerName<'static>,
     mut sock: Box<dyn Stream>,
     client_cert: Option<(&Path, &Path)>,
+    check: Check,
 ) -> Result<(Box<dyn Stream>, String), String> {
-    let cfg = match client_cert {
-        Some((cert, key)) => with_client_cert(cert, key)?,
-        None => config()?,
+    let cfg = match (check, client_cert) {
+        (Check::Verify(ca), cc) => verifying(ca, cc)?,
+        (Check::None, Some((cert, key))) => with_client_cert(cert, key)?,
+        (Check::None, None) => config()?,
     };
     let mut conn = ClientConnection::new(cfg, server).map_err(|e| e.to_string())?;
     while conn.is_handshaking() {

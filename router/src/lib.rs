@@ -5,11 +5,10 @@
 //! The output jobs share the message file (hard links) and are committed together before
 //! the incoming jobs are removed, so a crash can only make the router route a job again.
 
-mod expand;
 mod msp;
 mod smarthost;
 
-use expand::{Dest, Expanded, Expander};
+use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::address::show_sender;
 use qms_common::log::quote;
 use qms_common::track::Event;
@@ -159,9 +158,35 @@ impl Router {
             if let Err(e) = qms_delivery::settle::report_failures(&self.cfg, &self.spool, &c.job) {
                 qlog!("qid={id} status=bounce-error reason={}", quote(&e));
             }
-            if let Err(e) = self.spool.finish(c) {
+            if c.job.recipients.iter().any(|r| r.state == RcptState::Deferred) {
+                self.hold_back(c);
+            } else if let Err(e) = self.spool.finish(c) {
                 qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
             }
+        }
+    }
+
+    /// Keeps the incoming job for its deferred recipients only, to be routed again later;
+    /// past the queue lifetime they fail instead.
+    fn hold_back(&self, mut c: Claimed) {
+        let now = qms_common::time::now();
+        c.job.recipients.retain(|r| r.state == RcptState::Deferred);
+        c.job.attempts += 1;
+        c.job.next_attempt = now + qms_delivery::settle::backoff(&self.cfg, c.job.attempts);
+        if now - c.job.arrival > self.cfg.outgoing.max_queue_lifetime {
+            for r in c.job.recipients.iter_mut() {
+                let last = r.reply.take().unwrap_or_default();
+                r.state = RcptState::Failed;
+                r.reply = Some(format!("5.4.7 delivery time expired; the last problem was: {last}"));
+            }
+            if let Err(e) = qms_delivery::settle::report_failures(&self.cfg, &self.spool, &c.job) {
+                qlog!("qid={} status=bounce-error reason={}", c.job.id, quote(&e));
+            }
+            let _ = self.spool.finish(c);
+            return;
+        }
+        if let Err(e) = self.spool.update(&mut c) {
+            qlog!("qid={} status=error reason={}", c.job.id, quote(&e.to_string()));
         }
     }
 
@@ -188,11 +213,23 @@ impl Router {
             if r.state.is_final() {
                 continue;
             }
+            let expanded = expander.expand(&r.address);
+            // A configuration problem on the way (an unreadable include file, a missing
+            // mailbox owner) holds back the whole recipient until it is fixed: routing only
+            // part of a list now would deliver the rest twice later.
+            if let Some(Dest::Defer(text)) = expanded.iter().map(|e| &e.dest).find(|d| matches!(d, Dest::Defer(_))) {
+                qlog!("qid={id} from={sender} to={} status=deferred ({text})", r.address);
+                events.push(track(&r.address, "deferred", "queued", "deferred").reply(Some(text)));
+                r.state = RcptState::Deferred;
+                r.reply = Some(text.clone());
+                continue;
+            }
+            r.state = RcptState::Pending;
             for Expanded {
                 addr,
                 dest,
                 mut owner,
-            } in expander.expand(&r.address)
+            } in expanded
             {
                 // Tracked mail: a signed envelope per recipient, so its reports name it.
                 if let (Some(base), true) = (&self.cfg.tracking.envelope, tracked) {
@@ -216,6 +253,7 @@ impl Router {
                         events.push(track(&addr, "discarded", "queued", "discarded"));
                         continue;
                     }
+                    Dest::Defer(_) => continue,
                     Dest::Fail(text) => {
                         qlog!("qid={id} from={sender} to={addr} status=bounced ({text})");
                         events.push(track(&addr, "failed", "queued", "failed").reply(Some(&text)));
@@ -242,6 +280,7 @@ impl Router {
             }
         }
         let now = qms_common::time::now();
+        let pass = c.job.attempts;
         Ok(by_queue
             .into_iter()
             .map(|((queue, owner), recipients)| {
@@ -249,6 +288,10 @@ impl Router {
                 if let Some(o) = owner {
                     job.id = job.id.derive(&o.to_string());
                     job.sender = Some(o);
+                }
+                // Recipients held back on an earlier pass get jobs of their own.
+                if pass > 0 {
+                    job.id = job.id.derive(&format!("pass{pass}"));
                 }
                 job.body = format!("{}.{queue}", job.id);
                 if queue != "smtp" {

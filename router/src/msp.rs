@@ -59,6 +59,18 @@ fn addresses(v: &str) -> Vec<Address> {
         .collect()
 }
 
+/// True when the submitter of `client` may use `addr` as a sender: an authenticated user
+/// by `[auth] senders`, a local user by `trusted_users`; a `mynetworks` client chooses its
+/// MAIL FROM anyway.
+fn may_use(cfg: &Config, client: &qms_spool::Client, addr: &Address) -> bool {
+    use qms_common::authority::{local_user_may_send_as, may_send_as};
+    match (&client.auth, &client.local_user) {
+        (Some(user), _) => may_send_as(cfg, user, addr),
+        (None, Some(user)) => local_user_may_send_as(cfg, user, addr),
+        (None, None) => true,
+    }
+}
+
 /// Applies the tracked-sending fields of `msg` to `job`.
 pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
     let fields: Vec<(String, String)> = headers::named_fields(msg)
@@ -88,11 +100,24 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
             .map(|(_, v)| v.trim().to_string())
     };
     let mut added = String::new();
-    let mut sender = get("X-B-Envelope-Addr").and_then(|v| addresses(&v).into_iter().next());
-    let nd_to =
-        get("BX-Non-Delivery-Notification-Req-To").and_then(|v| addresses(&v).into_iter().next());
-    let d_to =
-        get("BX-Delivery-Notification-Req-To").and_then(|v| addresses(&v).into_iter().next());
+    // Addresses that become the envelope sender or receive notifications: only those the
+    // submitter may use; the others are dropped and logged.
+    let owned = |field: &str| -> Option<Address> {
+        let a = get(field).and_then(|v| addresses(&v).into_iter().next())?;
+        if may_use(cfg, &job.client, &a) {
+            return Some(a);
+        }
+        qlog!(
+            "qid={} status=msp-refused field={field} address={} reason=\"not an address the submitter may use\"",
+            job.id,
+            quote(&a.to_string())
+        );
+        None
+    };
+    let mut sender = owned("X-B-Envelope-Addr");
+    let nd_to = owned("BX-Non-Delivery-Notification-Req-To");
+    let d_to = owned("BX-Delivery-Notification-Req-To");
+    let disposition_to = owned("BX-Disposition-Notification-Req-To");
     if sender.is_none() {
         sender = nd_to.clone().or(d_to.clone());
     }
@@ -128,9 +153,7 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
             }
         }
     }
-    if let Some(to) =
-        get("BX-Disposition-Notification-Req-To").and_then(|v| addresses(&v).into_iter().next())
-    {
+    if let Some(to) = disposition_to {
         if !headers::has(msg, "disposition-notification-to") {
             added.push_str(&format!("Disposition-Notification-To: <{to}>\r\n"));
         }

@@ -8,6 +8,8 @@ mod commit;
 mod free;
 mod id;
 mod job;
+pub mod maildrop;
+pub mod perms;
 mod store;
 mod watch;
 

@@ -118,10 +118,12 @@ impl Spool {
             root: root.to_path_buf(),
             pools: Arc::new(Mutex::new(HashMap::new())),
         };
-        for d in ["tmp", "msg", "queue", "hold", "corrupt", "run", "track"] {
+        for (d, _) in crate::perms::LAYOUT {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
         }
+        let corrupt_drop = root.join("corrupt/maildrop");
+        fs::create_dir_all(&corrupt_drop).map_err(io_err("create", &corrupt_drop))?;
         for q in queues.iter().map(String::as_str).chain(["incoming"]) {
             for area in ["queue", "hold", "corrupt"] {
                 let p = root.join(area).join(q);

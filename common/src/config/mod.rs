@@ -2,7 +2,10 @@
 //! so a mistake is reported once, with file, line and key, before any process starts.
 
 use crate::address::Address;
+mod local;
 mod raw;
+
+pub use local::{Local, Origin};
 
 use raw::{OneOrMany, Raw, RawListener};
 use std::collections::BTreeMap;
@@ -338,6 +341,7 @@ pub struct Config {
     pub log_json: bool,
     pub tracking: Tracking,
     pub msp: Msp,
+    pub local: Local,
 }
 
 /// `[msp]`: what trusted submitters may ask of the submission pipeline beyond headers.
@@ -351,6 +355,9 @@ pub struct Msp {
     pub plugin_dir: Option<PathBuf>,
     /// Seconds a plugin may run before it is killed.
     pub plugin_timeout: u64,
+    /// Certificates to trust for a smarthost, by host name, besides the system's roots.
+    /// Credentials go only over TLS whose certificate these or the system's roots verify.
+    pub ca_files: BTreeMap<String, PathBuf>,
 }
 
 /// Tracked sending: where returned reports arrive and what to do about them.
@@ -682,6 +689,10 @@ impl Config {
             senders: raw.auth.senders,
         };
 
+        let local = raw
+            .local
+            .build(&resolve)
+            .map_err(|(key, message)| err(&key, message))?;
         Ok(Config {
             path: absolute(path),
             spool: resolve(&raw.spool),
@@ -718,7 +729,14 @@ impl Config {
                 smarthost_users: raw.msp.smarthost_users,
                 plugin_dir: raw.msp.plugin_dir.as_deref().map(resolve),
                 plugin_timeout: raw.msp.plugin_timeout.unwrap_or(60).max(1),
+                ca_files: raw
+                    .msp
+                    .ca_files
+                    .iter()
+                    .map(|(h, p)| (h.to_ascii_lowercase(), resolve(p)))
+                    .collect(),
             },
+            local,
         })
     }
 

@@ -144,6 +144,8 @@ pub(super) struct RawMsp {
     pub(super) smarthost_users: Vec<String>,
     pub(super) plugin_dir: Option<String>,
     pub(super) plugin_timeout: Option<u64>,
+    #[serde(default)]
+    pub(super) ca_files: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -193,4 +195,6 @@ pub(super) struct Raw {
     pub(super) tracking: RawTracking,
     #[serde(default)]
     pub(super) msp: RawMsp,
+    #[serde(default)]
+    pub(super) local: super::local::RawLocal,
 }

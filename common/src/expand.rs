@@ -1,10 +1,17 @@
 //! Recipient expansion: aliases (nested, `:include:`, files, programs) with loop detection
 //! and a depth limit, then mailboxes, system users and the routing table.
+//!
+//! The router uses it to route; local delivery uses it again before it runs anything, so a
+//! job file can never name a command, a file or a user that the config and aliases do not.
+//! Who a command or file delivery runs as comes from here: the owner of the `:include:`
+//! file that named it, `default_privs` for the aliases file and root-owned include files.
 
-use qms_common::aliases::{self, Aliases, Target};
-use qms_common::config::{Mailbox, Route};
-use qms_common::{Address, Config};
+use crate::aliases::{self, Aliases, Target};
+use crate::config::{Mailbox, Origin, Route};
+use crate::privs::{self, Account};
+use crate::{Address, Config};
 use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
 
 const MAX_DEPTH: usize = 20;
 
@@ -15,7 +22,10 @@ pub enum Dest {
         user: Option<String>,
     },
     Discard,
+    /// Refused for good: the text starts with a 5.x.x status.
     Fail(String),
+    /// A configuration problem that a sysadmin can fix: try again later (4.x.x status).
+    Defer(String),
 }
 
 pub struct Expanded {
@@ -78,6 +88,12 @@ impl<'a> Expander<'a> {
             self.aliases
                 .get(&format!("{}@{}", user.to_lowercase(), addr.domain()))
                 .or_else(|| self.aliases.get(user))
+                // Mail to root reaches whoever reads the postmaster's mail.
+                .or_else(|| {
+                    user.eq_ignore_ascii_case("root")
+                        .then(|| self.aliases.get("postmaster"))
+                        .flatten()
+                })
         } else {
             None
         };
@@ -98,9 +114,14 @@ impl<'a> Expander<'a> {
             .get(&owner_name)
             .and_then(|_| Address::new(&owner_name, addr.domain()).ok());
         let targets = targets.to_vec();
+        let from = Source {
+            origin: Origin::Alias,
+            run_as: self.cfg.local.default_privs.clone(),
+        };
         self.targets(
             addr,
             &targets,
+            &from,
             depth,
             list_owner.as_ref().or(owner),
             seen,
@@ -108,16 +129,17 @@ impl<'a> Expander<'a> {
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn targets(
         &self,
         list: &Address,
         targets: &[Target],
+        from: &Source,
         depth: usize,
         owner: Option<&Address>,
         seen: &mut HashSet<String>,
         out: &mut Vec<Expanded>,
     ) {
-        let user = self.system_user(list);
         let push = |out: &mut Vec<Expanded>, dest: Dest| {
             out.push(Expanded {
                 addr: list.clone(),
@@ -141,51 +163,60 @@ impl<'a> Expander<'a> {
                         ),
                     }
                 }
-                Target::File(p) => push(
-                    out,
-                    Dest::Queue {
-                        queue: "local".into(),
-                        route: format!("file:{p}"),
-                        user: user.clone(),
-                    },
-                ),
-                Target::Command(c) => push(
-                    out,
-                    Dest::Queue {
-                        queue: "local".into(),
-                        route: format!("pipe:{c}"),
-                        user: user.clone(),
-                    },
-                ),
-                Target::Include(p) => match std::fs::read_to_string(p) {
-                    Ok(text) => {
-                        let entries: Vec<Target> = text
-                            .lines()
-                            .map(str::trim)
-                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                            .flat_map(|l| aliases::parse_targets(l).unwrap_or_default())
-                            .collect();
-                        self.targets(list, &entries, depth + 1, owner, seen, out);
+                Target::File(p) => {
+                    let allowed = self.cfg.local.allow_mail_to_files.contains(&from.origin);
+                    push(out, from.dest(allowed, "files", format!("file:{p}")))
+                }
+                Target::Command(c) => {
+                    let allowed = self.cfg.local.allow_mail_to_commands.contains(&from.origin);
+                    push(out, from.dest(allowed, "commands", format!("pipe:{c}")))
+                }
+                Target::Include(p) => match self.include(p) {
+                    Ok((entries, inner)) => {
+                        self.targets(list, &entries, &inner, depth + 1, owner, seen, out)
                     }
-                    Err(e) => push(
-                        out,
-                        Dest::Fail(format!("4.3.0 cannot read include file {p}: {e}")),
-                    ),
+                    Err(why) => push(out, Dest::Defer(why)),
                 },
             }
         }
     }
 
-    /// The user that deliveries for alias files and programs run as: the owner of the alias
-    /// when it is a system user, else the configured unprivileged user.
-    fn system_user(&self, addr: &Address) -> Option<String> {
-        let name = addr.local().to_lowercase();
-        nix::unistd::User::from_name(&name)
-            .ok()
-            .flatten()
-            .filter(|u| !u.uid.is_root())
-            .map(|u| u.name)
-            .or_else(|| self.cfg.user.clone())
+    /// Reads an `:include:` file; its commands and files run as its owner (as
+    /// `default_privs` when root owns it). A file that cannot be read defers: the sysadmin
+    /// can fix it, and nothing is lost meanwhile.
+    fn include(&self, path: &str) -> Result<(Vec<Target>, Source), String> {
+        let read = std::fs::File::open(path).and_then(|f| {
+            let meta = f.metadata()?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(&f, 16 << 20), &mut text)?;
+            Ok((meta, text))
+        });
+        let (meta, text) = read.map_err(|e| {
+            format!("4.3.5 cannot read include file {path}: {e} (fix the file or its permissions)")
+        })?;
+        let run_as = match Account::by_uid(nix::unistd::Uid::from_raw(meta.uid())) {
+            Some(a) if !a.uid.is_root() => a.name,
+            Some(_) => self.cfg.local.default_privs.clone(),
+            None => {
+                return Err(format!(
+                    "4.3.5 include file {path} belongs to uid {}, which has no account",
+                    meta.uid()
+                ))
+            }
+        };
+        let entries = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .flat_map(|l| aliases::parse_targets(l).unwrap_or_default())
+            .collect();
+        Ok((
+            entries,
+            Source {
+                origin: Origin::Include,
+                run_as,
+            },
+        ))
     }
 
     fn final_dest(&self, addr: &Address, local: bool) -> Dest {
@@ -204,6 +235,11 @@ impl<'a> Expander<'a> {
                 Mailbox::Maildir(p) => format!("maildir:{}", p.display()),
                 Mailbox::Mbox(p) => format!("mbox:{}", p.display()),
             };
+            if let Some(u) = m.user.as_deref().filter(|u| Account::lookup(u).is_err()) {
+                return Dest::Defer(format!(
+                    "4.3.5 the owner {u:?} of the mailbox of {addr} does not exist (fix [mailboxes] in the config)"
+                ));
+            }
             return Dest::Queue {
                 queue: "local".into(),
                 route,
@@ -211,18 +247,18 @@ impl<'a> Expander<'a> {
             };
         }
         if local {
-            if let Some(pw) = nix::unistd::User::from_name(&user.to_lowercase())
-                .ok()
-                .flatten()
-            {
-                let dir = pw.dir.join("Maildir");
-                return Dest::Queue {
-                    queue: "local".into(),
-                    route: format!("maildir:{}/", dir.display()),
-                    user: Some(pw.name),
-                };
-            }
-            return Dest::Fail(format!("5.1.1 <{addr}>: user unknown"));
+            return match Account::lookup(&user.to_lowercase()) {
+                Ok(a) if privs::is_mail_account(&a, self.cfg.user.as_deref()) => {
+                    let dir = a.home.join("Maildir");
+                    Dest::Queue {
+                        queue: "local".into(),
+                        route: format!("maildir:{}/", dir.display()),
+                        user: Some(a.name),
+                    }
+                }
+                // root, daemons, nobody: only an alias (`root: admin`) delivers for them.
+                _ => Dest::Fail(format!("5.1.1 <{addr}>: user unknown")),
+            };
         }
         match self.cfg.domain_route(addr.domain()) {
             Some(route) => self.route_dest(addr, route),
@@ -243,15 +279,38 @@ impl<'a> Expander<'a> {
             } else {
                 format!("5.0.0 {text}")
             }),
+            // A pipe in the routing table runs as default_privs, never as qms's own user.
             Route::Smtp | Route::Relay { .. } | Route::Pipe(_) => Dest::Queue {
                 queue: route.queue().unwrap_or("smtp").into(),
                 route: route.to_string(),
-                user: self
-                    .cfg
-                    .user
-                    .clone()
-                    .filter(|_| matches!(route, Route::Pipe(_))),
+                user: matches!(route, Route::Pipe(_)).then(|| self.cfg.local.default_privs.clone()),
             },
+        }
+    }
+}
+
+/// Where a command or file target was named, and so whom it runs as.
+struct Source {
+    origin: Origin,
+    run_as: String,
+}
+
+impl Source {
+    fn dest(&self, allowed: bool, what: &str, route: String) -> Dest {
+        if !allowed {
+            let origin = match self.origin {
+                Origin::Alias => "alias",
+                Origin::Forward => "forward",
+                Origin::Include => "include",
+            };
+            return Dest::Fail(format!(
+                "5.7.1 mail to {what} is restricted (allow_mail_to_{what} does not allow {origin})"
+            ));
+        }
+        Dest::Queue {
+            queue: "local".into(),
+            route,
+            user: Some(self.run_as.clone()),
         }
     }
 }

@@ -1,0 +1,81 @@
+//! `qms showq` and the `mailq` of ordinary users: the envelope view of the queue through a
+//! socket, as Postfix's showq gives it, so that no user needs to read the spool.
+//!
+//! The server runs as the qms user and listens on `SPOOL/public/showq` (mode 0666 in a
+//! directory anyone may pass through). Each connection gets one JSON line per message, the
+//! fields of `qms queue list --json`: ids, sizes, times, addresses and states, never a body
+//! or a header, then the connection closes.
+
+use crate::queuetool;
+use qms_common::log::quote;
+use qms_common::{qlog, Config};
+use qms_spool::Spool;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+pub fn socket_path(cfg: &Config) -> PathBuf {
+    cfg.spool.join("public/showq")
+}
+
+/// Serves listings until `stop`. One client at a time, each with a write time limit.
+pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(cfg);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                if let Err(e) = answer(spool, conn) {
+                    qlog!("status=warning reason={}", quote(&format!("showq client: {e}")));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => {
+                qlog!("status=warning reason={}", quote(&e.to_string()));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+fn answer(spool: &Spool, conn: UnixStream) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = std::io::BufWriter::new(conn);
+    for doc in queuetool::envelope_docs(spool, None) {
+        writeln!(out, "{doc}")?;
+    }
+    out.flush()
+}
+
+/// The listing as the server gives it, for a caller who cannot read the spool.
+pub fn fetch(cfg: &Config) -> Result<Vec<serde_json::Value>, String> {
+    let path = socket_path(cfg);
+    let conn = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "the queue is readable only by root and the mail system, and the queue server is not answering ({}: {e}); is qms running?",
+            path.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    let mut docs = Vec::new();
+    for line in BufReader::new(conn).lines() {
+        let line = line.map_err(|e| format!("reading from {}: {e}", path.display()))?;
+        docs.push(serde_json::from_str(&line).map_err(|e| format!("bad line from showq: {e}"))?);
+    }
+    Ok(docs)
+}
