@@ -1,6 +1,7 @@
 //! `qms`: one binary, a subcommand per process role and per tool. Called through a link named
 //! `sendmail`, `mailq` or `newaliases`, it behaves as that command.
 
+mod checks;
 mod permissions;
 mod queuetool;
 mod roles;
@@ -181,27 +182,10 @@ fn main() -> ExitCode {
         Cmd::Track(a) => track(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
         Cmd::Queue(q) => queuetool::run(&cfg, q),
-        Cmd::CheckConfig => check_config(&cfg),
+        Cmd::CheckConfig => checks::run(&cfg),
         Cmd::Newaliases => newaliases(&cfg),
         Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) => ExitCode::SUCCESS,
     }
-}
-
-fn check_config(cfg: &Config) -> ExitCode {
-    if let Some(tls) = &cfg.tls {
-        if let Err(e) = qms_incoming::tls::server_config(tls) {
-            eprintln!("qms: tls: {e}");
-            return ExitCode::from(78);
-        }
-    }
-    if let Some(a) = &cfg.aliases {
-        if let Err(e) = qms_common::aliases::Aliases::load(a) {
-            eprintln!("qms: aliases: {e}");
-            return ExitCode::from(78);
-        }
-    }
-    println!("{}: ok", cfg.path.display());
-    ExitCode::SUCCESS
 }
 
 fn track(cfg: &Config, a: TrackArgs) -> ExitCode {

@@ -316,7 +316,7 @@ fn smarthost_peer() -> (Instance, u16) {
         "[mailboxes]\n",
         "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
     );
-    make_cert(&peer.dir, "peer.test");
+    make_ca_cert(&peer.dir, "peer.test");
     std::fs::write(peer.dir.join("users"), passwd_line("app", SECRET)).unwrap();
     peer.own();
     (peer, subs)
@@ -335,11 +335,21 @@ From: alice@example.test\nTo: carol@peer.test\nSubject: {subject}\n\nthrough the
 fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
     let (mut peer, subs) = smarthost_peer();
     peer.start();
+    // Credentials go only where the certificate is verified: 127.0.0.1 by the peer's CA;
+    // `localhost` (the same server) has no CA named and is not in the system's roots.
     let mut inst = Instance::new(
         "",
-        &format!("[msp]\nsmarthost_users = [\"{}\"]\n", current_user()),
+        &format!(
+            "[msp]\nsmarthost_users = [\"{}\"]\n[msp.ca_files]\n\"127.0.0.1\" = \"{}\"\n",
+            current_user(),
+            peer.dir.join("ca.pem").display()
+        ),
     );
     inst.start();
+    let unverified = via(subs, "ssl", SECRET, "", "unverified").replace(
+        "BX-MTA-Rem-Host: 127.0.0.1",
+        "BX-MTA-Rem-Host: localhost",
+    );
     let starttls = via(
         peer.submission_port,
         "tls",
@@ -366,7 +376,7 @@ fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
         &cert("/nonexistent.pem", "/nonexistent.key"),
         "no cert",
     );
-    for m in [&starttls, &implicit, &wrong, &with_cert, &no_cert] {
+    for m in [&starttls, &implicit, &wrong, &with_cert, &no_cert, &unverified] {
         let out = inst.sendmail(&["carol@peer.test"], m.as_bytes());
         assert!(
             out.status.success(),
@@ -409,6 +419,18 @@ fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
             })
         },
     );
+    wait_for(
+        "the unverified smarthost deferred",
+        Duration::from_secs(30),
+        || {
+            inst.queue_json().iter().any(|j| {
+                j["recipients"][0]["reply"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("4.7.5") && r.contains("certificate not verified"))
+            })
+        },
+    );
+    assert_eq!(peer.count_new("carol"), 3, "the unverified smarthost got the message");
     let id = inst.queue_json()[0]["id"].as_str().unwrap().to_string();
     let shown = String::from_utf8_lossy(&inst.qms(&["queue", "show", &id]).stdout).into_owned();
     assert!(shown.contains("smarthost: [127.0.0.1]"), "{shown}");

@@ -10,12 +10,24 @@ use std::time::{Duration, Instant};
 
 mod dovecot;
 mod sink;
+mod users;
+#[allow(unused_imports)]
+pub use users::{as_user, in_system_config, SystemUser};
 #[allow(unused_imports)]
 pub use dovecot::Dovecot;
 #[allow(unused_imports)]
 pub use sink::{relay_instance, Sink};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_qms");
+pub const POSTDROP: &str = env!("CARGO_BIN_EXE_qms-postdrop");
+
+/// The qms binary the instances run: `QMS_TEST_BIN` when set (to run a test against an older
+/// build and watch it fail), else this build's.
+pub fn test_bin() -> PathBuf {
+    std::env::var_os("QMS_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BIN))
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -42,6 +54,8 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 
 pub struct Instance {
     pub dir: PathBuf,
+    /// The qms binary this instance runs (see `install_bins`).
+    pub bin: PathBuf,
     pub config: PathBuf,
     pub smtp_port: u16,
     pub submission_port: u16,
@@ -87,6 +101,7 @@ scan_interval = 2
         std::fs::write(dir.join("aliases"), "postmaster: alice\n").unwrap();
         let inst = Instance {
             dir,
+            bin: test_bin(),
             config,
             smtp_port,
             submission_port,
@@ -108,6 +123,36 @@ scan_interval = 2
         }
     }
 
+    /// Copies qms and qms-postdrop into a directory of their own (root's, mode 0755), so a
+    /// test can make them set-id and run `set-permissions` on them without touching the
+    /// build's; the instance then runs that qms.
+    pub fn install_bins(&mut self) -> PathBuf {
+        let dir = self.dir.with_extension("bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for (from, name) in [(test_bin(), "qms"), (PathBuf::from(POSTDROP), "qms-postdrop")] {
+            let to = dir.join(name);
+            std::fs::copy(&from, &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        self.bin = dir.join("qms");
+        dir
+    }
+
+    /// Runs the instance as `user` (a system account of its own) instead of nobody.
+    pub fn use_qms_user(&self, user: &SystemUser) {
+        let want = format!("user = \"{}\"", user.name);
+        if !std::fs::read_to_string(&self.config).unwrap().contains(&want) {
+            self.edit_config("user = \"nobody\"", &want);
+        }
+        let st = Command::new("chown")
+            .args(["-R", &format!("{0}:{0}", user.name)])
+            .arg(&self.dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
     /// Rewrites the config file, replacing `from` (which must be there) with `to`.
     pub fn edit_config(&self, from: &str, to: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
@@ -124,7 +169,7 @@ scan_interval = 2
 
     pub fn start(&mut self) {
         let log = std::fs::File::create(self.dir.join("qms.log")).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&self.config)
             .arg("start")
@@ -158,7 +203,7 @@ scan_interval = 2
     }
 
     pub fn qms(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        Command::new(&self.bin)
             .arg("-c")
             .arg(&self.config)
             .args(args)
@@ -169,7 +214,7 @@ scan_interval = 2
     /// Runs `qms sendmail ARGS` with `input` on stdin.
     pub fn sendmail(&self, args: &[&str], input: &[u8]) -> Output {
         self.sendmail_cmd(
-            Command::new(BIN)
+            Command::new(&self.bin)
                 .arg("-c")
                 .arg(&self.config)
                 .arg("sendmail")
@@ -263,6 +308,7 @@ impl Drop for Instance {
         self.stop();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_dir_all(self.dir.with_extension("bin"));
         }
     }
 }
@@ -369,6 +415,38 @@ pub fn make_cert(dir: &Path, cn: &str) {
         &[
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject,
             "-keyout", "key.pem", "-out", "cert.pem",
+        ],
+        dir,
+    );
+}
+
+/// A certificate authority (ca.pem) and a server certificate it signed (cert.pem, key.pem)
+/// for `cn`, 127.0.0.1 and localhost: what a client that verifies can be made to trust.
+pub fn make_ca_cert(dir: &Path, cn: &str) {
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=qms test CA", "-keyout", "ca.key", "-out", "ca.pem",
+        ],
+        dir,
+    );
+    let subject = format!("/CN={cn}");
+    openssl(
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", "key.pem",
+            "-out", "req.csr",
+        ],
+        dir,
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        format!("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{cn}\n"),
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "cert.pem",
         ],
         dir,
     );
