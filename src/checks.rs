@@ -33,7 +33,9 @@ pub fn problems(cfg: &Config) -> Vec<String> {
     }
     for (q, n) in &cfg.queues {
         if *n == 0 {
-            p.push(format!("queues.{q}.workers is 0: mail for that queue waits forever"));
+            p.push(format!(
+                "queues.{q}.workers is 0: mail for that queue waits forever"
+            ));
         }
     }
     for d in &cfg.local_domains {
@@ -74,7 +76,10 @@ fn program(cmd: &str) -> Result<(), String> {
     let candidates: Vec<std::path::PathBuf> = if word.contains('/') {
         vec![word.into()]
     } else {
-        ["/usr/bin", "/bin"].iter().map(|d| Path::new(d).join(word)).collect()
+        ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(word))
+            .collect()
     };
     let runnable = candidates.iter().any(|c| {
         std::fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

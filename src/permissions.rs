@@ -52,7 +52,10 @@ pub fn fix(cfg: &Config) -> Result<Done, String> {
     }
     if let Ok(exe) = std::env::current_exe() {
         if perms::clear_setid(&exe)? {
-            lines.push(format!("{}: set-id bit removed (qms is never set-id)", exe.display()));
+            lines.push(format!(
+                "{}: set-id bit removed (qms is never set-id)",
+                exe.display()
+            ));
         }
     }
     Ok(Done { lines })

@@ -199,7 +199,9 @@ fn matches(d: &serde_json::Value, a: &ListArgs, now: i64) -> bool {
             .flatten()
             .filter_map(|r| r["address"].as_str())
     };
-    a.queue.as_ref().is_none_or(|q| d["queue"].as_str() == Some(q))
+    a.queue
+        .as_ref()
+        .is_none_or(|q| d["queue"].as_str() == Some(q))
         && a.sender
             .as_ref()
             .is_none_or(|s| lc(d["sender"].as_str().unwrap_or("")).contains(&lc(s)))
@@ -207,7 +209,10 @@ fn matches(d: &serde_json::Value, a: &ListArgs, now: i64) -> bool {
             .as_ref()
             .is_none_or(|r| rcpts().any(|x| lc(x).contains(&lc(r))))
         && a.domain.as_ref().is_none_or(|dom| {
-            rcpts().any(|x| x.rsplit_once('@').is_some_and(|(_, d)| d.eq_ignore_ascii_case(dom)))
+            rcpts().any(|x| {
+                x.rsplit_once('@')
+                    .is_some_and(|(_, d)| d.eq_ignore_ascii_case(dom))
+            })
         })
         && a.older_than
             .is_none_or(|age| now - d["arrival"].as_i64().unwrap_or(now) >= age)
@@ -235,7 +240,11 @@ fn render(docs: Vec<serde_json::Value>, a: &ListArgs) -> ExitCode {
     for d in &docs {
         let size = d["size"].as_u64().unwrap_or(0);
         total += size;
-        let held = if d["held"].as_bool() == Some(true) { "!" } else { " " };
+        let held = if d["held"].as_bool() == Some(true) {
+            "!"
+        } else {
+            " "
+        };
         println!(
             "{}{held:<1} {:<9} {:>8} {:<20} {}",
             d["id"].as_str().unwrap_or("?"),

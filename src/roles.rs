@@ -87,7 +87,9 @@ pub fn smtpd(cfg: Config) -> ExitCode {
     let tls = match cfg
         .tls
         .as_ref()
-        .map(|t| qms_incoming::tls::inherited(t).unwrap_or_else(|| qms_incoming::tls::server_config(t)))
+        .map(|t| {
+            qms_incoming::tls::inherited(t).unwrap_or_else(|| qms_incoming::tls::server_config(t))
+        })
         .transpose()
     {
         Ok(t) => t,

@@ -25,7 +25,8 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(cfg);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
         .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     listener
@@ -35,7 +36,10 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
         match listener.accept() {
             Ok((conn, _)) => {
                 if let Err(e) = answer(spool, conn) {
-                    qlog!("status=warning reason={}", quote(&format!("showq client: {e}")));
+                    qlog!(
+                        "status=warning reason={}",
+                        quote(&format!("showq client: {e}"))
+                    );
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

@@ -219,7 +219,8 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
 fn open_tls(cfg: &Config) -> Result<Option<(std::fs::File, std::fs::File)>, String> {
     let Some(t) = &cfg.tls else { return Ok(None) };
     qms_incoming::tls::server_config(t)?;
-    let open = |p: &std::path::Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
+    let open =
+        |p: &std::path::Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
     Ok(Some((open(&t.cert)?, open(&t.key)?)))
 }
 

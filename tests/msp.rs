@@ -346,10 +346,8 @@ fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
         ),
     );
     inst.start();
-    let unverified = via(subs, "ssl", SECRET, "", "unverified").replace(
-        "BX-MTA-Rem-Host: 127.0.0.1",
-        "BX-MTA-Rem-Host: localhost",
-    );
+    let unverified = via(subs, "ssl", SECRET, "", "unverified")
+        .replace("BX-MTA-Rem-Host: 127.0.0.1", "BX-MTA-Rem-Host: localhost");
     let starttls = via(
         peer.submission_port,
         "tls",
@@ -376,7 +374,14 @@ fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
         &cert("/nonexistent.pem", "/nonexistent.key"),
         "no cert",
     );
-    for m in [&starttls, &implicit, &wrong, &with_cert, &no_cert, &unverified] {
+    for m in [
+        &starttls,
+        &implicit,
+        &wrong,
+        &with_cert,
+        &no_cert,
+        &unverified,
+    ] {
         let out = inst.sendmail(&["carol@peer.test"], m.as_bytes());
         assert!(
             out.status.success(),
@@ -430,7 +435,11 @@ fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
             })
         },
     );
-    assert_eq!(peer.count_new("carol"), 3, "the unverified smarthost got the message");
+    assert_eq!(
+        peer.count_new("carol"),
+        3,
+        "the unverified smarthost got the message"
+    );
     let id = inst.queue_json()[0]["id"].as_str().unwrap().to_string();
     let shown = String::from_utf8_lossy(&inst.qms(&["queue", "show", &id]).stdout).into_owned();
     assert!(shown.contains("smarthost: [127.0.0.1]"), "{shown}");

@@ -44,7 +44,11 @@ fn status_ids(pid: u32, field: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
-        .map(|rest| rest.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -69,28 +73,47 @@ fn a_set_group_id_qms_gives_an_ordinary_user_nothing() {
         "Subject: private\r\n\r\nsecret-body-text\r\n",
         "",
     );
-    wait_for("the message to wait for the dead host", Duration::from_secs(30), || {
-        inst.queue_json().iter().any(|j| j["queue"] == "smtp")
-    });
+    wait_for(
+        "the message to wait for the dead host",
+        Duration::from_secs(30),
+        || inst.queue_json().iter().any(|j| j["queue"] == "smtp"),
+    );
     let id = inst.queue_json()[0]["id"].as_str().unwrap().to_string();
     // The old install: qms set-group-id qms.
-    let st = Command::new("chgrp").arg(&qmsuser.name).arg(&inst.bin).status().unwrap();
+    let st = Command::new("chgrp")
+        .arg(&qmsuser.name)
+        .arg(&inst.bin)
+        .status()
+        .unwrap();
     assert!(st.success());
     std::fs::set_permissions(&inst.bin, std::fs::Permissions::from_mode(0o2755)).unwrap();
 
     let user = SystemUser::ordinary("u");
     let run = |args: &[&str]| {
-        as_user(Command::new(&inst.bin).arg("-c").arg(&inst.config).args(args), &user)
-            .output()
-            .unwrap()
+        as_user(
+            Command::new(&inst.bin)
+                .arg("-c")
+                .arg(&inst.config)
+                .args(args),
+            &user,
+        )
+        .output()
+        .unwrap()
     };
     let show = run(&["queue", "show", &id, "--body"]);
-    assert!(!show.status.success(), "show --body worked: {}", text(&show));
+    assert!(
+        !show.status.success(),
+        "show --body worked: {}",
+        text(&show)
+    );
     assert!(!text(&show).contains("secret-body-text"), "{}", text(&show));
     assert!(text(&show).contains("permission denied"), "{}", text(&show));
     let del = run(&["queue", "delete", &id]);
     assert!(!del.status.success(), "{}", text(&del));
-    assert!(inst.queue_json().iter().any(|j| j["id"] == id.as_str()), "the message was deleted");
+    assert!(
+        inst.queue_json().iter().any(|j| j["id"] == id.as_str()),
+        "the message was deleted"
+    );
     // mailq through its link lists the queue for the user: envelopes only.
     let links = inst.dir.join("links");
     std::fs::create_dir_all(&links).unwrap();
@@ -100,7 +123,11 @@ fn a_set_group_id_qms_gives_an_ordinary_user_nothing() {
         .output()
         .unwrap();
     assert!(q.status.success(), "{}", text(&q));
-    assert!(text(&q).contains(&id) && text(&q).contains("carol@dead.test"), "{}", text(&q));
+    assert!(
+        text(&q).contains(&id) && text(&q).contains("carol@dead.test"),
+        "{}",
+        text(&q)
+    );
     assert!(!text(&q).contains("secret-body-text"));
 
     // A role started by the user with a config of their own keeps none of group qms.
@@ -113,7 +140,11 @@ fn a_set_group_id_qms_gives_an_ordinary_user_nothing() {
     .unwrap();
     std::os::unix::fs::chown(&evil, Some(user.uid), Some(user.gid)).unwrap();
     let mut role = as_user(
-        Command::new(&inst.bin).arg("-c").arg(&evil).arg("smtpd").current_dir(&user.home),
+        Command::new(&inst.bin)
+            .arg("-c")
+            .arg(&evil)
+            .arg("smtpd")
+            .current_dir(&user.home),
         &user,
     )
     .stderr(std::process::Stdio::null())
@@ -155,7 +186,13 @@ fn deliveries_never_run_as_root_and_a_planted_job_runs_nothing() {
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o1777)).unwrap();
     inst.start();
     // With no local worker, the job waits in queue/local; plant a command into it.
-    smtp_send(inst.smtp_port, "bob@remote.test", &["alice@example.test"], "Subject: p\r\n\r\nx\r\n", "");
+    smtp_send(
+        inst.smtp_port,
+        "bob@remote.test",
+        &["alice@example.test"],
+        "Subject: p\r\n\r\nx\r\n",
+        "",
+    );
     wait_for("the job in queue/local", Duration::from_secs(30), || {
         inst.queue_json().iter().any(|j| j["queue"] == "local")
     });
@@ -169,21 +206,45 @@ fn deliveries_never_run_as_root_and_a_planted_job_runs_nothing() {
     job["recipients"][0].as_object_mut().unwrap().remove("user");
     std::fs::write(&job_path, job.to_string()).unwrap();
     std::os::unix::fs::chown(&job_path, Some(qmsuser.uid), Some(qmsuser.gid)).unwrap();
-    inst.edit_config("[queues.local]\nworkers = 0\n", "[queues.local]\nworkers = 1\n");
+    inst.edit_config(
+        "[queues.local]\nworkers = 0\n",
+        "[queues.local]\nworkers = 1\n",
+    );
     inst.start();
-    smtp_send(inst.smtp_port, "bob@remote.test", &["ids@example.test"], "Subject: ids\r\n\r\nx\r\n", "");
+    smtp_send(
+        inst.smtp_port,
+        "bob@remote.test",
+        &["ids@example.test"],
+        "Subject: ids\r\n\r\nx\r\n",
+        "",
+    );
     let ids = out.join("ids");
     wait_for("the ids alias to run", Duration::from_secs(30), || {
         std::fs::read_to_string(&ids).is_ok_and(|t| t.lines().count() == 4)
     });
     let got = std::fs::read_to_string(&ids).unwrap();
-    assert!(got.lines().all(|l| l.trim() != "0"), "a delivery ran with id 0:\n{got}");
-    wait_for("the planted job to be refused", Duration::from_secs(30), || {
-        inst.log().contains(&format!("qid={id}")) && inst.log().contains("not given by the config")
-    });
-    assert!(!planted.exists(), "the planted command ran: {:?}", std::fs::read_to_string(&planted));
+    assert!(
+        got.lines().all(|l| l.trim() != "0"),
+        "a delivery ran with id 0:\n{got}"
+    );
+    wait_for(
+        "the planted job to be refused",
+        Duration::from_secs(30),
+        || {
+            inst.log().contains(&format!("qid={id}"))
+                && inst.log().contains("not given by the config")
+        },
+    );
+    assert!(
+        !planted.exists(),
+        "the planted command ran: {:?}",
+        std::fs::read_to_string(&planted)
+    );
     // Every process of the instance: no uid 0 anywhere.
-    let pids = Command::new("pgrep").args(["-f", &inst.config.display().to_string()]).output().unwrap();
+    let pids = Command::new("pgrep")
+        .args(["-f", &inst.config.display().to_string()])
+        .output()
+        .unwrap();
     for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
         let uids = status_ids(pid.parse().unwrap(), "Uid:");
         assert!(!uids.contains(&0), "process {pid} has uid 0: {uids:?}");
@@ -198,10 +259,8 @@ fn include_file_commands_run_as_the_files_owner() {
         return;
     }
     let owner = SystemUser::ordinary("i");
-    let (mut inst, qmsuser) = installed(
-        "",
-        "[local]\nallow_mail_to_commands = \"alias, include\"\n",
-    );
+    let (mut inst, qmsuser) =
+        installed("", "[local]\nallow_mail_to_commands = \"alias, include\"\n");
     let out = drop_box(&inst);
     let list = owner.home.join("list.inc");
     std::fs::write(&list, format!("\"|id -u > {}/inc\"\n", out.display())).unwrap();
@@ -215,12 +274,23 @@ fn include_file_commands_run_as_the_files_owner() {
     inst.use_qms_user(&qmsuser);
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o1777)).unwrap();
     inst.start();
-    smtp_send(inst.smtp_port, "bob@remote.test", &["list@example.test"], "Subject: i\r\n\r\nx\r\n", "");
+    smtp_send(
+        inst.smtp_port,
+        "bob@remote.test",
+        &["list@example.test"],
+        "Subject: i\r\n\r\nx\r\n",
+        "",
+    );
     let f = out.join("inc");
-    wait_for("the include file's command", Duration::from_secs(30), || {
-        std::fs::read_to_string(&f).is_ok_and(|t| !t.trim().is_empty())
-    });
-    assert_eq!(std::fs::read_to_string(&f).unwrap().trim(), owner.uid.to_string());
+    wait_for(
+        "the include file's command",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&f).is_ok_and(|t| !t.trim().is_empty()),
+    );
+    assert_eq!(
+        std::fs::read_to_string(&f).unwrap().trim(),
+        owner.uid.to_string()
+    );
 }
 
 /// Finding 4: `qms start` as root followed a symlink planted in the spool and gave a root
@@ -242,7 +312,11 @@ fn start_as_root_never_follows_a_link_in_the_spool() {
         std::fs::create_dir_all(inst.spool().join(d)).unwrap();
     }
     inst.own();
-    for (v, link) in [(&victim, "msg/evil"), (&victim_dir, "queue/local/evil"), (&victim, "track/t")] {
+    for (v, link) in [
+        (&victim, "msg/evil"),
+        (&victim_dir, "queue/local/evil"),
+        (&victim, "track/t"),
+    ] {
         std::os::unix::fs::symlink(v, inst.spool().join(link)).unwrap();
         std::os::unix::fs::lchown(inst.spool().join(link), Some(planter.uid), Some(65534)).unwrap();
     }
@@ -269,7 +343,10 @@ fn an_ordinary_user_submits_through_postdrop_and_cannot_forge_the_sender() {
         eprintln!("needs root: creates users");
         return;
     }
-    let st = Command::new("sysctl").args(["-w", "fs.protected_hardlinks=1"]).output().unwrap();
+    let st = Command::new("sysctl")
+        .args(["-w", "fs.protected_hardlinks=1"])
+        .output()
+        .unwrap();
     assert!(st.status.success());
     let (mut inst, qmsuser) = installed("", "");
     inst.start();
@@ -277,13 +354,20 @@ fn an_ordinary_user_submits_through_postdrop_and_cannot_forge_the_sender() {
     // What set-permissions made.
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
     let helper = std::fs::metadata(bin_dir.join("qms-postdrop")).unwrap();
-    assert_eq!((helper.uid(), helper.gid(), helper.mode() & 0o7777), (0, qmsuser.gid, 0o2755));
+    assert_eq!(
+        (helper.uid(), helper.gid(), helper.mode() & 0o7777),
+        (0, qmsuser.gid, 0o2755)
+    );
     assert_eq!(mode(&inst.bin) & 0o6000, 0, "qms itself is never set-id");
     assert_eq!(mode(&inst.spool()), 0o711);
     assert_eq!(mode(&inst.spool().join("maildrop")), 0o1730);
     for d in ["msg", "queue", "queue/incoming", "hold", "tmp", "track"] {
         assert_eq!(mode(&inst.spool().join(d)), 0o700, "{d}");
-        assert_eq!(std::fs::metadata(inst.spool().join(d)).unwrap().uid(), qmsuser.uid, "{d}");
+        assert_eq!(
+            std::fs::metadata(inst.spool().join(d)).unwrap().uid(),
+            qmsuser.uid,
+            "{d}"
+        );
     }
 
     let user = SystemUser::ordinary("s");
@@ -311,7 +395,9 @@ Subject: from a user\n\nhello from an ordinary user\n",
     .output()
     .unwrap();
     assert!(out.status.success(), "sendmail as a user: {}", text(&out));
-    wait_for("the user's message", Duration::from_secs(30), || inst.count_new("alice") == 1);
+    wait_for("the user's message", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
     let m = &inst.read_maildir("alice")[0];
     assert!(m.contains("hello from an ordinary user"), "{m}");
     assert!(
@@ -329,7 +415,11 @@ Subject: from a user\n\nhello from an ordinary user\n",
     wait_for("the tracking record", Duration::from_secs(30), || {
         text(&inst.qms(&["track", &mid])).contains("received")
     });
-    assert!(inst.files("maildrop").is_empty(), "{:?}", inst.files("maildrop"));
+    assert!(
+        inst.files("maildrop").is_empty(),
+        "{:?}",
+        inst.files("maildrop")
+    );
 }
 
 /// Finding 8: sendmail ignored the size limit (and read the whole message into memory).
@@ -341,7 +431,10 @@ fn sendmail_refuses_a_message_over_the_size_limit() {
     }
     let (mut inst, _q) = installed("", "[limits]\nmessage_size = 100000\n");
     inst.start();
-    let big = format!("Subject: big\n\n{}", format!("{}\n", "x".repeat(76)).repeat(4000));
+    let big = format!(
+        "Subject: big\n\n{}",
+        format!("{}\n", "x".repeat(76)).repeat(4000)
+    );
     let f = inst.dir.join("big.txt");
     std::fs::write(&f, &big).unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -370,8 +463,13 @@ fn sendmail_refuses_a_message_over_the_size_limit() {
     assert_eq!(out.status.code(), Some(65), "user: {}", text(&out));
     assert!(text(&out).contains("too large"), "{}", text(&out));
     // A small one goes through, so nothing else was in the way.
-    assert!(inst.sendmail(&["alice"], b"Subject: small\n\nsmall\n").status.success());
-    wait_for("the small message", Duration::from_secs(30), || inst.count_new("alice") == 1);
+    assert!(inst
+        .sendmail(&["alice"], b"Subject: small\n\nsmall\n")
+        .status
+        .success());
+    wait_for("the small message", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
     assert!(inst.queue_json().is_empty() && inst.files("maildrop").is_empty());
     assert!(!inst.read_maildir("alice")[0].contains("Subject: big"));
 }
@@ -381,13 +479,27 @@ fn sendmail_refuses_a_message_over_the_size_limit() {
 fn a_bare_cr_from_sendmail_never_reaches_the_spool() {
     let mut inst = Instance::new("", "");
     inst.start();
-    let out = inst.sendmail(&["-oi", "alice"], b"Subject: cr\n\nbefore\r.\rafter\nlast line\n");
+    let out = inst.sendmail(
+        &["-oi", "alice"],
+        b"Subject: cr\n\nbefore\r.\rafter\nlast line\n",
+    );
     assert!(out.status.success(), "{}", text(&out));
-    wait_for("the message", Duration::from_secs(30), || inst.count_new("alice") == 1);
+    wait_for("the message", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
     let dir = inst.maildir("alice").join("new");
-    let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let raw = std::fs::read(file).unwrap();
-    assert!(!raw.contains(&b'\r'), "a CR reached the mailbox: {:?}", String::from_utf8_lossy(&raw));
+    assert!(
+        !raw.contains(&b'\r'),
+        "a CR reached the mailbox: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
     let t = String::from_utf8_lossy(&raw);
     assert!(t.contains("before\n.\nafter\nlast line"), "{t}");
 }
@@ -413,9 +525,11 @@ s.quit()
 "#;
     let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
     assert!(ok, "{out}");
-    wait_for("root's mail at the postmaster", Duration::from_secs(30), || {
-        inst.count_new("alice") == 1
-    });
+    wait_for(
+        "root's mail at the postmaster",
+        Duration::from_secs(30),
+        || inst.count_new("alice") == 1,
+    );
     assert!(inst.read_maildir("alice")[0].contains("cron output"));
 }
 
@@ -451,7 +565,9 @@ s.quit()
         &[inst.smtp_port.to_string(), inst.submission_port.to_string()],
     );
     assert!(ok, "{out}");
-    wait_for("bob's message", Duration::from_secs(30), || inst.count_new("bob") == 1);
+    wait_for("bob's message", Duration::from_secs(30), || {
+        inst.count_new("bob") == 1
+    });
     let m = &inst.read_maildir("bob")[0];
     assert!(m.starts_with("Return-Path: <alice@example.test>"), "{m}");
 }

@@ -25,7 +25,6 @@ pub fn may_send_as(cfg: &Config, user: &str, sender: &Address) -> bool {
     })
 }
 
-
 /// True when a local user (who ran `sendmail`) may use `sender`: root and `trusted_users`
 /// any address, everyone else only their own at a local domain.
 pub fn local_user_may_send_as(cfg: &Config, user: &str, sender: &Address) -> bool {

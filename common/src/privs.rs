@@ -147,7 +147,10 @@ pub fn drop_keeping_setuid(user: &str) -> Result<(), String> {
     let keep = delivery_caps();
     // Safety: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("prctl(KEEPCAPS): {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "prctl(KEEPCAPS): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     become_fully(&a)?;
     // Safety: as above.

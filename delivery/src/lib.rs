@@ -8,10 +8,10 @@ mod local;
 mod maildir;
 mod mbox;
 mod pipe;
-mod runas;
 pub mod plugin;
 mod program;
 pub mod report;
+mod runas;
 pub mod settle;
 
 use qms_spool::{RcptState, Recipient};

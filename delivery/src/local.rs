@@ -80,7 +80,11 @@ impl LocalAgent {
     }
 
     /// The target and user the config and aliases give for `r` now, or why not to deliver.
-    fn check(&self, r: &Recipient, derived: &mut Derived) -> Result<(Target, Option<String>), Outcome> {
+    fn check(
+        &self,
+        r: &Recipient,
+        derived: &mut Derived,
+    ) -> Result<(Target, Option<String>), Outcome> {
         let origin = r.original.as_ref().unwrap_or(&r.address);
         let expansions = derived.entry(origin.lookup_key()).or_insert_with(|| {
             let aliases = self.aliases.get();
@@ -90,7 +94,9 @@ impl LocalAgent {
         let mut why = None;
         for e in expansions.iter().filter(|e| e.addr == r.address) {
             match &e.dest {
-                Dest::Queue { route: want, user, .. } if want == route => {
+                Dest::Queue {
+                    route: want, user, ..
+                } if want == route => {
                     let t = target(route).ok_or_else(|| {
                         Outcome::Perm(format!("5.3.5 no local delivery route for {}", r.address))
                     })?;
@@ -115,7 +121,14 @@ impl LocalAgent {
     }
 
     /// Delivers to `t` in this process, which already runs as `user`.
-    fn deliver_here(&self, t: &Target, user: &Account, sender: &str, r: &Recipient, copy: &[u8]) -> Outcome {
+    fn deliver_here(
+        &self,
+        t: &Target,
+        user: &Account,
+        sender: &str,
+        r: &Recipient,
+        copy: &[u8],
+    ) -> Outcome {
         match t {
             Target::Maildir(dir) => {
                 let staged = maildir::ensure(dir, self.may_create(dir))
@@ -179,7 +192,12 @@ impl Agent for LocalAgent {
                     continue;
                 }
             };
-            let sender = c.job.sender.as_ref().map(|s| s.to_string()).unwrap_or_default();
+            let sender = c
+                .job
+                .sender
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             for ri in 0..c.job.recipients.len() {
                 let r = &c.job.recipients[ri];
                 if r.state.is_final() {
@@ -202,7 +220,9 @@ impl Agent for LocalAgent {
                 let account = match user.as_deref().map(Account::lookup) {
                     Some(Ok(a)) => Some(a),
                     Some(Err(e)) => {
-                        let why = format!("4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)");
+                        let why = format!(
+                            "4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)"
+                        );
                         record(c, ri, Outcome::Temp(why));
                         continue;
                     }
@@ -210,7 +230,9 @@ impl Agent for LocalAgent {
                 };
                 let result = match (account, &t) {
                     // For a user, in a child that has become the user.
-                    (Some(a), _) if privileged => runas::deliver(&a, || self.deliver_here(&t, &a, &sender, r, &copy)),
+                    (Some(a), _) if privileged => {
+                        runas::deliver(&a, || self.deliver_here(&t, &a, &sender, r, &copy))
+                    }
                     // Unprivileged, or a configured mailbox without a user: as this process.
                     (_, Target::Maildir(dir)) => {
                         match maildir::ensure(dir, self.may_create(dir))
@@ -261,7 +283,12 @@ fn record(c: &mut Claimed, ri: usize, result: Outcome) {
     let r = &mut c.job.recipients[ri];
     let route = r.route.clone().unwrap_or_default();
     let (state, status, reply, kind) = match result {
-        Outcome::Done => (RcptState::Delivered, "sent", "delivered".to_string(), Kind::Success),
+        Outcome::Done => (
+            RcptState::Delivered,
+            "sent",
+            "delivered".to_string(),
+            Kind::Success,
+        ),
         Outcome::Temp(t) => (RcptState::Deferred, "deferred", t, Kind::Delay),
         Outcome::Perm(t) => (RcptState::Failed, "bounced", t, Kind::Failure),
     };
@@ -277,7 +304,13 @@ fn record(c: &mut Claimed, ri: usize, result: Outcome) {
     } else {
         state.as_str()
     };
-    qms_common::track::emit(crate::settle::attempt_event(&c.job, &c.job.recipients[ri], event, &reply, "local"));
+    qms_common::track::emit(crate::settle::attempt_event(
+        &c.job,
+        &c.job.recipients[ri],
+        event,
+        &reply,
+        "local",
+    ));
     let r = &mut c.job.recipients[ri];
     r.state = state;
     r.reply = Some(reply);

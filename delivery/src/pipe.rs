@@ -21,7 +21,13 @@ pub struct Envelope<'a> {
 }
 
 /// Runs `command` through /bin/sh as the current process's user, whose account is `user`.
-pub fn run(command: &str, user: &Account, env: &Envelope, message: &[u8], timeout: Duration) -> Outcome {
+pub fn run(
+    command: &str,
+    user: &Account,
+    env: &Envelope,
+    message: &[u8],
+    timeout: Duration,
+) -> Outcome {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(command)
@@ -33,7 +39,11 @@ pub fn run(command: &str, user: &Account, env: &Envelope, message: &[u8], timeou
         .env("EXTENSION", env.extension)
         .env("DOMAIN", env.domain)
         .env("LOCAL", env.local)
-        .current_dir(if user.home.is_dir() { user.home.as_path() } else { std::path::Path::new("/") });
+        .current_dir(if user.home.is_dir() {
+            user.home.as_path()
+        } else {
+            std::path::Path::new("/")
+        });
     let done = match crate::program::run(&mut cmd, message, timeout, 0) {
         Ok(d) => d,
         Err(e) => return Outcome::Deferred(format!("4.3.0 cannot run {command:?}: {e}")),

@@ -4,8 +4,8 @@
 pub mod auth;
 
 mod data;
-pub mod policy;
 pub mod pickup;
+pub mod policy;
 pub mod sendmail;
 mod session;
 pub mod smtpd;

@@ -25,7 +25,10 @@ pub fn run(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), String>
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
         .map_err(|e| format!("inotify: {e}"))?;
     inotify
-        .add_watch(&dir, AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE)
+        .add_watch(
+            &dir,
+            AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+        )
         .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
     while !stop.load(Ordering::SeqCst) {
         let _ = inotify.read_events();
@@ -52,7 +55,10 @@ fn waiting(dir: &Path) -> Vec<String> {
                 .and_then(|t| SystemTime::now().duration_since(t).ok())
                 .is_some_and(|age| age > STALE);
             if old && std::fs::remove_file(e.path()).is_ok() {
-                qlog!("status=removed file={} reason=\"stale partial drop file\"", quote(&name));
+                qlog!(
+                    "status=removed file={} reason=\"stale partial drop file\"",
+                    quote(&name)
+                );
             }
             continue;
         }
@@ -66,14 +72,26 @@ fn take(cfg: &Config, spool: &Spool, path: &Path, name: &str) {
     match submission(cfg, path) {
         Ok((sub, who)) => match sub.enqueue(cfg, spool) {
             Ok(id) => {
-                qlog!("qid={id} file={} uid={} status=picked-up", quote(name), quote(&who));
+                qlog!(
+                    "qid={id} file={} uid={} status=picked-up",
+                    quote(name),
+                    quote(&who)
+                );
                 if let Err(e) = std::fs::remove_file(path) {
-                    qlog!("file={} status=error reason={}", quote(name), quote(&e.to_string()));
+                    qlog!(
+                        "file={} status=error reason={}",
+                        quote(name),
+                        quote(&e.to_string())
+                    );
                 }
             }
             // The spool could not take it now (disk full?): the file stays for the next pass.
             Err((_, why)) => {
-                qlog!("file={} status=deferred reason={}", quote(name), quote(&why));
+                qlog!(
+                    "file={} status=deferred reason={}",
+                    quote(name),
+                    quote(&why)
+                );
                 std::thread::sleep(Duration::from_secs(1));
             }
         },
@@ -96,7 +114,8 @@ fn take(cfg: &Config, spool: &Spool, path: &Path, name: &str) {
 fn submission(cfg: &Config, path: &Path) -> Result<(Submission, String), String> {
     let dropped = maildrop::read(path, cfg.limits.message_size)?;
     let caller = Caller::for_uid(cfg, dropped.uid)?;
-    let args = sendmail::parse_args(&dropped.header.args).map_err(|e| format!("bad arguments: {e}"))?;
+    let args =
+        sendmail::parse_args(&dropped.header.args).map_err(|e| format!("bad arguments: {e}"))?;
     if args.mode != Mode::Deliver {
         return Err("only message submission comes through the drop directory".into());
     }

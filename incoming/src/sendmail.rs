@@ -248,7 +248,14 @@ impl Submission {
             trusted: true,
             ..Client::default()
         };
-        let mut job = Job::new("incoming", sender, recipients, client, "sendmail", &cfg.outgoing);
+        let mut job = Job::new(
+            "incoming",
+            sender,
+            recipients,
+            client,
+            "sendmail",
+            &cfg.outgoing,
+        );
         job.ret = match a.ret.as_deref().map(str::to_ascii_lowercase).as_deref() {
             Some("full") => Some(qms_spool::DsnRet::Full),
             Some("hdrs") => Some(qms_spool::DsnRet::Hdrs),
@@ -376,7 +383,10 @@ fn recipients(cfg: &Config, a: &Args, names: &[String]) -> Result<Vec<Recipient>
             continue;
         }
         if out.len() >= cfg.limits.recipients {
-            return Err((EX_DATAERR, format!("more than {} recipients", cfg.limits.recipients)));
+            return Err((
+                EX_DATAERR,
+                format!("more than {} recipients", cfg.limits.recipients),
+            ));
         }
         let mut r = Recipient::new(addr);
         if let Some(notify) = &a.notify {
@@ -408,7 +418,9 @@ fn writes_spool(cfg: &Config, me: &Caller) -> bool {
     me.uid == 0
         || match &cfg.user {
             None => true,
-            Some(u) => qms_common::privs::Account::lookup(u).is_ok_and(|a| a.uid.as_raw() == me.uid),
+            Some(u) => {
+                qms_common::privs::Account::lookup(u).is_ok_and(|a| a.uid.as_raw() == me.uid)
+            }
         }
 }
 
@@ -471,7 +483,10 @@ fn via_postdrop(cfg: &Config, raw: &[String], a: &Args, me: &Caller) -> i32 {
         return fail(EX_NOINPUT, &format!("cannot read the message: {e}"));
     }
     if message.len() as u64 > limit {
-        return fail(EX_DATAERR, &format!("message too large (the limit is {limit} bytes)"));
+        return fail(
+            EX_DATAERR,
+            &format!("message too large (the limit is {limit} bytes)"),
+        );
     }
     if let Err((code, why)) = Submission::prepare(cfg, a, me, &mut io::Cursor::new(&message)) {
         return fail(code, &why);
@@ -487,7 +502,10 @@ fn via_postdrop(cfg: &Config, raw: &[String], a: &Args, me: &Caller) -> i32 {
         Err(e) => {
             return fail(
                 EX_TEMPFAIL,
-                &format!("cannot run {}: {e} (has `qms set-permissions` been run?)", helper.display()),
+                &format!(
+                    "cannot run {}: {e} (has `qms set-permissions` been run?)",
+                    helper.display()
+                ),
             )
         }
     };
@@ -567,10 +585,16 @@ mod tests {
         let mut input = io::Cursor::new(b"a\nb\r\n.\nafter\n".to_vec());
         assert_eq!(read_message(&mut input, false, 100).unwrap(), b"a\r\nb\r\n");
         let mut input = io::Cursor::new(b"a\n.\nb\n".to_vec());
-        assert_eq!(read_message(&mut input, true, 100).unwrap(), b"a\r\n.\r\nb\r\n");
+        assert_eq!(
+            read_message(&mut input, true, 100).unwrap(),
+            b"a\r\n.\r\nb\r\n"
+        );
         // A bare CR never reaches the spool alone.
         let mut input = io::Cursor::new(b"x\r.\ry\n".to_vec());
-        assert_eq!(read_message(&mut input, true, 100).unwrap(), b"x\r\n.\r\ny\r\n");
+        assert_eq!(
+            read_message(&mut input, true, 100).unwrap(),
+            b"x\r\n.\r\ny\r\n"
+        );
         let mut input = io::Cursor::new(vec![b'a'; 500]);
         assert!(read_message(&mut input, true, 100).is_err());
     }

@@ -30,8 +30,8 @@ pub fn from_pem(
             tls.cert.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_slice(key)
-        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("{}: {e}", tls.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -60,7 +60,11 @@ pub fn inherited(tls: &qms_common::config::Tls) -> Option<Result<Arc<ServerConfi
         f.read_exact_at(&mut buf, 0).map_err(|e| e.to_string())?;
         Ok(buf)
     };
-    Some(read(c).and_then(|cert| Ok((cert, read(k)?))).and_then(|(c, k)| from_pem(tls, &c, &k)))
+    Some(
+        read(c)
+            .and_then(|cert| Ok((cert, read(k)?)))
+            .and_then(|(c, k)| from_pem(tls, &c, &k)),
+    )
 }
 
 /// Runs the server handshake on `sock`. Returns the encrypted stream and a description of

@@ -116,9 +116,10 @@ impl Client {
     pub fn connect(name: &str, addr: SocketAddr, s: &Settings) -> Result<Client, Failure> {
         match Client::connect_once(name, addr, s, s.tls) {
             // `may`: a failed handshake falls back to a plain connection.
-            Err(f) if s.tls == TlsPolicy::May
-                && s.verify.is_none()
-                && f.text.contains("TLS handshake") =>
+            Err(f)
+                if s.tls == TlsPolicy::May
+                    && s.verify.is_none()
+                    && f.text.contains("TLS handshake") =>
             {
                 Client::connect_once(name, addr, s, TlsPolicy::None)
             }
@@ -157,16 +158,24 @@ impl Client {
             Some(ca) => crate::tls::Check::Verify(ca),
             None => crate::tls::Check::None,
         };
-        let tls = if s.verify.is_some() { TlsPolicy::Encrypt } else { tls };
-        let unverified = |e: String| match s.verify {
+        let tls = if s.verify.is_some() {
+            TlsPolicy::Encrypt
+        } else {
+            tls
+        };
+        let unverified = |e: String| {
+            match s.verify {
             Some(_) => format!("4.7.5 certificate not verified ({e}); credentials are sent only to a verified server (set [msp.ca_files] for a private CA)"),
             None => e,
+        }
         };
         if s.implicit_tls {
             let info = c
                 .conn
                 .upgrade(|stream| crate::tls::connect(server.clone(), stream, s.client_cert, check))
-                .map_err(|e| io_fail(name, &addr, "TLS handshake with", unverified(e.to_string())))?;
+                .map_err(|e| {
+                    io_fail(name, &addr, "TLS handshake with", unverified(e.to_string()))
+                })?;
             c.trace("", &format!("TLS from the start: {info}"));
             c.tls = Some(info);
         }

@@ -94,7 +94,10 @@ fn with_client_cert(cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, String
 
 /// A configuration that checks the server's certificate against `roots` (the system's, or
 /// a smarthost's `ca_file`): the only kind credentials are sent over.
-fn verifying(ca_file: Option<&Path>, client_cert: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, String> {
+fn verifying(
+    ca_file: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let b = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -8,8 +8,8 @@
 mod msp;
 mod smarthost;
 
-use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::address::show_sender;
+use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
 use qms_common::track::Event;
 use qms_common::{qlog, Config};
@@ -158,7 +158,11 @@ impl Router {
             if let Err(e) = qms_delivery::settle::report_failures(&self.cfg, &self.spool, &c.job) {
                 qlog!("qid={id} status=bounce-error reason={}", quote(&e));
             }
-            if c.job.recipients.iter().any(|r| r.state == RcptState::Deferred) {
+            if c.job
+                .recipients
+                .iter()
+                .any(|r| r.state == RcptState::Deferred)
+            {
                 self.hold_back(c);
             } else if let Err(e) = self.spool.finish(c) {
                 qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
@@ -177,7 +181,9 @@ impl Router {
             for r in c.job.recipients.iter_mut() {
                 let last = r.reply.take().unwrap_or_default();
                 r.state = RcptState::Failed;
-                r.reply = Some(format!("5.4.7 delivery time expired; the last problem was: {last}"));
+                r.reply = Some(format!(
+                    "5.4.7 delivery time expired; the last problem was: {last}"
+                ));
             }
             if let Err(e) = qms_delivery::settle::report_failures(&self.cfg, &self.spool, &c.job) {
                 qlog!("qid={} status=bounce-error reason={}", c.job.id, quote(&e));
@@ -186,7 +192,11 @@ impl Router {
             return;
         }
         if let Err(e) = self.spool.update(&mut c) {
-            qlog!("qid={} status=error reason={}", c.job.id, quote(&e.to_string()));
+            qlog!(
+                "qid={} status=error reason={}",
+                c.job.id,
+                quote(&e.to_string())
+            );
         }
     }
 
@@ -217,8 +227,15 @@ impl Router {
             // A configuration problem on the way (an unreadable include file, a missing
             // mailbox owner) holds back the whole recipient until it is fixed: routing only
             // part of a list now would deliver the rest twice later.
-            if let Some(Dest::Defer(text)) = expanded.iter().map(|e| &e.dest).find(|d| matches!(d, Dest::Defer(_))) {
-                qlog!("qid={id} from={sender} to={} status=deferred ({text})", r.address);
+            if let Some(Dest::Defer(text)) = expanded
+                .iter()
+                .map(|e| &e.dest)
+                .find(|d| matches!(d, Dest::Defer(_)))
+            {
+                qlog!(
+                    "qid={id} from={sender} to={} status=deferred ({text})",
+                    r.address
+                );
                 events.push(track(&r.address, "deferred", "queued", "deferred").reply(Some(text)));
                 r.state = RcptState::Deferred;
                 r.reply = Some(text.clone());

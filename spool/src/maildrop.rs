@@ -59,7 +59,9 @@ pub fn dir(spool_root: &Path) -> PathBuf {
 /// line; synced and renamed into place before it returns. Used by `qms-postdrop`.
 pub fn write(spool_root: &Path, input: &mut dyn Read, limit: u64) -> Result<QueueId, DropError> {
     let dir = dir(spool_root);
-    let io_err = |what: &str, p: &Path, e: io::Error| DropError::Io(format!("cannot {what} {}: {e}", p.display()));
+    let io_err = |what: &str, p: &Path, e: io::Error| {
+        DropError::Io(format!("cannot {what} {}: {e}", p.display()))
+    };
     for _ in 0..8 {
         let id = QueueId::generate();
         let tmp = dir.join(format!(".{id}.tmp"));
@@ -91,7 +93,9 @@ pub fn write(spool_root: &Path, input: &mut dyn Read, limit: u64) -> Result<Queu
         }
         return Ok(id);
     }
-    Err(DropError::Io("cannot find a free name in the drop directory".into()))
+    Err(DropError::Io(
+        "cannot find a free name in the drop directory".into(),
+    ))
 }
 
 fn copy_limited(input: &mut dyn Read, out: &mut File, limit: u64) -> Result<(), DropError> {
@@ -134,7 +138,9 @@ pub fn read(path: &Path, limit: u64) -> Result<Dropped, String> {
         return Err("not a plain file with one link".into());
     }
     if meta.len() > limit + HEADER_ROOM {
-        return Err(format!("larger than the message size limit ({limit} bytes)"));
+        return Err(format!(
+            "larger than the message size limit ({limit} bytes)"
+        ));
     }
     let mut data = Vec::with_capacity(meta.len() as usize);
     (&file)

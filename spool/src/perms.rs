@@ -60,7 +60,14 @@ fn open_dir_at(dir: &impl AsFd, name: &str, path: &Path) -> Result<OwnedFd, Stri
 }
 
 /// Sets owner and mode through the descriptor when they differ.
-fn fix(fd: &OwnedFd, st: &FileStat, uid: Uid, gid: Gid, mode: u32, r: &mut Report) -> Result<(), String> {
+fn fix(
+    fd: &OwnedFd,
+    st: &FileStat,
+    uid: Uid,
+    gid: Gid,
+    mode: u32,
+    r: &mut Report,
+) -> Result<(), String> {
     let mut changed = false;
     if st.st_uid != uid.as_raw() || st.st_gid != gid.as_raw() {
         fchown(fd, Some(uid), Some(gid)).map_err(|e| format!("fchown: {e}"))?;
@@ -81,7 +88,8 @@ fn fix(fd: &OwnedFd, st: &FileStat, uid: Uid, gid: Gid, mode: u32, r: &mut Repor
 pub fn fix_spool(root: &Path, queues: &[String], uid: Uid, gid: Gid) -> Result<Report, String> {
     let mut r = Report::default();
     if let Some(parent) = root.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
     match nix::unistd::mkdir(root, Mode::from_bits_truncate(ROOT_MODE)) {
         Ok(()) => r.created += 1,
@@ -102,7 +110,8 @@ pub fn fix_spool(root: &Path, queues: &[String], uid: Uid, gid: Gid) -> Result<R
         let fd = ensure_dir(&top, name, &path, &mut r)?;
         let st = fstat(&fd).map_err(io("stat", &path))?;
         if st.st_dev != dev {
-            r.skipped.push(format!("{}: another file system", path.display()));
+            r.skipped
+                .push(format!("{}: another file system", path.display()));
             continue;
         }
         fix(&fd, &st, uid, gid, mode, &mut r)?;
@@ -121,7 +130,12 @@ pub fn fix_spool(root: &Path, queues: &[String], uid: Uid, gid: Gid) -> Result<R
     Ok(r)
 }
 
-fn ensure_dir(parent: &OwnedFd, name: &str, path: &Path, r: &mut Report) -> Result<OwnedFd, String> {
+fn ensure_dir(
+    parent: &OwnedFd,
+    name: &str,
+    path: &Path,
+    r: &mut Report,
+) -> Result<OwnedFd, String> {
     match mkdirat(parent, name, Mode::from_bits_truncate(PRIVATE_MODE)) {
         Ok(()) => r.created += 1,
         Err(nix::Error::EEXIST) => {}
@@ -132,7 +146,14 @@ fn ensure_dir(parent: &OwnedFd, name: &str, path: &Path, r: &mut Report) -> Resu
 
 /// Below a spool directory: directories 0700, regular files without group-write or any
 /// bit for others, all owned by the qms user. Anything else is reported and left alone.
-fn walk(dir: &OwnedFd, path: &Path, dev: u64, uid: Uid, gid: Gid, r: &mut Report) -> Result<(), String> {
+fn walk(
+    dir: &OwnedFd,
+    path: &Path,
+    dev: u64,
+    uid: Uid,
+    gid: Gid,
+    r: &mut Report,
+) -> Result<(), String> {
     let names: Vec<String> = {
         let dup = nix::unistd::dup(dir).map_err(io("read", path))?;
         let mut d = nix::dir::Dir::from_fd(dup).map_err(io("read", path))?;
@@ -147,7 +168,11 @@ fn walk(dir: &OwnedFd, path: &Path, dev: u64, uid: Uid, gid: Gid, r: &mut Report
         let fd = match openat(
             dir,
             name.as_str(),
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
@@ -163,7 +188,8 @@ fn walk(dir: &OwnedFd, path: &Path, dev: u64, uid: Uid, gid: Gid, r: &mut Report
         };
         let st = fstat(&fd).map_err(io("stat", &p))?;
         if st.st_dev != dev {
-            r.skipped.push(format!("{}: another file system", p.display()));
+            r.skipped
+                .push(format!("{}: another file system", p.display()));
             continue;
         }
         let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
@@ -174,7 +200,8 @@ fn walk(dir: &OwnedFd, path: &Path, dev: u64, uid: Uid, gid: Gid, r: &mut Report
             let mode = st.st_mode & 0o750;
             fix(&fd, &st, uid, gid, mode, r)?;
         } else {
-            r.skipped.push(format!("{}: not a file or directory", p.display()));
+            r.skipped
+                .push(format!("{}: not a file or directory", p.display()));
         }
     }
     Ok(())
@@ -200,8 +227,12 @@ pub fn fix_helper(path: &Path, gid: Gid) -> Result<bool, String> {
 
 /// Removes any set-id bit from `path` (the `qms` binary itself is never set-id).
 pub fn clear_setid(path: &Path) -> Result<bool, String> {
-    let fd = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(io("open", path))?;
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io("open", path))?;
     let st = fstat(&fd).map_err(io("stat", path))?;
     if st.st_mode & 0o6000 == 0 {
         return Ok(false);

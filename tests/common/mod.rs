@@ -12,11 +12,11 @@ mod dovecot;
 mod sink;
 mod users;
 #[allow(unused_imports)]
-pub use users::{as_user, in_system_config, SystemUser};
-#[allow(unused_imports)]
 pub use dovecot::Dovecot;
 #[allow(unused_imports)]
 pub use sink::{relay_instance, Sink};
+#[allow(unused_imports)]
+pub use users::{as_user, in_system_config, SystemUser};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_qms");
 pub const POSTDROP: &str = env!("CARGO_BIN_EXE_qms-postdrop");
@@ -130,7 +130,10 @@ scan_interval = 2
         let dir = self.dir.with_extension("bin");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for (from, name) in [(test_bin(), "qms"), (PathBuf::from(POSTDROP), "qms-postdrop")] {
+        for (from, name) in [
+            (test_bin(), "qms"),
+            (PathBuf::from(POSTDROP), "qms-postdrop"),
+        ] {
             let to = dir.join(name);
             std::fs::copy(&from, &to).unwrap();
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -142,7 +145,10 @@ scan_interval = 2
     /// Runs the instance as `user` (a system account of its own) instead of nobody.
     pub fn use_qms_user(&self, user: &SystemUser) {
         let want = format!("user = \"{}\"", user.name);
-        if !std::fs::read_to_string(&self.config).unwrap().contains(&want) {
+        if !std::fs::read_to_string(&self.config)
+            .unwrap()
+            .contains(&want)
+        {
             self.edit_config("user = \"nobody\"", &want);
         }
         let st = Command::new("chown")
@@ -425,8 +431,19 @@ pub fn make_cert(dir: &Path, cn: &str) {
 pub fn make_ca_cert(dir: &Path, cn: &str) {
     openssl(
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=qms test CA", "-keyout", "ca.key", "-out", "ca.pem",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=qms test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
         ],
         dir,
     );
@@ -445,8 +462,21 @@ pub fn make_ca_cert(dir: &Path, cn: &str) {
     .unwrap();
     openssl(
         &[
-            "x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "cert.pem",
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "cert.pem",
         ],
         dir,
     );

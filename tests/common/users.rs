@@ -24,13 +24,28 @@ impl SystemUser {
     /// A system account with a group of its own and no login: a qms user, as an install
     /// makes one.
     pub fn system(tag: &str) -> SystemUser {
-        SystemUser::make(tag, &["-r", "-U", "-M", "-s", "/usr/sbin/nologin", "-d", "/nonexistent"])
+        SystemUser::make(
+            tag,
+            &[
+                "-r",
+                "-U",
+                "-M",
+                "-s",
+                "/usr/sbin/nologin",
+                "-d",
+                "/nonexistent",
+            ],
+        )
     }
 
     fn make(tag: &str, opts: &[&str]) -> SystemUser {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let name = format!("qt{tag}{}x{n}", std::process::id() % 100_000);
-        let st = Command::new("useradd").args(opts).arg(&name).status().unwrap();
+        let st = Command::new("useradd")
+            .args(opts)
+            .arg(&name)
+            .status()
+            .unwrap();
         assert!(st.success(), "useradd {name}");
         let u = nix::unistd::User::from_name(&name).unwrap().unwrap();
         SystemUser {
@@ -44,7 +59,9 @@ impl SystemUser {
 
 impl Drop for SystemUser {
     fn drop(&mut self) {
-        let _ = Command::new("pkill").args(["-KILL", "-u", &self.name]).status();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.name])
+            .status();
         let _ = Command::new("userdel").args(["-r", &self.name]).output();
         let _ = Command::new("groupdel").arg(&self.name).output();
     }

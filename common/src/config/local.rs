@@ -72,10 +72,18 @@ pub(super) struct RawLocal {
     pub(super) allow_mail_to_files: Option<Origins>,
 }
 
-fn origins(key: &str, v: Option<Origins>, default: Vec<Origin>) -> Result<Vec<Origin>, (String, String)> {
+fn origins(
+    key: &str,
+    v: Option<Origins>,
+    default: Vec<Origin>,
+) -> Result<Vec<Origin>, (String, String)> {
     let words: Vec<String> = match v {
         None => return Ok(default),
-        Some(Origins::Text(t)) => t.split([',', ' ']).filter(|w| !w.is_empty()).map(str::to_string).collect(),
+        Some(Origins::Text(t)) => t
+            .split([',', ' '])
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect(),
         Some(Origins::List(l)) => l,
     };
     words
@@ -93,7 +101,10 @@ fn origins(key: &str, v: Option<Origins>, default: Vec<Origin>) -> Result<Vec<Or
 
 impl RawLocal {
     /// The typed section; errors name the key.
-    pub(super) fn build(self, resolve: &dyn Fn(&str) -> PathBuf) -> Result<Local, (String, String)> {
+    pub(super) fn build(
+        self,
+        resolve: &dyn Fn(&str) -> PathBuf,
+    ) -> Result<Local, (String, String)> {
         let d = Local::default();
         let default_privs = self.default_privs.unwrap_or(d.default_privs);
         if default_privs == "root" || default_privs.is_empty() {
@@ -110,7 +121,11 @@ impl RawLocal {
                 self.allow_mail_to_commands,
                 d.allow_mail_to_commands,
             )?,
-            allow_mail_to_files: origins("allow_mail_to_files", self.allow_mail_to_files, d.allow_mail_to_files)?,
+            allow_mail_to_files: origins(
+                "allow_mail_to_files",
+                self.allow_mail_to_files,
+                d.allow_mail_to_files,
+            )?,
         })
     }
 }
