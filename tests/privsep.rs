@@ -571,3 +571,79 @@ s.quit()
     let m = &inst.read_maildir("bob")[0];
     assert!(m.starts_with("Return-Path: <alice@example.test>"), "{m}");
 }
+
+/// Configuration mistakes defer mail, never lose it; `check-config` names them first; and
+/// `qms start` as root without `user` refuses to run.
+#[test]
+fn configuration_mistakes_defer_and_check_config_names_them() {
+    let mut inst = Instance::new(
+        "",
+        "[routes]\n\"pipe.test\" = \"pipe:/nonexistent/program\"\n",
+    );
+    inst.edit_config(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"carol@example.test\" = { maildir = \"mail/carol\", user = \"no-such-user-qms\" }\n",
+    );
+    let missing = inst.dir.join("missing.list");
+    std::fs::write(
+        inst.dir.join("aliases"),
+        format!(
+            "postmaster: alice\ninc: :include:{}\nprog: \"|/nonexistent/program\"\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    inst.own();
+    let check = inst.qms(&["check-config"]);
+    assert_eq!(check.status.code(), Some(78), "{}", text(&check));
+    for want in ["no-such-user-qms", "/nonexistent/program"] {
+        assert!(
+            text(&check).contains(want),
+            "check-config did not name {want}: {}",
+            text(&check)
+        );
+    }
+    inst.start();
+    smtp_send(
+        inst.smtp_port,
+        "bob@remote.test",
+        &[
+            "carol@example.test",
+            "inc@example.test",
+            "prog@example.test",
+        ],
+        "Subject: mistakes\r\n\r\nx\r\n",
+        "",
+    );
+    let deferred = |who: &str| {
+        inst.queue_json().iter().any(|j| {
+            j["recipients"].as_array().into_iter().flatten().any(|r| {
+                r["address"].as_str().is_some_and(|a| a.starts_with(who))
+                    && r["state"] == "deferred"
+                    && r["reply"].as_str().is_some_and(|t| t.contains("4.3.5"))
+            })
+        })
+    };
+    wait_for(
+        "three deferrals with 4.3.5",
+        Duration::from_secs(30),
+        || deferred("carol") && deferred("inc") && deferred("prog"),
+    );
+    assert!(!inst.log().contains("status=bounced"), "{}", inst.log());
+    // Fixed, and tried again: delivered.
+    std::fs::write(&missing, "alice\n").unwrap();
+    inst.own();
+    assert!(inst.qms(&["queue", "retry", "--all"]).status.success());
+    wait_for(
+        "the include list delivered once fixed",
+        Duration::from_secs(30),
+        || inst.count_new("alice") == 1,
+    );
+    if is_root() {
+        let mut bare = Instance::new("", "");
+        bare.edit_config("user = \"nobody\"\n", "");
+        let out = bare.qms(&["start"]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains("`user` is not set"), "{}", text(&out));
+    }
+}

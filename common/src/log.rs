@@ -22,6 +22,7 @@ pub fn init(role: &str) {
 }
 
 pub fn write(line: &str) {
+    let line = &*defang(line);
     let role = ROLE.get().map(String::as_str).unwrap_or("qms");
     if JSON.load(std::sync::atomic::Ordering::Relaxed) {
         let mut obj = serde_json::Map::new();
@@ -55,9 +56,13 @@ fn emit(line: String) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
-/// Quotes a value for a key=value line when it holds spaces or quotes.
+/// Quotes a value for a key=value line when it holds a space, `=`, `"` or any control
+/// character; inside quotes `"` and `\\` are escaped and control characters written as
+/// `\n`, `\r`, `\t` or `\xNN`, so no value from a peer can end a line, start a field or
+/// send a terminal escape.
 pub fn quote(v: &str) -> String {
-    if !v.is_empty() && !v.contains([' ', '"', '=', '\t', '\n', '\r']) {
+    let plain = |c: char| !(c == ' ' || c == '"' || c == '=' || c == '\\' || c.is_control());
+    if !v.is_empty() && v.chars().all(plain) {
         return v.to_string();
     }
     let mut s = String::from("\"");
@@ -67,11 +72,30 @@ pub fn quote(v: &str) -> String {
             '\\' => s.push_str("\\\\"),
             '\n' => s.push_str("\\n"),
             '\r' => s.push_str("\\r"),
+            '\t' => s.push_str("\\t"),
+            c if c.is_control() => s.push_str(&format!("\\x{:02x}", c as u32)),
             c => s.push(c),
         }
     }
     s.push('"');
     s
+}
+
+/// The last line of defence: any control character left in a finished line (a value that
+/// was not quoted) is written as `\xNN`.
+fn defang(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut s = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        if c.is_control() {
+            s.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            s.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(s)
 }
 
 /// Splits a key=value line into its pairs (quoted values unquoted) and any trailing text.
@@ -97,6 +121,7 @@ pub fn parse_pairs(line: &str) -> (Vec<(String, String)>, String) {
                     '\\' => match chars.next() {
                         Some((_, 'n')) => v.push('\n'),
                         Some((_, 'r')) => v.push('\r'),
+                        Some((_, 't')) => v.push('\t'),
                         Some((_, c)) => v.push(c),
                         None => {}
                     },
@@ -139,5 +164,14 @@ mod tests {
         assert_eq!(pairs[2].1, "550 5.1.1 \"x\" y");
         assert_eq!(pairs[3].1, "sent");
         assert_eq!(rest, "(250 ok)");
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_log_raw() {
+        let q = quote("evil\x1b]0;owned\x07\x1b[2J");
+        assert!(!q.chars().any(char::is_control), "{q}");
+        assert_eq!(q, "\"evil\\x1b]0;owned\\x07\\x1b[2J\"");
+        assert_eq!(quote("x status=sent"), "\"x status=sent\"");
+        assert!(!defang("helo=a\x1bb").chars().any(char::is_control));
     }
 }

@@ -39,6 +39,20 @@ fn wants(r: &Recipient, kind: Kind) -> bool {
 }
 
 /// The enhanced status code in a reply (`5.1.1`), or a default for the kind.
+/// RFC 3461 xtext: `+`, `=`, and everything outside `!`..`~` as `+HH`. What a client gave
+/// as ENVID or ORCPT goes into a report only in this form, so it cannot add fields or parts.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x21..0x7f).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
 pub fn status_of(reply: &str, kind: Kind) -> String {
     for w in reply.split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ',') {
         let parts: Vec<&str> = w.split('.').collect();
@@ -48,7 +62,14 @@ pub fn status_of(reply: &str, kind: Kind) -> String {
                 .iter()
                 .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
         {
-            return w.to_string();
+            // The class follows the action: a failure is permanent (5), a delay temporary
+            // (4), whatever the reply that led to it said (RFC 3464 2.3.4).
+            let class = match kind {
+                Kind::Failure => "5",
+                Kind::Delay => "4",
+                Kind::Success | Kind::Relayed => "2",
+            };
+            return format!("{class}.{}.{}", parts[1], parts[2]);
         }
     }
     match kind {
@@ -170,7 +191,7 @@ fn report(
         job.id
     ));
     if let Some(envid) = &job.envid {
-        m.push_str(&format!("Original-Envelope-Id: {envid}\r\n"));
+        m.push_str(&format!("Original-Envelope-Id: {}\r\n", xtext(envid)));
     }
     if let Some(s) = &job.sender {
         m.push_str(&format!("X-Qms-Sender: rfc822; {s}\r\n"));
@@ -180,7 +201,12 @@ fn report(
         let reply = r.reply.as_deref().unwrap_or("");
         m.push_str(&format!("\r\nFinal-Recipient: rfc822; {}\r\n", r.address));
         if let Some(o) = &r.orcpt {
-            m.push_str(&format!("Original-Recipient: {o}\r\n"));
+            let (kind, addr) = o.split_once(';').unwrap_or(("rfc822", o));
+            m.push_str(&format!(
+                "Original-Recipient: {}; {}\r\n",
+                xtext(kind.trim()),
+                xtext(addr.trim())
+            ));
         } else if let Some(o) = &r.original {
             m.push_str(&format!("Original-Recipient: rfc822; {o}\r\n"));
         }
@@ -253,5 +279,12 @@ mod tests {
             "4.0.0"
         );
         assert_eq!(status_of("(4.2.2 mailbox full)", Kind::Delay), "4.2.2");
+        // An action never contradicts its status (issue #11: failed with 4.3.0).
+        assert_eq!(
+            status_of("4.3.0 cannot read include file", Kind::Failure),
+            "5.3.0"
+        );
+        assert_eq!(status_of("5.7.1 later", Kind::Delay), "4.7.1");
+        assert_eq!(xtext("a b+c=\r\n"), "a+20b+2Bc+3D+0D+0A");
     }
 }

@@ -8,7 +8,7 @@
 //! this process, as qms's own user, and a batch of Maildir deliveries shares one disk sync.
 
 use crate::{maildir, mbox, pipe, runas, settle, Agent};
-use qms_common::address::show_sender;
+use qms_common::address::{logged, logged_sender};
 use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
 use qms_common::privs::{self, Account};
@@ -279,7 +279,7 @@ fn record(c: &mut Claimed, ri: usize, result: Outcome) {
     use crate::dsn::{status_of, Kind};
     let id = c.job.id.clone();
     let delay = qms_common::time::now() - c.job.arrival;
-    let sender = show_sender(&c.job.sender);
+    let sender = logged_sender(&c.job.sender);
     let r = &mut c.job.recipients[ri];
     let route = r.route.clone().unwrap_or_default();
     let (state, status, reply, kind) = match result {
@@ -294,7 +294,7 @@ fn record(c: &mut Claimed, ri: usize, result: Outcome) {
     };
     qlog!(
         "qid={id} from={sender} to={} relay=local route={} delay={delay} dsn={} status={status} ({})",
-        r.address,
+        logged(&r.address),
         quote(&route),
         status_of(&reply, kind),
         reply

@@ -2,6 +2,7 @@
 //! everything else needs an authenticated or `mynetworks` client. Never an open relay.
 
 use qms_common::aliases::Aliases;
+use qms_common::config::Route;
 use qms_common::{Address, Config};
 
 /// True when a local-domain address reaches someone: a mailbox, an alias, a route for the
@@ -33,6 +34,22 @@ pub fn check_recipient(
     addr: &Address,
     may_relay: bool,
 ) -> Option<String> {
+    // An `error:` route refuses here, with its text, rather than bouncing later to a sender
+    // who may be forged (backscatter).
+    let route = cfg.address_route(addr).or_else(|| {
+        (!cfg.is_local_domain(addr.domain()))
+            .then(|| cfg.domain_route(addr.domain()))
+            .flatten()
+    });
+    if let Some(Route::Error(text)) = route {
+        let text = if text.is_empty() {
+            "refused by the routing table"
+        } else {
+            text.as_str()
+        };
+        let clean: String = text.chars().filter(|c| !c.is_control()).collect();
+        return Some(format!("550 5.0.0 <{addr}>: {clean}"));
+    }
     if cfg.is_local_domain(addr.domain()) {
         if local_exists(cfg, aliases, addr) {
             return None;

@@ -325,7 +325,7 @@ impl<'a> Session<'a> {
                     _ => return self.error("501 5.5.4 RET is FULL or HDRS"),
                 },
                 "ENVID" => match xtext_decode(v) {
-                    Some(id) if id.len() <= 100 => tx.envid = Some(id),
+                    Some(id) if id.len() <= 100 && printable(&id) => tx.envid = Some(id),
                     _ => return self.error("501 5.5.4 Bad ENVID parameter"),
                 },
                 "AUTH" => {}
@@ -400,7 +400,7 @@ impl<'a> Session<'a> {
                     .split_once(';')
                     .and_then(|(t, a)| Some(format!("{t};{}", xtext_decode(a)?)))
                 {
-                    Some(o) if o.len() <= 500 => rcpt.orcpt = Some(o),
+                    Some(o) if o.len() <= 500 && printable(&o) => rcpt.orcpt = Some(o),
                     _ => return self.error("501 5.5.4 Bad ORCPT parameter"),
                 },
                 _ => return self.error(&format!("555 5.5.4 Unsupported parameter {k}")),
@@ -422,12 +422,13 @@ impl<'a> Session<'a> {
         if let Some(reply) = policy::check_recipient(self.cfg(), &aliases, &addr, self.may_relay())
         {
             qlog!(
-                "client={} status=reject from={} to={addr} reply={}",
+                "client={} status=reject from={} to={} reply={}",
                 client_name(&self.peer),
                 self.tx
                     .as_ref()
-                    .map(|t| qms_common::address::show_sender(&t.sender))
+                    .map(|t| qms_common::address::logged_sender(&t.sender))
                     .unwrap_or_default(),
+                qms_common::address::logged(&addr),
                 quote(&reply)
             );
             return self.error(&reply);
@@ -618,7 +619,7 @@ impl<'a> Session<'a> {
             .iter()
             .map(|r| r.address.to_string())
             .collect();
-        let sender = qms_common::address::show_sender(&job.sender);
+        let sender = qms_common::address::logged_sender(&job.sender);
         // The Message-ID is known before the id: tracking keys on it.
         let added_id = (submission && !headers::has(&msg, "message-id"))
             .then(|| headers::new_message_id(&cfg.hostname));
@@ -648,7 +649,7 @@ impl<'a> Session<'a> {
                     "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} tls={} sasl_user={} status=queued",
                     client_name(&self.peer),
                     quote(self.helo.as_deref().unwrap_or("")),
-                    rcpts.join(","),
+                    quote(&rcpts.join(",")),
                     rcpts.len(),
                     quote(self.tls.as_deref().unwrap_or("none")),
                     quote(self.auth_user.as_deref().unwrap_or("-"))
@@ -695,6 +696,12 @@ fn parse_path<'l>(arg: &'l str, prefix: &str) -> Option<(String, Vec<&'l str>)> 
 }
 
 /// RFC 3461 xtext: `+XX` is a hex-encoded byte.
+/// RFC 3461: a decoded ENVID or ORCPT is printable US-ASCII; a CR or LF in one would reach
+/// the reports qms writes.
+fn printable(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
 fn xtext_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

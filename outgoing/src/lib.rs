@@ -9,7 +9,6 @@ mod tls;
 mod transaction;
 
 use client::{Client, Failure, Settings, Transaction};
-use qms_common::address::show_sender;
 use qms_common::config::{Route, TlsPolicy};
 use qms_common::{qlog, Config};
 use qms_delivery::dsn;
@@ -525,7 +524,11 @@ impl SmtpAgent {
 impl SmtpAgent {
     /// Writes one recipient's result into its job and logs the attempt.
     fn record(&self, c: &mut Claimed, res: Res, relayed: &mut Vec<qms_spool::Recipient>) {
-        let (id, sender, arrival) = (c.job.id.clone(), show_sender(&c.job.sender), c.job.arrival);
+        let (id, sender, arrival) = (
+            c.job.id.clone(),
+            qms_common::address::logged_sender(&c.job.sender),
+            c.job.arrival,
+        );
         let r = &mut c.job.recipients[res.ri];
         let (state, status, kind) = match res.verdict {
             Verdict::Sent { peer_dsn } => {
@@ -540,7 +543,7 @@ impl SmtpAgent {
         let d = res.delays;
         qlog!(
             "qid={id} from={sender} to={} relay={} delay={} delays={:.2}/{:.2}/{:.2}/{:.2} dsn={} status={status} ({})",
-            r.address,
+            qms_common::address::logged(&r.address),
             res.relay,
             qms_common::time::now() - arrival,
             d[0],

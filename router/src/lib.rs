@@ -8,7 +8,7 @@
 mod msp;
 mod smarthost;
 
-use qms_common::address::show_sender;
+use qms_common::address::{logged, logged_sender};
 use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
 use qms_common::track::Event;
@@ -91,11 +91,11 @@ impl Router {
             }
             let mut events = Vec::new();
             if let Some(why) = refusal {
-                let (id, sender) = (c.job.id.clone(), show_sender(&c.job.sender));
+                let (id, sender) = (c.job.id.clone(), logged_sender(&c.job.sender));
                 for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
                     qlog!(
                         "qid={id} from={sender} to={} status=bounced ({why})",
-                        r.address
+                        logged(&r.address)
                     );
                     r.state = RcptState::Failed;
                     r.reply = Some(why.clone());
@@ -209,7 +209,7 @@ impl Router {
         let mut by_queue: BTreeMap<(String, Option<qms_common::Address>), Vec<Recipient>> =
             BTreeMap::new();
         let id = c.job.id.clone();
-        let sender = qms_common::address::show_sender(&c.job.sender);
+        let sender = logged_sender(&c.job.sender);
         let mid = c.job.message_id.clone();
         let crossref = c.job.crossref.clone();
         let tracked = crossref.is_some()
@@ -234,7 +234,7 @@ impl Router {
             {
                 qlog!(
                     "qid={id} from={sender} to={} status=deferred ({text})",
-                    r.address
+                    logged(&r.address)
                 );
                 events.push(track(&r.address, "deferred", "queued", "deferred").reply(Some(text)));
                 r.state = RcptState::Deferred;
@@ -258,6 +258,7 @@ impl Router {
                     )
                     .or(owner);
                 }
+                let qaddr = logged(&addr);
                 let mut out = r.clone();
                 if addr != r.address {
                     out.original = Some(r.address.clone());
@@ -266,20 +267,20 @@ impl Router {
                 let (queue, route, user) = match dest {
                     Dest::Queue { queue, route, user } => (queue, route, user),
                     Dest::Discard => {
-                        qlog!("qid={id} from={sender} to={addr} status=discarded");
+                        qlog!("qid={id} from={sender} to={qaddr} status=discarded");
                         events.push(track(&addr, "discarded", "queued", "discarded"));
                         continue;
                     }
                     Dest::Defer(_) => continue,
                     Dest::Fail(text) => {
-                        qlog!("qid={id} from={sender} to={addr} status=bounced ({text})");
+                        qlog!("qid={id} from={sender} to={qaddr} status=bounced ({text})");
                         events.push(track(&addr, "failed", "queued", "failed").reply(Some(&text)));
                         r.state = RcptState::Failed;
                         r.reply = Some(text);
                         continue;
                     }
                 };
-                qlog!("qid={id} from={sender} to={addr} orig_to={} queue={queue} route={} status=routed", r.address, quote(&route));
+                qlog!("qid={id} from={sender} to={qaddr} orig_to={} queue={queue} route={} status=routed", logged(&r.address), quote(&route));
                 events.push(track(&addr, "routed", "queued", "routed").relay(&route));
                 out.route = Some(route);
                 out.user = user;

@@ -1,0 +1,109 @@
+//! Hostile input from SMTP clients (issue #11): what a client sends never becomes a field of
+//! a report qms writes, a raw control byte in its log, or a bounce to a forged sender.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// Finding 1: ENVID and ORCPT decoded to CR/LF were written into qms's own reports.
+#[test]
+fn envid_and_orcpt_with_line_ends_are_refused_and_reports_carry_them_as_xtext() {
+    let mut inst = Instance::new("", "[routes]\n\"fail@example.test\" = \"pipe:exit 1\"\n");
+    inst.start();
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("client.test")
+code, text = s.docmd("MAIL FROM:<bob@example.test> ENVID=abc+0D+0AX-Injected:+20yes")
+assert code == 501 and b"5.5.4" in text, (code, text)
+code, text = s.docmd("MAIL FROM:<bob@example.test> ENVID=ok+20id")
+assert code == 250, (code, text)
+code, text = s.docmd("RCPT TO:<fail@example.test> ORCPT=rfc822;r+0D+0AAction:+20delivered")
+assert code == 501 and b"5.5.4" in text, (code, text)
+code, text = s.docmd("RCPT TO:<fail@example.test> NOTIFY=FAILURE ORCPT=rfc822;fail+2Bx@example.test")
+assert code == 250, (code, text)
+code, text = s.data(b"Subject: will fail\r\n\r\nx\r\n")
+assert code == 250, (code, text)
+s.quit()
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    wait_for("the report to bob", Duration::from_secs(30), || {
+        inst.count_new("bob") == 1
+    });
+    let report = &inst.read_maildir("bob")[0];
+    assert!(report.contains("Original-Envelope-Id: ok+20id"), "{report}");
+    assert!(
+        report.contains("Original-Recipient: rfc822; fail+2Bx@example.test"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("X-Injected") && !report.contains("Action: delivered"),
+        "{report}"
+    );
+    assert!(
+        report.contains("Action: failed") && report.contains("Status: 5."),
+        "{report}"
+    );
+}
+
+/// Finding 7: control bytes from HELO reached the log raw, and quoted local parts were
+/// logged unquoted, so a sender could forge fields of a log line.
+#[test]
+fn control_bytes_and_forged_fields_never_reach_the_log_raw() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("evil\x1b]0;owned\x07\x1b[2J")
+s.sendmail('"x status=sent relay=bank.test"@remote.test', ["alice@example.test"], b"Subject: log\r\n\r\nx\r\n")
+s.quit()
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    wait_for("the delivery", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
+    wait_for("the delivery's log line", Duration::from_secs(30), || {
+        inst.log().contains("relay=local")
+    });
+    let log = inst.log();
+    assert!(
+        !log.chars().any(|c| c.is_control() && c != '\n'),
+        "a control character reached the log"
+    );
+    assert!(log.contains("\\x1b]0;owned\\x07"), "{log}");
+    assert!(
+        !log.contains("relay=bank.test\"@"),
+        "a sender's local part was logged unquoted: {log}"
+    );
+}
+
+/// Finding 8: recipients routed to `error:` were accepted, then bounced to a sender who may
+/// be forged.
+#[test]
+fn error_routes_are_refused_at_rcpt_with_their_text() {
+    let mut inst = Instance::new(
+        "",
+        "[routes]\n\"spam.test\" = \"error:no mail for this domain\"\n\"gone@example.test\" = \"error:moved away\"\n",
+    );
+    inst.edit_config(
+        "local = [\"example.test\"]",
+        "local = [\"example.test\"]\nrelay = [\"spam.test\"]",
+    );
+    inst.start();
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("client.test")
+s.mail("forged@victim.test")
+for rcpt, text in [("x@spam.test", b"no mail for this domain"), ("gone@example.test", b"moved away")]:
+    code, reply = s.rcpt(rcpt)
+    assert code == 550 and text in reply, (rcpt, code, reply)
+s.quit()
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    assert!(inst.queue_json().is_empty());
+}
