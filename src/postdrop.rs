@@ -31,6 +31,11 @@ fn main() -> ExitCode {
         }
     };
     let limit = cfg.limits.message_size;
+    let reserve = qms_spool::reserve::Reserve::of(&cfg);
+    if let Err(why) = qms_spool::reserve::check(&cfg.spool, &reserve, 0) {
+        eprintln!("qms-postdrop: insufficient storage, try again later: {why}");
+        return ExitCode::from(75);
+    }
     match qms_spool::maildrop::write(&cfg.spool, &mut std::io::stdin().lock(), limit) {
         Ok(_) => ExitCode::SUCCESS,
         Err(qms_spool::maildrop::DropError::TooLarge(n)) => {

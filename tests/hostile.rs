@@ -107,3 +107,105 @@ s.quit()
     assert!(ok, "{out}");
     assert!(inst.queue_json().is_empty());
 }
+
+/// A small ext4 file system of its own, loop-mounted over `dir` until dropped.
+struct SmallFs {
+    dir: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, megabytes: u64) -> SmallFs {
+        use std::process::Command;
+        let image = dir.with_extension("img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(megabytes << 20).unwrap();
+        let ok = |c: &mut Command| assert!(c.output().unwrap().status.success(), "{c:?}");
+        ok(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image));
+        std::fs::create_dir_all(dir).unwrap();
+        ok(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(dir));
+        ok(Command::new("chown").args(["nobody:nogroup"]).arg(dir));
+        SmallFs {
+            dir: dir.to_path_buf(),
+            image,
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Findings 4 and 5: smtpd filled the disk to 100% (and then the router and tracker failed),
+/// and delivered messages kept their space. Now new mail is refused with 452 4.3.1 before the
+/// reserve is touched, and every message accepted is delivered.
+#[test]
+fn a_full_spool_refuses_new_mail_and_delivers_what_it_accepted() {
+    if !is_root() {
+        eprintln!("needs root: mounts a file system");
+        return;
+    }
+    let mut inst = Instance::new(
+        "",
+        "[limits]\nmessage_size = 1000000\n[queues.local]\nworkers = 0\n",
+    );
+    let _fs = SmallFs::mount(&inst.spool(), 24);
+    inst.start();
+    let script = r#"
+import smtplib, sys
+body = b"Subject: fill\r\n\r\n" + (b"y" * 998 + b"\r\n") * 400
+accepted = 0
+for i in range(200):
+    s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=60)
+    try:
+        s.sendmail("bob@remote.test", ["alice@example.test"], body)
+        accepted += 1
+    except smtplib.SMTPSenderRefused as e:
+        assert e.smtp_code == 452 and b"4.3.1" in e.smtp_error, e
+        print(accepted)
+        sys.exit(0)
+    finally:
+        s.close()
+raise SystemExit("never refused")
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    let accepted: usize = out.trim().parse().unwrap();
+    assert!(accepted >= 5, "refused too early: {accepted}");
+    let log = inst.log();
+    assert!(
+        !log.contains("No space left"),
+        "the reserve was used up: {log}"
+    );
+    // Deliveries start: everything accepted arrives, and the space comes back.
+    inst.edit_config(
+        "[queues.local]\nworkers = 0\n",
+        "[queues.local]\nworkers = 1\n",
+    );
+    let pid = std::fs::read_to_string(inst.spool().join("run/qms.pid")).unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.trim().parse().unwrap()),
+        nix::sys::signal::Signal::SIGHUP,
+    );
+    wait_for(
+        "every accepted message delivered",
+        Duration::from_secs(60),
+        || inst.count_new("alice") == accepted,
+    );
+    wait_for("the spool's space back", Duration::from_secs(30), || {
+        let st = nix::sys::statvfs::statvfs(&inst.spool()).unwrap();
+        let used = (st.blocks() - st.blocks_free()) * st.fragment_size();
+        used < 4 << 20
+    });
+}

@@ -69,6 +69,18 @@ fn waiting(dir: &Path) -> Vec<String> {
 }
 
 fn take(cfg: &Config, spool: &Spool, path: &Path, name: &str) {
+    let reserve = qms_spool::reserve::Reserve::of(cfg);
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if let Err(why) = qms_spool::reserve::check(spool.root(), &reserve, size) {
+        // The drop file already holds the message: it waits where it is.
+        qlog!(
+            "file={} status=deferred reason={}",
+            quote(name),
+            quote(&why)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        return;
+    }
     match submission(cfg, path) {
         Ok((sub, who)) => match sub.enqueue(cfg, spool) {
             Ok(id) => {

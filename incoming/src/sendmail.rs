@@ -449,6 +449,14 @@ pub fn run(cfg: &Config, raw: &[String], a: &Args) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(EX_CANTCREAT, &e.to_string()),
     };
+    if let Err(why) =
+        qms_spool::reserve::check(&cfg.spool, &qms_spool::reserve::Reserve::of(cfg), 0)
+    {
+        return fail(
+            EX_TEMPFAIL,
+            &format!("insufficient storage, try again later: {why}"),
+        );
+    }
     let _ = qms_common::track::open(&cfg.spool, "sendmail");
     if a.mode == Mode::Smtp {
         return smtp_on_stdio(cfg, spool, me);

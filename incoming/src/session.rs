@@ -303,6 +303,7 @@ impl<'a> Session<'a> {
             chunks: None,
             chunk_error: None,
         };
+        let mut declared = 0;
         for p in params {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             match k.to_ascii_uppercase().as_str() {
@@ -310,7 +311,7 @@ impl<'a> Session<'a> {
                     Ok(n) if n > self.cfg().limits.message_size => {
                         return self.error("552 5.3.4 Message size exceeds fixed limit");
                     }
-                    Ok(_) => {}
+                    Ok(n) => declared = n,
                     Err(_) => return self.error("501 5.5.4 Bad SIZE parameter"),
                 },
                 "BODY" => match v.to_ascii_uppercase().as_str() {
@@ -334,6 +335,16 @@ impl<'a> Session<'a> {
         }
         if sender.as_ref().is_some_and(Address::is_utf8) && !tx.smtputf8 {
             return self.error("553 5.6.7 Non-ASCII address needs SMTPUTF8");
+        }
+        let reserve = qms_spool::reserve::Reserve::of(self.cfg());
+        if let Err(why) = qms_spool::reserve::check(self.shared.spool.root(), &reserve, declared) {
+            qlog!(
+                "client={} status=reject reason={}",
+                client_name(&self.peer),
+                quote(&why)
+            );
+            self.conn.reply("452 4.3.1 Insufficient system storage");
+            return Flow::Continue;
         }
         // An authenticated user sends only as themselves, on every listener.
         if let (Some(user), Some(addr)) = (&self.auth_user, &sender) {

@@ -6,9 +6,9 @@
 //! churn that scan costs more than writing the file. So a finished job or message file is
 //! renamed to a free name, and a new one is made by renaming a free one into place and
 //! truncating it. Renames allocate no inode, and within one directory they also avoid the
-//! file system's single lock for renames between directories. Nothing free is ever read (the
-//! files are emptied when reused), and each pool has a cap; files that held credentials are
-//! deleted, never kept.
+//! file system's single lock for renames between directories. A file is emptied as it enters
+//! the pool, so nothing of a delivered message stays on disk or holds its space; each pool
+//! has a cap; files that held credentials are deleted, never kept.
 
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 use std::ffi::OsString;
@@ -155,7 +155,14 @@ impl Pool {
         }
         self.size.fetch_add(1, Ordering::Relaxed);
         let name = format!("{PREFIX}{}.{n}", qms_common::pid());
-        fs::rename(path, self.dir.join(&name))?;
+        let free = self.dir.join(&name);
+        fs::rename(path, &free)?;
+        // Emptied now, not at reuse: a delivered message's text is gone from the disk and
+        // its space is free again (a crash just before leaves a free file to empty later).
+        if let Err(e) = nix::unistd::truncate(&free, 0) {
+            let _ = fs::remove_file(&free);
+            return Err(e.into());
+        }
         // This process's next file can be this one, without reading the directory.
         if let Ok(mut guard) = self.names.lock() {
             if guard.0.len() < BATCH {
@@ -183,6 +190,15 @@ mod tests {
         let ino = fs::metadata(&a).unwrap().ino();
         pool.retire(&a, None).unwrap();
         assert!(!a.exists());
+        // Emptied on the way in (issue #11: the pool kept finished messages' text).
+        for e in fs::read_dir(&dir).unwrap().flatten() {
+            assert_eq!(
+                e.metadata().unwrap().len(),
+                0,
+                "{:?} still holds data",
+                e.file_name()
+            );
+        }
         let b = dir.join("b");
         let mut f = pool.create(&b).unwrap();
         assert_eq!(fs::metadata(&b).unwrap().ino(), ino, "the inode was reused");

@@ -10,6 +10,7 @@ mod id;
 mod job;
 pub mod maildrop;
 pub mod perms;
+pub mod reserve;
 mod store;
 mod watch;
 

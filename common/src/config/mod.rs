@@ -234,6 +234,10 @@ pub struct Limits {
     pub hops: usize,
     /// Seconds a delivery program may run before it is killed and the delivery retried.
     pub pipe_timeout: u64,
+    /// Bytes and inodes the spool's file system keeps free for mail already accepted;
+    /// None: the defaults of `qms_spool::reserve`.
+    pub spool_min_free: Option<u64>,
+    pub spool_min_free_inodes: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -565,6 +569,8 @@ impl Config {
             errors: l.errors.unwrap_or(20),
             hops: l.hops.unwrap_or(50),
             pipe_timeout: l.pipe_timeout.unwrap_or(600).max(1),
+            spool_min_free: l.spool_min_free,
+            spool_min_free_inodes: l.spool_min_free_inodes,
         };
         let o = raw.outgoing;
         let outgoing = Outgoing {
@@ -738,6 +744,15 @@ impl Config {
             },
             local,
         })
+    }
+
+    /// What the spool keeps free for mail already accepted.
+    pub fn reserve(&self) -> (Option<u64>, Option<u64>, u64) {
+        (
+            self.limits.spool_min_free,
+            self.limits.spool_min_free_inodes,
+            self.limits.message_size,
+        )
     }
 
     pub fn is_local_domain(&self, domain: &str) -> bool {

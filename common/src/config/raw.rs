@@ -64,6 +64,8 @@ pub(super) struct RawLimits {
     pub(super) errors: Option<u32>,
     pub(super) hops: Option<usize>,
     pub(super) pipe_timeout: Option<u64>,
+    pub(super) spool_min_free: Option<u64>,
+    pub(super) spool_min_free_inodes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
