@@ -72,6 +72,10 @@ fn start_role_untracked(cfg: &Config, role: &str, keep: Privs) -> Result<Spool, 
 
 pub fn smtpd(cfg: Config) -> ExitCode {
     qms_common::log::init("smtpd");
+    // Large blocks (an argon2 check's 19 MiB) always come from mmap and go back at free,
+    // instead of staying in the arena of the session thread that used them.
+    // Safety: mallopt before any thread starts.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
     let listeners = match qms_incoming::smtpd::inherited() {
         Some(l) => l,
         None => match qms_incoming::smtpd::bind(&cfg) {

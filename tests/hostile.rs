@@ -209,3 +209,55 @@ raise SystemExit("never refused")
         used < 4 << 20
     });
 }
+
+/// Finding 2: every parallel AUTH attempt ran argon2 (19 MiB each), the lockout counted only
+/// after the check. Now an attempt counts before it is checked: beyond the limit, attempts
+/// are refused without a check.
+#[test]
+fn parallel_auth_attempts_beyond_the_lockout_are_refused_unchecked() {
+    let mut inst = Instance::new(
+        "",
+        "[auth]\nusers = \"users\"\nplaintext_loopback = true\nmax_failures = 3\n",
+    );
+    std::fs::write(inst.dir.join("users"), passwd_line("alice", "right")).unwrap();
+    inst.own();
+    inst.start();
+    let script = r#"
+import smtplib, sys, threading, base64
+port = int(sys.argv[1])
+codes = []
+lock = threading.Lock()
+def attempt():
+    try:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=60)
+        s.ehlo("client.test")
+        token = base64.b64encode(b"\0alice\0wrong").decode()
+        code, _ = s.docmd("AUTH PLAIN " + token)
+        s.close()
+    except smtplib.SMTPServerDisconnected:
+        code = 421
+    with lock:
+        codes.append(code)
+ts = [threading.Thread(target=attempt) for _ in range(40)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(" ".join(str(c) for c in sorted(codes)))
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    let codes: Vec<u32> = out.split_whitespace().map(|c| c.parse().unwrap()).collect();
+    assert_eq!(codes.len(), 40);
+    assert!(
+        codes.iter().all(|c| [535, 421, 454].contains(c)),
+        "{codes:?}"
+    );
+    let checked = inst.log().matches("status=auth-failed").count();
+    assert!(
+        checked <= 3,
+        "{checked} attempts were checked, the limit is 3: {codes:?}"
+    );
+    assert!(
+        codes.iter().filter(|c| **c == 535).count() <= 3,
+        "{codes:?}"
+    );
+}

@@ -91,34 +91,129 @@ pub fn decode_text(b64: &str) -> Option<String> {
     .ok()
 }
 
-/// Failed attempts per client address: each failure waits longer, too many lock AUTH out.
+/// Password checks that may run at once in the whole server: each argon2 check takes 19 MiB
+/// and a core's worth of time, so parallel clients queue here instead of multiplying them.
+const CHECKS_AT_ONCE: usize = 2;
+/// How long an attempt waits for a free check before it is answered 454.
+const CHECK_WAIT: Duration = Duration::from_secs(5);
+/// A network (/24, /64) may fail this many times the per-address limit.
+const NETWORK_FACTOR: u32 = 4;
+
+/// AUTH attempts per client address and per network: an attempt counts from the moment it
+/// starts (so parallel attempts cannot all slip under the limit), each failure waits longer,
+/// too many lock AUTH out; and the number of password checks running at once is bounded.
 #[derive(Default)]
 pub struct Throttle {
+    /// (attempts failed or under way, since) per address and per network.
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    checks: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// Why an attempt is not checked.
+pub enum Refused {
+    /// Too many failures from the address or its network: 421 4.7.0.
+    LockedOut,
+    /// Every password check is busy: 454 4.7.0, try again.
+    Busy,
+}
+
+/// The network an address counts in as well: its /24 or /64.
+fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network(IpAddr::V4(v4)),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        },
+    }
+}
+
+/// One counted attempt; give it back with [`Throttle::succeed`] or [`Throttle::fail`].
+pub struct Attempt {
+    ip: Option<IpAddr>,
 }
 
 impl Throttle {
-    pub fn blocked(&self, ip: Option<IpAddr>, max: u32) -> bool {
-        let (Some(ip), Ok(map)) = (ip, self.failures.lock()) else {
-            return false;
-        };
-        map.get(&ip)
-            .is_some_and(|(n, since)| *n >= max && since.elapsed() < WINDOW)
-    }
-
-    /// Records a failure and returns how long to wait before answering.
-    pub fn fail(&self, ip: Option<IpAddr>) -> Duration {
-        let (Some(ip), Ok(mut map)) = (ip, self.failures.lock()) else {
-            return Duration::from_secs(1);
-        };
-        map.retain(|_, (_, since)| since.elapsed() < WINDOW);
-        let e = map.entry(ip).or_insert((0, Instant::now()));
-        e.0 += 1;
-        Duration::from_millis(500 * u64::from(e.0.min(8)))
-    }
-
-    pub fn succeed(&self, ip: Option<IpAddr>) {
+    /// Counts an attempt before anything is checked, then waits for a free password check.
+    pub fn begin(&self, ip: Option<IpAddr>, max: u32) -> Result<Attempt, Refused> {
         if let (Some(ip), Ok(mut map)) = (ip, self.failures.lock()) {
+            map.retain(|_, (_, since)| since.elapsed() < WINDOW);
+            let net = network(ip);
+            let over = |k: &IpAddr, limit: u32| map.get(k).is_some_and(|(n, _)| *n >= limit);
+            if over(&ip, max) || (net != ip && over(&net, max * NETWORK_FACTOR)) {
+                return Err(Refused::LockedOut);
+            }
+            for k in [ip, net] {
+                map.entry(k).or_insert((0, Instant::now())).0 += 1;
+                if net == ip {
+                    break;
+                }
+            }
+        }
+        let attempt = Attempt { ip };
+        let Ok(mut busy) = self.checks.lock() else {
+            return Ok(attempt);
+        };
+        let end = Instant::now() + CHECK_WAIT;
+        while *busy >= CHECKS_AT_ONCE {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(busy);
+                // Not a failure of the client's: the count goes back.
+                self.uncount(ip);
+                return Err(Refused::Busy);
+            }
+            busy = match self.freed.wait_timeout(busy, left) {
+                Ok((b, _)) => b,
+                Err(_) => return Ok(attempt),
+            };
+        }
+        *busy += 1;
+        Ok(attempt)
+    }
+
+    fn release_check(&self) {
+        if let Ok(mut busy) = self.checks.lock() {
+            *busy = busy.saturating_sub(1);
+        }
+        self.freed.notify_one();
+        // The 19 MiB an argon2 check took goes back to the system, not to a thread's arena.
+        // Safety: malloc_trim only returns free memory; it touches nothing in use.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    fn uncount(&self, ip: Option<IpAddr>) {
+        if let (Some(ip), Ok(mut map)) = (ip, self.failures.lock()) {
+            let net = network(ip);
+            for k in [ip, net] {
+                if let Some(e) = map.get_mut(&k) {
+                    e.0 = e.0.saturating_sub(1);
+                }
+                if net == ip {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Ends a failed attempt (it stays counted) and returns how long to wait before answering.
+    pub fn fail(&self, a: Attempt) -> Duration {
+        self.release_check();
+        let n =
+            a.ip.and_then(|ip| self.failures.lock().ok()?.get(&ip).map(|e| e.0))
+                .unwrap_or(1);
+        Duration::from_millis(500 * u64::from(n.min(8)))
+    }
+
+    /// Ends a successful attempt: the address starts again from nothing.
+    pub fn succeed(&self, a: Attempt) {
+        self.release_check();
+        self.uncount(a.ip);
+        if let (Some(ip), Ok(mut map)) = (a.ip, self.failures.lock()) {
             map.remove(&ip);
         }
     }

@@ -68,19 +68,6 @@ impl Session<'_> {
             return self.error("503 5.5.1 Error: already authenticated or in a transaction");
         }
         let ip = self.peer.addr;
-        if self
-            .shared
-            .throttle
-            .blocked(ip, self.cfg().auth.max_failures)
-        {
-            qlog!(
-                "client={} status=reject reason=\"too many failed AUTH attempts\"",
-                client_name(&self.peer)
-            );
-            self.conn
-                .reply("421 4.7.0 Too many failed authentication attempts, try again later");
-            return Flow::Close;
-        }
         let mut words = arg.split_whitespace();
         let mech = words.next().unwrap_or("").to_ascii_uppercase();
         let initial = words.next().map(str::to_string);
@@ -116,8 +103,24 @@ impl Session<'_> {
         let Some((user, pass)) = creds else {
             return self.error("501 5.5.2 Authentication cancelled or malformed");
         };
+        // Counted before it is checked, and checked only when a check is free.
+        let attempt = match self.shared.throttle.begin(ip, self.cfg().auth.max_failures) {
+            Ok(a) => a,
+            Err(crate::auth::Refused::LockedOut) => {
+                qlog!(
+                    "client={} status=reject reason=\"too many failed AUTH attempts\"",
+                    client_name(&self.peer)
+                );
+                self.conn
+                    .reply("421 4.7.0 Too many failed authentication attempts, try again later");
+                return Flow::Close;
+            }
+            Err(crate::auth::Refused::Busy) => {
+                return self.error("454 4.7.0 Temporary authentication failure, try again later");
+            }
+        };
         if crate::auth::verify(self.cfg(), &user, &pass) {
-            self.shared.throttle.succeed(ip);
+            self.shared.throttle.succeed(attempt);
             qlog!(
                 "client={} sasl_method={mech} sasl_user={} status=authenticated",
                 client_name(&self.peer),
@@ -127,7 +130,7 @@ impl Session<'_> {
             self.conn.reply("235 2.7.0 Authentication successful");
             return Flow::Continue;
         }
-        let wait = self.shared.throttle.fail(ip);
+        let wait = self.shared.throttle.fail(attempt);
         qlog!(
             "client={} sasl_method={mech} sasl_user={} status=auth-failed",
             client_name(&self.peer),
