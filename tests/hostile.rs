@@ -261,3 +261,60 @@ print(" ".join(str(c) for c in sorted(codes)))
         "{codes:?}"
     );
 }
+
+/// Finding 6: idle connections from a few addresses took every slot, and a client that
+/// trickled bytes kept its session for ever. Now a network has a limit of its own, the last
+/// slots are kept for clients with none open, and a session has a lifetime.
+#[test]
+fn a_few_networks_cannot_take_every_slot_and_sessions_end() {
+    let mut inst = Instance::new(
+        "",
+        "[limits]\nconnections = 40\nconnections_per_client = 30\nconnections_per_network = 30\nsession_lifetime = 3\n",
+    );
+    inst.start();
+    let script = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+def connect(src):
+    s = socket.socket()
+    s.bind((src, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    return s, s.recv(200)
+held = []
+def fill(net):
+    # Idle connections from ten addresses of one /24 until the server says no.
+    for i in range(40):
+        s, greeting = connect("%s.%d" % (net, 1 + i % 10))
+        if not greeting.startswith(b"220"):
+            return len(held), greeting
+        held.append(s)
+    raise SystemExit("never refused " + net)
+n, why = fill("127.0.2")
+assert n == 30 and b"your network" in why, (n, why)
+n, why = fill("127.0.3")
+assert b"421" in why, (n, why)
+# A client with no connection open still gets in.
+s, greeting = connect("127.0.4.1")
+assert greeting.startswith(b"220"), greeting
+# A session that keeps talking still ends at its lifetime.
+end = time.time() + 30
+closed = False
+while time.time() < end and not closed:
+    try:
+        s.sendall(b"NOOP\r\n")
+        if s.recv(200) == b"":
+            closed = True
+        time.sleep(0.3)
+    except OSError:
+        closed = True
+assert closed, "the session outlived its lifetime"
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    assert!(
+        inst.log().contains("session lifetime reached"),
+        "{}",
+        inst.log()
+    );
+}

@@ -120,38 +120,113 @@ impl Threads {
     }
 }
 
+/// Connections open now, in all, per address and per network, as Postfix's anvil keeps
+/// them: a few clients cannot take every slot.
 struct Counts {
     total: AtomicUsize,
     per_client: Mutex<HashMap<IpAddr, usize>>,
+    per_network: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The network an address counts in: its /24 or /64.
+fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network(IpAddr::V4(v4)),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        },
+    }
 }
 
 impl Counts {
-    fn enter(&self, ip: IpAddr, max_total: usize, max_client: usize) -> Result<(), &'static str> {
-        let Ok(mut map) = self.per_client.lock() else {
-            return Err("internal error");
+    fn enter(&self, ip: IpAddr, limits: &qms_common::config::Limits) -> Result<(), &'static str> {
+        let (Ok(mut map), Ok(mut nets)) = (self.per_client.lock(), self.per_network.lock()) else {
+            return Err("421 4.3.0 Internal error, try again later");
         };
-        if self.total.load(Ordering::SeqCst) >= max_total {
+        let total = self.total.load(Ordering::SeqCst);
+        if total >= limits.connections {
             return Err("421 4.7.0 Too many connections, try again later");
         }
-        let n = map.entry(ip).or_insert(0);
-        if *n >= max_client {
+        let n = map.get(&ip).copied().unwrap_or(0);
+        if n >= limits.connections_per_client {
             return Err("421 4.7.0 Too many connections from your address");
         }
-        *n += 1;
+        let net = network(ip);
+        let m = nets.get(&net).copied().unwrap_or(0);
+        if m >= limits.connections_per_network {
+            return Err("421 4.7.0 Too many connections from your network");
+        }
+        // The last tenth of the slots is kept for clients that hold (almost) nothing yet:
+        // an address with none open, from a network with few.
+        let reserve = limits.connections / 10;
+        if total >= limits.connections - reserve && (n > 0 || m >= (reserve / 4).max(1)) {
+            return Err("421 4.7.0 Server busy, try again later");
+        }
+        map.insert(ip, n + 1);
+        nets.insert(net, m + 1);
         self.total.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
     fn leave(&self, ip: IpAddr) {
-        if let Ok(mut map) = self.per_client.lock() {
-            if let Some(n) = map.get_mut(&ip) {
+        let down = |map: &mut HashMap<IpAddr, usize>, k: IpAddr| {
+            if let Some(n) = map.get_mut(&k) {
                 *n -= 1;
                 if *n == 0 {
-                    map.remove(&ip);
+                    map.remove(&k);
                 }
             }
+        };
+        if let Ok(mut map) = self.per_client.lock() {
+            down(&mut map, ip);
+        }
+        if let Ok(mut nets) = self.per_network.lock() {
+            down(&mut nets, network(ip));
         }
         self.total.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sessions past their lifetime: their sockets are shut down, which ends the session at its
+/// next read or write however slowly the client trickles bytes.
+#[derive(Default)]
+struct Lifetimes {
+    open: Mutex<HashMap<u64, (std::time::Instant, TcpStream, IpAddr)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Lifetimes {
+    fn add(&self, until: std::time::Instant, s: TcpStream, ip: IpAddr) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.open.lock() {
+            m.insert(id, (until, s, ip));
+        }
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut m) = self.open.lock() {
+            m.remove(&id);
+        }
+    }
+
+    /// Ends the sessions whose time is up; called about once a second.
+    fn reap(&self) {
+        let now = std::time::Instant::now();
+        if let Ok(mut m) = self.open.lock() {
+            m.retain(|_, (until, s, ip)| {
+                if *until > now {
+                    return true;
+                }
+                qlog!("client=[{ip}] status=disconnect reason=\"session lifetime reached\"");
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                false
+            });
+        }
     }
 }
 
@@ -166,9 +241,16 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
     let counts = Arc::new(Counts {
         total: AtomicUsize::new(0),
         per_client: Mutex::new(HashMap::new()),
+        per_network: Mutex::new(HashMap::new()),
     });
+    let lifetimes = Arc::new(Lifetimes::default());
     let threads = Threads::new();
+    let mut reaped = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if reaped.elapsed() >= Duration::from_secs(1) {
+            lifetimes.reap();
+            reaped = std::time::Instant::now();
+        }
         let mut fds: Vec<PollFd> = listeners
             .iter()
             .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN))
@@ -179,9 +261,15 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
         for (kind, l) in &listeners {
             loop {
                 match l.accept() {
-                    Ok((stream, addr)) => {
-                        accept(&shared, &counts, &threads, *kind, stream, addr.ip())
-                    }
+                    Ok((stream, addr)) => accept(
+                        &shared,
+                        &counts,
+                        &lifetimes,
+                        &threads,
+                        *kind,
+                        stream,
+                        addr.ip(),
+                    ),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         // Out of descriptors or memory: the listener stays readable, so wait a
@@ -203,6 +291,7 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
 fn accept(
     shared: &Arc<Shared>,
     counts: &Arc<Counts>,
+    lifetimes: &Arc<Lifetimes>,
     threads: &Threads,
     kind: Kind,
     mut stream: TcpStream,
@@ -210,7 +299,7 @@ fn accept(
 ) {
     let limits = &shared.cfg.limits;
     let _ = stream.set_nonblocking(false);
-    if let Err(reply) = counts.enter(ip, limits.connections, limits.connections_per_client) {
+    if let Err(reply) = counts.enter(ip, limits) {
         qlog!("event=refused client=[{ip}] reply={}", quote(reply));
         let _ = stream.write_all(format!("{reply}\r\n").as_bytes());
         return;
@@ -220,6 +309,8 @@ fn accept(
     let _ = stream.set_write_timeout(timeout);
     let _ = stream.set_nodelay(true);
     let (shared, counts, counts2) = (shared.clone(), counts.clone(), counts.clone());
+    let lifetimes = lifetimes.clone();
+    let until = std::time::Instant::now() + Duration::from_secs(limits.session_lifetime);
     let spawned = threads.run(Box::new(move || {
         let peer = Peer {
             addr: Some(ip),
@@ -227,7 +318,11 @@ fn accept(
             forced_sender: None,
         };
         let socket = stream.try_clone().ok();
+        let watched = stream.try_clone().ok().map(|s| lifetimes.add(until, s, ip));
         serve(&shared, kind, peer, Box::new(stream), socket);
+        if let Some(id) = watched {
+            lifetimes.remove(id);
+        }
         counts.leave(ip);
     }));
     if let Err(e) = spawned {

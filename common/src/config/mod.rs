@@ -228,6 +228,10 @@ pub struct Limits {
     pub text_line: usize,
     pub connections: usize,
     pub connections_per_client: usize,
+    /// Connections from one /24 (IPv4) or /64 (IPv6) at once.
+    pub connections_per_network: usize,
+    /// Seconds a session may last in all, however busy it keeps the connection.
+    pub session_lifetime: u64,
     pub command_timeout: u64,
     pub data_timeout: u64,
     pub errors: u32,
@@ -563,7 +567,9 @@ impl Config {
             command_line: l.command_line.unwrap_or(2048).max(512),
             text_line: l.text_line.unwrap_or(64 * 1024).max(1000),
             connections: l.connections.unwrap_or(2000),
-            connections_per_client: l.connections_per_client.unwrap_or(200),
+            connections_per_client: l.connections_per_client.unwrap_or(50),
+            connections_per_network: l.connections_per_network.unwrap_or(100),
+            session_lifetime: l.session_lifetime.unwrap_or(1800).max(1),
             command_timeout: l.command_timeout.unwrap_or(300),
             data_timeout: l.data_timeout.unwrap_or(600),
             errors: l.errors.unwrap_or(20),

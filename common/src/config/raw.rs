@@ -65,6 +65,8 @@ pub(super) struct RawLimits {
     pub(super) hops: Option<usize>,
     pub(super) pipe_timeout: Option<u64>,
     pub(super) spool_min_free: Option<u64>,
+    pub(super) connections_per_network: Option<usize>,
+    pub(super) session_lifetime: Option<u64>,
     pub(super) spool_min_free_inodes: Option<u64>,
 }
 
