@@ -31,6 +31,23 @@ fn installed(top: &str, extra: &str) -> (Instance, SystemUser) {
     (inst, qmsuser)
 }
 
+/// Runs `command` (stdin from `input`) as `user`, with the instance's config as the
+/// system's (/etc/qms/qms.toml in a mount namespace of its own), as local users run sendmail.
+fn as_user_with_system_config(
+    inst: &Instance,
+    user: &SystemUser,
+    command: &str,
+    input: &std::path::Path,
+) -> Output {
+    let script = format!(
+        "exec setpriv --reuid {} --regid {} --clear-groups {command} < {}",
+        user.uid,
+        user.gid,
+        input.display()
+    );
+    in_system_config(&inst.dir, &script).output().unwrap()
+}
+
 /// A directory anyone may write into, for what delivery commands leave behind.
 fn drop_box(inst: &Instance) -> std::path::PathBuf {
     let d = inst.dir.join("out");
@@ -382,18 +399,12 @@ Subject: from a user\n\nhello from an ordinary user\n",
     )
     .unwrap();
     std::fs::set_permissions(&msg, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = in_system_config(
-        &inst.dir,
-        &format!(
-            "exec setpriv --reuid {} --regid {} --clear-groups {} -oi alice < {}",
-            user.uid,
-            user.gid,
-            links.join("sendmail").display(),
-            msg.display()
-        ),
-    )
-    .output()
-    .unwrap();
+    let out = as_user_with_system_config(
+        &inst,
+        &user,
+        &format!("{} -oi alice", links.join("sendmail").display()),
+        &msg,
+    );
     assert!(out.status.success(), "sendmail as a user: {}", text(&out));
     wait_for("the user's message", Duration::from_secs(30), || {
         inst.count_new("alice") == 1
@@ -448,18 +459,12 @@ fn sendmail_refuses_a_message_over_the_size_limit() {
         .unwrap();
     assert_eq!(root.status.code(), Some(65), "root: {}", text(&root));
     let user = SystemUser::ordinary("z");
-    let out = in_system_config(
-        &inst.dir,
-        &format!(
-            "exec setpriv --reuid {} --regid {} --clear-groups {} sendmail alice < {}",
-            user.uid,
-            user.gid,
-            inst.bin.display(),
-            f.display()
-        ),
-    )
-    .output()
-    .unwrap();
+    let out = as_user_with_system_config(
+        &inst,
+        &user,
+        &format!("{} sendmail alice", inst.bin.display()),
+        &f,
+    );
     assert_eq!(out.status.code(), Some(65), "user: {}", text(&out));
     assert!(text(&out).contains("too large"), "{}", text(&out));
     // A small one goes through, so nothing else was in the way.

@@ -118,20 +118,6 @@ pub enum Refused {
     Busy,
 }
 
-/// The network an address counts in as well: its /24 or /64.
-fn network(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0))
-        }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => network(IpAddr::V4(v4)),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
-        },
-    }
-}
-
 /// One counted attempt; give it back with [`Throttle::succeed`] or [`Throttle::fail`].
 pub struct Attempt {
     ip: Option<IpAddr>,
@@ -142,7 +128,7 @@ impl Throttle {
     pub fn begin(&self, ip: Option<IpAddr>, max: u32) -> Result<Attempt, Refused> {
         if let (Some(ip), Ok(mut map)) = (ip, self.failures.lock()) {
             map.retain(|_, (_, since)| since.elapsed() < WINDOW);
-            let net = network(ip);
+            let net = qms_common::config::network_of(ip);
             let over = |k: &IpAddr, limit: u32| map.get(k).is_some_and(|(n, _)| *n >= limit);
             if over(&ip, max) || (net != ip && over(&net, max * NETWORK_FACTOR)) {
                 return Err(Refused::LockedOut);
@@ -188,7 +174,7 @@ impl Throttle {
 
     fn uncount(&self, ip: Option<IpAddr>) {
         if let (Some(ip), Ok(mut map)) = (ip, self.failures.lock()) {
-            let net = network(ip);
+            let net = qms_common::config::network_of(ip);
             for k in [ip, net] {
                 if let Some(e) = map.get_mut(&k) {
                     e.0 = e.0.saturating_sub(1);

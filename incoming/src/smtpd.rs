@@ -128,20 +128,6 @@ struct Counts {
     per_network: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// The network an address counts in: its /24 or /64.
-fn network(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0))
-        }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => network(IpAddr::V4(v4)),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
-        },
-    }
-}
-
 impl Counts {
     fn enter(&self, ip: IpAddr, limits: &qms_common::config::Limits) -> Result<(), &'static str> {
         let (Ok(mut map), Ok(mut nets)) = (self.per_client.lock(), self.per_network.lock()) else {
@@ -155,7 +141,7 @@ impl Counts {
         if n >= limits.connections_per_client {
             return Err("421 4.7.0 Too many connections from your address");
         }
-        let net = network(ip);
+        let net = qms_common::config::network_of(ip);
         let m = nets.get(&net).copied().unwrap_or(0);
         if m >= limits.connections_per_network {
             return Err("421 4.7.0 Too many connections from your network");
@@ -185,7 +171,7 @@ impl Counts {
             down(&mut map, ip);
         }
         if let Ok(mut nets) = self.per_network.lock() {
-            down(&mut nets, network(ip));
+            down(&mut nets, qms_common::config::network_of(ip));
         }
         self.total.fetch_sub(1, Ordering::SeqCst);
     }

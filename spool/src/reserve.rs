@@ -31,10 +31,10 @@ pub fn check(spool: &Path, r: &Reserve, size: u64) -> Result<(), String> {
     let Ok(st) = nix::sys::statvfs::statvfs(spool) else {
         return Ok(()); // cannot tell: let the write itself find out
     };
-    let frag = st.fragment_size().max(1) as u64;
+    let frag = st.fragment_size().max(1);
     let (total, avail) = (
-        st.blocks() as u64 * frag,
-        st.blocks_available() as u64 * frag,
+        st.blocks() * frag,
+        st.blocks_available() * frag,
     );
     let want = r
         .bytes
@@ -45,7 +45,7 @@ pub fn check(spool: &Path, r: &Reserve, size: u64) -> Result<(), String> {
             avail
         ));
     }
-    let (files, ffree) = (st.files() as u64, st.files_available() as u64);
+    let (files, ffree) = (st.files(), st.files_available());
     if files > 0 {
         let want = r
             .inodes

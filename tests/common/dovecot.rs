@@ -20,60 +20,7 @@ impl Dovecot {
     pub fn start(dir: &Path, user: &str, password: &str) -> Dovecot {
         let d = dir.join("dovecot");
         std::fs::create_dir_all(d.join("run")).unwrap();
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=Test CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-            &d,
-        );
-        openssl(
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "req.pem",
-            ],
-            &d,
-        );
-        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "req.pem",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-                "-out",
-                "cert.pem",
-            ],
-            &d,
-        );
+        super::make_ca_cert(&d, "127.0.0.1");
         let port = free_port();
         // As root, mail belongs to nobody; otherwise everything runs as the current user.
         let (owner, group) = if is_root() {

@@ -142,6 +142,20 @@ fn parse_hop(hop: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// The network an address counts in for limits on clients: its /24 (IPv4) or /64 (IPv6).
+pub fn network_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network_of(IpAddr::V4(v4)),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        },
+    }
+}
+
 /// An IP network such as `127.0.0.0/8` or `::1/128`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cidr {
