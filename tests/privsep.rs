@@ -645,7 +645,7 @@ fn configuration_mistakes_defer_and_check_config_names_them() {
         || inst.count_new("alice") == 1,
     );
     if is_root() {
-        let mut bare = Instance::new("", "");
+        let bare = Instance::new("", "");
         bare.edit_config("user = \"nobody\"\n", "");
         let out = bare.qms(&["start"]);
         assert!(!out.status.success());
