@@ -318,3 +318,106 @@ assert closed, "the session outlived its lifetime"
         inst.log()
     );
 }
+
+/// Finding 3: smtpd held whole messages in memory. Now DATA and BDAT go straight into the
+/// spool file: most of a large message is on disk before its end has been sent, and it is
+/// delivered byte for byte (dot-stuffing undone, a CRLF split across BDAT chunks kept).
+#[test]
+fn large_messages_stream_into_the_spool_and_arrive_byte_for_byte() {
+    let mut inst = Instance::new("", "[limits]\nmessage_size = 40000000\n");
+    inst.start();
+    let spool_msg = inst.spool().join("msg");
+    let script = r#"
+import socket, sys, os, time, hashlib
+port, msgdir, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+lines = []
+for i in range(200000):
+    lines.append((".dot %d " % i if i % 7 == 0 else "line %d " % i).encode() + b"x" * (i % 90))
+body = b"Subject: big " + mode.encode() + b"\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+s = socket.create_connection(("127.0.0.1", port), timeout=60)
+f = s.makefile("rb")
+def reply():
+    line = f.readline()
+    while line[3:4] == b"-":
+        line = f.readline()
+    return line
+reply()
+s.sendall(b"EHLO client.test\r\n"); reply()
+s.sendall(b"MAIL FROM:<bob@remote.test>\r\n"); assert reply().startswith(b"250")
+s.sendall(b"RCPT TO:<alice@example.test>\r\n"); assert reply().startswith(b"250")
+def spooled():
+    return max([os.path.getsize(os.path.join(msgdir, n)) for n in os.listdir(msgdir) if not n.startswith(".")] + [0])
+def wait_spooled(least):
+    end = time.time() + 30
+    while spooled() < least:
+        assert time.time() < end, "the message is not being written to the spool: %d bytes" % spooled()
+        time.sleep(0.05)
+if mode == "data":
+    s.sendall(b"DATA\r\n"); assert reply().startswith(b"354")
+    stuffed = b"\r\n".join(b"." + l if l.startswith(b".") else l for l in body.split(b"\r\n"))
+    s.sendall(stuffed[:-2])
+    wait_spooled(len(body) // 2)
+    s.sendall(b"\r\n.\r\n")
+else:
+    chunk = 1 << 20
+    parts = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+    # A CRLF split across two chunks.
+    cut = parts[0].index(b"\r\n", 1000) + 1
+    parts = [parts[0][:cut], parts[0][cut:]] + parts[1:]
+    for p in parts[:-1]:
+        s.sendall(b"BDAT %d\r\n" % len(p) + p)
+        assert reply().startswith(b"250")
+    wait_spooled(len(body) // 2)
+    s.sendall(b"BDAT %d LAST\r\n" % len(parts[-1]) + parts[-1])
+r = reply()
+assert r.startswith(b"250"), r
+s.sendall(b"QUIT\r\n")
+print(hashlib.sha256(body.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")).hexdigest())
+"#;
+    for (i, mode) in ["data", "bdat"].iter().enumerate() {
+        let (ok, out) = python(
+            script,
+            &[
+                inst.smtp_port.to_string(),
+                spool_msg.display().to_string(),
+                mode.to_string(),
+            ],
+        );
+        assert!(ok, "{mode}: {out}");
+        wait_for("the large message", Duration::from_secs(60), || {
+            inst.count_new("alice") == i + 1
+        });
+        let dir = inst.maildir("alice").join("new");
+        let delivered = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read(e.path()).unwrap())
+            .find(|m| {
+                let subject = format!("Subject: big {mode}");
+                m.windows(subject.len()).any(|w| w == subject.as_bytes())
+            })
+            .expect("the message");
+        let at = delivered.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+        let got = sha256_hex(&delivered[at..]);
+        assert_eq!(got, out.trim(), "{mode}: the body changed on the way");
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let (ok, out) = {
+        let mut p = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        p.stdin.take().unwrap().write_all(data).unwrap();
+        let o = p.wait_with_output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    assert!(ok);
+    out.split_whitespace().next().unwrap().to_string()
+}

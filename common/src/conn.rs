@@ -125,20 +125,21 @@ impl Conn {
         }
     }
 
-    /// Reads exactly `n` bytes (a BDAT chunk) into `into`, or fewer when `into` is None
-    /// (a chunk being discarded). Returns false on EOF before the end.
+    /// Reads exactly `n` bytes (a BDAT chunk), handing them to `into` piece by piece as they
+    /// arrive, or dropping them when `into` is None (a chunk being discarded). Returns false
+    /// on EOF before the end.
     pub fn read_exact_into(
         &mut self,
         mut n: u64,
-        mut into: Option<&mut Vec<u8>>,
+        mut into: Option<&mut dyn FnMut(&[u8])>,
     ) -> io::Result<bool> {
         while n > 0 {
             if self.pos == self.buf.len() && self.fill()? == 0 {
                 return Ok(false);
             }
             let take = ((self.buf.len() - self.pos) as u64).min(n) as usize;
-            if let Some(v) = into.as_deref_mut() {
-                v.extend_from_slice(&self.buf[self.pos..self.pos + take]);
+            if let Some(f) = into.as_deref_mut() {
+                f(&self.buf[self.pos..self.pos + take]);
             }
             self.pos += take;
             n -= take as u64;

@@ -29,17 +29,26 @@ impl DataError {
 }
 
 pub enum Data {
-    /// The message, with CRLF line ends and dot-stuffing undone.
-    Message(Vec<u8>),
+    /// The whole message went to the sink: CRLF line ends, dot-stuffing undone.
+    Complete,
     Refused(DataError),
     /// The client went away before the end: nothing is kept.
     Eof,
 }
 
-pub fn read_data(conn: &mut Conn, max_size: u64, max_line: usize) -> io::Result<Data> {
-    let mut msg = Vec::with_capacity(8192);
+/// Reads DATA up to CRLF . CRLF, handing each line (with its CRLF) to `sink` as it arrives,
+/// so nothing of the message is held here. After a refused line the rest is read and
+/// dropped; what went to the sink before is the caller's to throw away.
+pub fn read_data(
+    conn: &mut Conn,
+    max_size: u64,
+    max_line: usize,
+    sink: &mut dyn FnMut(&[u8]),
+) -> io::Result<Data> {
+    let mut size = 0u64;
     let mut error = None;
     let mut prev_crlf = true;
+    let mut out = Vec::with_capacity(max_line.min(8192) + 2);
     loop {
         let (line, crlf) = match conn.read_line(max_line)? {
             Line::Eof => return Ok(Data::Eof),
@@ -63,40 +72,76 @@ pub fn read_data(conn: &mut Conn, max_size: u64, max_line: usize) -> io::Result<
             continue;
         }
         let text = line.strip_prefix(b".").unwrap_or(&line);
-        if (msg.len() + text.len() + 2) as u64 > max_size {
+        size += text.len() as u64 + 2;
+        if size > max_size {
             error = Some(DataError::TooBig);
-            msg = Vec::new();
             continue;
         }
-        msg.extend_from_slice(text);
-        msg.extend_from_slice(b"\r\n");
+        out.clear();
+        out.extend_from_slice(text);
+        out.extend_from_slice(b"\r\n");
+        sink(&out);
     }
     Ok(match error {
         Some(e) => Data::Refused(e),
-        None => Data::Message(msg),
+        None => Data::Complete,
     })
 }
 
-/// Checks a message received by BDAT (no dot-stuffing) for the same line-end rules.
-pub fn check_chunked(msg: &[u8], max_line: usize) -> Result<(), DataError> {
-    let mut line_start = 0;
-    for (i, &b) in msg.iter().enumerate() {
-        match b {
-            b'\n' if i == 0 || msg[i - 1] != b'\r' => return Err(DataError::BareLineEnd),
-            b'\n' => {
-                if i - line_start > max_line + 1 {
-                    return Err(DataError::LineTooLong);
-                }
-                line_start = i + 1;
+/// The line-end rules for a message received by BDAT (no dot-stuffing), checked as the
+/// chunks arrive: a CR is always followed by LF and a LF always preceded by CR.
+#[derive(Default)]
+pub struct ChunkCheck {
+    prev_cr: bool,
+    line_len: usize,
+    pub error: Option<DataError>,
+}
+
+impl ChunkCheck {
+    pub fn feed(&mut self, bytes: &[u8], max_line: usize) {
+        for &b in bytes {
+            if self.error.is_some() {
+                return;
             }
-            b'\r' if msg.get(i + 1) != Some(&b'\n') => return Err(DataError::BareLineEnd),
-            _ => {}
+            match b {
+                b'\n' if !self.prev_cr => self.error = Some(DataError::BareLineEnd),
+                b'\n' => {
+                    if self.line_len > max_line + 1 {
+                        self.error = Some(DataError::LineTooLong);
+                    }
+                    self.line_len = 0;
+                    self.prev_cr = false;
+                    continue;
+                }
+                _ if self.prev_cr => self.error = Some(DataError::BareLineEnd),
+                _ => {}
+            }
+            self.prev_cr = b == b'\r';
+            self.line_len += 1;
         }
     }
-    if msg.len() - line_start > max_line {
-        return Err(DataError::LineTooLong);
+
+    /// The verdict once the last chunk is in.
+    pub fn finish(&mut self, max_line: usize) -> Result<(), DataError> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if self.prev_cr {
+            return Err(DataError::BareLineEnd);
+        }
+        if self.line_len > max_line {
+            return Err(DataError::LineTooLong);
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// Checks a whole message received by BDAT (see [`ChunkCheck`]).
+#[cfg(test)]
+pub fn check_chunked(msg: &[u8], max_line: usize) -> Result<(), DataError> {
+    let mut c = ChunkCheck::default();
+    c.feed(msg, max_line);
+    c.finish(max_line)
 }
 
 #[cfg(test)]
@@ -105,14 +150,15 @@ mod tests {
 
     fn run(input: &[u8]) -> (Option<Vec<u8>>, Option<DataError>, Vec<u8>) {
         let mut conn = Conn::new(Box::new(io::Cursor::new(input.to_vec())));
-        let r = read_data(&mut conn, 1 << 20, 1000).unwrap();
+        let mut got = Vec::new();
+        let r = read_data(&mut conn, 1 << 20, 1000, &mut |l| got.extend_from_slice(l)).unwrap();
         let mut rest = Vec::new();
         while let Ok(Line::Crlf(l)) = conn.read_line(1000) {
             rest.extend_from_slice(&l);
             rest.push(b'|');
         }
         match r {
-            Data::Message(m) => (Some(m), None, rest),
+            Data::Complete => (Some(got), None, rest),
             Data::Refused(e) => (None, Some(e), rest),
             Data::Eof => (None, None, rest),
         }
@@ -148,5 +194,15 @@ mod tests {
         assert!(check_chunked(b"a\r\nb\r\n", 1000).is_ok());
         assert_eq!(check_chunked(b"a\nb", 1000), Err(DataError::BareLineEnd));
         assert_eq!(check_chunked(b"a\rb", 1000), Err(DataError::BareLineEnd));
+        assert_eq!(check_chunked(b"a\r", 1000), Err(DataError::BareLineEnd));
+        // A CRLF split across two chunks is one line end; a bare CR across them is not.
+        let mut c = ChunkCheck::default();
+        c.feed(b"a\r", 1000);
+        c.feed(b"\nb\r\n", 1000);
+        assert!(c.finish(1000).is_ok());
+        let mut c = ChunkCheck::default();
+        c.feed(b"a\r", 1000);
+        c.feed(b"b\r\n", 1000);
+        assert_eq!(c.finish(1000), Err(DataError::BareLineEnd));
     }
 }

@@ -6,6 +6,7 @@ pub mod auth;
 mod data;
 pub mod pickup;
 pub mod policy;
+mod receive;
 pub mod sendmail;
 mod session;
 pub mod smtpd;

@@ -3,6 +3,7 @@
 
 use crate::data::{self, Data};
 use crate::policy;
+use crate::receive::Receiver;
 use qms_common::aliases;
 use qms_common::conn::{Conn, Line};
 use qms_common::headers;
@@ -62,7 +63,9 @@ struct Transaction {
     envid: Option<String>,
     smtputf8: bool,
     eightbit: bool,
-    chunks: Option<Vec<u8>>,
+    /// The message being received by BDAT, and the line-end check over its chunks.
+    chunks: Option<Receiver>,
+    chunk_check: data::ChunkCheck,
     chunk_error: Option<data::DataError>,
 }
 
@@ -301,6 +304,7 @@ impl<'a> Session<'a> {
             smtputf8: false,
             eightbit: false,
             chunks: None,
+            chunk_check: data::ChunkCheck::default(),
             chunk_error: None,
         };
         let mut declared = 0;
@@ -475,8 +479,10 @@ impl<'a> Session<'a> {
 
     fn read_message(&mut self) -> Flow {
         let (max, line) = (self.cfg().limits.message_size, self.cfg().limits.text_line);
-        match data::read_data(&mut self.conn, max, line) {
+        let mut rx = self.receiver();
+        match data::read_data(&mut self.conn, max, line, &mut |l| rx.feed(l)) {
             Err(_) | Ok(Data::Eof) => {
+                drop(rx);
                 qlog!(
                     "client={} status=lost reason=\"connection lost in DATA\"",
                     client_name(&self.peer)
@@ -485,15 +491,49 @@ impl<'a> Session<'a> {
                 Flow::Close
             }
             Ok(Data::Refused(e)) => {
+                drop(rx);
                 self.tx = None;
                 let reply = e.reply(max, line);
                 self.error(&reply)
             }
-            Ok(Data::Message(msg)) => {
-                self.finish(msg);
+            Ok(Data::Complete) => {
+                self.finish(rx);
                 Flow::Continue
             }
         }
+    }
+
+    /// Starts receiving the transaction's message into its spool file.
+    fn receiver(&self) -> Receiver {
+        let cfg = &self.shared.cfg;
+        let proto = match (self.esmtp, self.tls.is_some(), self.auth_user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let addr = self.peer.addr.map(|a| a.to_string());
+        let for_rcpt = self
+            .tx
+            .as_ref()
+            .filter(|t| t.recipients.len() == 1)
+            .map(|t| t.recipients[0].address.to_string());
+        let hop = headers::Hop {
+            helo: self.helo.as_deref(),
+            addr: addr.as_deref(),
+            local_user: self.peer.local_user.as_deref(),
+            by: &cfg.hostname,
+            proto,
+            tls: self.tls.as_deref(),
+            for_rcpt,
+        };
+        let submission = matches!(
+            self.kind,
+            Kind::Submission | Kind::Submissions | Kind::Local
+        );
+        let received = |id: &QueueId| headers::received(&hop, id.as_str(), qms_common::time::now());
+        Receiver::start(&self.shared.spool, &received, submission, &cfg.hostname)
     }
 
     fn bdat(&mut self, arg: &str) -> Flow {
@@ -511,31 +551,33 @@ impl<'a> Session<'a> {
         };
         let (max, line) = (self.cfg().limits.message_size, self.cfg().limits.text_line);
         let ok_tx = self.tx.as_ref().is_some_and(|t| !t.recipients.is_empty());
+        if ok_tx && self.tx.as_ref().is_some_and(|t| t.chunks.is_none()) {
+            let rx = self.receiver();
+            if let Some(t) = self.tx.as_mut() {
+                t.chunks = Some(rx);
+            }
+        }
         let room = self
             .tx
             .as_ref()
             .and_then(|t| t.chunks.as_ref())
-            .map_or(0, Vec::len) as u64
+            .map_or(0, |r| r.size)
             + size
             <= max;
-        let mut buf = None;
-        if ok_tx && room {
-            let t = self
-                .tx
-                .as_mut()
-                .map(|t| t.chunks.get_or_insert_with(Vec::new));
-            buf = t.map(std::mem::take);
-        }
-        let mut chunk = buf.unwrap_or_default();
         self.conn.set_timeout(self.cfg().limits.data_timeout);
-        let read = self.conn.read_exact_into(
-            size,
-            if ok_tx && room {
-                Some(&mut chunk)
-            } else {
-                None
-            },
-        );
+        let read = match self.tx.as_mut() {
+            Some(t) if ok_tx && room && t.chunk_error.is_none() => {
+                let (rx, check) = (&mut t.chunks, &mut t.chunk_check);
+                let mut sink = |b: &[u8]| {
+                    check.feed(b, line);
+                    if let Some(rx) = rx.as_mut() {
+                        rx.feed(b);
+                    }
+                };
+                self.conn.read_exact_into(size, Some(&mut sink))
+            }
+            _ => self.conn.read_exact_into(size, None),
+        };
         self.conn.set_timeout(self.cfg().limits.command_timeout);
         match read {
             Ok(true) => {}
@@ -557,40 +599,41 @@ impl<'a> Session<'a> {
         if !room {
             t.chunk_error = Some(data::DataError::TooBig);
         }
-        t.chunks = Some(chunk);
         if !last {
             self.conn.reply(&format!("250 2.0.0 {size} bytes received"));
             return Flow::Continue;
         }
-        let t = self
-            .tx
-            .as_mut()
-            .map(|t| (t.chunks.take().unwrap_or_default(), t.chunk_error.take()));
-        let (msg, err) = t.unwrap_or_default();
-        if let Some(e) = err.or_else(|| data::check_chunked(&msg, line).err()) {
+        let err = t
+            .chunk_error
+            .take()
+            .or_else(|| t.chunk_check.finish(line).err());
+        let rx = t.chunks.take();
+        if let Some(e) = err {
+            drop(rx);
             self.tx = None;
             let reply = e.reply(max, line);
             return self.error(&reply);
         }
-        self.finish(msg);
+        match rx {
+            Some(rx) => self.finish(rx),
+            None => self.tx = None,
+        }
         Flow::Continue
     }
 
     /// Spools the message and answers 250 only once it is durable.
-    fn finish(&mut self, msg: Vec<u8>) {
-        let Some(tx) = self.tx.take() else { return };
+    fn finish(&mut self, mut rx: Receiver) {
+        let spool = &self.shared.spool;
+        let Some(tx) = self.tx.take() else {
+            drop(rx);
+            return;
+        };
         let cfg = self.shared.cfg.clone();
-        if headers::count(&msg, "received") >= cfg.limits.hops {
+        if headers::count(rx.head(), "received") >= cfg.limits.hops {
+            drop(rx);
             self.conn.reply("554 5.4.6 Too many hops (mail loop?)");
             return;
         }
-        let proto = match (self.esmtp, self.tls.is_some(), self.auth_user.is_some()) {
-            (false, _, _) => "SMTP",
-            (true, false, false) => "ESMTP",
-            (true, true, false) => "ESMTPS",
-            (true, false, true) => "ESMTPA",
-            (true, true, true) => "ESMTPSA",
-        };
         let client = Client {
             addr: self.peer.addr.map(|a| a.to_string()),
             helo: self.helo.clone(),
@@ -611,48 +654,21 @@ impl<'a> Session<'a> {
         job.envid = tx.envid;
         job.smtputf8 = tx.smtputf8;
         job.eightbit = tx.eightbit;
-        let addr = self.peer.addr.map(|a| a.to_string());
-        let hop = headers::Hop {
-            helo: self.helo.as_deref(),
-            addr: addr.as_deref(),
-            local_user: self.peer.local_user.as_deref(),
-            by: &cfg.hostname,
-            proto,
-            tls: self.tls.as_deref(),
-            for_rcpt: (job.recipients.len() == 1).then(|| job.recipients[0].address.to_string()),
-        };
-        let submission = matches!(
-            self.kind,
-            Kind::Submission | Kind::Submissions | Kind::Local
-        );
         let rcpts: Vec<String> = job
             .recipients
             .iter()
             .map(|r| r.address.to_string())
             .collect();
         let sender = qms_common::address::logged_sender(&job.sender);
-        // The Message-ID is known before the id: tracking keys on it.
-        let added_id = (submission && !headers::has(&msg, "message-id"))
-            .then(|| headers::new_message_id(&cfg.hostname));
-        job.message_id = added_id.clone().or_else(|| headers::message_id_of(&msg));
-        let build = |id: &QueueId| -> Vec<u8> {
-            let now = qms_common::time::now();
-            let mut out = headers::received(&hop, id.as_str(), now).into_bytes();
-            if submission && !headers::has(&msg, "date") {
-                out.extend_from_slice(headers::date(now).as_bytes());
-            }
-            if let Some(mid) = &added_id {
-                out.extend_from_slice(format!("Message-ID: <{mid}>\r\n").as_bytes());
-            }
-            out.extend_from_slice(&msg);
-            out
-        };
-        let size = msg.len();
+        job.message_id = rx
+            .added_id
+            .clone()
+            .or_else(|| headers::message_id_of(rx.head()));
+        let size = rx.size;
         let tracked = job.clone();
-        let result = self
-            .shared
-            .spool
-            .stage(job, &build)
+        let result = rx
+            .end()
+            .and_then(|w| spool.stage_written(job, w))
             .and_then(|staged| self.shared.committer.commit(staged));
         match result {
             Ok(id) => {

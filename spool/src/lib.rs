@@ -19,5 +19,5 @@ pub use id::QueueId;
 pub use job::{
     Client, DsnRet, Job, LinkSecurity, Notify, RcptState, Recipient, Smarthost, JOB_VERSION,
 };
-pub use store::{Claim, Claimed, Spool, SpoolError, Staged};
+pub use store::{Claim, Claimed, Spool, SpoolError, Staged, Writer};
 pub use watch::{WatchOptions, Watcher};

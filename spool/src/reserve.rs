@@ -32,10 +32,7 @@ pub fn check(spool: &Path, r: &Reserve, size: u64) -> Result<(), String> {
         return Ok(()); // cannot tell: let the write itself find out
     };
     let frag = st.fragment_size().max(1);
-    let (total, avail) = (
-        st.blocks() * frag,
-        st.blocks_available() * frag,
-    );
+    let (total, avail) = (st.blocks() * frag, st.blocks_available() * frag);
     let want = r
         .bytes
         .unwrap_or_else(|| (total / 20).max(r.message_size.saturating_mul(3) / 2));

@@ -90,6 +90,38 @@ pub struct Staged {
     job: safeio::Staged,
 }
 
+/// A message file being written as its text arrives (see [`Spool::writer`]).
+pub struct Writer {
+    id: QueueId,
+    body_name: String,
+    out: std::io::BufWriter<File>,
+    path: PathBuf,
+    size: u64,
+}
+
+impl Writer {
+    pub fn id(&self) -> &QueueId {
+        &self.id
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl std::io::Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// A job this process holds the lock of.
 pub struct Claimed {
     pub job: Job,
@@ -212,54 +244,28 @@ impl Spool {
 
     // ---- enqueue -------------------------------------------------------------------------
 
-    /// Writes a new message and its job into `tmp/` and `msg/`, without syncing. The id is
-    /// claimed by the exclusive create of the message file; the job is invisible until
-    /// [`Spool::commit`].
-    /// `message` builds the bytes from the id (a Received: header names it).
-    pub fn stage(&self, mut job: Job, message: &dyn Fn(&QueueId) -> Vec<u8>) -> Result<Staged> {
-        let queue = job.queue.clone();
+    /// Starts a new message file in `msg/` for `queue`: the exclusive create (or a free file
+    /// renamed into place) claims the id. What is written goes through a buffer, so a
+    /// message of any size is written as it arrives; [`Spool::stage_written`] ends it.
+    pub fn writer(&self, queue: &str) -> Result<Writer> {
         for _ in 0..8 {
             let id = QueueId::generate();
             let body_name = format!("{id}.{queue}");
-            let body_path = self.root.join("msg").join(&body_name);
-            let file = match self.pool(&body_path).create(&body_path) {
+            let path = self.root.join("msg").join(&body_name);
+            let file = match self.pool(&path).create(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(SpoolError::Io {
-                        what: "create".into(),
-                        path: body_path,
-                        err: e,
-                    })
-                }
+                Err(e) => return Err(io_err("create", &path)(e)),
             };
-            // Locked while the enqueue runs, so start-up clean-up can tell debris from work.
+            // Locked while the message is written, so start-up clean-up can tell debris
+            // from work.
             let _ = file.try_lock_exclusive();
-            let body = message(&id);
-            let body = body.as_slice();
-            let write = std::io::Write::write_all(&mut &file, body);
-            if let Err(e) = write {
-                let _ = fs::remove_file(&body_path);
-                return Err(SpoolError::Io {
-                    what: "write".into(),
-                    path: body_path,
-                    err: e,
-                });
-            }
-            job.id = id.clone();
-            job.body = body_name;
-            job.size = body.len() as u64;
-            let staged = match self.stage_job(&job) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = fs::remove_file(&body_path);
-                    return Err(e);
-                }
-            };
-            return Ok(Staged {
+            return Ok(Writer {
                 id,
-                body: Some((file, body_path)),
-                job: staged,
+                body_name,
+                out: std::io::BufWriter::with_capacity(64 * 1024, file),
+                path,
+                size: 0,
             });
         }
         Err(SpoolError::Io {
@@ -267,6 +273,59 @@ impl Spool {
             path: self.root.join("msg"),
             err: io::Error::other("ids collide"),
         })
+    }
+
+    /// Ends a message written with [`Spool::writer`] and stages its job (invisible until
+    /// [`Spool::commit`]). On an error the message file is removed.
+    pub fn stage_written(&self, mut job: Job, w: Writer) -> Result<Staged> {
+        let Writer {
+            id,
+            body_name,
+            out,
+            path,
+            size,
+        } = w;
+        let file = match out.into_inner() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                return Err(io_err("write", &path)(e.into_error()));
+            }
+        };
+        job.id = id.clone();
+        job.body = body_name;
+        job.size = size;
+        match self.stage_job(&job) {
+            Ok(staged) => Ok(Staged {
+                id,
+                body: Some((file, path)),
+                job: staged,
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops a message being written.
+    pub fn discard(&self, w: Writer) {
+        let _ = fs::remove_file(&w.path);
+    }
+
+    /// Writes a new message and its job into `tmp/` and `msg/`, without syncing. The id is
+    /// claimed by the exclusive create of the message file; the job is invisible until
+    /// [`Spool::commit`].
+    /// `message` builds the bytes from the id (a Received: header names it).
+    pub fn stage(&self, job: Job, message: &dyn Fn(&QueueId) -> Vec<u8>) -> Result<Staged> {
+        let mut w = self.writer(&job.queue)?;
+        let body = message(&w.id);
+        if let Err(e) = std::io::Write::write_all(&mut w, &body) {
+            let path = w.path.clone();
+            self.discard(w);
+            return Err(io_err("write", &path)(e));
+        }
+        self.stage_written(job, w)
     }
 
     fn stage_job(&self, job: &Job) -> Result<safeio::Staged> {
