@@ -30,6 +30,9 @@ pub enum Line {
     Eof,
 }
 
+/// Where the bytes of a BDAT chunk go as they arrive.
+pub type ChunkSink<'a> = dyn FnMut(&[u8]) + 'a;
+
 impl Conn {
     pub fn new(stream: Box<dyn Stream>) -> Conn {
         Conn {
@@ -131,7 +134,7 @@ impl Conn {
     pub fn read_exact_into(
         &mut self,
         mut n: u64,
-        mut into: Option<&mut dyn FnMut(&[u8])>,
+        mut into: Option<&mut ChunkSink>,
     ) -> io::Result<bool> {
         while n > 0 {
             if self.pos == self.buf.len() && self.fill()? == 0 {
