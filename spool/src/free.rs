@@ -6,9 +6,10 @@
 //! churn that scan costs more than writing the file. So a finished job or message file is
 //! renamed to a free name, and a new one is made by renaming a free one into place and
 //! truncating it. Renames allocate no inode, and within one directory they also avoid the
-//! file system's single lock for renames between directories. A file is emptied as it enters
-//! the pool, so nothing of a delivered message stays on disk or holds its space; each pool
-//! has a cap; files that held credentials are deleted, never kept.
+//! file system's single lock for renames between directories. A message file is emptied as it
+//! enters the pool, so nothing of a delivered message stays on disk or holds its space (job
+//! files, a block of envelope each, are emptied when reused); each pool has a cap; files that
+//! held credentials are deleted, never kept.
 
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 use std::ffi::OsString;
@@ -125,7 +126,9 @@ impl Pool {
 
     /// Takes `path`, a file nothing refers to any more, out of its directory: into the pool,
     /// or deleted when the pool is full. `meta` is its metadata, if the caller has it.
-    pub fn retire(&self, path: &Path, meta: Option<&fs::Metadata>) -> io::Result<()> {
+    /// `empty`: truncate it on the way in (message files: their text must not stay on disk;
+    /// a job file is emptied when it is reused).
+    pub fn retire(&self, path: &Path, meta: Option<&fs::Metadata>, empty: bool) -> io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let owner = match meta {
             Some(m) => Some(m.uid()),
@@ -159,7 +162,11 @@ impl Pool {
         fs::rename(path, &free)?;
         // Emptied now, not at reuse: a delivered message's text is gone from the disk and
         // its space is free again (a crash just before leaves a free file to empty later).
-        if let Err(e) = nix::unistd::truncate(&free, 0) {
+        if let Err(e) = if empty {
+            nix::unistd::truncate(&free, 0)
+        } else {
+            Ok(())
+        } {
             let _ = fs::remove_file(&free);
             return Err(e.into());
         }
@@ -188,7 +195,7 @@ mod tests {
         let a = dir.join("a");
         pool.create(&a).unwrap().write_all(b"old job").unwrap();
         let ino = fs::metadata(&a).unwrap().ino();
-        pool.retire(&a, None).unwrap();
+        pool.retire(&a, None, true).unwrap();
         assert!(!a.exists());
         // Emptied on the way in (issue #11: the pool kept finished messages' text).
         for e in fs::read_dir(&dir).unwrap().flatten() {
@@ -206,7 +213,7 @@ mod tests {
         f.read_to_string(&mut s).unwrap();
         assert_eq!(s, "", "nothing of the old file is left");
         // An existing name is never replaced.
-        pool.retire(&b, None).unwrap();
+        pool.retire(&b, None, true).unwrap();
         fs::write(&a, "live").unwrap();
         let e = pool.create(&a).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);

@@ -561,7 +561,7 @@ impl Spool {
             fs::remove_file(&c.path) // it held credentials: gone for good
         } else {
             self.pool(&c.path)
-                .retire(&c.path, c.file.metadata().ok().as_ref())
+                .retire(&c.path, c.file.metadata().ok().as_ref(), false)
         };
         done.map_err(io_err("remove", &c.path))?;
         drop(c.file);
@@ -569,7 +569,7 @@ impl Spool {
         let body = self.body_path(&c.job);
         match fs::metadata(&body) {
             Ok(m) if m.nlink() == 1 => {
-                let _ = self.pool(&body).retire(&body, Some(&m));
+                let _ = self.pool(&body).retire(&body, Some(&m), true);
             }
             _ => {
                 let _ = fs::remove_file(&body);

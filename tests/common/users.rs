@@ -41,12 +41,8 @@ impl SystemUser {
     fn make(tag: &str, opts: &[&str]) -> SystemUser {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let name = format!("qt{tag}{}x{n}", std::process::id() % 100_000);
-        let st = Command::new("useradd")
-            .args(opts)
-            .arg(&name)
-            .status()
-            .unwrap();
-        assert!(st.success(), "useradd {name}");
+        let ok = accounts(|| Command::new("useradd").args(opts).arg(&name).output());
+        assert!(ok, "useradd {name}");
         let u = nix::unistd::User::from_name(&name).unwrap().unwrap();
         SystemUser {
             name,
@@ -62,7 +58,7 @@ impl Drop for SystemUser {
         let _ = Command::new("pkill")
             .args(["-KILL", "-u", &self.name])
             .status();
-        let _ = Command::new("userdel").args(["-r", &self.name]).output();
+        accounts(|| Command::new("userdel").args(["-r", &self.name]).output());
         let _ = Command::new("groupdel").arg(&self.name).output();
     }
 }
@@ -89,4 +85,21 @@ pub fn in_system_config(dir: &Path, script: &str) -> Command {
         dir.display()
     ));
     c
+}
+
+/// Runs a change to the account files, one at a time in this process, trying again while
+/// the files are locked (exit 10 of useradd/userdel); true when it succeeded.
+fn accounts(run: impl Fn() -> std::io::Result<std::process::Output>) -> bool {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..50 {
+        match run() {
+            Ok(o) if o.status.success() => return true,
+            Ok(o) if o.status.code() == Some(10) => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            _ => return false,
+        }
+    }
+    false
 }
