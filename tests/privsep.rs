@@ -48,6 +48,15 @@ fn as_user_with_system_config(
     in_system_config(&inst.dir, &script).output().unwrap()
 }
 
+/// Replaces the instance's aliases: `postmaster: alice` and `more`.
+fn write_aliases(inst: &Instance, more: &str) {
+    std::fs::write(
+        inst.dir.join("aliases"),
+        format!("postmaster: alice\n{more}"),
+    )
+    .unwrap();
+}
+
 /// A directory anyone may write into, for what delivery commands leave behind.
 fn drop_box(inst: &Instance) -> std::path::PathBuf {
     let d = inst.dir.join("out");
@@ -191,14 +200,13 @@ fn deliveries_never_run_as_root_and_a_planted_job_runs_nothing() {
     }
     let (mut inst, qmsuser) = installed("", "[queues.local]\nworkers = 0\n");
     let out = drop_box(&inst);
-    std::fs::write(
-        inst.dir.join("aliases"),
-        format!(
-            "postmaster: alice\nids: \"|(id -ru; id -u; id -rg; id -g) > {}/ids\"\n",
+    write_aliases(
+        &inst,
+        &format!(
+            "ids: \"|(id -ru; id -u; id -rg; id -g) > {}/ids\"\n",
             out.display()
         ),
-    )
-    .unwrap();
+    );
     inst.use_qms_user(&qmsuser);
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o1777)).unwrap();
     inst.start();
@@ -283,11 +291,7 @@ fn include_file_commands_run_as_the_files_owner() {
     std::fs::write(&list, format!("\"|id -u > {}/inc\"\n", out.display())).unwrap();
     std::os::unix::fs::chown(&list, Some(owner.uid), Some(owner.gid)).unwrap();
     std::fs::set_permissions(&owner.home, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(
-        inst.dir.join("aliases"),
-        format!("postmaster: alice\nlist: :include:{}\n", list.display()),
-    )
-    .unwrap();
+    write_aliases(&inst, &format!("list: :include:{}\n", list.display()));
     inst.use_qms_user(&qmsuser);
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o1777)).unwrap();
     inst.start();
@@ -590,14 +594,13 @@ fn configuration_mistakes_defer_and_check_config_names_them() {
         "[mailboxes]\n\"carol@example.test\" = { maildir = \"mail/carol\", user = \"no-such-user-qms\" }\n",
     );
     let missing = inst.dir.join("missing.list");
-    std::fs::write(
-        inst.dir.join("aliases"),
-        format!(
-            "postmaster: alice\ninc: :include:{}\nprog: \"|/nonexistent/program\"\n",
+    write_aliases(
+        &inst,
+        &format!(
+            "inc: :include:{}\nprog: \"|/nonexistent/program\"\n",
             missing.display()
         ),
-    )
-    .unwrap();
+    );
     inst.own();
     let check = inst.qms(&["check-config"]);
     assert_eq!(check.status.code(), Some(78), "{}", text(&check));
