@@ -10,6 +10,7 @@ mod receive;
 pub mod sendmail;
 mod session;
 pub mod smtpd;
+mod submission;
 pub mod tls;
 
 pub use qms_common::conn::{Conn, Stream};
