@@ -173,11 +173,16 @@ pub fn dsnproc(cfg: Config) -> ExitCode {
         Ok(s) => s,
         Err(c) => return c,
     };
-    match qms_delivery::dsnproc::run(&cfg, &spool, &signals::STOP) {
+    finished(qms_delivery::dsnproc::run(&cfg, &spool, &signals::STOP), 78)
+}
+
+/// The exit of a role whose loop ended: 0 when asked to stop, else `code` and the reason.
+fn finished(r: Result<(), String>, code: u8) -> ExitCode {
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             qlog!("status=fatal reason={}", quote(&e));
-            ExitCode::from(78)
+            ExitCode::from(code)
         }
     }
 }
@@ -229,13 +234,7 @@ pub fn pickup(cfg: Config) -> ExitCode {
         Ok(s) => s,
         Err(c) => return c,
     };
-    match qms_incoming::pickup::run(&cfg, &spool, &signals::STOP) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            qlog!("status=fatal reason={}", quote(&e));
-            ExitCode::from(71)
-        }
-    }
+    finished(qms_incoming::pickup::run(&cfg, &spool, &signals::STOP), 71)
 }
 
 /// `qms showq`: the queue listing for `mailq` run by users who cannot read the spool.
@@ -244,11 +243,5 @@ pub fn showq(cfg: Config) -> ExitCode {
         Ok(s) => s,
         Err(c) => return c,
     };
-    match crate::showq::serve(&cfg, &spool, &signals::STOP) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            qlog!("status=fatal reason={}", quote(&e));
-            ExitCode::from(71)
-        }
-    }
+    finished(crate::showq::serve(&cfg, &spool, &signals::STOP), 71)
 }

@@ -7,10 +7,12 @@
 //! or a header, then the connection closes.
 
 use crate::queuetool;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use qms_common::log::quote;
 use qms_common::{qlog, Config};
 use qms_spool::Spool;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +35,11 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
         .set_nonblocking(true)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     while !stop.load(Ordering::SeqCst) {
+        // Wait for a client, or a second to look at `stop` again.
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(1000u16)).unwrap_or(0) == 0 {
+            continue;
+        }
         match listener.accept() {
             Ok((conn, _)) => {
                 if let Err(e) = answer(spool, conn) {
@@ -42,9 +49,7 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
                     );
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 qlog!("status=warning reason={}", quote(&e.to_string()));
                 std::thread::sleep(Duration::from_millis(200));

@@ -189,19 +189,17 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
         nix::unistd::getuid()
     );
     let has_listeners = !listeners.is_empty();
-    let (fd_spec, fds) = qms_incoming::smtpd::export(listeners);
-    for fd in &fds {
-        inherit(*fd);
-    }
+    // The listeners and the TLS files stay close-on-exec here: only smtpd gets them.
+    let (fd_spec, mut smtpd_fds) = qms_incoming::smtpd::export(listeners);
     let tls_spec = tls_files.as_ref().map(|(c, k)| {
-        inherit(c.as_raw_fd());
-        inherit(k.as_raw_fd());
+        smtpd_fds.extend([c.as_raw_fd(), k.as_raw_fd()]);
         format!("{},{}", c.as_raw_fd(), k.as_raw_fd())
     });
     signals::install();
     let mut sup = Supervisor {
         cfg,
         fd_spec,
+        smtpd_fds,
         tls_spec,
         has_listeners,
         children: BTreeMap::new(),
@@ -224,17 +222,26 @@ fn open_tls(cfg: &Config) -> Result<Option<(std::fs::File, std::fs::File)>, Stri
     Ok(Some((open(&t.cert)?, open(&t.key)?)))
 }
 
-/// Lets children inherit a descriptor (Rust opens everything close-on-exec).
-fn inherit(fd: RawFd) {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    // Safety: fd is a listener this process owns for its whole life.
-    let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let _ = fcntl(bfd, FcntlArg::F_SETFD(FdFlag::empty()));
+/// In a forked child about to exec smtpd: lets it inherit `fds` (Rust opens everything
+/// close-on-exec, and every other child must keep it that way).
+fn inherit(fds: &[RawFd]) -> std::io::Result<()> {
+    for &fd in fds {
+        // Safety: fcntl(F_SETFD) on descriptors the supervisor owns for its whole life;
+        // async-signal-safe, as code between fork and exec must be.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 struct Supervisor {
     cfg: Config,
     fd_spec: String,
+    /// The listeners' and TLS files' descriptors: smtpd's alone, never another child's
+    /// (a delivery command that inherited them could take port 25's connections or read
+    /// the key).
+    smtpd_fds: Vec<RawFd>,
     /// `CERTFD,KEYFD` for smtpd, when TLS is configured.
     tls_spec: Option<String>,
     has_listeners: bool,
@@ -270,9 +277,18 @@ impl Supervisor {
         // Only local delivery agents keep the right to change user across exec; every
         // other role starts with no capability at all.
         let pass = slot.queue.as_deref().is_some_and(|q| q != "smtp");
-        // Safety: the closure only makes capability system calls, which are async-signal-safe.
+        let fds = if slot.role == "smtpd" {
+            self.smtpd_fds.clone()
+        } else {
+            Vec::new()
+        };
+        // Safety: the closure makes only fcntl and capability system calls, which are
+        // async-signal-safe.
         unsafe {
-            cmd.pre_exec(move || qms_common::privs::pass_setuid_on_exec(pass));
+            cmd.pre_exec(move || {
+                inherit(&fds)?;
+                qms_common::privs::pass_setuid_on_exec(pass)
+            });
         }
         match cmd.spawn() {
             Ok(child) => {

@@ -655,3 +655,41 @@ fn configuration_mistakes_defer_and_check_config_names_them() {
         assert!(text(&out).contains("`user` is not set"), "{}", text(&out));
     }
 }
+
+/// A delivery command inherits nothing of qms's: not the listening sockets (it could take
+/// port 25's connections) and not the TLS key the supervisor opened as root.
+#[test]
+fn delivery_commands_inherit_no_listener_and_no_key() {
+    let mut inst = Instance::new("", "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
+    make_cert(&inst.dir, "mx.example.test");
+    let out = drop_box(&inst);
+    write_aliases(
+        &inst,
+        &format!("fds: \"|ls -l /proc/self/fd/ > {}/fds\"\n", out.display()),
+    );
+    inst.own();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    inst.start();
+    smtp_send(
+        inst.smtp_port,
+        "bob@remote.test",
+        &["fds@example.test"],
+        "Subject: fds\r\n\r\nx\r\n",
+        "",
+    );
+    let f = out.join("fds");
+    wait_for(
+        "the command's descriptor list",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&f).is_ok_and(|t| t.contains("->")),
+    );
+    let fds = std::fs::read_to_string(&f).unwrap();
+    assert!(
+        !fds.contains("socket:"),
+        "a socket leaked into a delivery command:\n{fds}"
+    );
+    assert!(
+        !fds.contains(".pem"),
+        "the TLS files leaked into a delivery command:\n{fds}"
+    );
+}
