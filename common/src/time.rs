@@ -55,12 +55,13 @@ fn parts(t: i64) -> Parts {
     }
 }
 
+const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
 /// `Sun, 22 Nov 2026 18:47:31 +0000`
 pub fn rfc5322(t: i64) -> String {
-    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
     let p = parts(t);
     format!(
         "{}, {} {} {} {:02}:{:02}:{:02} +0000",
@@ -71,6 +72,21 @@ pub fn rfc5322(t: i64) -> String {
         p.h,
         p.mi,
         p.s
+    )
+}
+
+/// `Sun Nov 22 18:47:31 2026`: C's asctime, as mbox `From ` lines carry it (UTC).
+pub fn asctime(t: i64) -> String {
+    let p = parts(t);
+    format!(
+        "{} {} {:2} {:02}:{:02}:{:02} {}",
+        DAYS[p.wday],
+        MONTHS[(p.mo - 1) as usize],
+        p.d,
+        p.h,
+        p.mi,
+        p.s,
+        p.y
     )
 }
 

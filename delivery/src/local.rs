@@ -30,8 +30,36 @@ pub struct LocalAgent {
 /// The result of one delivery attempt.
 pub enum Outcome {
     Done,
+    /// Already in the mailbox: an attempt a crash cut short had delivered it.
+    Found,
     Temp(String),
     Perm(String),
+}
+
+/// What makes one recipient's delivery the same at every attempt, so that an attempt after
+/// a crash can find what the one before it delivered.
+struct Attempt {
+    arrival: i64,
+    /// `QqidRhash`: the job and the recipient (address and route) within it.
+    key: String,
+    /// The job carries the attempt mark of a worker that died: look before delivering.
+    recheck: bool,
+}
+
+impl Attempt {
+    fn new(c: &Claimed, r: &Recipient) -> Attempt {
+        // FNV-1a: stable across builds and machines, unlike std's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let route = r.route.as_deref().unwrap_or("");
+        for b in r.address.to_string().bytes().chain([0]).chain(route.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Attempt {
+            arrival: c.job.arrival,
+            key: format!("Q{}R{:08x}", c.job.id, h as u32),
+            recheck: c.interrupted(),
+        }
+    }
 }
 
 /// Where a recipient goes, as the config and aliases give it.
@@ -120,6 +148,21 @@ impl LocalAgent {
         }))
     }
 
+    /// Stages a Maildir delivery, unless an interrupted attempt already made it.
+    fn stage_maildir(
+        &self,
+        dir: &Path,
+        at: &Attempt,
+        copy: &[u8],
+    ) -> std::io::Result<Option<safeio::Staged>> {
+        maildir::ensure(dir, self.may_create(dir))?;
+        let name = maildir::Name::new(at.arrival, &at.key, &self.cfg.hostname, copy.len());
+        if at.recheck && maildir::holds(dir, &name)? {
+            return Ok(None);
+        }
+        maildir::stage(dir, &name, copy).map(Some)
+    }
+
     /// Delivers to `t` in this process, which already runs as `user`.
     fn deliver_here(
         &self,
@@ -128,27 +171,43 @@ impl LocalAgent {
         sender: &str,
         r: &Recipient,
         copy: &[u8],
+        at: &Attempt,
     ) -> Outcome {
         match t {
-            Target::Maildir(dir) => {
-                let staged = maildir::ensure(dir, self.may_create(dir))
-                    .and_then(|()| maildir::stage(dir, &self.cfg.hostname, copy));
-                match staged {
-                    Ok(s) => match safeio::commit(std::slice::from_ref(&s)) {
-                        Ok(()) => Outcome::Done,
-                        Err(e) => {
-                            s.abandon();
-                            io_result(e, &format!("Maildir {}", dir.display()))
-                        }
-                    },
-                    Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
+            Target::Maildir(dir) => match self.stage_maildir(dir, at, copy) {
+                Ok(None) => Outcome::Found,
+                Ok(Some(s)) => match safeio::commit(std::slice::from_ref(&s)) {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => {
+                        s.abandon();
+                        io_result(e, &format!("Maildir {}", dir.display()))
+                    }
+                },
+                Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
+            },
+            Target::Mbox(path) => {
+                let entry = mbox::mbox_entry(sender, at.arrival, copy);
+                let done = match at.recheck {
+                    true => mbox::holds(path, &entry),
+                    false => Ok(false),
+                };
+                match done.and_then(|found| match found {
+                    true => Ok(Outcome::Found),
+                    false => mbox::append(path, &entry).map(|()| Outcome::Done),
+                }) {
+                    Ok(o) => o,
+                    Err(e) => io_result(e, &format!("mailbox {}", path.display())),
                 }
             }
-            Target::Mbox(path) => match mbox::append(path, &mbox::mbox_entry(sender, copy)) {
-                Ok(()) => Outcome::Done,
-                Err(e) => io_result(e, &format!("mailbox {}", path.display())),
-            },
             Target::Pipe(cmd) => {
+                if at.recheck {
+                    // A command cannot be asked whether it ran: as for SMTP, a second run
+                    // is better than a lost message.
+                    qlog!(
+                        "to={} status=warning reason=\"an attempt was interrupted by a crash; the command may run a second time\"",
+                        logged(&r.address)
+                    );
+                }
                 let a = &r.address;
                 let ext = self
                     .cfg
@@ -177,6 +236,19 @@ impl LocalAgent {
 
 impl Agent for LocalAgent {
     fn deliver(&mut self, mut batch: Vec<Claimed>) {
+        // On disk before anything is delivered: a worker that dies leaves the mark.
+        if let Err(e) = self.spool.mark_attempts(batch.iter_mut(), true) {
+            let why = format!("4.3.0 {e}");
+            for c in batch.iter_mut() {
+                for ri in 0..c.job.recipients.len() {
+                    if !c.job.recipients[ri].state.is_final() {
+                        record(c, ri, Outcome::Temp(why.clone()));
+                    }
+                }
+            }
+            settle::settle_all(&self.cfg, &self.spool, batch);
+            return;
+        }
         let privileged = privs::can_switch_user();
         let mut derived = Derived::new();
         // Maildir deliveries made in this process, committed together: (job, recipient, file).
@@ -217,6 +289,7 @@ impl Agent for LocalAgent {
                     }
                 };
                 let copy = maildir::local_copy(&sender, &rcpt_s, &body);
+                let at = Attempt::new(c, r);
                 let account = match user.as_deref().map(Account::lookup) {
                     Some(Ok(a)) => Some(a),
                     Some(Err(e)) => {
@@ -231,22 +304,19 @@ impl Agent for LocalAgent {
                 let result = match (account, &t) {
                     // For a user, in a child that has become the user.
                     (Some(a), _) if privileged => {
-                        runas::deliver(&a, || self.deliver_here(&t, &a, &sender, r, &copy))
+                        runas::deliver(&a, || self.deliver_here(&t, &a, &sender, r, &copy, &at))
                     }
                     // Unprivileged, or a configured mailbox without a user: as this process.
-                    (_, Target::Maildir(dir)) => {
-                        match maildir::ensure(dir, self.may_create(dir))
-                            .and_then(|()| maildir::stage(dir, &self.cfg.hostname, &copy))
-                        {
-                            Ok(s) => {
-                                staged.push((ji, ri, s));
-                                continue;
-                            }
-                            Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
+                    (_, Target::Maildir(dir)) => match self.stage_maildir(dir, &at, &copy) {
+                        Ok(Some(s)) => {
+                            staged.push((ji, ri, s));
+                            continue;
                         }
-                    }
+                        Ok(None) => Outcome::Found,
+                        Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
+                    },
                     (_, t) => match &self.me {
-                        Some(me) => self.deliver_here(t, me, &sender, r, &copy),
+                        Some(me) => self.deliver_here(t, me, &sender, r, &copy, &at),
                         None => Outcome::Temp("4.3.5 this process's uid has no account".into()),
                     },
                 };
@@ -269,9 +339,7 @@ impl Agent for LocalAgent {
                 record(&mut batch[ji], ri, result);
             }
         }
-        for c in batch {
-            settle::settle(&self.cfg, &self.spool, c);
-        }
+        settle::settle_all(&self.cfg, &self.spool, batch);
     }
 }
 
@@ -287,6 +355,13 @@ fn record(c: &mut Claimed, ri: usize, result: Outcome) {
             RcptState::Delivered,
             "sent",
             "delivered".to_string(),
+            Kind::Success,
+        ),
+        Outcome::Found => (
+            RcptState::Delivered,
+            "sent",
+            "delivered (found in the mailbox: an attempt cut short by a crash had made it)"
+                .to_string(),
             Kind::Success,
         ),
         Outcome::Temp(t) => (RcptState::Deferred, "deferred", t, Kind::Delay),

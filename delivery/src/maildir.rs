@@ -1,12 +1,13 @@
 //! Maildir delivery: a uniquely named file in `tmp/`, synced, renamed into `new/`. Many
 //! deliveries of one batch share one sync (see `safeio::commit`).
+//!
+//! The unique name is the same at every attempt for one recipient of one job
+//! (`ARRIVAL.QqidRhash.host,S=size`), so after a crash the agent can tell whether a delivery
+//! was made: it is in `new/`, or in `cur/` with flags added by a mail reader.
 
 use qms_common::safeio;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Makes `tmp`, `new` and `cur` (mode 0700) when `create` is set; otherwise a missing
 /// Maildir is an error for the caller to treat as temporary.
@@ -30,23 +31,48 @@ pub fn ensure(dir: &Path, create: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes the message into `dir/tmp` under a unique name; commit moves it to `new/`.
-pub fn stage(dir: &Path, host: &str, message: &[u8]) -> io::Result<safeio::Staged> {
-    let now = qms_common::time::now_micros();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let host = host.replace(['/', ':'], "_");
-    let name = format!(
-        "{}.M{}P{}Q{n}.{host},S={}",
-        now / 1_000_000,
-        now % 1_000_000,
-        qms_common::pid(),
-        message.len()
-    );
-    safeio::stage(
-        dir.join("tmp").join(&name),
-        dir.join("new").join(&name),
-        message,
-    )
+/// A delivery's file name: its stable part (`ARRIVAL.UNIQUE.`) and the rest.
+pub struct Name {
+    stem: String,
+    full: String,
+}
+
+impl Name {
+    /// `unique` names the job and recipient (see `local::delivery_key`); `arrival` is the
+    /// job's, so readers sort the mail by when it came.
+    pub fn new(arrival: i64, unique: &str, host: &str, size: usize) -> Name {
+        let stem = format!("{arrival}.{unique}.");
+        let host = host.replace(['/', ':'], "_");
+        let full = format!("{stem}{host},S={size}");
+        Name { stem, full }
+    }
+}
+
+/// Writes the message into `dir/tmp` under its name; commit moves it to `new/`. The part
+/// written by an attempt that a crash cut short is replaced.
+pub fn stage(dir: &Path, name: &Name, message: &[u8]) -> io::Result<safeio::Staged> {
+    let tmp = dir.join("tmp").join(&name.full);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    safeio::stage(tmp, dir.join("new").join(&name.full), message)
+}
+
+/// True when a delivery of this name is in the Maildir: in `new/`, or in `cur/` where a
+/// reader moved it (adding `:2,` and flags). Reads `cur/`: for interrupted attempts only.
+pub fn holds(dir: &Path, name: &Name) -> io::Result<bool> {
+    if dir.join("new").join(&name.full).exists() {
+        return Ok(true);
+    }
+    for sub in ["new", "cur"] {
+        for e in std::fs::read_dir(dir.join(sub))? {
+            if e?.file_name().as_encoded_bytes().starts_with(name.stem.as_bytes()) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// The message as a local mailbox stores it: Return-Path and Delivered-To first, LF line ends.

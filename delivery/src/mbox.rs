@@ -54,11 +54,12 @@ fn dotlock(path: &Path) -> io::Result<DotLock> {
     }
 }
 
-/// The mbox form of a message: a `From ` line, the body with LF line ends and `>From `
-/// quoting, and an empty line after it.
-pub fn mbox_entry(sender: &str, local_copy: &[u8]) -> Vec<u8> {
+/// The mbox form of a message: a `From ` line (the date in asctime form, as mail readers
+/// expect it, and the job's arrival, so every attempt writes the same bytes), the body with
+/// LF line ends and `>From ` quoting, and an empty line after it.
+pub fn mbox_entry(sender: &str, arrival: i64, local_copy: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(local_copy.len() + 100);
-    let date = qms_common::time::rfc5322(qms_common::time::now());
+    let date = qms_common::time::asctime(arrival);
     out.extend_from_slice(
         format!(
             "From {} {date}\n",
@@ -127,13 +128,63 @@ pub fn append(path: &Path, entry: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// True when the mailbox holds `entry` whole, at the start of a line: an interrupted
+/// attempt's append went through. Reads the whole file: for interrupted attempts only.
+pub fn holds(path: &Path, entry: &[u8]) -> io::Result<bool> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // The entry's bytes after a newline (or at the file's start), found in a window that
+    // slides over the file and keeps the entry's length of overlap.
+    let mut needle = Vec::with_capacity(entry.len() + 1);
+    needle.push(b'\n');
+    needle.extend_from_slice(entry);
+    let mut window: Vec<u8> = vec![b'\n'];
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        window.extend_from_slice(&chunk[..n]);
+        if memchr::memmem::find(&window, &needle).is_some() {
+            return Ok(true);
+        }
+        let keep = window.len().min(needle.len() - 1);
+        window.drain(..window.len() - keep);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn finds_a_whole_entry_only() {
+        let dir = std::env::temp_dir().join(format!("qms-mbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mbox = dir.join("box");
+        let one = mbox_entry("a@b.test", 0, b"Subject: one\n\nbody\n");
+        let two = mbox_entry("a@b.test", 0, b"Subject: two\n\nbody\n");
+        assert!(!holds(&mbox, &one).unwrap());
+        append(&mbox, &one).unwrap();
+        assert!(holds(&mbox, &one).unwrap());
+        assert!(!holds(&mbox, &two).unwrap());
+        append(&mbox, &two).unwrap();
+        assert!(holds(&mbox, &two).unwrap());
+        assert!(std::fs::read_to_string(&mbox)
+            .unwrap()
+            .starts_with("From a@b.test Thu Jan  1 00:00:00 1970\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn quotes_from_lines() {
-        let e = mbox_entry("a@b.test", b"Subject: x\n\nFrom here\n>From there\nok\n");
+        let e = mbox_entry("a@b.test", 0, b"Subject: x\n\nFrom here\n>From there\nok\n");
         let text = String::from_utf8(e).unwrap();
         assert!(text.starts_with("From a@b.test "));
         assert!(text.contains("\n>From here\n>>From there\nok\n\n"));

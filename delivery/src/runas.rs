@@ -5,6 +5,9 @@
 use crate::local::Outcome;
 use qms_common::privs::{self, Account};
 
+/// What a child says when it found the delivery already made.
+const FOUND: &str = "found";
+
 /// Forks; the child becomes `user`, runs `work` and reports. Never runs `work` as root.
 pub fn deliver(user: &Account, work: impl FnOnce() -> Outcome) -> Outcome {
     use nix::sys::wait::{waitpid, WaitStatus};
@@ -21,6 +24,7 @@ pub fn deliver(user: &Account, work: impl FnOnce() -> Outcome) -> Outcome {
                 Err(e) => (75, format!("4.3.0 cannot become {}: {e}", user.name)),
                 Ok(()) => match work() {
                     Outcome::Done => (0, String::new()),
+                    Outcome::Found => (0, FOUND.to_string()),
                     Outcome::Temp(t) => (75, t),
                     Outcome::Perm(t) => (1, t),
                 },
@@ -38,6 +42,7 @@ pub fn deliver(user: &Account, work: impl FnOnce() -> Outcome) -> Outcome {
             );
             let text = String::from_utf8_lossy(&text).into_owned();
             match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, 0)) if text == FOUND => Outcome::Found,
                 Ok(WaitStatus::Exited(_, 0)) => Outcome::Done,
                 Ok(WaitStatus::Exited(_, 75)) => Outcome::Temp(text),
                 Ok(WaitStatus::Exited(_, _)) => Outcome::Perm(text),

@@ -50,7 +50,33 @@ pub fn attempt_event(
 
 /// Writes the outcome of an attempt on `c` (whose recipients' states are already set):
 /// bounces the failures, then finishes the job or reschedules it.
-pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
+pub fn settle(cfg: &Config, spool: &Spool, c: Claimed) {
+    settle_all(cfg, spool, vec![c]);
+}
+
+/// [`settle`] for many jobs: the ones that wait for another attempt are written together,
+/// with one sync.
+pub fn settle_all(cfg: &Config, spool: &Spool, batch: Vec<Claimed>) {
+    let mut later: Vec<Claimed> = batch
+        .into_iter()
+        .filter_map(|c| settle_one(cfg, spool, c))
+        .collect();
+    if later.is_empty() {
+        return;
+    }
+    if let Err(e) = spool.update_many(&mut later) {
+        let ids: Vec<String> = later.iter().map(|c| c.job.id.to_string()).collect();
+        qlog!(
+            "qids={} status=error reason={}",
+            ids.join(","),
+            quote(&e.to_string())
+        );
+    }
+}
+
+/// Settles one job: finished jobs are finished here; a job to try again is returned, ready
+/// to be written.
+fn settle_one(cfg: &Config, spool: &Spool, mut c: Claimed) -> Option<Claimed> {
     let now = qms_common::time::now();
     let id = c.job.id.clone();
     if now >= c.job.expires_at {
@@ -88,8 +114,7 @@ pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
         // Keep the failures in the job: the bounce is tried again at the next attempt.
         qlog!("qid={id} status=bounce-error reason={}", quote(&e));
         c.job.next_attempt = now + 60;
-        let _ = spool.update(&mut c);
-        return;
+        return Some(c);
     }
     let delayed: Vec<_> = c
         .job
@@ -123,14 +148,12 @@ pub fn settle(cfg: &Config, spool: &Spool, mut c: Claimed) {
         if let Err(e) = spool.finish(c) {
             qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
         }
-        return;
+        return None;
     }
     c.job.attempts += 1;
     c.job.next_attempt = now + backoff(cfg, c.job.attempts);
     for r in c.job.recipients.iter_mut() {
         r.state = RcptState::Deferred;
     }
-    if let Err(e) = spool.update(&mut c) {
-        qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
-    }
+    Some(c)
 }

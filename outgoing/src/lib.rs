@@ -15,6 +15,7 @@ use qms_delivery::dsn;
 use qms_spool::{Claimed, Job, LinkSecurity, Notify, RcptState, Smarthost, Spool};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use transaction::{judge, mail_command, rcpt_command, refuse_before_sending, Verdict};
@@ -78,6 +79,26 @@ struct Res {
     reply: String,
     relay: String,
     delays: [f64; 4],
+}
+
+/// Where a lane's results go: to the thread that records them, one transaction at a time.
+struct Out {
+    tx: Sender<Vec<Res>>,
+    buf: Vec<Res>,
+}
+
+impl Out {
+    fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            let _ = self.tx.send(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+impl Drop for Out {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// A transaction to send: one job's recipients (at most `recipient_limit`).
@@ -267,7 +288,8 @@ impl SmtpAgent {
         c.quit();
     }
 
-    /// Delivers everything for one destination; returns a result per recipient.
+    /// Delivers everything for one destination, sending the results of each transaction to
+    /// `results` as soon as it ends.
     fn deliver_dest(
         &self,
         dest: &Dest,
@@ -275,7 +297,8 @@ impl SmtpAgent {
         jobs: &[&Job],
         bodies: &[Result<Vec<u8>, String>],
         start: Instant,
-    ) -> Vec<Res> {
+        results: &Sender<Vec<Res>>,
+    ) {
         let t0 = Instant::now();
         let (lookup, port) = self.hosts(dest);
         let dns_time = t0.elapsed().as_secs_f64();
@@ -303,9 +326,13 @@ impl SmtpAgent {
                 } else {
                     "5.1.2"
                 };
-                return all(|| Verdict::Failed, format!("{code} {t}"));
+                let _ = results.send(all(|| Verdict::Failed, format!("{code} {t}")));
+                return;
             }
-            dns::Lookup::Temporary(t) => return all(|| Verdict::Deferred, format!("4.4.3 {t}")),
+            dns::Lookup::Temporary(t) => {
+                let _ = results.send(all(|| Verdict::Deferred, format!("4.4.3 {t}")));
+                return;
+            }
         };
         // One transaction per job and recipient chunk.
         let mut txs: Vec<Tx> = Vec::new();
@@ -341,19 +368,23 @@ impl SmtpAgent {
         for (i, tx) in txs.into_iter().enumerate() {
             per_lane[i % lanes].push(tx);
         }
-        let results: Vec<(Vec<Res>, bool)> = std::thread::scope(|s| {
+        let connected = std::thread::scope(|s| {
             let handles: Vec<_> = per_lane
                 .iter()
                 .map(|lane| {
-                    s.spawn(|| self.lane(lane, &hosts, port, dest, jobs, bodies, start, dns_time))
+                    let out = Out {
+                        tx: results.clone(),
+                        buf: Vec::new(),
+                    };
+                    s.spawn(|| {
+                        self.lane(lane, &hosts, port, dest, jobs, bodies, start, dns_time, out)
+                    })
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
+                .all(|h| h.join().unwrap_or(false))
         });
-        let connected = results.iter().all(|(_, ok)| *ok);
         if let Ok(mut w) = self.window.lock() {
             // Slow start as Postfix: grow while connections work, fall back to one when not.
             let next = if connected {
@@ -363,11 +394,11 @@ impl SmtpAgent {
             };
             w.insert(dest.clone(), next);
         }
-        results.into_iter().flat_map(|(r, _)| r).collect()
     }
 
-    /// Sends a lane's transactions over one connection (reconnecting when it breaks).
-    /// Returns the results and whether every connection attempt worked.
+    /// Sends a lane's transactions over one connection (reconnecting when it breaks), each
+    /// one's results to `out` as soon as it ends. Returns whether every connection attempt
+    /// worked.
     #[allow(clippy::too_many_arguments)]
     fn lane(
         &self,
@@ -379,25 +410,27 @@ impl SmtpAgent {
         bodies: &[Result<Vec<u8>, String>],
         start: Instant,
         dns_time: f64,
-    ) -> (Vec<Res>, bool) {
-        let mut out = Vec::new();
+        mut out: Out,
+    ) -> bool {
         let mut client: Option<Client> = None;
         let mut connected_ok = true;
         let mut i = 0;
         let mut retried = false;
         while i < txs.len() {
+            // The last transaction's results go to be recorded before the next one starts.
+            out.flush();
             let tx = &txs[i];
             let job = jobs[tx.ji];
             let queued = ((qms_common::time::now() - job.arrival) as f64
                 - start.elapsed().as_secs_f64())
             .max(0.0);
-            let push_all = |out: &mut Vec<Res>,
+            let push_all = |out: &mut Out,
                             verdict: &dyn Fn() -> Verdict,
                             reply: &str,
                             relay: &str,
                             d: [f64; 4]| {
                 for &ri in &tx.ris {
-                    out.push(Res {
+                    out.buf.push(Res {
                         ji: tx.ji,
                         ri,
                         verdict: verdict(),
@@ -436,7 +469,7 @@ impl SmtpAgent {
                                     Verdict::Deferred
                                 };
                                 let code = if f.permanent { "5.4.0" } else { "4.4.1" };
-                                out.push(Res {
+                                out.buf.push(Res {
                                     ji: rest.ji,
                                     ri,
                                     verdict,
@@ -446,7 +479,7 @@ impl SmtpAgent {
                                 });
                             }
                         }
-                        return (out, connected_ok);
+                        return connected_ok;
                     }
                 },
             };
@@ -475,7 +508,7 @@ impl SmtpAgent {
                     for (k, &ri) in tx.ris.iter().enumerate() {
                         let (verdict, reply) =
                             judge(&o.mail, o.rcpts.get(k), o.data.as_ref(), c.ext.dsn);
-                        out.push(Res {
+                        out.buf.push(Res {
                             ji: tx.ji,
                             ri,
                             verdict,
@@ -517,7 +550,7 @@ impl SmtpAgent {
             Some(c) => self.keep(c),
             None => {}
         }
-        (out, connected_ok)
+        connected_ok
     }
 }
 
@@ -571,18 +604,28 @@ impl SmtpAgent {
         r.reply = Some(res.reply);
     }
 
-    fn finish(&self, c: Claimed, relayed: &[qms_spool::Recipient]) {
-        if !relayed.is_empty() {
-            if let Err(e) = dsn::bounce(&self.cfg, &self.spool, &c.job, relayed, dsn::Kind::Relayed)
-            {
-                qlog!(
-                    "qid={} status=dsn-error reason={}",
-                    c.job.id,
-                    qms_common::log::quote(&e)
-                );
-            }
+    /// Settles jobs whose destinations have all answered, after the "relayed" notices their
+    /// NOTIFY=SUCCESS recipients asked for.
+    fn finish(&self, done: Vec<(Claimed, Vec<qms_spool::Recipient>)>) {
+        if done.is_empty() {
+            return;
         }
-        qms_delivery::settle::settle(&self.cfg, &self.spool, c);
+        let mut jobs = Vec::with_capacity(done.len());
+        for (c, relayed) in done {
+            if !relayed.is_empty() {
+                if let Err(e) =
+                    dsn::bounce(&self.cfg, &self.spool, &c.job, &relayed, dsn::Kind::Relayed)
+                {
+                    qlog!(
+                        "qid={} status=dsn-error reason={}",
+                        c.job.id,
+                        qms_common::log::quote(&e)
+                    );
+                }
+            }
+            jobs.push(c);
+        }
+        qms_delivery::settle::settle_all(&self.cfg, &self.spool, jobs);
     }
 }
 
@@ -634,59 +677,50 @@ impl qms_delivery::Agent for SmtpAgent {
                 groups.entry(dest).or_default().push((ji, ri));
             }
         }
-        // How many destinations each job still waits for.
+        // How many recipients each job still waits for: a job is settled, and its results
+        // are on disk, as soon as its last transaction ends.
         let mut waiting: Vec<usize> = vec![0; batch.len()];
-        for items in groups.values() {
-            let mut jobs: Vec<usize> = items.iter().map(|(ji, _)| *ji).collect();
-            jobs.dedup();
-            for ji in jobs {
-                waiting[ji] += 1;
-            }
+        for &(ji, _) in groups.values().flatten() {
+            waiting[ji] += 1;
         }
         let jobs: Vec<Job> = batch.iter().map(|c| c.job.clone()).collect();
         let mut slots: Vec<Option<Claimed>> = batch.into_iter().map(Some).collect();
         let mut relayed: Vec<Vec<qms_spool::Recipient>> = vec![Vec::new(); slots.len()];
-        for (ji, w) in waiting.iter().enumerate() {
-            if *w == 0 {
-                if let Some(c) = slots[ji].take() {
-                    self.finish(c, &[]);
-                }
-            }
-        }
+        let idle: Vec<Claimed> = waiting
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w == 0)
+            .filter_map(|(ji, _)| slots[ji].take())
+            .collect();
+        self.finish(idle.into_iter().map(|c| (c, Vec::new())).collect());
         let (tx, rx) = std::sync::mpsc::channel::<Vec<Res>>();
         let refs: Vec<&Job> = jobs.iter().collect();
         let (refs, bodies, this) = (&refs, &bodies, &*self);
         std::thread::scope(|s| {
             for (dest, items) in &groups {
                 let tx = tx.clone();
-                s.spawn(move || {
-                    let _ = tx.send(this.deliver_dest(dest, items, refs, bodies, start));
-                });
+                s.spawn(move || this.deliver_dest(dest, items, refs, bodies, start, &tx));
             }
             drop(tx);
-            for results in rx {
-                let mut touched: Vec<usize> = results.iter().map(|r| r.ji).collect();
-                touched.sort_unstable();
-                touched.dedup();
-                for res in results {
+            while let Ok(first) = rx.recv() {
+                // What else has ended meanwhile is settled in the same write.
+                let mut done = Vec::new();
+                for res in std::iter::once(first).chain(rx.try_iter()).flatten() {
                     let ji = res.ji;
                     if let Some(c) = slots[ji].as_mut() {
                         this.record(c, res, &mut relayed[ji]);
                     }
-                }
-                for ji in touched {
                     waiting[ji] -= 1;
                     if waiting[ji] == 0 {
                         if let Some(c) = slots[ji].take() {
-                            this.finish(c, &relayed[ji]);
+                            done.push((c, std::mem::take(&mut relayed[ji])));
                         }
                     }
                 }
+                this.finish(done);
             }
         });
         // A destination thread that died (it should not) leaves its jobs here: retry later.
-        for c in slots.into_iter().flatten() {
-            self.finish(c, &[]);
-        }
+        self.finish(slots.into_iter().flatten().map(|c| (c, Vec::new())).collect());
     }
 }

@@ -35,7 +35,13 @@ impl Router {
     }
 
     /// Routes a batch of incoming jobs; their output jobs are made durable in one commit.
-    pub fn dispatch(&mut self, batch: Vec<Claimed>) {
+    pub fn dispatch(&mut self, mut batch: Vec<Claimed>) {
+        // Marked before any output job exists, so a job routed again after a crash passes
+        // the mark on and local delivery looks in the mailboxes first. The local agent's
+        // sync of its own marks comes before it delivers, and flushes these too.
+        if let Err(e) = self.spool.mark_attempts(batch.iter_mut(), false) {
+            qlog!("status=warning reason={}", quote(&e.to_string()));
+        }
         let mut staged = Vec::new();
         let mut routed = Vec::new();
         for mut c in batch {
@@ -126,7 +132,7 @@ impl Router {
                 Ok(children) => {
                     let mut ok = true;
                     for child in children {
-                        match self.spool.stage_child(&c.job, &child, rewritten.as_deref()) {
+                        match self.spool.stage_child(&c, &child, rewritten.as_deref()) {
                             Ok(Some(s)) => staged.push(s),
                             Ok(None) => {}
                             Err(e) => {

@@ -5,7 +5,8 @@
 //! disk sees a few flushes per round instead of a few per message.
 
 use crate::id::QueueId;
-use crate::store::{Spool, SpoolError, Staged};
+use crate::store::{Claimed, Spool, SpoolError, Staged};
+use qms_common::safeio;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use std::io;
 
@@ -84,5 +85,37 @@ fn run(spool: Spool, rx: Receiver<(Staged, Reply)>) {
                 }
             }
         }
+    }
+}
+
+impl Spool {
+    /// Writes the new state of many claimed jobs, keeping the claims: as [`Spool::update`],
+    /// with one sync for them all (a worker that defers a batch to a dead host writes it in
+    /// one go, not one flush a job).
+    pub fn update_many(&self, jobs: &mut [Claimed]) -> Result<(), SpoolError> {
+        let mut staged = Vec::with_capacity(jobs.len());
+        for c in jobs.iter() {
+            match self.stage_job_at(&c.job, c.path.clone()) {
+                Ok(s) => staged.push(s),
+                Err(e) => {
+                    staged.into_iter().for_each(safeio::Staged::abandon);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(err) = safeio::commit(&staged) {
+            // Some may be in place (whole files); the rest are dropped and tried again.
+            staged.into_iter().for_each(safeio::Staged::abandon);
+            return Err(SpoolError::Io {
+                what: "write jobs in".into(),
+                path: self.root().to_path_buf(),
+                err,
+            });
+        }
+        for (c, s) in jobs.iter_mut().zip(staged) {
+            c.file = s.into_file();
+            c.mode &= !crate::attempt::MARK;
+        }
+        Ok(())
     }
 }

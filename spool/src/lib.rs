@@ -4,6 +4,7 @@
 //! moves jobs to output queues, workers claim jobs with file locks, and the queue tools read
 //! and change jobs while workers run. See docs/architecture.md for the layout.
 
+mod attempt;
 mod commit;
 mod free;
 mod id;

@@ -87,7 +87,7 @@ pub struct Staged {
     pub id: QueueId,
     /// The message file, for a new message; a child job reuses its parent's.
     body: Option<(File, PathBuf)>,
-    job: safeio::Staged,
+    pub(crate) job: safeio::Staged,
 }
 
 /// A message file being written as its text arrives (see [`Spool::writer`]).
@@ -125,8 +125,10 @@ impl std::io::Write for Writer {
 /// A job this process holds the lock of.
 pub struct Claimed {
     pub job: Job,
-    file: File,
-    path: PathBuf,
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
+    /// The job file's mode when claimed, with the attempt mark when this process set it.
+    pub(crate) mode: u32,
 }
 
 impl Claimed {
@@ -397,6 +399,21 @@ impl Spool {
     /// headers) instead of a link to its parent's.
     pub fn stage_child(
         &self,
+        parent: &Claimed,
+        child: &Job,
+        message: Option<&[u8]>,
+    ) -> Result<Option<Staged>> {
+        let staged = self.stage_child_job(&parent.job, child, message)?;
+        // Routed again after a crash: its deliveries may have been made from the first
+        // routing, so the child starts as an interrupted attempt (see `attempt`).
+        if let (Some(s), true) = (&staged, parent.interrupted()) {
+            crate::attempt::mark_file(s.job.file()).map_err(io_err("mark", s.job.dest()))?;
+        }
+        Ok(staged)
+    }
+
+    fn stage_child_job(
+        &self,
         parent: &Job,
         child: &Job,
         message: Option<&[u8]>,
@@ -490,14 +507,19 @@ impl Spool {
             }
             // The file may have been replaced or removed between open and lock.
             let (fmeta, pmeta) = (file.metadata(), fs::metadata(&path));
-            match (fmeta, pmeta) {
-                (Ok(f), Ok(p)) if f.ino() == p.ino() && f.dev() == p.dev() => {}
+            let mode = match (fmeta, pmeta) {
+                (Ok(f), Ok(p)) if f.ino() == p.ino() && f.dev() == p.dev() => f.mode(),
                 (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Gone),
                 _ => continue,
-            }
+            };
             let data = safeio::read_all(&file).map_err(io_err("read", &path))?;
             return match parse_job(&data) {
-                Ok(job) => Ok(Claim::Got(Box::new(Claimed { job, file, path }))),
+                Ok(job) => Ok(Claim::Got(Box::new(Claimed {
+                    job,
+                    file,
+                    path,
+                    mode,
+                }))),
                 Err(reason) if !tool || area == "queue" => {
                     let dest = self
                         .root
@@ -531,11 +553,13 @@ impl Spool {
             });
         }
         // The new file was locked before it became visible; dropping the old one unlocks it.
+        // It is a new file: no attempt mark (see `attempt`).
         c.file = s.into_file();
+        c.mode &= !crate::attempt::MARK;
         Ok(())
     }
 
-    fn stage_job_at(&self, job: &Job, dest: PathBuf) -> Result<safeio::Staged> {
+    pub(crate) fn stage_job_at(&self, job: &Job, dest: PathBuf) -> Result<safeio::Staged> {
         let data = serde_json::to_vec(job).map_err(|e| SpoolError::Io {
             what: "encode job".into(),
             path: dest.clone(),
@@ -556,6 +580,8 @@ impl Spool {
 
     /// Removes a finished job and its link to the message file (the files go to `free/`).
     pub fn finish(&self, c: Claimed) -> Result<()> {
+        // A file kept for reuse must not carry the attempt mark into its next job.
+        crate::attempt::unmark(&c);
         // Out of the queue while still locked, so no worker can claim it in between.
         let done = if c.job.smarthost.is_some() {
             fs::remove_file(&c.path) // it held credentials: gone for good

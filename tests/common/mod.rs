@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod client;
 mod dovecot;
 mod sink;
 mod users;
+#[allow(unused_imports)]
+pub use client::SmtpClient;
 #[allow(unused_imports)]
 pub use dovecot::Dovecot;
 #[allow(unused_imports)]
@@ -202,6 +205,27 @@ scan_interval = 2
             );
             let _ = c.wait();
         }
+    }
+
+    /// SIGKILLs the supervisor and every role together, as a crash of the machine's qms
+    /// would, and waits until none is left.
+    pub fn kill_all(&mut self) {
+        let pattern = self.config.display().to_string();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        wait_for("every process of the instance gone", Duration::from_secs(20), || {
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-f", &pattern])
+                .status();
+            !Command::new("pgrep")
+                .args(["-f", &pattern])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
     }
 
     pub fn log(&self) -> String {
