@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// Message `i` goes to the local Maildir when even, to the sink when odd.
 fn recipient(i: usize) -> String {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         "alice@example.test".into()
     } else {
         format!("r{i}@sink.test")
@@ -77,10 +77,10 @@ fn tally(inst: &Instance, sink: &Sink, accepted: &[usize]) -> Counts {
         inst.maildir("alice").join("new"),
         inst.maildir("alice").join("cur"),
     ]);
-    let remote = copies(&[sink.dir.clone()]);
+    let remote = copies(std::slice::from_ref(&sink.dir));
     let (mut local_extra, mut smtp_extra) = (0, 0);
     for &i in accepted {
-        let (map, extra) = if i % 2 == 0 {
+        let (map, extra) = if i.is_multiple_of(2) {
             (&local, &mut local_extra)
         } else {
             (&remote, &mut smtp_extra)
@@ -108,7 +108,7 @@ fn wait_drained(inst: &Instance, sink: &Sink, accepted: &[usize]) {
     let want_remote = accepted.len() - want_local;
     wait_for("every acknowledged message delivered", Duration::from_secs(180), || {
         let local = copies(&[inst.maildir("alice").join("new")]);
-        let remote = copies(&[sink.dir.clone()]);
+        let remote = copies(std::slice::from_ref(&sink.dir));
         local.len() >= want_local && remote.len() >= want_remote && inst.queue_json().is_empty()
     });
 }
@@ -223,7 +223,7 @@ fn a_killed_smtp_agent_repeats_only_the_transactions_in_flight() {
         .collect();
     // Transactions done, more to go: the moment a kill costs the most.
     wait_for("some messages at the sink", Duration::from_secs(60), || {
-        copies(&[sink.dir.clone()]).len() >= 6
+        copies(std::slice::from_ref(&sink.dir)).len() >= 6
     });
     assert_eq!(kill_role(&inst, "deliver --queue smtp"), 1);
     wait_drained(&inst, &sink, &accepted);

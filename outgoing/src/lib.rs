@@ -4,6 +4,7 @@
 //! through `delivery::settle`.
 
 mod client;
+mod dead;
 mod dns;
 mod tls;
 mod transaction;
@@ -34,6 +35,8 @@ pub struct SmtpAgent {
     window: Mutex<HashMap<Dest, usize>>,
     /// Connection attempts in progress per address (see CONNECTS_IN_FLIGHT).
     connecting: (Mutex<HashMap<SocketAddr, usize>>, std::sync::Condvar),
+    /// Destinations no host of which answered: their mail waits without new attempts.
+    dead: dead::Dead<Target>,
 }
 
 /// Where a group of recipients goes, and with which TLS policy (recipients whose domains
@@ -81,6 +84,15 @@ struct Res {
     delays: [f64; 4],
 }
 
+/// How a lane's connections went.
+#[derive(Default)]
+struct Reach {
+    /// A connection was made (or reused).
+    connected: bool,
+    /// Why the last connection attempt failed, when it failed for now (not for good).
+    failure: Option<String>,
+}
+
 /// Where a lane's results go: to the thread that records them, one transaction at a time.
 struct Out {
     tx: Sender<Vec<Res>>,
@@ -120,6 +132,7 @@ impl SmtpAgent {
             cache: Mutex::new(HashMap::new()),
             window: Mutex::new(HashMap::new()),
             connecting: (Mutex::new(HashMap::new()), std::sync::Condvar::new()),
+            dead: dead::Dead::default(),
         }
     }
 
@@ -299,6 +312,18 @@ impl SmtpAgent {
         start: Instant,
         results: &Sender<Vec<Res>>,
     ) {
+        if let Some(why) = self.dead.check(&dest.target) {
+            let all = items.iter().map(|&(ji, ri)| Res {
+                ji,
+                ri,
+                verdict: Verdict::Deferred,
+                reply: format!("4.4.1 delivery temporarily suspended: {why}"),
+                relay: "none".into(),
+                delays: [0.0; 4],
+            });
+            let _ = results.send(all.collect());
+            return;
+        }
         let t0 = Instant::now();
         let (lookup, port) = self.hosts(dest);
         let dns_time = t0.elapsed().as_secs_f64();
@@ -368,7 +393,7 @@ impl SmtpAgent {
         for (i, tx) in txs.into_iter().enumerate() {
             per_lane[i % lanes].push(tx);
         }
-        let connected = std::thread::scope(|s| {
+        let reached: Vec<Reach> = std::thread::scope(|s| {
             let handles: Vec<_> = per_lane
                 .iter()
                 .map(|lane| {
@@ -383,8 +408,15 @@ impl SmtpAgent {
                 .collect();
             handles
                 .into_iter()
-                .all(|h| h.join().unwrap_or(false))
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
         });
+        let connected = reached.iter().all(|r| r.failure.is_none());
+        if !reached.iter().any(|r| r.connected) {
+            if let Some(why) = reached.iter().find_map(|r| r.failure.clone()) {
+                self.dead.mark(&dest.target, why, self.cfg.outgoing.min_backoff);
+            }
+        }
         if let Ok(mut w) = self.window.lock() {
             // Slow start as Postfix: grow while connections work, fall back to one when not.
             let next = if connected {
@@ -397,8 +429,7 @@ impl SmtpAgent {
     }
 
     /// Sends a lane's transactions over one connection (reconnecting when it breaks), each
-    /// one's results to `out` as soon as it ends. Returns whether every connection attempt
-    /// worked.
+    /// one's results to `out` as soon as it ends.
     #[allow(clippy::too_many_arguments)]
     fn lane(
         &self,
@@ -411,9 +442,9 @@ impl SmtpAgent {
         start: Instant,
         dns_time: f64,
         mut out: Out,
-    ) -> bool {
+    ) -> Reach {
         let mut client: Option<Client> = None;
-        let mut connected_ok = true;
+        let mut reach = Reach::default();
         let mut i = 0;
         let mut retried = false;
         while i < txs.len() {
@@ -457,9 +488,12 @@ impl SmtpAgent {
             let (mut c, conn_time, reused) = match client.take() {
                 Some(c) => (c, 0.0, true),
                 None => match self.client(hosts, port, dest, retried) {
-                    Ok((c, t)) => (c, t, t == 0.0),
+                    Ok((c, t)) => {
+                        reach.connected = true;
+                        (c, t, t == 0.0)
+                    }
                     Err(f) => {
-                        connected_ok = false;
+                        reach.failure = Some(f.text.clone());
                         // Nothing more can go to this destination now: defer (or fail) the rest.
                         for rest in &txs[i..] {
                             for &ri in &rest.ris {
@@ -479,7 +513,7 @@ impl SmtpAgent {
                                 });
                             }
                         }
-                        return connected_ok;
+                        return reach;
                     }
                 },
             };
@@ -550,7 +584,7 @@ impl SmtpAgent {
             Some(c) => self.keep(c),
             None => {}
         }
-        connected_ok
+        reach
     }
 }
 

@@ -573,6 +573,12 @@ impl Spool {
             .map_err(io_err("create", &tmp))?;
         let s =
             safeio::stage_file(file, tmp.clone(), dest, &data).map_err(io_err("write", &tmp))?;
+        // A job that waits carries its next attempt as its modification time (as Postfix's
+        // deferred queue does), so a worker learns when it is due from a stat, not a read.
+        if job.next_attempt > qms_common::time::now() {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(job.next_attempt as u64);
+            s.file().set_modified(at).map_err(io_err("set the time of", &tmp))?;
+        }
         // Waits, rather than fails, for a recycled file whose last holder is letting go.
         s.file().lock_exclusive().map_err(io_err("lock", &tmp))?;
         Ok(s)

@@ -3,6 +3,11 @@
 //! New jobs arrive by rename, so inotify's IN_MOVED_TO on the queue directory wakes the worker
 //! within milliseconds; a periodic scan is the safety net. Deferred jobs wait in a heap in
 //! memory ordered by their next attempt, so the queue directory is read once, not every pass.
+//!
+//! What arrives goes first: jobs named by inotify are taken before those the scan or the heap
+//! give, so new mail does not wait behind a backlog (after a restart, the whole queue comes
+//! from the scan). A job's file carries its next attempt as its modification time, so a job
+//! not yet due is put back in the heap after a `stat`, without being opened or read.
 
 use crate::id::QueueId;
 use crate::store::{Claim, Claimed, Spool, SpoolError};
@@ -31,6 +36,9 @@ pub struct Watcher {
     /// Jobs waiting for a time, by due time in milliseconds; stale entries are skipped.
     heap: BinaryHeap<Reverse<(u64, QueueId)>>,
     due: HashMap<QueueId, u64>,
+    /// Jobs inotify named: new ones, or rewritten ones (whose time may have moved).
+    fresh: VecDeque<QueueId>,
+    /// Jobs the scan found or the heap made due.
     ready: VecDeque<QueueId>,
     next_scan: Instant,
 }
@@ -64,6 +72,7 @@ impl Watcher {
             inotify,
             heap: BinaryHeap::new(),
             due: HashMap::new(),
+            fresh: VecDeque::new(),
             ready: VecDeque::new(),
             next_scan: Instant::now(),
         };
@@ -120,13 +129,22 @@ impl Watcher {
                         if let Some(id) = name.strip_suffix(".json").and_then(QueueId::parse) {
                             // A rewrite (retry, release) may move a job's time: look again now.
                             self.due.remove(&id);
-                            self.ready.push_back(id);
+                            self.fresh.push_back(id);
                         }
                     }
                 }
                 _ => return,
             }
         }
+    }
+
+    /// When a job waits for a later attempt, by its file's time: None when it is due (or
+    /// gone, or unreadable: the claim will tell).
+    fn waits_until(&self, id: &QueueId, now: u64) -> Option<u64> {
+        let path = self.spool.queue_dir(&self.queue).join(format!("{id}.json"));
+        let t = std::fs::metadata(path).ok()?.modified().ok()?;
+        let at = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
+        (at > now).then_some(at)
     }
 
     /// Waits until jobs are due and returns them claimed, or returns an empty batch once
@@ -144,9 +162,13 @@ impl Watcher {
             self.collect_due();
             let now = now_ms();
             while out.len() < self.opts.batch {
-                let Some(id) = self.ready.pop_front() else {
+                let Some(id) = self.fresh.pop_front().or_else(|| self.ready.pop_front()) else {
                     break;
                 };
+                if let Some(at) = self.waits_until(&id, now) {
+                    self.schedule(id, at);
+                    continue;
+                }
                 match self.spool.claim(&self.queue, &id) {
                     Ok(Claim::Got(c)) => {
                         let at = (c.job.next_attempt.max(0) as u64).saturating_mul(1000);
@@ -175,7 +197,7 @@ impl Watcher {
             if !out.is_empty() {
                 return out;
             }
-            if !self.ready.is_empty() {
+            if !self.ready.is_empty() || !self.fresh.is_empty() {
                 continue;
             }
             let mut wait = self

@@ -177,8 +177,21 @@ scan_interval = 2
     }
 
     pub fn start(&mut self) {
+        self.start_under(&[]);
+    }
+
+    /// Starts the instance as the last arguments of `wrapper` (`strace -f -o FILE`, say).
+    pub fn start_under(&mut self, wrapper: &[&str]) {
         let log = std::fs::File::create(self.dir.join("qms.log")).unwrap();
-        let child = Command::new(&self.bin)
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .arg("-c")
             .arg(&self.config)
             .arg("start")
@@ -195,6 +208,15 @@ scan_interval = 2
             std::fs::read_to_string(self.spool().join("run/status.json"))
                 .is_ok_and(|s| !s.contains("null"))
         });
+    }
+
+    /// Stops the instance with `qms stop` (for a supervisor run under another program).
+    pub fn stop_gently(&mut self) {
+        let out = self.qms(&["stop"]);
+        assert!(out.status.success(), "qms stop: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
     }
 
     pub fn stop(&mut self) {
