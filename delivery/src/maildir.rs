@@ -10,25 +10,44 @@ use std::io;
 use std::path::Path;
 
 /// Makes `tmp`, `new` and `cur` (mode 0700) when `create` is set; otherwise a missing
-/// Maildir is an error for the caller to treat as temporary.
+/// Maildir is an error for the caller to treat as temporary. Every directory made here is
+/// synced into its parent, so the first delivery into a new Maildir survives a crash.
 pub fn ensure(dir: &Path, create: bool) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    for sub in ["tmp", "new", "cur"] {
-        let p = dir.join(sub);
-        if !p.is_dir() {
-            if !create {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("Maildir {} does not exist", dir.display()),
-                ));
-            }
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&p)?;
-        }
+    let subs = ["tmp", "new", "cur"].map(|s| dir.join(s));
+    if subs.iter().all(|p| p.is_dir()) {
+        return Ok(());
     }
-    Ok(())
+    if !create {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("Maildir {} does not exist", dir.display()),
+        ));
+    }
+    let mut made = Vec::new();
+    make_dir(dir, &mut made)?;
+    for p in &subs {
+        make_dir(p, &mut made)?;
+    }
+    safeio::sync_dirs(made.iter().map(|p| p.as_path()))
+}
+
+/// Makes `dir` and its missing parents, noting each one made.
+fn make_dir(dir: &Path, made: &mut Vec<std::path::PathBuf>) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        make_dir(parent, made)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {
+            made.push(dir.to_path_buf());
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A delivery's file name: its stable part (`ARRIVAL.UNIQUE.`) and the rest.
