@@ -107,7 +107,7 @@ fn wait_drained(inst: &Instance, sink: &Sink, accepted: &[usize]) {
     let want_local = accepted.iter().filter(|i| *i % 2 == 0).count();
     let want_remote = accepted.len() - want_local;
     wait_for("every acknowledged message delivered", Duration::from_secs(180), || {
-        let local = copies(&[inst.maildir("alice").join("new")]);
+        let local = copies(&[inst.maildir("alice").join("new"), inst.maildir("alice").join("cur")]);
         let remote = copies(std::slice::from_ref(&sink.dir));
         local.len() >= want_local && remote.len() >= want_remote && inst.queue_json().is_empty()
     });
@@ -131,6 +131,18 @@ fn killed_roles_repeat_no_local_delivery() {
             }
             done.store(true, Ordering::SeqCst);
             all
+        });
+        // A mail reader at work: what arrives is moved to cur/ and flagged seen, so a
+        // delivery made again would show as a second copy instead of replacing the first.
+        s.spawn(|| {
+            let (new, cur) = (inst.maildir("alice").join("new"), inst.maildir("alice").join("cur"));
+            while !done.load(Ordering::SeqCst) {
+                for e in std::fs::read_dir(&new).into_iter().flatten().flatten() {
+                    let to = cur.join(format!("{}:2,S", e.file_name().to_string_lossy()));
+                    let _ = std::fs::rename(e.path(), to);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         });
         let mut k = 0;
         while !done.load(Ordering::SeqCst) {

@@ -33,7 +33,7 @@ pub(crate) fn mark_file(f: &File) -> io::Result<()> {
 
 /// Clears the mark this process or a dead worker left on a claimed job's file.
 pub(crate) fn unmark(c: &Claimed) {
-    if c.mode & MARK != 0 {
+    if c.marked || c.mode & MARK != 0 {
         let _ = c
             .file
             .set_permissions(Permissions::from_mode(c.mode & !MARK & 0o7777));
@@ -51,7 +51,7 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let mut any = None;
         for c in jobs {
-            if c.mode & MARK == 0 {
+            if c.mode & MARK == 0 && !c.marked {
                 c.file
                     .set_permissions(Permissions::from_mode((c.mode | MARK) & 0o7777))
                     .map_err(|err| SpoolError::Io {
@@ -59,7 +59,7 @@ impl Spool {
                         path: c.path().to_path_buf(),
                         err,
                     })?;
-                c.mode |= MARK;
+                c.marked = true;
             }
             any = Some(());
         }
@@ -79,5 +79,47 @@ impl Spool {
             path: self.root().to_path_buf(),
             err,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Claim, Client, Job, Recipient, Spool};
+
+    fn claim(spool: &Spool, id: &crate::QueueId) -> Box<crate::Claimed> {
+        match spool.claim("local", id).unwrap() {
+            Claim::Got(c) => c,
+            _ => panic!("the job cannot be claimed"),
+        }
+    }
+
+    #[test]
+    fn only_a_mark_left_by_another_claim_means_interrupted() {
+        let root = std::env::temp_dir().join(format!("qms-attempt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::open(&root, &["local".to_string()]).unwrap();
+        let timing = qms_common::config::Outgoing {
+            min_backoff: 60,
+            max_backoff: 600,
+            delay_warning: 3600,
+            max_queue_lifetime: 86400,
+        };
+        let to = Recipient::new("a@b.test".parse().unwrap());
+        let job = Job::new("local", None, vec![to], Client::default(), "smtp", &timing);
+        let id = spool.enqueue(job, &|_| b"Subject: x\r\n\r\nx\r\n".to_vec()).unwrap();
+        let mut c = claim(&spool, &id);
+        assert!(!c.interrupted());
+        spool.mark_attempts(std::iter::once(&mut *c), true).unwrap();
+        // Our own mark is not an interruption: the claim that set it is still going.
+        assert!(!c.interrupted());
+        drop(c);
+        // The worker died: the next claim finds the mark.
+        let mut c = claim(&spool, &id);
+        assert!(c.interrupted());
+        // The results written clear it.
+        spool.update(&mut c).unwrap();
+        drop(c);
+        assert!(!claim(&spool, &id).interrupted());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

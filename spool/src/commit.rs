@@ -115,6 +115,7 @@ impl Spool {
         for (c, s) in jobs.iter_mut().zip(staged) {
             c.file = s.into_file();
             c.mode &= !crate::attempt::MARK;
+            c.marked = false;
         }
         Ok(())
     }

@@ -127,8 +127,10 @@ pub struct Claimed {
     pub job: Job,
     pub(crate) file: File,
     pub(crate) path: PathBuf,
-    /// The job file's mode when claimed, with the attempt mark when this process set it.
+    /// The job file's mode when claimed.
     pub(crate) mode: u32,
+    /// This process set the attempt mark (see `attempt`).
+    pub(crate) marked: bool,
 }
 
 impl Claimed {
@@ -519,6 +521,7 @@ impl Spool {
                     file,
                     path,
                     mode,
+                    marked: false,
                 }))),
                 Err(reason) if !tool || area == "queue" => {
                     let dest = self
@@ -556,6 +559,7 @@ impl Spool {
         // It is a new file: no attempt mark (see `attempt`).
         c.file = s.into_file();
         c.mode &= !crate::attempt::MARK;
+        c.marked = false;
         Ok(())
     }
 
