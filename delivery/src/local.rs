@@ -234,10 +234,55 @@ impl LocalAgent {
     }
 }
 
+/// A batch's attempt marks, made durable once, before the first delivery that needs them.
+struct Marks<'a> {
+    spool: &'a Spool,
+    synced: bool,
+}
+
+impl Marks<'_> {
+    fn sync(&mut self) -> Result<(), Outcome> {
+        if !self.synced {
+            self.spool
+                .sync_all()
+                .map_err(|e| Outcome::Temp(format!("4.3.0 {e}")))?;
+            self.synced = true;
+        }
+        Ok(())
+    }
+}
+
+impl LocalAgent {
+    /// Makes the batch's staged Maildir files durable and moves them into `new/`: one sync
+    /// for all (which covers the attempt marks too when it is a `syncfs` of the spool's file
+    /// system). Returns why it failed.
+    fn commit_staged(
+        &self,
+        staged: &[(usize, usize, safeio::Staged)],
+        marks: &mut Marks,
+    ) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let spool_dev = std::fs::metadata(self.spool.root()).map(|m| m.dev()).ok();
+        let one_syncfs = staged.len() > 1
+            && staged
+                .iter()
+                .all(|(_, _, s)| s.file().metadata().ok().map(|m| m.dev()) == spool_dev);
+        if !one_syncfs {
+            if let Err(Outcome::Temp(e)) = marks.sync() {
+                return Some(e);
+            }
+        }
+        let commit = safeio::sync_data(staged.iter().map(|(_, _, s)| s.file()))
+            .and_then(|_| staged.iter().try_for_each(|(_, _, s)| s.place()))
+            .and_then(|()| safeio::sync_dirs(staged.iter().map(|(_, _, s)| s.dest())));
+        commit.err().map(|e| format!("4.3.0 Maildir write: {e}"))
+    }
+}
+
 impl Agent for LocalAgent {
     fn deliver(&mut self, mut batch: Vec<Claimed>) {
-        // On disk before anything is delivered: a worker that dies leaves the mark.
-        if let Err(e) = self.spool.mark_attempts(batch.iter_mut(), true) {
+        // On disk before anything is delivered (see `Marks`): a worker that dies leaves them.
+        if let Err(e) = self.spool.mark_attempts(batch.iter_mut(), false) {
             let why = format!("4.3.0 {e}");
             for c in batch.iter_mut() {
                 for ri in 0..c.job.recipients.len() {
@@ -249,6 +294,10 @@ impl Agent for LocalAgent {
             settle::settle_all(&self.cfg, &self.spool, batch);
             return;
         }
+        let mut marks = Marks {
+            spool: &self.spool,
+            synced: false,
+        };
         let privileged = privs::can_switch_user();
         let mut derived = Derived::new();
         // Maildir deliveries made in this process, committed together: (job, recipient, file).
@@ -303,9 +352,12 @@ impl Agent for LocalAgent {
                 };
                 let result = match (account, &t) {
                     // For a user, in a child that has become the user.
-                    (Some(a), _) if privileged => {
-                        runas::deliver(&a, || self.deliver_here(&t, &a, &sender, r, &copy, &at))
-                    }
+                    (Some(a), _) if privileged => match marks.sync() {
+                        Ok(()) => runas::deliver(&a, || {
+                            self.deliver_here(&t, &a, &sender, r, &copy, &at)
+                        }),
+                        Err(o) => o,
+                    },
                     // Unprivileged, or a configured mailbox without a user: as this process.
                     (_, Target::Maildir(dir)) => match self.stage_maildir(dir, &at, &copy) {
                         Ok(Some(s)) => {
@@ -315,19 +367,19 @@ impl Agent for LocalAgent {
                         Ok(None) => Outcome::Found,
                         Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
                     },
-                    (_, t) => match &self.me {
-                        Some(me) => self.deliver_here(t, me, &sender, r, &copy, &at),
-                        None => Outcome::Temp("4.3.5 this process's uid has no account".into()),
+                    (_, t) => match (&self.me, marks.sync()) {
+                        (_, Err(o)) => o,
+                        (Some(me), Ok(())) => self.deliver_here(t, me, &sender, r, &copy, &at),
+                        (None, _) => {
+                            Outcome::Temp("4.3.5 this process's uid has no account".into())
+                        }
                     },
                 };
                 record(c, ri, result);
             }
         }
         if !staged.is_empty() {
-            let commit = safeio::sync_data(staged.iter().map(|(_, _, s)| s.file()))
-                .and_then(|_| staged.iter().try_for_each(|(_, _, s)| s.place()))
-                .and_then(|()| safeio::sync_dirs(staged.iter().map(|(_, _, s)| s.dest())));
-            let err = commit.err().map(|e| format!("4.3.0 Maildir write: {e}"));
+            let err = self.commit_staged(&staged, &mut marks);
             for (ji, ri, s) in staged {
                 let result = match &err {
                     None => Outcome::Done,
