@@ -32,14 +32,24 @@ pub const PREFIX: &str = ".free.";
 const RECOUNT_EVERY: usize = 4096;
 /// Names taken from one directory read.
 const BATCH: usize = 256;
-/// Re-read the directory at most this often when the pool looked empty.
+/// Re-read the directory at most this often when the pool looked empty; the wait doubles
+/// while reads keep finding little, up to REFILL_MAX: a queue of 100,000 jobs is a
+/// directory of 100,000 names, and reading it all for no free file cost more than a create.
 const REFILL_EVERY: Duration = Duration::from_millis(200);
+const REFILL_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Refill {
+    names: Vec<OsString>,
+    next: Option<Instant>,
+    wait: Duration,
+}
 
 #[derive(Debug)]
 pub struct Pool {
     dir: PathBuf,
-    /// Names to try, and when a read of the directory last found it empty.
-    names: Mutex<(Vec<OsString>, Option<Instant>)>,
+    /// Names to try, and when to read the directory again once they run out.
+    names: Mutex<Refill>,
     retired: AtomicUsize,
     /// How many files the pool held at the last count.
     size: AtomicUsize,
@@ -51,7 +61,11 @@ impl Pool {
     pub fn new(dir: PathBuf) -> Pool {
         Pool {
             dir,
-            names: Mutex::new((Vec::new(), None)),
+            names: Mutex::new(Refill {
+                names: Vec::new(),
+                next: None,
+                wait: REFILL_EVERY,
+            }),
             retired: AtomicUsize::new(0),
             size: AtomicUsize::new(0),
             euid: nix::unistd::geteuid().as_raw(),
@@ -60,16 +74,17 @@ impl Pool {
 
     fn take_name(&self) -> Option<OsString> {
         let mut guard = self.names.lock().ok()?;
-        let (names, empty_at) = &mut *guard;
-        if names.is_empty() && empty_at.is_none_or(|t| t.elapsed() >= REFILL_EVERY) {
+        let r = &mut *guard;
+        if r.names.is_empty() && r.next.is_none_or(|t| Instant::now() >= t) {
             if let Ok(rd) = fs::read_dir(&self.dir) {
                 let free = rd
                     .flatten()
                     .map(|e| e.file_name())
                     .filter(|n| n.as_encoded_bytes().starts_with(PREFIX.as_bytes()));
-                names.extend(free.take(BATCH));
+                r.names.extend(free.take(BATCH));
             }
             // Processes read the same directory: take its names in different orders.
+            let names = &mut r.names;
             let mut x = (u64::from(std::process::id()) << 32) | names.len() as u64 | 1;
             for i in (1..names.len()).rev() {
                 x ^= x << 13;
@@ -77,9 +92,16 @@ impl Pool {
                 x ^= x << 17;
                 names.swap(i, (x % (i as u64 + 1)) as usize);
             }
-            *empty_at = names.is_empty().then(Instant::now);
+            // A read that found plenty may come again as soon as they are used up.
+            if names.len() < BATCH / 4 {
+                r.next = Some(Instant::now() + r.wait);
+                r.wait = (r.wait * 2).min(REFILL_MAX);
+            } else {
+                r.next = None;
+                r.wait = REFILL_EVERY;
+            }
         }
-        names.pop()
+        r.names.pop()
     }
 
     /// An empty file at `path`, open for reading and writing: a free one renamed there, or a
@@ -167,8 +189,8 @@ impl Pool {
         }
         // This process's next file can be this one, without reading the directory.
         if let Ok(mut guard) = self.names.lock() {
-            if guard.0.len() < BATCH {
-                guard.0.push(name.into());
+            if guard.names.len() < BATCH {
+                guard.names.push(name.into());
             }
         }
         Ok(())

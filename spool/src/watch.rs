@@ -161,7 +161,14 @@ impl Watcher {
             }
             self.collect_due();
             let now = now_ms();
+            let mut looked = 0;
             while out.len() < self.opts.batch {
+                // Jobs in hand go out rather than wait for a long look through the scan's
+                // list (after a restart, the whole queue, mostly not due).
+                if !out.is_empty() && self.fresh.is_empty() && looked >= 4 * self.opts.batch {
+                    break;
+                }
+                looked += 1;
                 let Some(id) = self.fresh.pop_front().or_else(|| self.ready.pop_front()) else {
                     break;
                 };
