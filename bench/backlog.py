@@ -73,6 +73,7 @@ relay = ["bench.test", "dead.test"]
 "alice@local.test" = {{ maildir = "mail/alice" }}
 [limits]
 connections_per_client = 200
+connections_per_network = 400
 [queues.smtp]
 workers = 2
 ''')

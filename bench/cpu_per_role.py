@@ -16,7 +16,7 @@ tick = os.sysconf("SC_CLK_TCK")
 def snapshot():
     out = {}
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             argv = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")

@@ -279,6 +279,72 @@ impl LocalAgent {
     }
 }
 
+/// What one recipient's attempt needs from its batch.
+struct Step<'a, 'b> {
+    derived: &'a mut Derived,
+    marks: &'a mut Marks<'b>,
+    privileged: bool,
+}
+
+/// Where one recipient's attempt ended.
+enum Attempted {
+    /// A Maildir file staged, for the batch's commit.
+    Staged(safeio::Staged),
+    Done(Outcome),
+}
+
+impl LocalAgent {
+    /// Checks and delivers recipient `ri` of `c`: in a child as its user, or here.
+    fn attempt(
+        &self,
+        c: &Claimed,
+        ri: usize,
+        body: &[u8],
+        sender: &str,
+        step: &mut Step,
+    ) -> Attempted {
+        let r = &c.job.recipients[ri];
+        let rcpt_s = r.address.to_string();
+        if crate::loops::delivered_to(body, &rcpt_s) {
+            let why = format!("5.4.6 mail forwarding loop for {rcpt_s}");
+            return Attempted::Done(Outcome::Perm(why));
+        }
+        let (t, user) = match self.check(r, step.derived) {
+            Ok(x) => x,
+            Err(o) => return Attempted::Done(o),
+        };
+        let copy = maildir::local_copy(sender, &rcpt_s, body);
+        let at = Attempt::new(c, r);
+        let account = match user.as_deref().map(Account::lookup) {
+            Some(Ok(a)) => Some(a),
+            Some(Err(e)) => {
+                let why = format!("4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)");
+                return Attempted::Done(Outcome::Temp(why));
+            }
+            None => None,
+        };
+        let outcome = match (account, &t) {
+            // For a user, in a child that has become the user.
+            (Some(a), _) if step.privileged => match step.marks.sync() {
+                Ok(()) => runas::deliver(&a, || self.deliver_here(&t, &a, sender, r, &copy, &at)),
+                Err(o) => o,
+            },
+            // Unprivileged, or a configured mailbox without a user: as this process.
+            (_, Target::Maildir(dir)) => match self.stage_maildir(dir, &at, &copy) {
+                Ok(Some(s)) => return Attempted::Staged(s),
+                Ok(None) => Outcome::Found,
+                Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
+            },
+            (_, t) => match (&self.me, step.marks.sync()) {
+                (_, Err(o)) => o,
+                (Some(me), Ok(())) => self.deliver_here(t, me, sender, r, &copy, &at),
+                (None, _) => Outcome::Temp("4.3.5 this process's uid has no account".into()),
+            },
+        };
+        Attempted::Done(outcome)
+    }
+}
+
 impl Agent for LocalAgent {
     fn deliver(&mut self, mut batch: Vec<Claimed>) {
         // On disk before anything is delivered (see `Marks`): a worker that dies leaves them.
@@ -320,62 +386,18 @@ impl Agent for LocalAgent {
                 .map(|s| s.to_string())
                 .unwrap_or_default();
             for ri in 0..c.job.recipients.len() {
-                let r = &c.job.recipients[ri];
-                if r.state.is_final() {
+                if c.job.recipients[ri].state.is_final() {
                     continue;
                 }
-                let rcpt_s = r.address.to_string();
-                if crate::loops::delivered_to(&body, &rcpt_s) {
-                    let why = format!("5.4.6 mail forwarding loop for {rcpt_s}");
-                    record(c, ri, Outcome::Perm(why));
-                    continue;
+                let mut step = Step {
+                    derived: &mut derived,
+                    marks: &mut marks,
+                    privileged,
+                };
+                match self.attempt(c, ri, &body, &sender, &mut step) {
+                    Attempted::Staged(s) => staged.push((ji, ri, s)),
+                    Attempted::Done(o) => record(c, ri, o),
                 }
-                let (t, user) = match self.check(r, &mut derived) {
-                    Ok(x) => x,
-                    Err(o) => {
-                        record(c, ri, o);
-                        continue;
-                    }
-                };
-                let copy = maildir::local_copy(&sender, &rcpt_s, &body);
-                let at = Attempt::new(c, r);
-                let account = match user.as_deref().map(Account::lookup) {
-                    Some(Ok(a)) => Some(a),
-                    Some(Err(e)) => {
-                        let why = format!(
-                            "4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)"
-                        );
-                        record(c, ri, Outcome::Temp(why));
-                        continue;
-                    }
-                    None => None,
-                };
-                let result = match (account, &t) {
-                    // For a user, in a child that has become the user.
-                    (Some(a), _) if privileged => match marks.sync() {
-                        Ok(()) => runas::deliver(&a, || {
-                            self.deliver_here(&t, &a, &sender, r, &copy, &at)
-                        }),
-                        Err(o) => o,
-                    },
-                    // Unprivileged, or a configured mailbox without a user: as this process.
-                    (_, Target::Maildir(dir)) => match self.stage_maildir(dir, &at, &copy) {
-                        Ok(Some(s)) => {
-                            staged.push((ji, ri, s));
-                            continue;
-                        }
-                        Ok(None) => Outcome::Found,
-                        Err(e) => io_result(e, &format!("Maildir {}", dir.display())),
-                    },
-                    (_, t) => match (&self.me, marks.sync()) {
-                        (_, Err(o)) => o,
-                        (Some(me), Ok(())) => self.deliver_here(t, me, &sender, r, &copy, &at),
-                        (None, _) => {
-                            Outcome::Temp("4.3.5 this process's uid has no account".into())
-                        }
-                    },
-                };
-                record(c, ri, result);
             }
         }
         if !staged.is_empty() {

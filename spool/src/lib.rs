@@ -12,6 +12,7 @@ mod job;
 pub mod maildrop;
 pub mod perms;
 pub mod reserve;
+mod recover;
 mod store;
 mod watch;
 

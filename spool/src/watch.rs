@@ -163,9 +163,10 @@ impl Watcher {
             let now = now_ms();
             let mut looked = 0;
             while out.len() < self.opts.batch {
-                // Jobs in hand go out rather than wait for a long look through the scan's
-                // list (after a restart, the whole queue, mostly not due).
-                if !out.is_empty() && self.fresh.is_empty() && looked >= 4 * self.opts.batch {
+                // A long look through the scan's list (after a restart, the whole queue,
+                // mostly not due) goes in steps: jobs in hand go out, and what inotify
+                // named meanwhile is read before the next step.
+                if self.fresh.is_empty() && looked >= 4 * self.opts.batch {
                     break;
                 }
                 looked += 1;
