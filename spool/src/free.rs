@@ -32,9 +32,10 @@ pub const PREFIX: &str = ".free.";
 const RECOUNT_EVERY: usize = 4096;
 /// Names taken from one directory read.
 const BATCH: usize = 256;
-/// Re-read the directory at most this often when the pool looked empty; the wait doubles
-/// while reads keep finding little, up to REFILL_MAX: a queue of 100,000 jobs is a
-/// directory of 100,000 names, and reading it all for no free file cost more than a create.
+/// Re-read the directory at most this often after a read that found less than a batch;
+/// the wait doubles while reads keep finding less, up to REFILL_MAX: a queue of 100,000
+/// jobs is a directory of 100,000 names, and reading it all for a few free files cost the
+/// router more than creating files.
 const REFILL_EVERY: Duration = Duration::from_millis(200);
 const REFILL_MAX: Duration = Duration::from_secs(10);
 
@@ -92,8 +93,9 @@ impl Pool {
                 x ^= x << 17;
                 names.swap(i, (x % (i as u64 + 1)) as usize);
             }
-            // A read that found plenty may come again as soon as they are used up.
-            if names.len() < BATCH / 4 {
+            // A read that stopped at a full batch may come again as soon as they are used
+            // up; one that went through the whole directory waits, longer each time.
+            if names.len() < BATCH {
                 r.next = Some(Instant::now() + r.wait);
                 r.wait = (r.wait * 2).min(REFILL_MAX);
             } else {
