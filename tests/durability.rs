@@ -8,25 +8,13 @@ use common::*;
 use std::process::Command;
 use std::time::Duration;
 
-const SYSCALLS: &str = "trace=openat,open,creat,mkdir,mkdirat,write,pwrite64,writev,pwritev,\
-sendto,sendmsg,ftruncate,rename,renameat,renameat2,link,linkat,unlink,unlinkat,fsync,\
-fdatasync,syncfs,clone,clone3,fork,vfork,execve,exit_group";
-
-fn strace(out: &std::path::Path) -> Vec<String> {
-    ["strace", "-f", "-q", "-yy", "-s", "64", "-e", SYSCALLS, "-o"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([out.display().to_string()])
-        .collect()
-}
-
 #[test]
 fn every_acknowledgment_follows_a_sync_that_covers_it() {
     let port = free_port();
     let mut inst = relay_instance(&[("sink.test", port)], "");
     let sink = Sink::start(&inst, "audit", "127.0.0.1", port, &[]);
     let daemon_trace = inst.dir.join("trace.daemon");
-    let wrapper = strace(&daemon_trace);
+    let wrapper = strace_args(&daemon_trace);
     inst.start_under(&wrapper.iter().map(String::as_str).collect::<Vec<_>>());
     // Over SMTP: one message for a local Maildir (made at its first delivery), one relayed.
     let mut c = SmtpClient::connect(inst.smtp_port).unwrap();
@@ -37,8 +25,9 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
         .unwrap();
     // From a script, with sendmail.
     let sendmail_trace = inst.dir.join("trace.sendmail");
-    let mut cmd = Command::new("strace");
-    cmd.args(strace(&sendmail_trace))
+    let strace = strace_args(&sendmail_trace);
+    let mut cmd = Command::new(&strace[0]);
+    cmd.args(&strace[1..])
         .arg(&inst.bin)
         .arg("-c")
         .arg(&inst.config)
@@ -52,23 +41,11 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
             && inst.queue_json().is_empty()
     });
     inst.stop_gently();
-    let audit = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/strace_audit.py");
     let spool = inst.spool();
-    let mut args = vec![];
-    for t in [&daemon_trace, &sendmail_trace] {
-        let out = Command::new("python3")
-            .arg(audit)
-            .arg(t)
-            .arg(spool.join("msg"))
-            .arg(spool.join("queue"))
-            .arg(inst.dir.join("mail"))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        eprintln!("{}:\n{text}", t.display());
-        assert!(out.status.success(), "the audit of {} failed:\n{text}", t.display());
-        args.push(text);
-    }
+    let mail = inst.dir.join("mail");
+    let roots = [spool.join("msg"), spool.join("queue"), mail];
+    let roots: Vec<&std::path::Path> = roots.iter().map(|p| p.as_path()).collect();
+    let args = [audit(&daemon_trace, &roots), audit(&sendmail_trace, &roots)];
     let daemon = &args[0];
     for want in [
         "250 queued as",

@@ -435,6 +435,24 @@ Subject: from a user\n\nhello from an ordinary user\n",
         "{:?}",
         inst.files("maildrop")
     );
+    // The durability audit of the drop path (issue #12): sendmail exits 0 only after
+    // qms-postdrop's file and its directory entry are on disk.
+    let trace = inst.dir.join("trace.postdrop");
+    let script = format!(
+        "exec {} setpriv --reuid {} --regid {} --clear-groups {} -oi alice < {}",
+        strace_args(&trace).join(" "),
+        user.uid,
+        user.gid,
+        links.join("sendmail").display(),
+        msg.display()
+    );
+    let out = in_system_config(&inst.dir, &script).output().unwrap();
+    assert!(out.status.success(), "traced sendmail as a user: {}", text(&out));
+    let checked = audit(&trace, &[inst.spool().join("maildrop").as_path()]);
+    assert!(checked.contains("sendmail exit 0"), "sendmail's exit was not seen");
+    wait_for("the second message", Duration::from_secs(30), || {
+        inst.count_new("alice") == 2
+    });
 }
 
 /// Finding 8: sendmail ignored the size limit (and read the whole message into memory).

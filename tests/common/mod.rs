@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod audit;
 mod client;
 mod dovecot;
 mod sink;
 mod users;
+#[allow(unused_imports)]
+pub use audit::{audit, strace_args};
 #[allow(unused_imports)]
 pub use client::SmtpClient;
 #[allow(unused_imports)]
