@@ -120,11 +120,18 @@ fn storm_instance(sink_port: u16) -> Instance {
 fn wait_drained(inst: &Instance, sink: &Sink, accepted: &[usize]) {
     let want_local = accepted.iter().filter(|i| *i % 2 == 0).count();
     let want_remote = accepted.len() - want_local;
-    wait_for("every acknowledged message delivered", Duration::from_secs(180), || {
-        let local = copies(&[inst.maildir("alice").join("new"), inst.maildir("alice").join("cur")]);
-        let remote = copies(std::slice::from_ref(&sink.dir));
-        local.len() >= want_local && remote.len() >= want_remote && inst.queue_json().is_empty()
-    });
+    wait_for(
+        "every acknowledged message delivered",
+        Duration::from_secs(180),
+        || {
+            let local = copies(&[
+                inst.maildir("alice").join("new"),
+                inst.maildir("alice").join("cur"),
+            ]);
+            let remote = copies(std::slice::from_ref(&sink.dir));
+            local.len() >= want_local && remote.len() >= want_remote && inst.queue_json().is_empty()
+        },
+    );
 }
 
 #[test]
@@ -149,7 +156,10 @@ fn killed_roles_repeat_no_local_delivery() {
         // A mail reader at work: what arrives is moved to cur/ and flagged seen, so a
         // delivery made again would show as a second copy instead of replacing the first.
         s.spawn(|| {
-            let (new, cur) = (inst.maildir("alice").join("new"), inst.maildir("alice").join("cur"));
+            let (new, cur) = (
+                inst.maildir("alice").join("new"),
+                inst.maildir("alice").join("cur"),
+            );
             while !done.load(Ordering::SeqCst) {
                 for e in std::fs::read_dir(&new).into_iter().flatten().flatten() {
                     let to = cur.join(format!("{}:2,S", e.file_name().to_string_lossy()));
@@ -172,7 +182,10 @@ fn killed_roles_repeat_no_local_delivery() {
     });
     let total: usize = kills.values().sum();
     eprintln!("kills: {kills:?}");
-    assert!(total >= 6, "the storm killed too little to show anything: {kills:?}");
+    assert!(
+        total >= 6,
+        "the storm killed too little to show anything: {kills:?}"
+    );
     wait_drained(&inst, &sink, &accepted);
     let c = tally(&inst, &sink, &accepted);
     let found = inst.log().matches("found in the mailbox").count();
@@ -242,7 +255,10 @@ fn a_killed_smtp_agent_repeats_only_the_transactions_in_flight() {
     assert_eq!(kill_role(&inst, "deliver --queue smtp"), 1);
     wait_drained(&inst, &sink, &accepted);
     let c = tally(&inst, &sink, &accepted);
-    eprintln!("one kill of the smtp agent: extra smtp copies {}", c.smtp_extra);
+    eprintln!(
+        "one kill of the smtp agent: extra smtp copies {}",
+        c.smtp_extra
+    );
     // Two connections to the sink, so at most two transactions were in flight.
     c.assert_within(1);
 }
@@ -277,16 +293,26 @@ fn an_interrupted_attempt_finds_its_delivery_read_and_moved() {
     // Delivered once, then read: the mail reader moved it to cur/ with a flag.
     inst.edit_config("workers = 0", "workers = 1");
     inst.start();
-    wait_for("the delivery", Duration::from_secs(30), || inst.count_new("alice") == 1);
+    wait_for("the delivery", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
     wait_for("the queue empty", Duration::from_secs(30), || {
         inst.queue_json().is_empty()
     });
     inst.stop();
     let new = inst.maildir("alice").join("new");
-    let name = std::fs::read_dir(&new).unwrap().next().unwrap().unwrap().file_name();
+    let name = std::fs::read_dir(&new)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
     let cur = inst.maildir("alice").join("cur");
-    std::fs::rename(new.join(&name), cur.join(format!("{}:2,S", name.to_string_lossy())))
-        .unwrap();
+    std::fs::rename(
+        new.join(&name),
+        cur.join(format!("{}:2,S", name.to_string_lossy())),
+    )
+    .unwrap();
     // The state a worker killed after the delivery and before recording it leaves: the
     // job and its message in place, the job file with the attempt mark.
     for e in std::fs::read_dir(saved.join("queue")).unwrap().flatten() {

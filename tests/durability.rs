@@ -18,11 +18,19 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
     inst.start_under(&wrapper.iter().map(String::as_str).collect::<Vec<_>>());
     // Over SMTP: one message for a local Maildir (made at its first delivery), one relayed.
     let mut c = SmtpClient::connect(inst.smtp_port).unwrap();
-    c.send("a@client.test", "alice@example.test", "Subject: one\n\nlocal\n")
-        .unwrap();
+    c.send(
+        "a@client.test",
+        "alice@example.test",
+        "Subject: one\n\nlocal\n",
+    )
+    .unwrap();
     let mut c = SmtpClient::connect(inst.smtp_port).unwrap();
-    c.send("a@client.test", "bob@example.test", "Subject: two\n\nlocal\n")
-        .unwrap();
+    c.send(
+        "a@client.test",
+        "bob@example.test",
+        "Subject: two\n\nlocal\n",
+    )
+    .unwrap();
     // From a script, with sendmail.
     let sendmail_trace = inst.dir.join("trace.sendmail");
     let strace = strace_args(&sendmail_trace);
@@ -33,7 +41,11 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
         .arg(&inst.config)
         .args(["sendmail", "x@sink.test"]);
     let out = inst.sendmail_cmd(&mut cmd, &message("three", "relayed"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_for("everything delivered", Duration::from_secs(60), || {
         inst.count_new("alice") == 1
             && inst.count_new("bob") == 1
@@ -54,5 +66,8 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
     ] {
         assert!(daemon.contains(want), "the trace never showed a {want}");
     }
-    assert!(args[1].contains("sendmail exit 0"), "sendmail's exit was not seen");
+    assert!(
+        args[1].contains("sendmail exit 0"),
+        "sendmail's exit was not seen"
+    );
 }

@@ -447,9 +447,16 @@ Subject: from a user\n\nhello from an ordinary user\n",
         msg.display()
     );
     let out = in_system_config(&inst.dir, &script).output().unwrap();
-    assert!(out.status.success(), "traced sendmail as a user: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "traced sendmail as a user: {}",
+        text(&out)
+    );
     let checked = audit(&trace, &[inst.spool().join("maildrop").as_path()]);
-    assert!(checked.contains("sendmail exit 0"), "sendmail's exit was not seen");
+    assert!(
+        checked.contains("sendmail exit 0"),
+        "sendmail's exit was not seen"
+    );
     wait_for("the second message", Duration::from_secs(30), || {
         inst.count_new("alice") == 2
     });

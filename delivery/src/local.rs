@@ -51,7 +51,13 @@ impl Attempt {
         // FNV-1a: stable across builds and machines, unlike std's hasher.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         let route = r.route.as_deref().unwrap_or("");
-        for b in r.address.to_string().bytes().chain([0]).chain(route.bytes()) {
+        for b in r
+            .address
+            .to_string()
+            .bytes()
+            .chain([0])
+            .chain(route.bytes())
+        {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
         Attempt {
@@ -318,7 +324,8 @@ impl LocalAgent {
         let account = match user.as_deref().map(Account::lookup) {
             Some(Ok(a)) => Some(a),
             Some(Err(e)) => {
-                let why = format!("4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)");
+                let why =
+                    format!("4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)");
                 return Attempted::Done(Outcome::Temp(why));
             }
             None => None,

@@ -86,7 +86,11 @@ pub fn holds(dir: &Path, name: &Name) -> io::Result<bool> {
     }
     for sub in ["new", "cur"] {
         for e in std::fs::read_dir(dir.join(sub))? {
-            if e?.file_name().as_encoded_bytes().starts_with(name.stem.as_bytes()) {
+            if e?
+                .file_name()
+                .as_encoded_bytes()
+                .starts_with(name.stem.as_bytes())
+            {
                 return Ok(true);
             }
         }

@@ -170,7 +170,8 @@ impl SmtpAgent {
         let connected = reached.iter().all(|r| r.failure.is_none());
         if !reached.iter().any(|r| r.connected) {
             if let Some(why) = reached.iter().find_map(|r| r.failure.clone()) {
-                self.dead.mark(&dest.target, why, self.cfg.outgoing.min_backoff);
+                self.dead
+                    .mark(&dest.target, why, self.cfg.outgoing.min_backoff);
             }
         }
         if let Ok(mut w) = self.window.lock() {

@@ -256,7 +256,6 @@ impl SmtpAgent {
         }
         c.quit();
     }
-
 }
 
 impl SmtpAgent {
@@ -426,6 +425,12 @@ impl qms_delivery::Agent for SmtpAgent {
             }
         });
         // A destination thread that died (it should not) leaves its jobs here: retry later.
-        self.finish(slots.into_iter().flatten().map(|c| (c, Vec::new())).collect());
+        self.finish(
+            slots
+                .into_iter()
+                .flatten()
+                .map(|c| (c, Vec::new()))
+                .collect(),
+        );
     }
 }

@@ -71,9 +71,8 @@ impl Spool {
 
     /// Flushes the spool's whole file system (`syncfs`).
     pub fn sync_all(&self) -> Result<(), SpoolError> {
-        let dir = File::open(self.root()).and_then(|d| {
-            nix::unistd::syncfs(&d).map_err(io::Error::from)
-        });
+        let dir =
+            File::open(self.root()).and_then(|d| nix::unistd::syncfs(&d).map_err(io::Error::from));
         dir.map_err(|err| SpoolError::Io {
             what: "sync".into(),
             path: self.root().to_path_buf(),
@@ -106,7 +105,9 @@ mod tests {
         };
         let to = Recipient::new("a@b.test".parse().unwrap());
         let job = Job::new("local", None, vec![to], Client::default(), "smtp", &timing);
-        let id = spool.enqueue(job, &|_| b"Subject: x\r\n\r\nx\r\n".to_vec()).unwrap();
+        let id = spool
+            .enqueue(job, &|_| b"Subject: x\r\n\r\nx\r\n".to_vec())
+            .unwrap();
         let mut c = claim(&spool, &id);
         assert!(!c.interrupted());
         spool.mark_attempts(std::iter::once(&mut *c), true).unwrap();

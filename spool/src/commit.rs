@@ -6,8 +6,8 @@
 
 use crate::id::QueueId;
 use crate::store::{Claimed, Spool, SpoolError, Staged};
-use qms_common::safeio;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use qms_common::safeio;
 use std::io;
 
 type Reply = Sender<Result<QueueId, SpoolError>>;

@@ -11,8 +11,8 @@ mod id;
 mod job;
 pub mod maildrop;
 pub mod perms;
-pub mod reserve;
 mod recover;
+pub mod reserve;
 mod store;
 mod watch;
 

@@ -580,8 +580,11 @@ impl Spool {
         // A job that waits carries its next attempt as its modification time (as Postfix's
         // deferred queue does), so a worker learns when it is due from a stat, not a read.
         if job.next_attempt > qms_common::time::now() {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(job.next_attempt as u64);
-            s.file().set_modified(at).map_err(io_err("set the time of", &tmp))?;
+            let at =
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(job.next_attempt as u64);
+            s.file()
+                .set_modified(at)
+                .map_err(io_err("set the time of", &tmp))?;
         }
         // Waits, rather than fails, for a recycled file whose last holder is letting go.
         s.file().lock_exclusive().map_err(io_err("lock", &tmp))?;

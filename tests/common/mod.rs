@@ -216,7 +216,11 @@ scan_interval = 2
     /// Stops the instance with `qms stop` (for a supervisor run under another program).
     pub fn stop_gently(&mut self) {
         let out = self.qms(&["stop"]);
-        assert!(out.status.success(), "qms stop: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "qms stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
@@ -242,15 +246,19 @@ scan_interval = 2
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
-        wait_for("every process of the instance gone", Duration::from_secs(20), || {
-            let _ = Command::new("pkill")
-                .args(["-KILL", "-f", &pattern])
-                .status();
-            !Command::new("pgrep")
-                .args(["-f", &pattern])
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        wait_for(
+            "every process of the instance gone",
+            Duration::from_secs(20),
+            || {
+                let _ = Command::new("pkill")
+                    .args(["-KILL", "-f", &pattern])
+                    .status();
+                !Command::new("pgrep")
+                    .args(["-f", &pattern])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
     }
 
     pub fn log(&self) -> String {
