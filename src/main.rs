@@ -8,6 +8,7 @@ mod roles;
 mod showq;
 mod signals;
 mod supervisor;
+mod suppress;
 
 use clap::{Parser, Subcommand};
 use qms_common::Config;
@@ -68,6 +69,9 @@ enum Cmd {
     /// Look into the queue and act on it.
     #[command(subcommand)]
     Queue(queuetool::QueueCmd),
+    /// The suppression list: recipients tracked sending no longer sends to.
+    #[command(subcommand)]
+    Suppress(suppress::SuppressCmd),
     /// Check the config file and say where it is wrong.
     CheckConfig,
     /// Check the aliases file (lookups read it directly; changes apply without a restart).
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         Cmd::Track(a) => track(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
         Cmd::Queue(q) => queuetool::run(&cfg, q),
+        Cmd::Suppress(s) => suppress::run(&cfg, s),
         Cmd::CheckConfig => checks::run(&cfg),
         Cmd::Newaliases => newaliases(&cfg),
         Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) => ExitCode::SUCCESS,
@@ -252,6 +257,9 @@ fn track(cfg: &Config, a: TrackArgs) -> ExitCode {
         }
         if let Some(n) = e.attempt {
             line.push_str(&format!(" attempt={n}"));
+        }
+        if let Some(r) = &e.reason {
+            line.push_str(&format!(" reason=\"{r}\""));
         }
         if !e.role.is_empty() {
             line.push_str(&format!(" by={}", e.role));

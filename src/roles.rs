@@ -155,7 +155,7 @@ pub fn tracker(cfg: Config) -> ExitCode {
     };
     let dir = spool.root().join("track");
     while !signals::stopping() {
-        match db.ingest(&dir) {
+        match db.ingest(&dir, &cfg.tracking.suppress) {
             Ok(0) => std::thread::sleep(Duration::from_millis(250)),
             Ok(_) => {}
             Err(e) => {

@@ -1,5 +1,8 @@
-//! `qms dsn classify` over report fixtures written from RFC 3464 and RFC 8098 and from the
-//! formats Postfix, Sendmail, Exchange, Gmail, qmail (QSBMF), Exim and Yahoo produce.
+//! `qms dsn classify` over report fixtures written from RFC 3464, RFC 8098, RFC 5965 and
+//! RFC 3834 and from the formats Postfix, Sendmail, Exchange, Gmail, qmail (QSBMF), Exim,
+//! Yahoo and Amazon SES produce; and over mail as mailboxes really hold it (a leading mbox
+//! `From ` line, bare CR or CRLF line ends, 8-bit text in an undeclared charset, HTML only,
+//! a report forwarded as an attachment).
 
 mod common;
 use common::*;
@@ -14,7 +17,7 @@ fn classify_all() -> (HashMap<String, serde_json::Value>, String, Option<i32>) {
         .map(|e| e.path())
         .collect();
     files.sort();
-    let out = Command::new(BIN)
+    let out = Command::new(test_bin())
         .args(["dsn", "classify"])
         .args(&files)
         .output()
@@ -143,4 +146,83 @@ fn classifies_every_format() {
     );
 
     assert_eq!(r["other.eml"]["kind"], "other");
+}
+
+fn only(v: &serde_json::Value) -> (&str, &str, &str, &str) {
+    let rs = v["recipients"].as_array().unwrap();
+    assert_eq!(rs.len(), 1, "one recipient: {v}");
+    let r = &rs[0];
+    (
+        r["address"].as_str().unwrap_or(""),
+        r["action"].as_str().unwrap_or(""),
+        r["status"].as_str().unwrap_or(""),
+        r["reason"].as_str().unwrap_or(""),
+    )
+}
+
+#[test]
+fn reads_mail_as_it_really_arrives() {
+    let (r, _, _) = classify_all();
+    // Saved from an mbox: the `From ` line is no header field, but the file is mail.
+    let m = &r["mbox-from.eml"];
+    assert_eq!(m["kind"], "dsn");
+    assert_eq!(
+        only(m),
+        ("list-alias@far.test", "failed", "5.2.2", "mailbox full")
+    );
+    assert_eq!(
+        m["recipients"][0]["original_recipient"], "lena@far.test",
+        "the address the sender used is kept beside the final one"
+    );
+    assert_eq!(m["original_message_id"], "offer-30@sender.test");
+
+    let c = &r["cr-only.eml"];
+    assert_eq!(c["kind"], "bounce");
+    assert_eq!(only(c), ("mo@far.test", "failed", "5.1.1", "user unknown"));
+    assert_eq!(c["original_message_id"], "offer-31@sender.test");
+
+    let e = &r["exim-crlf.eml"];
+    assert_eq!(only(e), ("ned@far.test", "failed", "5.7.1", "blocked"));
+
+    let l = &r["latin1.eml"];
+    assert_eq!(only(l).0, "sven@far.test");
+    assert_eq!(only(l).3, "user unknown");
+
+    let h = &r["html-only.eml"];
+    assert_eq!(only(h).0, "tess@tenant.test");
+
+    // A bounce forwarded by a help desk is read from inside the forward.
+    let f = &r["forwarded.eml"];
+    assert_eq!(f["kind"], "dsn");
+    assert_eq!(
+        only(f),
+        ("quinn@corp.test", "failed", "5.1.10", "user unknown")
+    );
+
+    // Sendmail v5 names the recipient only in the returned message; the reply in the
+    // transcript was transient, but the report is final.
+    let t = &r["transcript-only.eml"];
+    assert_eq!(only(t), ("rex@far.test", "failed", "5.0.0", "expired"));
+
+    let s = &r["ses.eml"];
+    assert_eq!(only(s), ("uma@far.test", "failed", "5.1.1", "user unknown"));
+}
+
+#[test]
+fn complaints_and_auto_replies_are_not_failures() {
+    let (r, _, _) = classify_all();
+    let a = &r["arf.eml"];
+    assert_eq!(
+        (a["kind"].as_str(), a["feedback_type"].as_str()),
+        (Some("feedback"), Some("abuse"))
+    );
+    assert_eq!(only(a).0, "olga@isp.test");
+    assert_eq!(only(a).1, "complained");
+    assert_eq!(a["original_message_id"], "offer-33@sender.test");
+
+    // Words like "not delivered" in a vacation message do not make it a bounce.
+    let v = &r["vacation.eml"];
+    assert_eq!(v["kind"], "autoreply");
+    assert!(v["recipients"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["original_message_id"], "offer-34@sender.test");
 }

@@ -11,6 +11,7 @@ pub mod expand;
 pub mod headers;
 pub mod log;
 pub mod privs;
+pub mod reason;
 pub mod safeio;
 pub mod time;
 pub mod tls;

@@ -29,6 +29,10 @@ pub struct Event {
     pub to: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
+    /// Why a recipient failed or waits, in the words of `reason::Reason` ("user unknown", …);
+    /// derived from the reply when the emitter knows no better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +81,14 @@ impl Event {
     }
 }
 
+/// Events that say a recipient failed or must wait: those get a reason.
+pub fn is_trouble(event: &str) -> bool {
+    matches!(
+        event,
+        "failed" | "deferred" | "expired" | "delayed" | "soft-failed" | "suppressed"
+    )
+}
+
 struct Writer {
     file: File,
     role: String,
@@ -107,6 +119,10 @@ pub fn emit(mut ev: Event) {
     let Some(w) = WRITER.get() else { return };
     let Ok(mut w) = w.lock() else { return };
     ev.role = w.role.clone();
+    if ev.reason.is_none() && is_trouble(&ev.event) {
+        let reply = ev.reply.as_deref();
+        ev.reason = reply.map(|r| crate::reason::of(None, Some(r)).as_str().to_string());
+    }
     let Ok(mut line) = serde_json::to_vec(&ev) else {
         return;
     };

@@ -215,12 +215,14 @@ impl DsnProc<'_> {
                 &to,
             );
             ev.reply = rr.diagnostic.clone().or(rr.status.clone());
+            ev.reason = rr.reason.map(|x| x.as_str().to_string());
             ev.relay = r.reporting_mta.clone();
             qms_common::track::emit(ev);
             qlog!(
-                "qid={qid} to={} status={event} report={kind} dsn={} file={file}",
+                "qid={qid} to={} status={event} report={kind} dsn={} reason={} file={file}",
                 rr.address,
-                rr.status.as_deref().unwrap_or("-")
+                rr.status.as_deref().unwrap_or("-"),
+                quote(rr.reason.map_or("-", |x| x.as_str()))
             );
             let hard =
                 rr.action == "failed" && rr.status.as_deref().is_none_or(|s| s.starts_with('5'));

@@ -7,6 +7,7 @@
 
 mod msp;
 mod smarthost;
+mod suppress;
 
 use qms_common::address::{logged, logged_sender};
 use qms_common::expand::{Dest, Expanded, Expander};
@@ -22,15 +23,18 @@ pub struct Router {
     cfg: Arc<Config>,
     spool: Spool,
     aliases: qms_common::aliases::Cache,
+    suppression: suppress::Suppression,
 }
 
 impl Router {
     pub fn new(cfg: Arc<Config>, spool: Spool) -> Router {
         let aliases = qms_common::aliases::Cache::new(cfg.aliases.clone());
+        let suppression = suppress::Suppression::new(spool.root());
         Router {
             cfg,
             spool,
             aliases,
+            suppression,
         }
     }
 
@@ -225,8 +229,26 @@ impl Router {
             ev.crossref = crossref.clone();
             ev
         };
+        let consult = tracked && !c.job.ignore_suppression;
         for r in c.job.recipients.iter_mut() {
             if r.state.is_final() {
+                continue;
+            }
+            if let Some(s) = consult
+                .then(|| self.suppression.check(&r.address))
+                .flatten()
+            {
+                qlog!(
+                    "qid={id} from={sender} to={} status=suppressed ({})",
+                    logged(&r.address),
+                    s.reply
+                );
+                let mut ev =
+                    track(&r.address, "suppressed", "queued", "failed").reply(Some(&s.reply));
+                ev.reason = Some(s.reason);
+                events.push(ev);
+                r.state = RcptState::Failed;
+                r.reply = Some(s.reply);
                 continue;
             }
             let expanded = expander.expand(&r.address);

@@ -21,7 +21,8 @@
 //!   must then be given; absent, a smarthost is used when one is named.
 //! - `BX-Sending-Run-Control: dryrun` routes,
 //!   logs and tracks but delivers nothing; `debug` logs the whole SMTP dialogue of the
-//!   message (credentials hidden). Both may be given, comma-separated.
+//!   message (credentials hidden); `ignore-suppression` sends to recipients on the
+//!   suppression list too (`qms suppress`). Any of them may be given, comma-separated.
 //! - `BX-MTA-Rem-*` (see `smarthost`) sends the message's SMTP recipients through a smarthost
 //!   of its own; only for `[msp] smarthost_users`. Their values never reach a log.
 //! - `BX-MTA-Submission-Pre-Plugins: NAME, NAME` and `-Post-Plugins:` name programs of the
@@ -175,6 +176,7 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
         .to_ascii_lowercase();
     let words: Vec<&str> = control.split([',', ' ']).collect();
     job.dryrun = words.contains(&"dryrun");
+    job.ignore_suppression = words.contains(&"ignore-suppression");
     job.debug = words.contains(&"debug");
     let mut refusal = None;
     let mut pre_plugins = Vec::new();

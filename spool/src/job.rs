@@ -200,6 +200,9 @@ pub struct Job {
     /// `BX-Sending-Run-Control: dryrun`: route, log and track, deliver nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dryrun: bool,
+    /// `BX-Sending-Run-Control: ignore-suppression`: send even to suppressed recipients.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_suppression: bool,
     /// `BX-Sending-Run-Control: debug`: log the whole SMTP dialogue of this message.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug: bool,
@@ -283,6 +286,7 @@ impl Job {
             crossref: None,
             nd_actions: Vec::new(),
             dryrun: false,
+            ignore_suppression: false,
             debug: false,
             smarthost: None,
             post_plugins: Vec::new(),

@@ -5,6 +5,10 @@
 //! transaction as the events read, so a tracker killed at any point resumes where its last
 //! commit left off. A file is removed only once fully read and no longer locked by its writer.
 
+mod suppress;
+
+pub use suppress::Suppressed;
+
 use qms_common::track::Event;
 use rusqlite::{params, Connection};
 use std::io::{Read, Seek, SeekFrom};
@@ -52,6 +56,8 @@ impl Db {
         .map_err(err)?;
         // Added after the first schema: present in new databases, added to old ones.
         let _ = conn.execute("ALTER TABLE events ADD COLUMN crossref TEXT", []);
+        let _ = conn.execute("ALTER TABLE events ADD COLUMN reason TEXT", []);
+        conn.execute_batch(suppress::SCHEMA).map_err(err)?;
         conn.execute(
             "CREATE INDEX IF NOT EXISTS events_crossref ON events(crossref)",
             [],
@@ -60,9 +66,10 @@ impl Db {
         Ok(Db { conn })
     }
 
-    /// One pass over the event files in `dir`: reads every complete line not read yet.
-    /// Returns the number of events stored.
-    pub fn ingest(&mut self, dir: &Path) -> Result<usize, String> {
+    /// One pass over the event files in `dir`: reads every complete line not read yet, and
+    /// puts on the suppression list the recipients of hard failures and complaints whose
+    /// reason `auto` names. Returns the number of events stored.
+    pub fn ingest(&mut self, dir: &Path, auto: &[String]) -> Result<usize, String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?
             .flatten()
@@ -99,7 +106,7 @@ impl Db {
             let complete = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             {
                 let mut insert = tx
-                    .prepare_cached("INSERT INTO events (time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role, crossref) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)")
+                    .prepare_cached("INSERT INTO events (time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role, crossref, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)")
                     .map_err(err)?;
                 for line in data[..complete]
                     .split(|b| *b == b'\n')
@@ -120,9 +127,19 @@ impl Db {
                                     ev.relay,
                                     ev.attempt,
                                     ev.role,
-                                    ev.crossref
+                                    ev.crossref,
+                                    ev.reason
                                 ])
                                 .map_err(err)?;
+                            if let Some(why) = suppress::auto_reason(&ev, auto) {
+                                suppress::add_auto(&tx, &ev, &why)?;
+                                qms_common::qlog!(
+                                    "qid={} to={} status=suppressed reason={}",
+                                    ev.qid,
+                                    ev.recipient,
+                                    qms_common::log::quote(&why)
+                                );
+                            }
                             stored += 1;
                         }
                         Err(e) => qms_common::qlog!(
@@ -187,7 +204,7 @@ impl Db {
     /// The events a query selects, oldest first.
     pub fn history(&self, q: &Query) -> Result<Vec<Event>, String> {
         let mut sql = String::from(
-            "SELECT time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role, crossref FROM events WHERE 1=1",
+            "SELECT time, qid, message_id, recipient, event, state_from, state_to, reply, relay, attempt, role, crossref, reason FROM events WHERE 1=1",
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if let Some(id) = &q.id {
@@ -239,6 +256,7 @@ impl Db {
                     attempt: r.get::<_, Option<i64>>(9)?.map(|a| a as u32),
                     role: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
                     crossref: r.get(11)?,
+                    reason: r.get(12)?,
                 })
             })
             .map_err(err)?;

@@ -396,6 +396,9 @@ pub struct Tracking {
     pub key: Vec<u8>,
     /// `[tracking.imap]`: a remote mailbox whose reports are fetched into `envelope_maildir`.
     pub imap: Option<Imap>,
+    /// The reasons of hard failures ("user unknown", "has moved", …, and "complaint") that
+    /// put a recipient on the suppression list by themselves; empty: only `qms suppress add`.
+    pub suppress: Vec<String>,
 }
 
 /// A remote IMAP mailbox, reached over TLS from the first byte (IMAPS).
@@ -451,6 +454,21 @@ impl Config {
             }
         };
 
+        if let Some(bad) = raw.tracking.suppress.iter().flatten().find(|r| {
+            !r.eq_ignore_ascii_case("complaint") && crate::reason::Reason::parse(r).is_none()
+        }) {
+            let words: Vec<&str> = crate::reason::Reason::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .collect();
+            return Err(err(
+                "tracking.suppress",
+                format!(
+                    "{bad:?} is not \"complaint\" or a reason: {}",
+                    words.join(", ")
+                ),
+            ));
+        }
         let hostname = match raw.hostname {
             Some(h) => h,
             None => nix::unistd::gethostname()
@@ -750,6 +768,11 @@ impl Config {
                 envelope,
                 key,
                 imap,
+                suppress: raw.tracking.suppress.unwrap_or_else(|| {
+                    ["user unknown", "has moved", "complaint"]
+                        .map(String::from)
+                        .to_vec()
+                }),
             },
             msp: Msp {
                 smarthost_users: raw.msp.smarthost_users,

@@ -128,6 +128,7 @@ pub(super) struct RawTracking {
     pub(super) key: Option<String>,
     pub(super) key_file: Option<String>,
     pub(super) imap: Option<RawImap>,
+    pub(super) suppress: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
