@@ -1,6 +1,10 @@
 //! Error mail: RFC 3464 delivery status notifications, sent with the null sender to the
 //! envelope sender (a bounce of a bounce goes to the postmaster, and no further).
 
+use mail_builder::headers::content_type::ContentType;
+use mail_builder::headers::raw::Raw;
+use mail_builder::mime::{BodyPart, MimePart};
+use mail_builder::MessageBuilder;
 use qms_common::{qlog, time, Address, Config};
 use qms_spool::{Client, DsnRet, Job, Notify, QueueId, Recipient, Spool};
 
@@ -125,7 +129,7 @@ pub fn bounce(
     ));
     let tracked = new.clone();
     let mid = tracked.message_id.clone().unwrap_or_default();
-    let build = |id: &QueueId| report(cfg, job, &rcpts, kind, &to, id, &original, &mid);
+    let build = |_: &QueueId| report(cfg, job, &rcpts, kind, &to, &original, &mid);
     let id = spool.enqueue(new, &build).map_err(|e| e.to_string())?;
     let mut ev = tracked.track(&to, "received", "", "queued");
     ev.qid = id.to_string();
@@ -146,50 +150,82 @@ fn report(
     rcpts: &[&Recipient],
     kind: Kind,
     to: &Address,
-    id: &QueueId,
     original: &[u8],
     message_id: &str,
 ) -> Vec<u8> {
     let now = time::now();
     let host = &cfg.hostname;
-    let boundary = format!("{id}.{now}/{host}");
     let subject = match kind {
         Kind::Failure => "Undelivered Mail Returned to Sender",
         Kind::Delay => "Delayed Mail (still being retried)",
         Kind::Success | Kind::Relayed => "Successful Mail Delivery Report",
     };
-    let mut m = String::new();
-    m.push_str(&format!(
-        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\n"
-    ));
-    m.push_str(&format!("To: <{to}>\r\nSubject: {subject}\r\n"));
-    m.push_str(&format!(
-        "Date: {}\r\nMessage-ID: <{message_id}>\r\n",
-        time::rfc5322(now)
-    ));
-    m.push_str("Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n");
-    m.push_str(&format!("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\n"));
-    m.push_str("This is a MIME-encapsulated message.\r\n\r\n");
-    m.push_str(&format!("--{boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"));
-    m.push_str(&format!("This is the mail system at host {host}.\r\n\r\n"));
-    m.push_str(match kind {
+    let mut text = format!("This is the mail system at host {host}.\r\n\r\n");
+    text.push_str(match kind {
         Kind::Failure => "I'm sorry to have to inform you that your message could not\r\nbe delivered to one or more recipients. The reasons follow.\r\n\r\n",
         Kind::Delay => "Your message could not yet be delivered to one or more recipients.\r\nIt will be retried until it is too old; you need not send it again.\r\n\r\n",
         Kind::Success => "Your message was delivered to the recipients below.\r\n\r\n",
         Kind::Relayed => "Your message was relayed to the recipients' mail servers, which do not\r\nreport delivery: this is the last report you will get.\r\n\r\n",
     });
     for r in rcpts {
-        m.push_str(&format!(
-            "<{}>: {}\r\n",
-            r.address,
-            r.reply.as_deref().unwrap_or(kind.action())
-        ));
+        let said = r.reply.as_deref().unwrap_or(kind.action());
+        text.push_str(&format!("<{}>: {said}\r\n", r.address));
     }
-    m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"));
-    m.push_str(&format!(
-        "Reporting-MTA: dns; {host}\r\nX-Qms-Queue-ID: {}\r\n",
-        job.id
-    ));
+    let headers_only = job.ret == Some(DsnRet::Hdrs);
+    let (desc, ctype, returned) = if headers_only || kind != Kind::Failure {
+        let end = original
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 2)
+            .unwrap_or(original.len());
+        (
+            "Undelivered Message Headers",
+            "text/rfc822-headers",
+            &original[..end],
+        )
+    } else {
+        ("Undelivered Message", "message/rfc822", original)
+    };
+    // A returned message is never re-encoded (RFC 2046 5.2.1): 8bit when it has 8-bit bytes.
+    let cte = if returned.is_ascii() { "7bit" } else { "8bit" };
+    let leaf = |ctype: &'static str, desc: &'static str, body: Vec<u8>, cte: &'static str| {
+        MimePart::new(ContentType::new(ctype), BodyPart::Binary(body.into()))
+            .transfer_encoding(cte)
+            .header("Content-Description", Raw::new(desc))
+    };
+    let parts = vec![
+        MimePart::new("text/plain", text).header("Content-Description", Raw::new("Notification")),
+        leaf(
+            "message/delivery-status",
+            "Delivery report",
+            delivery_status(cfg, job, rcpts, kind, now).into_bytes(),
+            "7bit",
+        ),
+        leaf(ctype, desc, returned.to_vec(), cte),
+    ];
+    let report = ContentType::new("multipart/report").attribute("report-type", "delivery-status");
+    MessageBuilder::new()
+        .from((
+            "Mail Delivery System",
+            format!("MAILER-DAEMON@{host}").as_str(),
+        ))
+        .to(to.to_string())
+        .subject(subject)
+        .date(now)
+        .message_id(message_id)
+        .header("Auto-Submitted", Raw::new("auto-replied"))
+        .body(MimePart::new(report, parts))
+        .write_to_vec()
+        .unwrap_or_default()
+}
+
+/// The `message/delivery-status` fields (RFC 3464): the per-message fields, then one block
+/// per recipient whose Action and Status always agree.
+fn delivery_status(cfg: &Config, job: &Job, rcpts: &[&Recipient], kind: Kind, now: i64) -> String {
+    let mut m = format!(
+        "Reporting-MTA: dns; {}\r\nX-Qms-Queue-ID: {}\r\n",
+        cfg.hostname, job.id
+    );
     if let Some(envid) = &job.envid {
         m.push_str(&format!("Original-Envelope-Id: {}\r\n", xtext(envid)));
     }
@@ -221,10 +257,14 @@ fn report(
             } else {
                 "x-unix"
             };
-            m.push_str(&format!(
-                "Diagnostic-Code: {dtype}; {}\r\n",
-                reply.replace(['\r', '\n'], " ")
-            ));
+            // The fields are 7-bit text (RFC 3464 2.1.1): other bytes of a reply as xtext.
+            let reply = reply.replace(['\r', '\n'], " ");
+            let reply = if reply.is_ascii() {
+                reply
+            } else {
+                xtext(&reply)
+            };
+            m.push_str(&format!("Diagnostic-Code: {dtype}; {reply}\r\n"));
         }
         m.push_str(&format!("Last-Attempt-Date: {}\r\n", time::rfc5322(now)));
         if kind == Kind::Delay {
@@ -234,31 +274,7 @@ fn report(
             ));
         }
     }
-    let headers_only = job.ret == Some(DsnRet::Hdrs);
-    let (desc, ctype, body) = if headers_only || kind != Kind::Failure {
-        let end = original
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|i| i + 2)
-            .unwrap_or(original.len());
-        (
-            "Undelivered Message Headers",
-            "text/rfc822-headers",
-            &original[..end],
-        )
-    } else {
-        ("Undelivered Message", "message/rfc822", original)
-    };
-    m.push_str(&format!(
-        "\r\n--{boundary}\r\nContent-Description: {desc}\r\nContent-Type: {ctype}\r\n\r\n"
-    ));
-    let mut out = m.into_bytes();
-    out.extend_from_slice(body);
-    if !body.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    out
+    m
 }
 
 #[cfg(test)]

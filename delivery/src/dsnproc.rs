@@ -9,6 +9,8 @@
 //! `new/` to `cur/`, as a mail reader would mark it read.
 
 use crate::report::{self, Report, ReportKind};
+use mail_builder::headers::raw::Raw;
+use mail_builder::MessageBuilder;
 use qms_common::log::quote;
 use qms_common::track::Event;
 use qms_common::{qlog, Address, Config};
@@ -309,13 +311,23 @@ impl DsnProc<'_> {
             .map(|a| format!("<{a}>"))
             .collect::<Vec<_>>()
             .join(", ");
+        // The subject is the reader's text, in any script: the builder encodes it (RFC 2047).
         let build = |id: &QueueId| -> Vec<u8> {
-            let now = qms_common::time::now();
-            format!(
-                "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: {to_line}\r\nSubject: Not delivered to {failed}: {subject}\r\nDate: {}\r\nMessage-ID: <{id}.notice@{host}>\r\nIn-Reply-To: <{message_id}>\r\nReferences: <{message_id}>\r\nAuto-Submitted: auto-generated\r\n\r\nThe message \"{subject}\" that you also received could not be delivered to\r\n{failed}. This notice goes to its other recipients, once.\r\n",
-                qms_common::time::rfc5322(now)
-            )
-            .into_bytes()
+            let to: Vec<String> = others.iter().map(|a| a.to_string()).collect();
+            MessageBuilder::new()
+                .from(("Mail Delivery System", format!("MAILER-DAEMON@{host}").as_str()))
+                .to(to)
+                .subject(format!("Not delivered to {failed}: {subject}"))
+                .date(qms_common::time::now())
+                .message_id(format!("{id}.notice@{host}"))
+                .in_reply_to(message_id)
+                .references(message_id)
+                .header("Auto-Submitted", Raw::new("auto-generated"))
+                .text_body(format!(
+                    "The message \"{subject}\" that you also received could not be delivered to\r\n{failed}. This notice goes to its other recipients, once.\r\n"
+                ))
+                .write_to_vec()
+                .unwrap_or_default()
         };
         match self.spool.enqueue(job, &build) {
             Ok(nid) => {

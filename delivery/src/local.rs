@@ -420,6 +420,9 @@ impl Agent for LocalAgent {
                 record(&mut batch[ji], ri, result);
             }
         }
+        for c in &batch {
+            settle::report_deliveries(&self.cfg, &self.spool, &c.job);
+        }
         settle::settle_all(&self.cfg, &self.spool, batch);
     }
 }

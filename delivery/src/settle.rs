@@ -34,6 +34,25 @@ pub fn report_failures(cfg: &Config, spool: &Spool, job: &qms_spool::Job) -> Res
     Ok(())
 }
 
+/// Sends the success reports that recipients delivered here asked for with NOTIFY=SUCCESS:
+/// the MTA that makes the final delivery is the one that reports it (RFC 3461 4.1).
+pub fn report_deliveries(cfg: &Config, spool: &Spool, job: &qms_spool::Job) {
+    let delivered: Vec<_> = job
+        .recipients
+        .iter()
+        .filter(|r| {
+            r.state == RcptState::Delivered && r.notify.contains(&qms_spool::Notify::Success)
+        })
+        .cloned()
+        .collect();
+    if delivered.is_empty() {
+        return;
+    }
+    if let Err(e) = dsn::bounce(cfg, spool, job, &delivered, dsn::Kind::Success) {
+        qlog!("qid={} status=dsn-error reason={}", job.id, quote(&e));
+    }
+}
+
 /// The tracking event of one delivery attempt for recipient `r` of `job`.
 pub fn attempt_event(
     job: &qms_spool::Job,
