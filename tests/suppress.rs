@@ -127,20 +127,36 @@ fn hard_bounces_and_complaints_are_not_sent_to_again() {
     wait_for("s-5 delivered", Duration::from_secs(30), || {
         ok.messages().iter().any(|m| m.contains("offer s-5"))
     });
-    let arf = "From: fbl@isp.test\nTo: bounces@example.test\nSubject: complaint\nMIME-Version: 1.0\n\
+    let arf = |who: &str| {
+        format!(
+            "From: fbl@isp.test\nTo: bounces@example.test\nSubject: complaint\nMIME-Version: 1.0\n\
 Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\n\n--F\nContent-Type: text/plain\n\n\
 A complaint.\n\n--F\nContent-Type: message/feedback-report\n\nFeedback-Type: abuse\nUser-Agent: FBL/1\nVersion: 1\n\
-Original-Rcpt-To: <carl@ok.test>\n\n--F\nContent-Type: message/rfc822\n\nFrom: app@example.test\nTo: carl@ok.test\n\
-Message-ID: <s-5@example.test>\nSubject: offer s-5\n\nbody\n--F--\n";
-    let tmp = inst.maildir("bounces").join("tmp/arf");
-    std::fs::create_dir_all(tmp.parent().unwrap()).unwrap();
-    std::fs::create_dir_all(inst.maildir("bounces").join("new")).unwrap();
-    std::fs::write(&tmp, arf).unwrap();
-    inst.own();
-    std::fs::rename(&tmp, inst.maildir("bounces").join("new/arf")).unwrap();
+Original-Rcpt-To: <{who}>\n\n--F\nContent-Type: message/rfc822\n\nFrom: app@example.test\nTo: {who}\n\
+Message-ID: <s-5@example.test>\nSubject: offer s-5\n\nbody\n--F--\n"
+        )
+    };
+    let drop = |name: &str, text: String| {
+        let tmp = inst.maildir("bounces").join("tmp").join(name);
+        std::fs::create_dir_all(tmp.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(inst.maildir("bounces").join("new")).unwrap();
+        std::fs::write(&tmp, text).unwrap();
+        inst.own();
+        std::fs::rename(&tmp, inst.maildir("bounces").join("new").join(name)).unwrap();
+    };
+    // A forged complaint about s-5 naming someone it was never sent to suppresses no one.
+    drop("forged", arf("boss@ok.test"));
+    drop("arf", arf("carl@ok.test"));
     wait_for("carl@ok.test on the list", Duration::from_secs(60), || {
         list(&inst).contains("carl@ok.test")
     });
+    // Its event is stored in the transaction that would have suppressed it.
+    wait_for(
+        "the forged complaint recorded",
+        Duration::from_secs(30),
+        || track(&inst, "s-5").contains("boss@ok.test"),
+    );
+    assert!(!list(&inst).contains("boss@ok.test"), "{}", list(&inst));
     assert!(
         list(&inst).contains("reason=\"complaint\""),
         "{}",

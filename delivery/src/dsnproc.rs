@@ -208,10 +208,12 @@ impl DsnProc<'_> {
                 (_, "relayed") => ("relayed".into(), "relayed".into()),
                 (_, other) => (other.to_string(), other.to_string()),
             };
+            // Recorded for the address the sender used, where the report tells it.
+            let addressed = rr.original_recipient.as_deref().unwrap_or(&rr.address);
             let mut ev = Event::new(
                 &qid,
                 message_id.as_deref(),
-                &rr.address,
+                addressed,
                 &event,
                 "relayed",
                 &to,

@@ -131,8 +131,16 @@ impl Db {
                                     ev.reason
                                 ])
                                 .map_err(err)?;
-                            if let Some(why) = suppress::auto_reason(&ev, auto) {
-                                suppress::add_auto(&tx, &ev, &why)?;
+                            let why = suppress::auto_reason(&ev, auto);
+                            if let Some(why) = why.filter(|w| {
+                                suppress::add_auto(&tx, &ev, w).unwrap_or_else(|e| {
+                                    qms_common::qlog!(
+                                        "status=error reason={}",
+                                        qms_common::log::quote(&e)
+                                    );
+                                    false
+                                })
+                            }) {
                                 qms_common::qlog!(
                                     "qid={} to={} status=suppressed reason={}",
                                     ev.qid,

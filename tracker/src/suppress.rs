@@ -51,18 +51,33 @@ pub(crate) fn auto_reason(ev: &qms_common::track::Event, auto: &[String]) -> Opt
 }
 
 /// Adds an automatic entry inside the ingest transaction; an existing entry is kept.
+/// A report read from outside (dsnproc) counts only for an address the message was really
+/// sent to: a forged report must not suppress whom it likes. Returns whether it counted.
 pub(crate) fn add_auto(
     tx: &Transaction,
     ev: &qms_common::track::Event,
     reason: &str,
-) -> Result<(), String> {
+) -> Result<bool, String> {
+    if ev.role.starts_with("dsnproc") {
+        let sent: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE qid = ?1 AND lower(recipient) = lower(?2)
+                 AND event IN ('received', 'routed', 'relayed', 'delivered'))",
+                params![ev.qid, ev.recipient],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        if !sent {
+            return Ok(false);
+        }
+    }
     tx.execute(
         "INSERT INTO suppressed (address, reason, source, qid, time) VALUES (?1, ?2, 'auto', ?3, ?4)
          ON CONFLICT(address) DO NOTHING",
         params![key(&ev.recipient), reason, ev.qid, (ev.time / 1_000_000) as i64],
     )
     .map_err(err)?;
-    Ok(())
+    Ok(true)
 }
 
 impl Db {
