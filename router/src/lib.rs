@@ -156,18 +156,25 @@ impl Router {
                 Err(e) => qlog!("qid={} status=error reason={}", c.job.id, quote(&e)),
             }
         }
+        // Recipients that failed at routing (unknown user, error: route) get error mail, made
+        // durable before their incoming job can go (a crash before the commit sends it twice).
+        for (c, _) in &routed {
+            if let Err(e) = qms_delivery::settle::report_failures(&self.cfg, &self.spool, &c.job) {
+                qlog!("qid={} status=bounce-error reason={}", c.job.id, quote(&e));
+            }
+        }
         if let Err(e) = self.spool.commit(staged) {
             // The incoming jobs stay; the periodic scan brings them back for another try.
             qlog!("status=error reason={}", quote(&e.to_string()));
             return;
         }
+        // From the commit until its incoming job is gone, a killed router would route a job
+        // again and an SMTP copy could go twice: the incoming jobs go first, all of them, and
+        // only then the events are written.
+        let mut all_events = Vec::new();
         for (c, events) in routed {
-            events.into_iter().for_each(qms_common::track::emit);
+            all_events.push(events);
             let id = c.job.id.clone();
-            // Recipients that failed at routing (unknown user, error: route) get error mail.
-            if let Err(e) = qms_delivery::settle::report_failures(&self.cfg, &self.spool, &c.job) {
-                qlog!("qid={id} status=bounce-error reason={}", quote(&e));
-            }
             if c.job
                 .recipients
                 .iter()
@@ -178,6 +185,10 @@ impl Router {
                 qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
             }
         }
+        all_events
+            .into_iter()
+            .flatten()
+            .for_each(qms_common::track::emit);
     }
 
     /// Keeps the incoming job for its deferred recipients only, to be routed again later;
