@@ -137,18 +137,7 @@ fn dryrun_routes_and_tracks_but_sends_nothing() {
 
 #[test]
 fn full_loop_bounce_tracked_and_co_recipient_told_once() {
-    let (ok_port, bad_port) = (free_port(), free_port());
-    let mut inst = relay_instance(
-        &[("ok.test", ok_port), ("bad.test", bad_port)],
-        "[tracking]\nenvelope_maildir = \"mail/bounces\"\n",
-    );
-    inst.edit_config(
-        "[mailboxes]\n",
-        "[mailboxes]\n\"bounces@example.test\" = { maildir = \"mail/bounces\" }\n",
-    );
-    let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
-    let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
-    inst.start();
+    let (inst, ok, _bad) = tracked_loop("");
     let msg = "From: app@example.test\nTo: a@ok.test, b@bad.test\nMessage-ID: <offer-77@example.test>\n\
 X-B-Envelope-Addr: bounces@example.test\nBX-Non-Delivery-Notification-Req-To: bounces@example.test\n\
 X-B-Non-Delivery-Notification-Actions: notify-co-recipients\nX-B-CrossRef: offer-77\nSubject: Your offer\n\nWelcome aboard.\n";

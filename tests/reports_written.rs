@@ -147,18 +147,7 @@ s.sendmail('bob@example.test',['gone@example.test'],'Subject: caf\\xe9\\r\\n\\r\
 
 #[test]
 fn co_recipient_notice_with_a_subject_in_any_script() {
-    let (ok_port, bad_port) = (free_port(), free_port());
-    let mut inst = relay_instance(
-        &[("ok.test", ok_port), ("bad.test", bad_port)],
-        "[tracking]\nenvelope_maildir = \"mail/bounces\"\nco_recipient_notices = true\n",
-    );
-    inst.edit_config(
-        "[mailboxes]\n",
-        "[mailboxes]\n\"bounces@example.test\" = { maildir = \"mail/bounces\" }\n",
-    );
-    let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
-    let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
-    inst.start();
+    let (inst, ok, _bad) = tracked_loop("co_recipient_notices = true\n");
     let msg = "From: app@example.test\nTo: a@ok.test, b@bad.test\nMessage-ID: <utf-1@example.test>\n\
 X-B-Envelope-Addr: bounces@example.test\nBX-Non-Delivery-Notification-Req-To: bounces@example.test\n\
 X-B-CrossRef: utf-1\nSubject: =?utf-8?q?Angebot_f=C3=BCr_Sie_=E2=80=93_=E6=97=A5=E6=9C=AC?=\n\nWillkommen.\n";

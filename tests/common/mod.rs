@@ -20,7 +20,7 @@ pub use client::SmtpClient;
 #[allow(unused_imports)]
 pub use dovecot::Dovecot;
 #[allow(unused_imports)]
-pub use sink::{relay_instance, Sink};
+pub use sink::{relay_instance, tracked_loop, Sink};
 #[allow(unused_imports)]
 pub use users::{as_user, in_system_config, SystemUser};
 

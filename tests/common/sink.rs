@@ -76,3 +76,23 @@ pub fn relay_instance(routes: &[(&str, u16)], extra: &str) -> Instance {
     );
     inst
 }
+
+/// A started instance that relays ok.test to a sink taking everything and bad.test to one
+/// refusing every recipient, the reports of tracked mail coming back to the Maildir of
+/// bounces@example.test (`dsnproc` reads it); `tracking` is added to its [tracking] section.
+/// Returns the instance and the two sinks (ok, bad).
+pub fn tracked_loop(tracking: &str) -> (Instance, Sink, Sink) {
+    let (ok_port, bad_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("ok.test", ok_port), ("bad.test", bad_port)],
+        &format!("[tracking]\nenvelope_maildir = \"mail/bounces\"\n{tracking}"),
+    );
+    inst.edit_config(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"bounces@example.test\" = { maildir = \"mail/bounces\" }\n",
+    );
+    let ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
+    let bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
+    inst.start();
+    (inst, ok, bad)
+}

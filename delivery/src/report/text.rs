@@ -132,50 +132,33 @@ pub fn report_text(text: &str) -> &str {
     &text[..cut]
 }
 
+#[rustfmt::skip]
+const GAVE_UP: &[&str] = &[
+    "not going to try again", "permanent error", "permanently", "given up", "gave up",
+    "retry timeout exceeded", "will not be retried", "no further delivery attempts",
+    "could not be delivered", "fatal error",
+];
+
+#[rustfmt::skip]
+const DELAYED: &[&str] = &[
+    "has been delayed", "has not yet been delivered", "still trying", "will be retried",
+    "will retry", "not yet been delivered", "delivery is delayed", "will continue trying",
+    "still being retried",
+];
+
+/// Words only a warning has: they decide even where failure words appear too.
+#[rustfmt::skip]
+const WARNING: &[&str] = &[
+    "warning message only", "do not need to resend", "will be retried for",
+    "delivery attempts will continue", "no action is required on your part",
+];
+
 /// Whether a text report speaks of a delay rather than a failure.
 pub fn is_delay(head: &Head, report: &str) -> bool {
     let lower = report.to_ascii_lowercase();
-    let gave_up = [
-        "not going to try again",
-        "permanent error",
-        "permanently",
-        "given up",
-        "gave up",
-        "retry timeout exceeded",
-        "will not be retried",
-        "no further delivery attempts",
-        "could not be delivered",
-        "fatal error",
-    ]
-    .iter()
-    .any(|p| lower.contains(p));
-    let delayed = [
-        "has been delayed",
-        "has not yet been delivered",
-        "still trying",
-        "will be retried",
-        "will retry",
-        "warning message only",
-        "do not need to resend",
-        "delivery attempts will continue",
-        "not yet been delivered",
-        "delivery is delayed",
-        "delivery has been delayed",
-        "will continue trying",
-        "still being retried",
-    ]
-    .iter()
-    .any(|p| lower.contains(p));
-    let warning = [
-        "warning message only",
-        "do not need to resend",
-        "will be retried for",
-        "delivery attempts will continue",
-        "no action is required on your part",
-    ]
-    .iter()
-    .any(|p| lower.contains(p));
-    warning || delayed && !gave_up || (head.subject.contains("delay") && !gave_up)
+    let says = |words: &[&str]| words.iter().any(|w| lower.contains(w));
+    let delayed = says(DELAYED) || head.subject.contains("delay");
+    says(WARNING) || delayed && !says(GAVE_UP)
 }
 
 /// The recipients of a text report, surest way first.
