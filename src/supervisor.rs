@@ -417,11 +417,15 @@ impl Supervisor {
         match Config::load(&self.cfg.path) {
             Ok(new) => {
                 qlog!("event=reload config={}", self.cfg.path.display());
-                // Listeners are bound once; a change of addresses needs a restart.
-                if new.smtp.listen != self.cfg.smtp.listen
-                    || new.submission.listen != self.cfg.submission.listen
-                {
-                    qlog!("event=reload status=warning reason=\"listen addresses change only at restart\"");
+                // Listeners are bound once, as root, and the supervisor is root no more: a
+                // listener added or removed takes effect at the next start, and says so.
+                let changed = listener_changes(&self.cfg, &new);
+                if !changed.is_empty() {
+                    qlog!(
+                        "event=reload status=warning reason={} listeners={}",
+                        quote("listen addresses change only when qms is restarted (qms stop; qms start)"),
+                        quote(&changed.join(","))
+                    );
                 }
                 self.cfg = new;
                 // Roles read the config when they start: the ones that stay are recycled
@@ -565,4 +569,31 @@ pub fn status(cfg: &Config) -> ExitCode {
     } else {
         ExitCode::from(3)
     }
+}
+
+/// The listen addresses `new` adds or drops against `old`, as `+ADDR (smtp)`/`-ADDR (smtp)`.
+fn listener_changes(old: &Config, new: &Config) -> Vec<String> {
+    let kinds = [
+        ("smtp", &old.smtp.listen, &new.smtp.listen),
+        ("submission", &old.submission.listen, &new.submission.listen),
+        (
+            "submissions",
+            &old.submissions.listen,
+            &new.submissions.listen,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (kind, was, now) in kinds {
+        out.extend(
+            now.iter()
+                .filter(|a| !was.contains(a))
+                .map(|a| format!("+{a} ({kind})")),
+        );
+        out.extend(
+            was.iter()
+                .filter(|a| !now.contains(a))
+                .map(|a| format!("-{a} ({kind})")),
+        );
+    }
+    out
 }

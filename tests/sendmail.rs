@@ -11,7 +11,7 @@ fn links(inst: &Instance) -> std::path::PathBuf {
     let bin = inst.dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     for name in ["sendmail", "mailq", "newaliases"] {
-        let _ = std::os::unix::fs::symlink(BIN, bin.join(name));
+        let _ = std::os::unix::fs::symlink(test_bin(), bin.join(name));
     }
     bin
 }
@@ -199,4 +199,59 @@ fn check_config_names_file_line_and_key() {
             && err.contains("teleport"),
         "{err}"
     );
+}
+
+/// Issue #14.2 and #14.3: cron's `To: root`-style bare names with -t get the local domain,
+/// and a successful sendmail writes nothing on stderr; its log line goes to the mail log.
+#[test]
+fn t_takes_bare_names_and_success_is_silent() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    let bin = links(&inst);
+    let sock_path = inst.dir.join("syslog.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    std::fs::set_permissions(
+        &sock_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let out = inst.sendmail_cmd(
+        Command::new(bin.join("sendmail"))
+            .env("QMS_CONFIG", &inst.config)
+            .env("QMS_SYSLOG_SOCKET", &sock_path)
+            .args(["-oi", "-t"]),
+        b"To: alice, bob\nSubject: bare names\n\nfrom cron\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty() && out.stdout.is_empty(),
+        "a sendmail that succeeds says nothing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut buf = vec![0u8; 4096];
+    let n = sock.recv(&mut buf).expect("a line in the mail log");
+    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        line.starts_with("<22>qms/sendmail[") && line.contains("status=queued"),
+        "{line}"
+    );
+    wait_for("both copies", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1 && inst.count_new("bob") == 1
+    });
+    // A refusal still goes to stderr, for the caller to see.
+    let out = inst.sendmail_cmd(
+        Command::new(bin.join("sendmail"))
+            .env("QMS_CONFIG", &inst.config)
+            .env("QMS_SYSLOG_SOCKET", &sock_path)
+            .args(["-oi", "-t"]),
+        b"Subject: nobody\n\nto no one\n",
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no recipients"));
 }

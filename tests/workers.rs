@@ -298,3 +298,57 @@ fn sighup_scales_workers_without_losing_or_doubling_jobs() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Issue #14.4: a listener added before a reload cannot be bound by a supervisor that is no
+/// longer root; the reload says so, naming it, instead of leaving it silently unbound.
+#[test]
+fn a_listener_added_at_reload_is_named_as_needing_a_restart() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    let port = free_port();
+    inst.edit_config(
+        "[submission]\nlisten = [",
+        &format!("[submissions]\nlisten = [\"127.0.0.1:{port}\"]\n[submission]\nlisten = ["),
+    );
+    inst.edit_config(
+        "[submissions]\n",
+        "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[submissions]\n",
+    );
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=mx.example.test",
+        ],
+        &inst.dir,
+    );
+    inst.own();
+    let pid: i32 = std::fs::read_to_string(inst.spool().join("run/qms.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("the reload", Duration::from_secs(30), || {
+        inst.log().contains("event=reload")
+    });
+    let log = inst.log();
+    assert!(
+        log.contains(&format!("+127.0.0.1:{port} (submissions)")) && log.contains("restarted"),
+        "{log}"
+    );
+}

@@ -181,17 +181,36 @@ pub fn recipients(msg: &[u8]) -> Vec<String> {
         .flatten()
     {
         for a in list.iter() {
-            if let Some(addr) = a.address() {
-                out.push(addr.to_string());
+            match (a.address(), a.name()) {
+                (Some(addr), _) => out.push(addr.to_string()),
+                // A bare name (`To: root`, `To: ann, ben`) is a local recipient, as every
+                // sendmail -t takes it; the caller adds the local domain.
+                (None, Some(name)) if is_bare_name(name) => out.push(name.to_string()),
+                _ => {}
             }
         }
     }
     out
 }
 
+/// A word that can be a local part on its own: no spaces, no `@`, no quoting or phrase.
+fn is_bare_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_names_are_recipients() {
+        // cron's `To: root`, and lists of bare names (issue #14.2).
+        let m = b"To: root\r\nCc: ann, ben\r\nBcc: \"Carl\" <carl@x.test>, undisclosed-recipients:;\r\n\r\nbody\r\n";
+        assert_eq!(recipients(m), ["root", "ann", "ben", "carl@x.test"]);
+    }
 
     #[test]
     fn finds_and_removes_fields() {

@@ -9,6 +9,19 @@ use std::sync::OnceLock;
 static ROLE: OnceLock<String> = OnceLock::new();
 static STAMP: OnceLock<bool> = OnceLock::new();
 static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SYSLOG: OnceLock<Option<std::os::unix::net::UnixDatagram>> = OnceLock::new();
+
+/// Sends every following line to the system log, facility mail, instead of stderr: for
+/// commands whose stderr is a user's terminal or a mail client (`sendmail`), as Postfix's
+/// sendmail logs to mail.log. The socket is /dev/log (`QMS_SYSLOG_SOCKET` names another);
+/// without one the lines are dropped, never shown to the user.
+pub fn to_syslog() {
+    let path = std::env::var_os("QMS_SYSLOG_SOCKET").unwrap_or_else(|| "/dev/log".into());
+    let sock = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.connect(&path).map(|()| s))
+        .ok();
+    let _ = SYSLOG.set(sock);
+}
 
 /// Writes every following line as one JSON object (`[log] format = "json"`).
 pub fn set_json(on: bool) {
@@ -24,6 +37,14 @@ pub fn init(role: &str) {
 pub fn write(line: &str) {
     let line = &*defang(line);
     let role = ROLE.get().map(String::as_str).unwrap_or("qms");
+    if let Some(sock) = SYSLOG.get() {
+        // RFC 3164 shape: <PRI>TAG[PID]: text; PRI 22 is facility mail, severity info.
+        let msg = format!("<22>qms/{role}[{}]: {line}", crate::pid());
+        if let Some(s) = sock {
+            let _ = s.send(msg.as_bytes());
+        }
+        return;
+    }
     if JSON.load(std::sync::atomic::Ordering::Relaxed) {
         let mut obj = serde_json::Map::new();
         obj.insert(

@@ -134,6 +134,9 @@ fn writes_spool(cfg: &Config, me: &Caller) -> bool {
 /// `Newaliases` are left to the caller (they are `qms queue list` and `qms newaliases`).
 pub fn run(cfg: &Config, raw: &[String], a: &Args) -> i32 {
     qms_common::log::init("sendmail");
+    // Silent on success like every sendmail: what it logs goes to the mail log, and only a
+    // refusal is written to stderr, for the user or program that called it.
+    qms_common::log::to_syslog();
     let me = match Caller::for_uid(cfg, nix::unistd::getuid().as_raw()) {
         Ok(c) => c,
         Err(e) => return fail(EX_NOUSER, &e),
