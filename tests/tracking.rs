@@ -73,3 +73,60 @@ fn events_survive_killed_tracker_and_writer_exactly_once() {
         assert_eq!(text.matches("received").count(), 1, "{text}");
     }
 }
+
+/// Issue #14.5: a message's events in the order they happened: received before routed,
+/// routed before delivered, for mail over SMTP and from sendmail alike.
+#[test]
+fn events_come_in_causal_order() {
+    let mut inst = Instance::new("", "");
+    inst.start();
+    let n = 60;
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let inst = &inst;
+            s.spawn(move || {
+                let mut c = SmtpClient::connect(inst.smtp_port).unwrap();
+                for i in (t..n / 2).step_by(3) {
+                    c.send(
+                        "a@client.test",
+                        "alice@example.test",
+                        &format!("Subject: s{i}\r\n\r\nx\r\n"),
+                    )
+                    .unwrap();
+                }
+            });
+        }
+        let inst = &inst;
+        s.spawn(move || {
+            send_many(inst, n / 2, 2, |i| {
+                (
+                    "bob".to_string(),
+                    format!("Subject: m{i}\n\nx\n").into_bytes(),
+                )
+            })
+        });
+    });
+    wait_for("every delivery tracked", Duration::from_secs(60), || {
+        count(&inst, "delivered") == n
+    });
+    let out = inst.qms(&["track", "--json"]);
+    let mut seen: std::collections::HashMap<(String, String), Vec<String>> = Default::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = (
+            v["qid"].as_str().unwrap_or("").to_string(),
+            v["recipient"].as_str().unwrap_or("").to_string(),
+        );
+        seen.entry(key)
+            .or_default()
+            .push(v["event"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(seen.len(), n);
+    for (k, events) in &seen {
+        assert_eq!(
+            events.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["received", "routed", "delivered"],
+            "{k:?}"
+        );
+    }
+}

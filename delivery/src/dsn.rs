@@ -130,9 +130,11 @@ pub fn bounce(
     let tracked = new.clone();
     let mid = tracked.message_id.clone().unwrap_or_default();
     let build = |_: &QueueId| report(cfg, job, &rcpts, kind, &to, &original, &mid);
+    let received_at = time::now_micros();
     let id = spool.enqueue(new, &build).map_err(|e| e.to_string())?;
     let mut ev = tracked.track(&to, "received", "", "queued");
     ev.qid = id.to_string();
+    ev.time = received_at;
     qms_common::track::emit(ev);
     qlog!(
         "qid={} status=bounce-sent dsn_qid={id} kind={} to={to} nrcpt={}",

@@ -666,6 +666,8 @@ impl<'a> Session<'a> {
             .or_else(|| headers::message_id_of(rx.head()));
         let size = rx.size;
         let tracked = job.clone();
+        // Stamped before the job can be seen: the router's "routed" must come after it.
+        let received_at = qms_common::time::now_micros();
         let result = rx
             .end()
             .and_then(|w| spool.stage_written(job, w))
@@ -684,6 +686,7 @@ impl<'a> Session<'a> {
                 for r in &tracked.recipients {
                     let mut ev = tracked.track(&r.address, "received", "", "queued");
                     ev.qid = id.to_string();
+                    ev.time = received_at;
                     qms_common::track::emit(ev);
                 }
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));

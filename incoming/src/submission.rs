@@ -211,11 +211,14 @@ impl Submission {
             .iter()
             .map(|r| r.address.to_string())
             .collect();
+        // Stamped before the job can be seen: the router's "routed" must come after it.
+        let received_at = qms_common::time::now_micros();
         match spool.enqueue(self.job.clone(), &build) {
             Ok(id) => {
                 for r in &self.job.recipients {
                     let mut ev = self.job.track(&r.address, "received", "", "queued");
                     ev.qid = id.to_string();
+                    ev.time = received_at;
                     qms_common::track::emit(ev);
                 }
                 qlog!(
