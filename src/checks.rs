@@ -50,6 +50,13 @@ pub fn problems(cfg: &Config) -> Vec<String> {
             }
         }
     }
+    let helper = qms_incoming::sendmail::postdrop_path(cfg);
+    if !helper.is_file() {
+        p.push(format!(
+            "{} is missing: local users cannot submit mail",
+            helper.display()
+        ));
+    }
     if let Some(tls) = &cfg.tls {
         if let Err(e) = qms_incoming::tls::server_config(tls) {
             p.push(format!("tls: {e}"));
@@ -60,14 +67,23 @@ pub fn problems(cfg: &Config) -> Vec<String> {
             p.push(format!("aliases: {e}"));
         }
     }
-    let helper = qms_incoming::sendmail::postdrop_path(cfg);
-    if !helper.is_file() {
-        p.push(format!(
-            "{} is missing: local users cannot submit mail",
-            helper.display()
-        ));
-    }
     p
+}
+
+/// What is worth saying but does not stop qms from running.
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if let Some(a) = &cfg.aliases {
+        if let Ok(aliases) = qms_common::aliases::Aliases::load(a) {
+            w.extend(
+                aliases
+                    .warnings
+                    .iter()
+                    .map(|x| format!("aliases: {}: {x}", a.display())),
+            );
+        }
+    }
+    w
 }
 
 /// The first word of a command must be an executable file (absolute, or in /usr/bin:/bin).
@@ -92,6 +108,9 @@ fn program(cmd: &str) -> Result<(), String> {
 }
 
 pub fn run(cfg: &Config) -> ExitCode {
+    for w in warnings(cfg) {
+        eprintln!("qms: {}: warning: {w}", cfg.path.display());
+    }
     let found = problems(cfg);
     if found.is_empty() {
         println!("{}: ok", cfg.path.display());

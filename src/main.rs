@@ -329,6 +329,9 @@ fn newaliases(cfg: &Config) -> ExitCode {
         }
         Some(p) => match qms_common::aliases::Aliases::load(p) {
             Ok(a) => {
+                for w in &a.warnings {
+                    eprintln!("newaliases: warning: {}: {w}", p.display());
+                }
                 println!("{}: {} aliases", p.display(), a.len());
                 ExitCode::SUCCESS
             }

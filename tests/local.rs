@@ -312,3 +312,66 @@ fn killing_the_router_mid_dispatch_loses_nothing() {
     eprintln!("{total} deliveries for {n} messages");
     assert!(inst.log().contains("event=died process=router"));
 }
+
+/// Issue #14.6: aliases that lead back to themselves fail as a forwarding loop (5.4.6), not as
+/// an unknown user; a name defined twice is warned about by newaliases and check-config,
+/// and the first definition is used, as postalias does.
+#[test]
+fn alias_loops_and_duplicate_names() {
+    let mut inst = Instance::new("", "");
+    std::fs::write(
+        inst.dir.join("aliases"),
+        "postmaster: alice\nping: pong\npong: ping\ndup: alice\ndup: bob\n",
+    )
+    .unwrap();
+    inst.own();
+    let out = inst.qms(&["newaliases"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success() && err.contains("alias \"dup\" is defined again (first at line 4)"),
+        "{err}"
+    );
+    let out = inst.qms(&["check-config"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("warning: aliases:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    inst.start();
+    smtp_send(
+        inst.smtp_port,
+        "bob@example.test",
+        &["ping@example.test", "dup@example.test"],
+        "Subject: round\r\n\r\nand round\r\n",
+        "",
+    );
+    wait_for(
+        "the loop's error mail to bob",
+        Duration::from_secs(30),
+        || {
+            inst.read_maildir("bob")
+                .iter()
+                .any(|m| m.contains("Undelivered Mail"))
+        },
+    );
+    let bounce = inst
+        .read_maildir("bob")
+        .into_iter()
+        .find(|m| m.contains("Undelivered Mail"))
+        .unwrap();
+    assert!(
+        bounce.contains("Status: 5.4.6") && bounce.contains("mail forwarding loop"),
+        "{bounce}"
+    );
+    wait_for("dup's copy at alice", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
+    assert_eq!(
+        inst.read_maildir("bob")
+            .iter()
+            .filter(|m| m.contains("and round"))
+            .count(),
+        1,
+        "bob has only the bounce: the second `dup` line is not used"
+    );
+}

@@ -20,6 +20,9 @@ pub enum Target {
 #[derive(Clone, Debug, Default)]
 pub struct Aliases {
     map: HashMap<String, Vec<Target>>,
+    /// What is not wrong enough to refuse the file but a reader should hear: a name defined
+    /// twice (the first is used, as postalias does).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -42,6 +45,8 @@ impl Aliases {
 
     pub fn parse(text: &str) -> Result<Aliases, AliasError> {
         let mut map = HashMap::new();
+        let mut first_line: HashMap<String, usize> = HashMap::new();
+        let mut warnings = Vec::new();
         // Join continuation lines (starting with white space) onto their entry first.
         let mut entries: Vec<(usize, String)> = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -84,9 +89,16 @@ impl Aliases {
                     message: format!("alias {name:?} has no targets"),
                 });
             }
+            if let Some(first) = first_line.get(&name) {
+                warnings.push(format!(
+                    "line {line}: alias {name:?} is defined again (first at line {first}); the first is used"
+                ));
+                continue;
+            }
+            first_line.insert(name.clone(), line);
             map.insert(name, targets);
         }
-        Ok(Aliases { map })
+        Ok(Aliases { map, warnings })
     }
 
     /// The targets of a name (the local part, lower-cased, or a full address).

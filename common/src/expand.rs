@@ -84,7 +84,7 @@ impl<'a> Expander<'a> {
             None => (addr.local(), None),
         };
         // An alias that names itself (`alice: alice, bob`) delivers to the user: expand once.
-        let targets = if local && first_visit {
+        let alias = if local {
             self.aliases
                 .get(&format!("{}@{}", user.to_lowercase(), addr.domain()))
                 .or_else(|| self.aliases.get(user))
@@ -97,8 +97,15 @@ impl<'a> Expander<'a> {
         } else {
             None
         };
+        let targets = alias.filter(|_| first_visit);
         let Some(targets) = targets else {
-            push(self.final_dest(addr, local));
+            match self.final_dest(addr, local) {
+                // Back at an alias that is no mailbox of its own: the aliases go round.
+                Dest::Fail(_) if alias.is_some() => push(Dest::Fail(format!(
+                    "5.4.6 <{addr}>: mail forwarding loop (its aliases lead back to it)"
+                ))),
+                dest => push(dest),
+            }
             return;
         };
         if depth >= MAX_DEPTH {
