@@ -197,16 +197,13 @@ pub fn deliver(cfg: Config, queue: &str) -> ExitCode {
         return ExitCode::from(64);
     }
     // Local delivery keeps the right to become each recipient's user; SMTP delivery does not.
-    let keep = if queue == "smtp" {
-        Privs::None
-    } else {
-        Privs::SwitchUser
-    };
+    let smtp = cfg.agent_of(queue) == qms_common::config::Agent::Smtp;
+    let keep = if smtp { Privs::None } else { Privs::SwitchUser };
     let spool = match start_role(&cfg, &format!("deliver/{queue}"), keep) {
         Ok(s) => s,
         Err(c) => return c,
     };
-    let batch = if queue == "smtp" { 32 } else { 128 };
+    let batch = if smtp { 32 } else { 128 };
     let mut watcher = match Watcher::new(spool.clone(), queue, watch_options(&cfg, batch)) {
         Ok(w) => w,
         Err(e) => {
@@ -215,9 +212,13 @@ pub fn deliver(cfg: Config, queue: &str) -> ExitCode {
         }
     };
     let cfg = Arc::new(cfg);
-    let mut agent: Box<dyn qms_delivery::Agent> = match queue {
-        "smtp" => Box::new(qms_outgoing::SmtpAgent::new(cfg.clone(), spool.clone())),
-        _ => Box::new(qms_delivery::LocalAgent::new(cfg.clone(), spool.clone())),
+    let mut agent: Box<dyn qms_delivery::Agent> = match smtp {
+        true => Box::new(qms_outgoing::SmtpAgent::new(
+            cfg.clone(),
+            spool.clone(),
+            queue,
+        )),
+        false => Box::new(qms_delivery::LocalAgent::new(cfg.clone(), spool.clone())),
     };
     while !signals::stopping() {
         let batch = watcher.next_batch(&signals::STOP);

@@ -276,7 +276,10 @@ impl Supervisor {
         }
         // Only local delivery agents keep the right to change user across exec; every
         // other role starts with no capability at all.
-        let pass = slot.queue.as_deref().is_some_and(|q| q != "smtp");
+        let pass = slot
+            .queue
+            .as_deref()
+            .is_some_and(|q| self.cfg.agent_of(q) != qms_common::config::Agent::Smtp);
         let fds = if slot.role == "smtpd" {
             self.smtpd_fds.clone()
         } else {

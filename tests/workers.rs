@@ -352,3 +352,103 @@ fn a_listener_added_at_reload_is_named_as_needing_a_restart() {
         "{log}"
     );
 }
+
+/// Issue #14.7: a route names its queue, the queue gets workers of its own that receive
+/// exactly the mail routed there, SIGHUP scales them, and a queue no route names (or a route
+/// naming a queue that is not defined) is a configuration error.
+#[test]
+fn named_queues_receive_their_routes_mail() {
+    let (bulk_port, other_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("other.test", other_port)],
+        "[queues.bulk]\nworkers = 2\n[queues.lists]\nworkers = 1\n",
+    );
+    inst.edit_config(
+        "[routes]\n",
+        &format!(
+            "[routes]\n\"bulk.test\" = \"smtp:[127.0.0.1]:{bulk_port}@bulk\"\n\"lists.test\" = \"pipe:cat >/dev/null@lists\"\n"
+        ),
+    );
+    inst.edit_config(
+        "relay = [\"other.test\"]",
+        "relay = [\"other.test\", \"bulk.test\", \"lists.test\"]",
+    );
+    let bulk = Sink::start(&inst, "bulk", "127.0.0.1", bulk_port, &[]);
+    let other = Sink::start(&inst, "other", "127.0.0.1", other_port, &[]);
+    inst.start();
+    let count = |name: &str| -> usize {
+        String::from_utf8_lossy(&inst.qms(&["status"]).stdout)
+            .lines()
+            .filter(|l| l.starts_with(&format!("deliver/{name}#")) && !l.contains("restarting"))
+            .count()
+    };
+    wait_for(
+        "the bulk and lists workers",
+        Duration::from_secs(30),
+        || count("bulk") == 2 && count("lists") == 1,
+    );
+    for i in 0..10 {
+        let to = match i % 3 {
+            0 => "x@bulk.test",
+            1 => "y@other.test",
+            _ => "z@lists.test",
+        };
+        let out = inst.sendmail(&[to], format!("Subject: n{i}\n\nbody\n").as_bytes());
+        assert!(out.status.success());
+    }
+    wait_for("every message delivered", Duration::from_secs(60), || {
+        bulk.messages().len() == 4 && other.messages().len() == 3 && inst.queue_json().is_empty()
+    });
+    let log = inst.log();
+    let sent_by = |who: &str, to: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains(&format!("qms/deliver/{who}["))
+                    && l.contains(&format!(" to={to} "))
+                    && l.contains("status=sent")
+            })
+            .count()
+    };
+    assert_eq!(sent_by("bulk", "x@bulk.test"), 4, "{log}");
+    assert_eq!(sent_by("smtp", "x@bulk.test"), 0);
+    assert_eq!(sent_by("smtp", "y@other.test"), 3);
+    assert_eq!(sent_by("lists", "z@lists.test"), 3);
+    assert!(
+        log.contains("queue=bulk"),
+        "the router names the queue: {log}"
+    );
+    // SIGHUP scales the named queue.
+    inst.edit_config("[queues.bulk]\nworkers = 2", "[queues.bulk]\nworkers = 3");
+    let pid: i32 = std::fs::read_to_string(inst.spool().join("run/qms.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("three bulk workers", Duration::from_secs(30), || {
+        count("bulk") == 3
+    });
+    // Mistakes check-config names.
+    inst.edit_config(
+        "[queues.lists]\n",
+        "[queues.orphan]\nworkers = 1\n[queues.lists]\n",
+    );
+    let out = inst.qms(&["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("queues.orphan"),
+        "{err}"
+    );
+    inst.edit_config("[queues.orphan]\nworkers = 1\n", "");
+    inst.edit_config("pipe:cat >/dev/null@lists", "pipe:cat >/dev/null@nosuch");
+    let out = inst.qms(&["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("lists.test") && err.contains("\"nosuch\""),
+        "{err}"
+    );
+}

@@ -7,7 +7,7 @@
 //! file that named it, `default_privs` for the aliases file and root-owned include files.
 
 use crate::aliases::{self, Aliases, Target};
-use crate::config::{Mailbox, Origin, Route};
+use crate::config::{Mailbox, Origin, Route, Routing};
 use crate::privs::{self, Account};
 use crate::{Address, Config};
 use std::collections::HashSet;
@@ -74,8 +74,8 @@ impl<'a> Expander<'a> {
                 owner: owner.cloned(),
             })
         };
-        if let Some(route) = self.cfg.address_route(addr) {
-            push(self.route_dest(addr, route));
+        if let Some(routing) = self.cfg.address_routing(addr) {
+            push(self.route_dest(addr, routing));
             return;
         }
         let local = self.cfg.is_local_domain(addr.domain());
@@ -267,8 +267,8 @@ impl<'a> Expander<'a> {
                 _ => Dest::Fail(format!("5.1.1 <{addr}>: user unknown")),
             };
         }
-        match self.cfg.domain_route(addr.domain()) {
-            Some(route) => self.route_dest(addr, route),
+        match self.cfg.domain_routing(addr.domain()) {
+            Some(routing) => self.route_dest(addr, routing),
             None => Dest::Queue {
                 queue: "smtp".into(),
                 route: "smtp".into(),
@@ -277,7 +277,21 @@ impl<'a> Expander<'a> {
         }
     }
 
-    fn route_dest(&self, addr: &Address, route: &Route) -> Dest {
+    fn route_dest(&self, addr: &Address, routing: Routing) -> Dest {
+        let route = routing.route;
+        let dest = self.route_dest_in_own_queue(addr, route);
+        match (dest, routing.queue) {
+            (Dest::Queue { route, user, .. }, Some(q)) => Dest::Queue {
+                queue: q.to_string(),
+                route,
+                user,
+            },
+            (dest, _) => dest,
+        }
+    }
+
+    /// Where a route leads, in the standard queue of its kind.
+    fn route_dest_in_own_queue(&self, addr: &Address, route: &Route) -> Dest {
         match route {
             Route::Local => self.final_dest(addr, true),
             Route::Discard => Dest::Discard,

@@ -130,7 +130,13 @@ impl SmtpAgent {
             }
         }
         // `destination_concurrency` is shared by the worker processes of the queue.
-        let workers = self.cfg.queues.get("smtp").copied().unwrap_or(1).max(1);
+        let workers = self
+            .cfg
+            .queues
+            .get(&self.queue)
+            .copied()
+            .unwrap_or(1)
+            .max(1);
         let limit = self
             .cfg
             .client

@@ -29,6 +29,8 @@ const CONNECTS_IN_FLIGHT: usize = 4;
 pub struct SmtpAgent {
     cfg: Arc<Config>,
     spool: Spool,
+    /// The queue this agent's worker serves (`smtp`, or a named queue of SMTP routes).
+    queue: String,
     dns: Result<dns::Dns, String>,
     /// Idle connections by address, for the next jobs to the same host.
     cache: Mutex<HashMap<SocketAddr, Vec<Client>>>,
@@ -76,7 +78,7 @@ impl Dest {
 }
 
 impl SmtpAgent {
-    pub fn new(cfg: Arc<Config>, spool: Spool) -> SmtpAgent {
+    pub fn new(cfg: Arc<Config>, spool: Spool, queue: &str) -> SmtpAgent {
         let dns = dns::Dns::new(cfg.client.dns_server);
         if let Err(e) = &dns {
             qlog!("status=warning reason={}", qms_common::log::quote(e));
@@ -84,6 +86,7 @@ impl SmtpAgent {
         SmtpAgent {
             cfg,
             spool,
+            queue: queue.to_string(),
             dns,
             cache: Mutex::new(HashMap::new()),
             window: Mutex::new(HashMap::new()),

@@ -351,7 +351,7 @@ impl Router {
                     job.id = job.id.derive(&format!("pass{pass}"));
                 }
                 job.body = format!("{}.{queue}", job.id);
-                if queue != "smtp" {
+                if self.cfg.agent_of(&queue) != qms_common::config::Agent::Smtp {
                     // Credentials stay only where they are used.
                     job.smarthost = None;
                 }

@@ -3,9 +3,11 @@
 
 use crate::address::Address;
 mod local;
+mod queues;
 mod raw;
 
 pub use local::{Local, Origin};
+pub use queues::{Agent, Routing};
 
 use raw::{OneOrMany, Raw, RawListener};
 use std::collections::BTreeMap;
@@ -351,8 +353,12 @@ pub struct Config {
     pub relay_domains: Vec<String>,
     /// Keys: an address, a domain, `.domain` for its subdomains, or `*` for the default route.
     pub routes: BTreeMap<String, Route>,
+    /// The queue a route names (`"bulk.example" = "smtp@bulk"`), by the same keys.
+    pub route_queues: BTreeMap<String, String>,
     pub mailboxes: BTreeMap<String, MailboxEntry>,
     pub queues: BTreeMap<String, usize>,
+    /// Which agent delivers each queue: smtp for queues of SMTP routes, else local.
+    pub queue_agents: BTreeMap<String, Agent>,
     pub limits: Limits,
     pub outgoing: Outgoing,
     pub client: Client,
@@ -538,9 +544,14 @@ impl Config {
         let relay_domains = domain_list(raw.domains.relay, "domains.relay")?;
 
         let mut routes = BTreeMap::new();
+        let mut route_queues = BTreeMap::new();
         for (k, v) in raw.routes {
-            let route = Route::parse(&v).map_err(|e| err(&format!("routes.{k:?}"), e))?;
+            let (spec, queue) = queues::split(&v);
+            let route = Route::parse(spec).map_err(|e| err(&format!("routes.{k:?}"), e))?;
             let key = normalise_route_key(&k).map_err(|e| err(&format!("routes.{k:?}"), e))?;
+            if let Some(q) = queue {
+                route_queues.insert(key.clone(), q.to_string());
+            }
             routes.insert(key, route);
         }
 
@@ -590,6 +601,8 @@ impl Config {
             }
             queues.insert(name, q.workers);
         }
+        let queue_agents = queues::agents(&queues, &routes, &route_queues)
+            .map_err(|(key, message)| err(&key, message))?;
 
         let l = raw.limits;
         let limits = Limits {
@@ -754,7 +767,9 @@ impl Config {
             relay_domains,
             routes,
             mailboxes,
+            route_queues,
             queues,
+            queue_agents,
             limits,
             outgoing,
             client,
@@ -812,23 +827,48 @@ impl Config {
 
     /// The route for an exact address, if the table names it.
     pub fn address_route(&self, addr: &Address) -> Option<&Route> {
-        self.routes.get(&addr.lookup_key())
+        self.address_routing(addr).map(|r| r.route)
     }
 
     /// The route for a domain: exact, then `.parent` entries, then the default `*`.
     pub fn domain_route(&self, domain: &str) -> Option<&Route> {
+        self.domain_routing(domain).map(|r| r.route)
+    }
+
+    /// [`Config::address_route`] with the queue the route names.
+    pub fn address_routing(&self, addr: &Address) -> Option<Routing<'_>> {
+        self.routing(&addr.lookup_key())
+    }
+
+    /// [`Config::domain_route`] with the queue the route names.
+    pub fn domain_routing(&self, domain: &str) -> Option<Routing<'_>> {
         let domain = domain.to_ascii_lowercase();
-        if let Some(r) = self.routes.get(&domain) {
+        if let Some(r) = self.routing(&domain) {
             return Some(r);
         }
         let mut rest = domain.as_str();
         while let Some(i) = rest.find('.') {
-            if let Some(r) = self.routes.get(&rest[i..]) {
+            if let Some(r) = self.routing(&rest[i..]) {
                 return Some(r);
             }
             rest = &rest[i + 1..];
         }
-        self.routes.get("*")
+        self.routing("*")
+    }
+
+    fn routing(&self, key: &str) -> Option<Routing<'_>> {
+        self.routes.get(key).map(|route| Routing {
+            route,
+            queue: self.route_queues.get(key).map(String::as_str),
+        })
+    }
+
+    /// The agent that delivers a queue's jobs.
+    pub fn agent_of(&self, queue: &str) -> Agent {
+        self.queue_agents
+            .get(queue)
+            .copied()
+            .unwrap_or(Agent::Local)
     }
 
     /// Every queue that has a directory and workers: the standard ones plus `[queues.*]`.
