@@ -48,8 +48,8 @@ pub struct ListArgs {
     /// Recipient domain.
     #[arg(long)]
     domain: Option<String>,
-    /// Only messages older than this many seconds.
-    #[arg(long)]
+    /// Only messages older than this: seconds, or with a unit (90s, 5m, 4h, 2d).
+    #[arg(long, value_parser = age)]
     older_than: Option<i64>,
 }
 
@@ -97,6 +97,22 @@ fn all_jobs(spool: &Spool, queue: Option<&str>) -> Vec<Found> {
 
 /// True when this process may read the spool and act on it: root, the qms user, or anyone
 /// on an instance without a `user` (unprivileged, as in examples/qms.toml).
+fn age(s: &str) -> Result<i64, String> {
+    time::parse_duration(s).and_then(|d| i64::try_from(d).map_err(|e| e.to_string()))
+}
+
+/// The queue a command is limited to, if it names one.
+fn named_queue(cmd: &QueueCmd) -> Option<&str> {
+    match cmd {
+        QueueCmd::List(a) => a.queue.as_deref(),
+        QueueCmd::Shape { queue } => queue.as_deref(),
+        QueueCmd::Hold(s) | QueueCmd::Release(s) | QueueCmd::Delete(s) | QueueCmd::Retry(s) => {
+            s.queue.as_deref()
+        }
+        QueueCmd::Show { .. } => None,
+    }
+}
+
 fn may_manage(cfg: &Config) -> bool {
     let uid = nix::unistd::getuid();
     uid.is_root()
@@ -108,7 +124,17 @@ fn may_manage(cfg: &Config) -> bool {
 
 pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
     qms_common::log::init("queue");
+    // What an administrator does to the queue is logged with the daemon's lines (the mail
+    // log), not on the terminal, which gets a one-line summary.
+    qms_common::log::to_syslog();
     let by = user();
+    if let Some(q) = named_queue(&cmd).filter(|q| !cfg.queues.contains_key(*q)) {
+        eprintln!(
+            "qms: no queue {q:?} (queues: {})",
+            cfg.queue_names().join(", ")
+        );
+        return ExitCode::from(64);
+    }
     if !may_manage(cfg) {
         return match cmd {
             // Everyone may see the envelopes, as with Postfix's mailq, through showq.
@@ -171,12 +197,24 @@ pub fn envelope_docs(spool: &Spool, queue: Option<&str>) -> Vec<serde_json::Valu
                         "address": r.address.to_string(),
                         "state": r.state.as_str(),
                         "reply": r.reply,
+                        "delay_reason": r.reply,
                         "attempts": j.attempts,
                         "next_attempt": j.next_attempt,
                         "route": r.route,
                     })
                 })
                 .collect();
+            // postqueue -j's names beside ours, so its scripts read this listing: its
+            // queue_name says where Postfix would have the message.
+            let queue_name = if f.area == "hold" {
+                "hold"
+            } else if j.queue == "incoming" {
+                "incoming"
+            } else if j.attempts > 0 {
+                "deferred"
+            } else {
+                "active"
+            };
             serde_json::json!({
                 "id": j.id.as_str(),
                 "queue": j.queue,
@@ -185,6 +223,10 @@ pub fn envelope_docs(spool: &Spool, queue: Option<&str>) -> Vec<serde_json::Valu
                 "arrival": j.arrival,
                 "sender": show_sender(&j.sender),
                 "recipients": rcpts,
+                "queue_name": queue_name,
+                "queue_id": j.id.as_str(),
+                "arrival_time": j.arrival,
+                "message_size": j.size,
             })
         })
         .collect()
@@ -427,14 +469,18 @@ fn act(spool: &Spool, sel: &Select, action: Action, by: &str) -> ExitCode {
         }
     }
     for id in wanted.iter().filter(|id| !seen.contains(*id)) {
-        eprintln!(
-            "qms: {id}: not found{}",
-            if action == Action::Release {
-                " on hold"
-            } else {
-                ""
+        let held = action != Action::Release
+            && spool
+                .queues()
+                .iter()
+                .any(|q| spool.list("hold", q).contains(id));
+        match action {
+            Action::Release => eprintln!("qms: {id}: not found on hold"),
+            _ if held => {
+                eprintln!("qms: {id}: it is on hold; release it first (qms queue release {id})")
             }
-        );
+            _ => eprintln!("qms: {id}: not found"),
+        }
         failed = true;
     }
     let verb = match action {

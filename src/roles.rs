@@ -154,7 +154,20 @@ pub fn tracker(cfg: Config) -> ExitCode {
         }
     };
     let dir = spool.root().join("track");
+    let mut pruned_at = 0;
     while !signals::stopping() {
+        // `[tracking] keep`: old events go, at most once an hour.
+        if let Some(keep) = cfg.tracking.keep {
+            let now = qms_common::time::now();
+            if now - pruned_at >= 3600 {
+                pruned_at = now;
+                match db.prune(now - keep as i64) {
+                    Ok(0) => {}
+                    Ok(n) => qlog!("status=pruned events={n} keep={keep}"),
+                    Err(e) => qlog!("status=error reason={}", quote(&e)),
+                }
+            }
+        }
         match db.ingest(&dir, &cfg.tracking.suppress) {
             Ok(0) => std::thread::sleep(Duration::from_millis(250)),
             Ok(_) => {}

@@ -130,3 +130,33 @@ fn events_come_in_causal_order() {
         );
     }
 }
+
+/// Issue #14: `[tracking] keep` bounds the database; the tracker prunes older events.
+#[test]
+fn old_events_are_pruned() {
+    let mut inst = Instance::new("", "[tracking]\nkeep = \"1s\"\n");
+    inst.start();
+    smtp_send(
+        inst.smtp_port,
+        "a@remote.test",
+        &["alice@example.test"],
+        "Subject: p\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for("the delivery tracked", Duration::from_secs(30), || {
+        count(&inst, "delivered") == 1
+    });
+    let first = std::time::Instant::now();
+    wait_for(
+        "the events to be older than keep",
+        Duration::from_secs(10),
+        || first.elapsed() > Duration::from_secs(2),
+    );
+    // A tracker prunes when it starts, then hourly.
+    kill_role(&inst, "tracker");
+    wait_for("the events pruned", Duration::from_secs(30), || {
+        inst.log().contains("status=pruned events=")
+    });
+    assert_eq!(count(&inst, "delivered"), 0);
+    assert!(!inst.qms(&["track"]).status.success(), "no events left");
+}

@@ -175,6 +175,28 @@ fn queue_tools_act_while_workers_run() {
         .iter()
         .any(|j| j["id"] == a.as_str() && j["held"] == true));
 
+    // Issue #14: retry on a held message says so; an unknown --queue is an error, not
+    // "Mail queue is empty"; postqueue -j's fields are there for its scripts.
+    let out = inst.qms(&["queue", "retry", &a]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("on hold"), "{err}");
+    let out = inst.qms(&["queue", "list", "--queue", "nosuch"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("no queue \"nosuch\""),
+        "{err}"
+    );
+    let listed = inst.queue_json();
+    let held = listed.iter().find(|j| j["id"] == a.as_str()).unwrap();
+    assert_eq!(held["queue_name"], "hold");
+    assert_eq!(held["queue_id"], a.as_str());
+    assert!(held["arrival_time"].is_i64() && held["message_size"].is_u64());
+    let other = listed.iter().find(|j| j["id"] == b.as_str()).unwrap();
+    assert_eq!(other["queue_name"], "deferred");
+    assert!(other["recipients"][0]["delay_reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("exit 75")));
+
     let out = inst.qms(&["queue", "release", &a]);
     assert!(out.status.success());
     assert!(inst.files("hold/pipe").is_empty());

@@ -179,6 +179,17 @@ impl Db {
         Ok(stored)
     }
 
+    /// Removes the events older than `cutoff` (Unix seconds): `[tracking] keep`. The
+    /// suppression list is kept whatever its age. Returns how many went.
+    pub fn prune(&self, cutoff: i64) -> Result<usize, String> {
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE time < ?1",
+                params![cutoff.saturating_mul(1_000_000)],
+            )
+            .map_err(err)
+    }
+
     /// The queue id and Message-ID of a tracked message, by its Message-ID or `X-B-CrossRef`.
     pub fn find_message(&self, key: &str) -> Result<Option<(String, Option<String>)>, String> {
         let key = key.trim().trim_start_matches('<').trim_end_matches('>');

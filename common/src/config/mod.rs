@@ -9,7 +9,7 @@ mod raw;
 pub use local::{Local, Origin};
 pub use queues::{Agent, Routing};
 
-use raw::{OneOrMany, Raw, RawListener};
+use raw::{OneOrMany, Raw, RawListener, Secs};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -405,6 +405,9 @@ pub struct Tracking {
     /// The reasons of hard failures ("user unknown", "has moved", …, and "complaint") that
     /// put a recipient on the suppression list by themselves; empty: only `qms suppress add`.
     pub suppress: Vec<String>,
+    /// Seconds of tracking events kept (`keep = "90d"`); older ones are pruned by the tracker.
+    /// None: all are kept.
+    pub keep: Option<u64>,
 }
 
 /// A remote IMAP mailbox, reached over TLS from the first byte (IMAPS).
@@ -441,7 +444,7 @@ impl Config {
         let raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: e.span().map(|s| line_of(text, s.start)),
-            key: None,
+            key: e.span().and_then(|s| key_at(text, s.start)),
             message: e.message().trim().to_string(),
         })?;
         let err = |key: &str, message: String| ConfigError {
@@ -614,21 +617,21 @@ impl Config {
             connections: l.connections.unwrap_or(2000),
             connections_per_client: l.connections_per_client.unwrap_or(50),
             connections_per_network: l.connections_per_network.unwrap_or(100),
-            session_lifetime: l.session_lifetime.unwrap_or(1800).max(1),
-            command_timeout: l.command_timeout.unwrap_or(300),
-            data_timeout: l.data_timeout.unwrap_or(600),
+            session_lifetime: l.session_lifetime.map(Secs::get).unwrap_or(1800).max(1),
+            command_timeout: l.command_timeout.map(Secs::get).unwrap_or(300),
+            data_timeout: l.data_timeout.map(Secs::get).unwrap_or(600),
             errors: l.errors.unwrap_or(20),
             hops: l.hops.unwrap_or(50),
-            pipe_timeout: l.pipe_timeout.unwrap_or(600).max(1),
+            pipe_timeout: l.pipe_timeout.map(Secs::get).unwrap_or(600).max(1),
             spool_min_free: l.spool_min_free,
             spool_min_free_inodes: l.spool_min_free_inodes,
         };
         let o = raw.outgoing;
         let outgoing = Outgoing {
-            min_backoff: o.min_backoff.unwrap_or(300),
-            max_backoff: o.max_backoff.unwrap_or(4000),
-            delay_warning: o.delay_warning.unwrap_or(4 * 3600),
-            max_queue_lifetime: o.max_queue_lifetime.unwrap_or(5 * 86_400),
+            min_backoff: o.min_backoff.map(Secs::signed).unwrap_or(300),
+            max_backoff: o.max_backoff.map(Secs::signed).unwrap_or(4000),
+            delay_warning: o.delay_warning.map(Secs::signed).unwrap_or(4 * 3600),
+            max_queue_lifetime: o.max_queue_lifetime.map(Secs::signed).unwrap_or(5 * 86_400),
         };
         let policy = |v: &str, key: &str| {
             TlsPolicy::parse(v)
@@ -663,21 +666,26 @@ impl Config {
             tls_routes,
             recipient_limit: o.recipient_limit.unwrap_or(50).max(1),
             destination_concurrency: o.destination_concurrency.unwrap_or(20).max(1),
-            connect_timeout: o.connect_timeout.unwrap_or(30).max(1),
-            command_timeout: o.command_timeout.unwrap_or(300).max(1),
-            data_timeout: o.data_timeout.unwrap_or(600).max(1),
-            connection_reuse: o.connection_reuse.unwrap_or(10),
+            connect_timeout: o.connect_timeout.map(Secs::get).unwrap_or(30).max(1),
+            command_timeout: o.command_timeout.map(Secs::get).unwrap_or(300).max(1),
+            data_timeout: o.data_timeout.map(Secs::get).unwrap_or(600).max(1),
+            connection_reuse: o.connection_reuse.map(Secs::get).unwrap_or(10),
             dns_server,
         };
-        if outgoing.min_backoff < 0 || outgoing.max_backoff < outgoing.min_backoff {
+        if outgoing.max_backoff < outgoing.min_backoff {
             return Err(err(
                 "outgoing.max_backoff",
-                "max_backoff must be at least min_backoff (both ≥ 0)".into(),
+                "max_backoff must be at least min_backoff".into(),
             ));
         }
         let scheduler = Scheduler {
-            scan_interval: raw.scheduler.scan_interval.unwrap_or(60).max(1),
-            busy_retry: raw.scheduler.busy_retry.unwrap_or(10).max(1),
+            scan_interval: raw
+                .scheduler
+                .scan_interval
+                .map(Secs::get)
+                .unwrap_or(60)
+                .max(1),
+            busy_retry: raw.scheduler.busy_retry.map(Secs::get).unwrap_or(10).max(1),
         };
 
         let log_json = match raw.log.format.as_deref() {
@@ -734,7 +742,7 @@ impl Config {
                     password_file: resolve(&i.password_file),
                     mailbox: i.mailbox.unwrap_or_else(|| "INBOX".into()),
                     ca_file: i.ca_file.as_deref().map(resolve),
-                    interval: i.interval.unwrap_or(60).max(1),
+                    interval: i.interval.map(Secs::get).unwrap_or(60).max(1),
                 })
             }
             None => None,
@@ -783,6 +791,7 @@ impl Config {
                 envelope,
                 key,
                 imap,
+                keep: raw.tracking.keep.map(Secs::get).filter(|k| *k > 0),
                 suppress: raw.tracking.suppress.unwrap_or_else(|| {
                     ["user unknown", "has moved", "complaint"]
                         .map(String::from)
@@ -792,7 +801,7 @@ impl Config {
             msp: Msp {
                 smarthost_users: raw.msp.smarthost_users,
                 plugin_dir: raw.msp.plugin_dir.as_deref().map(resolve),
-                plugin_timeout: raw.msp.plugin_timeout.unwrap_or(60).max(1),
+                plugin_timeout: raw.msp.plugin_timeout.map(Secs::get).unwrap_or(60).max(1),
                 ca_files: raw
                     .msp
                     .ca_files
@@ -914,6 +923,28 @@ fn absolute(p: &Path) -> PathBuf {
     out
 }
 
+/// The dotted key set on the line at `offset` (`outgoing.min_backoff`), for errors that
+/// the TOML reader reports by position only.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let name = line.split_once('=')?.0.trim().trim_matches('"');
+    if name.is_empty() || name.starts_with('[') {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(['[', ']']).trim().to_string());
+    Some(match table {
+        Some(t) => format!("{t}.{name}"),
+        None => name.to_string(),
+    })
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -994,6 +1025,33 @@ mod tests {
         assert!(e.to_string().contains("bad.test"), "{e}");
         let e = Config::parse(Path::new("/x/qms.toml"), "spool = \"s\"\nspoool = 1\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn durations_take_units_and_errors_name_their_key() {
+        let p = Path::new("/x/qms.toml");
+        let text = "spool = \"s\"\n[outgoing]\nmin_backoff = \"5m\"\nmax_queue_lifetime = \"5d\"\n[tracking]\nkeep = \"90d\"\n";
+        let c = Config::parse(p, text).unwrap();
+        assert_eq!(
+            (
+                c.outgoing.min_backoff,
+                c.outgoing.max_queue_lifetime,
+                c.tracking.keep
+            ),
+            (300, 5 * 86_400, Some(90 * 86_400))
+        );
+        // Issue #14: `min_backoff = -5` was reported against max_backoff; a type error
+        // named no key.
+        let e = Config::parse(p, "spool = \"s\"\n[outgoing]\nmin_backoff = -5\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("outgoing.min_backoff"), "{e}");
+        let e = Config::parse(p, "spool = \"s\"\n[limits]\nrecipients = \"many\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("limits.recipients"), "{e}");
+        let e = Config::parse(
+            p,
+            "spool = \"s\"\n[outgoing]\nmax_backoff = \"4 fortnights\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("outgoing.max_backoff"), "{e}");
     }
 
     #[test]

@@ -59,34 +59,34 @@ pub(super) struct RawLimits {
     pub(super) text_line: Option<usize>,
     pub(super) connections: Option<usize>,
     pub(super) connections_per_client: Option<usize>,
-    pub(super) command_timeout: Option<u64>,
-    pub(super) data_timeout: Option<u64>,
+    pub(super) command_timeout: Option<Secs>,
+    pub(super) data_timeout: Option<Secs>,
     pub(super) errors: Option<u32>,
     pub(super) hops: Option<usize>,
-    pub(super) pipe_timeout: Option<u64>,
+    pub(super) pipe_timeout: Option<Secs>,
     pub(super) spool_min_free: Option<u64>,
     pub(super) connections_per_network: Option<usize>,
-    pub(super) session_lifetime: Option<u64>,
+    pub(super) session_lifetime: Option<Secs>,
     pub(super) spool_min_free_inodes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawOutgoing {
-    pub(super) min_backoff: Option<i64>,
-    pub(super) max_backoff: Option<i64>,
-    pub(super) delay_warning: Option<i64>,
-    pub(super) max_queue_lifetime: Option<i64>,
+    pub(super) min_backoff: Option<Secs>,
+    pub(super) max_backoff: Option<Secs>,
+    pub(super) delay_warning: Option<Secs>,
+    pub(super) max_queue_lifetime: Option<Secs>,
     pub(super) port: Option<u16>,
     pub(super) tls: Option<String>,
     #[serde(default)]
     pub(super) tls_routes: BTreeMap<String, String>,
     pub(super) recipient_limit: Option<usize>,
     pub(super) destination_concurrency: Option<usize>,
-    pub(super) connect_timeout: Option<u64>,
-    pub(super) command_timeout: Option<u64>,
-    pub(super) data_timeout: Option<u64>,
-    pub(super) connection_reuse: Option<u64>,
+    pub(super) connect_timeout: Option<Secs>,
+    pub(super) command_timeout: Option<Secs>,
+    pub(super) data_timeout: Option<Secs>,
+    pub(super) connection_reuse: Option<Secs>,
 }
 
 #[derive(Deserialize, Default)]
@@ -98,8 +98,8 @@ pub(super) struct RawDns {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawScheduler {
-    pub(super) scan_interval: Option<u64>,
-    pub(super) busy_retry: Option<u64>,
+    pub(super) scan_interval: Option<Secs>,
+    pub(super) busy_retry: Option<Secs>,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +129,7 @@ pub(super) struct RawTracking {
     pub(super) key_file: Option<String>,
     pub(super) imap: Option<RawImap>,
     pub(super) suppress: Option<Vec<String>>,
+    pub(super) keep: Option<Secs>,
 }
 
 #[derive(Deserialize)]
@@ -139,7 +140,7 @@ pub(super) struct RawImap {
     pub(super) password_file: String,
     pub(super) mailbox: Option<String>,
     pub(super) ca_file: Option<String>,
-    pub(super) interval: Option<u64>,
+    pub(super) interval: Option<Secs>,
 }
 
 #[derive(Deserialize, Default)]
@@ -148,7 +149,7 @@ pub(super) struct RawMsp {
     #[serde(default)]
     pub(super) smarthost_users: Vec<String>,
     pub(super) plugin_dir: Option<String>,
-    pub(super) plugin_timeout: Option<u64>,
+    pub(super) plugin_timeout: Option<Secs>,
     #[serde(default)]
     pub(super) ca_files: BTreeMap<String, String>,
 }
@@ -202,4 +203,45 @@ pub(super) struct Raw {
     pub(super) msp: RawMsp,
     #[serde(default)]
     pub(super) local: super::local::RawLocal,
+}
+
+/// A duration in seconds, written as a number (`300`) or with a unit: `90s`, `5m`, `4h`,
+/// `5d`, `2w` (`qms.toml(5)`). Never negative.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Secs(pub(super) u64);
+
+impl Secs {
+    pub(super) fn get(self) -> u64 {
+        self.0
+    }
+
+    pub(super) fn signed(self) -> i64 {
+        i64::try_from(self.0).unwrap_or(i64::MAX)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secs, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Secs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a duration: seconds (300) or a number with s, m, h, d or w (5m, 4h, 5d)",
+                )
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secs, E> {
+                u64::try_from(v)
+                    .map(Secs)
+                    .map_err(|_| E::custom(format!("{v} is negative: a duration is 0 or more")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secs, E> {
+                Ok(Secs(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secs, E> {
+                crate::time::parse_duration(v).map(Secs).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
