@@ -109,18 +109,6 @@ pub fn short_duration(secs: i64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_known_instants() {
-        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc5322(1_795_373_251), "Sun, 22 Nov 2026 18:47:31 +0000");
-        assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
-    }
-}
-
 /// A duration in seconds from `300`, `90s`, `5m`, `4h`, `5d` or `2w`.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -141,4 +129,16 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(scale)
         .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc5322(1_795_373_251), "Sun, 22 Nov 2026 18:47:31 +0000");
+        assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
+    }
 }
