@@ -172,6 +172,12 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     qms_common::log::set_json(cfg.log_json);
+    qms_common::log::set_target(&cfg.log_target);
+    if let (true, Some(user)) = (nix::unistd::getuid().is_root(), cfg.user.as_deref()) {
+        if let Ok(a) = qms_common::privs::Account::lookup(user) {
+            qms_common::log::give_file_to(a.uid.as_raw(), a.gid.as_raw());
+        }
+    }
     match cli.cmd {
         Cmd::Start { daemon } => supervisor::start(cfg, daemon),
         Cmd::Stop => supervisor::stop(&cfg),

@@ -165,6 +165,10 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
             Ok(nix::unistd::ForkResult::Parent { .. }) => return ExitCode::SUCCESS,
             Ok(nix::unistd::ForkResult::Child) => {
                 let _ = nix::unistd::setsid();
+                // The terminal is gone: lines meant for stderr go to the system log, in this
+                // process and in every role it starts (they inherit the variable).
+                std::env::set_var(qms_common::log::DETACHED_ENV, "1");
+                qms_common::log::set_target(&cfg.log_target);
             }
             Err(e) => {
                 eprintln!("qms: fork: {e}");

@@ -11,14 +11,82 @@ static STAMP: OnceLock<bool> = OnceLock::new();
 static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static SYSLOG: OnceLock<Option<std::os::unix::net::UnixDatagram>> = OnceLock::new();
 
+/// Where the lines of a process go (`[log] target`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Target {
+    /// The journal under systemd, or the terminal (the default).
+    #[default]
+    Stderr,
+    /// /dev/log, facility mail: /var/log/mail.log where rsyslog writes it.
+    Syslog,
+    /// Appended to a file, one write per line.
+    File(std::path::PathBuf),
+}
+
+static FILE: OnceLock<std::fs::File> = OnceLock::new();
+
+/// Set by `qms start --daemon` for itself and its processes: stderr is gone, so lines meant
+/// for it go to the system log.
+pub const DETACHED_ENV: &str = "QMS_DETACHED";
+
+/// Sends every following line where `[log] target` says. A file that cannot be opened
+/// leaves the lines on stderr, with one line saying why.
+pub fn set_target(t: &Target) {
+    // `qms start --daemon` has no stderr to keep: it asks its processes for syslog.
+    if *t == Target::Stderr && std::env::var_os(DETACHED_ENV).is_some() {
+        return to_syslog();
+    }
+    match t {
+        Target::Stderr => {}
+        Target::Syslog => to_syslog(),
+        Target::File(p) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            Ok(f) => {
+                let _ = FILE.set(f);
+            }
+            Err(e) => write(&format!(
+                "status=warning reason={}",
+                quote(&format!("cannot open the log file {}: {e}", p.display()))
+            )),
+        },
+    }
+}
+
+/// Gives the log file to the mail system's user, so that the roles, which run as that user,
+/// append to the file root created (through the open file: no path is followed again).
+pub fn give_file_to(uid: u32, gid: u32) {
+    if let Some(f) = FILE.get() {
+        let _ = nix::unistd::fchown(
+            f,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        );
+    }
+}
+
+/// For a command run by a person or a program (`sendmail`, `qms queue`): its lines go where
+/// the daemon's go, and when that is stderr (the journal's or a terminal's, not this
+/// caller's), to the system log; never onto the caller's terminal or mail client.
+pub fn for_command(t: &Target) {
+    match t {
+        Target::Stderr => to_syslog(),
+        other => set_target(other),
+    }
+}
+
 /// Sends every following line to the system log, facility mail, instead of stderr: for
 /// commands whose stderr is a user's terminal or a mail client (`sendmail`), as Postfix's
 /// sendmail logs to mail.log. The socket is /dev/log (`QMS_SYSLOG_SOCKET` names another);
 /// without one the lines are dropped, never shown to the user.
 pub fn to_syslog() {
     let path = std::env::var_os("QMS_SYSLOG_SOCKET").unwrap_or_else(|| "/dev/log".into());
+    // Never blocking: a stuck syslog daemon costs lines, not mail.
     let sock = std::os::unix::net::UnixDatagram::unbound()
         .and_then(|s| s.connect(&path).map(|()| s))
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
         .ok();
     let _ = SYSLOG.set(sock);
 }
@@ -74,7 +142,14 @@ pub fn write(line: &str) {
 /// One write() per line: processes share the log file, and a line written in pieces could
 /// be cut by another process's line.
 fn emit(line: String) {
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    match FILE.get() {
+        Some(mut f) => {
+            let _ = f.write_all(line.as_bytes());
+        }
+        None => {
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+    }
 }
 
 /// Quotes a value for a key=value line when it holds a space, `=`, `"` or any control

@@ -367,6 +367,8 @@ pub struct Config {
     pub auth: Auth,
     /// Log lines as JSON objects instead of key=value text.
     pub log_json: bool,
+    /// Where log lines go: `[log] target`.
+    pub log_target: crate::log::Target,
     pub tracking: Tracking,
     pub msp: Msp,
     pub local: Local,
@@ -688,6 +690,19 @@ impl Config {
             busy_retry: raw.scheduler.busy_retry.map(Secs::get).unwrap_or(10).max(1),
         };
 
+        let log_target = match raw.log.target.as_deref() {
+            None | Some("stderr") => crate::log::Target::Stderr,
+            Some("syslog") => crate::log::Target::Syslog,
+            Some(p) if p.starts_with('/') || p.starts_with('.') || p.contains('/') => {
+                crate::log::Target::File(resolve(p))
+            }
+            Some(other) => {
+                return Err(err(
+                    "log.target",
+                    format!("{other:?} is not stderr, syslog or a file path"),
+                ))
+            }
+        };
         let log_json = match raw.log.format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
@@ -785,6 +800,7 @@ impl Config {
             tls,
             auth,
             log_json,
+            log_target,
             tracking: Tracking {
                 envelope_maildir: raw.tracking.envelope_maildir.as_deref().map(resolve),
                 co_recipient_notices: raw.tracking.co_recipient_notices.unwrap_or(false),

@@ -158,6 +158,7 @@ pub(super) struct RawMsp {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     pub(super) format: Option<String>,
+    pub(super) target: Option<String>,
 }
 
 #[derive(Deserialize)]
