@@ -383,7 +383,7 @@ fn named_queues_receive_their_routes_mail() {
     let (bulk_port, other_port) = (free_port(), free_port());
     let mut inst = relay_instance(
         &[("other.test", other_port)],
-        "[queues.bulk]\nworkers = 2\n[queues.lists]\nworkers = 1\n",
+        "[queues.bulk]\nworkers = 2\nrecipient_limit = 1\nmin_backoff = \"1h\"\n[queues.lists]\nworkers = 1\n",
     );
     inst.edit_config(
         "[routes]\n",
@@ -420,6 +420,19 @@ fn named_queues_receive_their_routes_mail() {
     }
     wait_for("every message delivered", Duration::from_secs(60), || {
         bulk.messages().len() == 4 && other.messages().len() == 3 && inst.queue_json().is_empty()
+    });
+    // The queue's own recipient_limit: three recipients, three transactions.
+    let out = inst.sendmail(
+        &["p@bulk.test", "q@bulk.test", "r@bulk.test"],
+        b"Subject: three\n\nx\n",
+    );
+    assert!(out.status.success());
+    wait_for("three transactions", Duration::from_secs(30), || {
+        bulk.messages()
+            .iter()
+            .filter(|m| m.contains("Subject: three"))
+            .count()
+            == 3
     });
     let log = inst.log();
     let sent_by = |who: &str, to: &str| {

@@ -6,13 +6,11 @@ use qms_common::log::quote;
 use qms_common::{qlog, Config};
 use qms_spool::{Claimed, RcptState, Spool};
 
-/// Seconds to wait after the `attempts`-th failed attempt.
-pub fn backoff(cfg: &Config, attempts: u32) -> i64 {
-    let o = &cfg.outgoing;
+/// Seconds to wait after the `attempts`-th failed attempt of a job of `queue`.
+pub fn backoff(cfg: &Config, queue: &str, attempts: u32) -> i64 {
+    let (min, max) = cfg.backoff_range(queue);
     let shift = attempts.saturating_sub(1).min(20);
-    o.min_backoff
-        .saturating_mul(1i64 << shift)
-        .clamp(o.min_backoff, o.max_backoff.max(o.min_backoff))
+    min.saturating_mul(1i64 << shift).clamp(min, max)
 }
 
 /// Sends error mail for the job's failed recipients (as their NOTIFY allows) and records
@@ -170,7 +168,7 @@ fn settle_one(cfg: &Config, spool: &Spool, mut c: Claimed) -> Option<Claimed> {
         return None;
     }
     c.job.attempts += 1;
-    c.job.next_attempt = now + backoff(cfg, c.job.attempts);
+    c.job.next_attempt = now + backoff(cfg, &c.job.queue, c.job.attempts);
     for r in c.job.recipients.iter_mut() {
         r.state = RcptState::Deferred;
     }

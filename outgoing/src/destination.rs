@@ -122,7 +122,7 @@ impl SmtpAgent {
             by_job.entry(ji).or_default().push(ri);
         }
         for (ji, ris) in by_job {
-            for chunk in ris.chunks(self.cfg.client.recipient_limit) {
+            for chunk in ris.chunks(self.cfg.recipient_limit(&self.queue)) {
                 txs.push(Tx {
                     ji,
                     ris: chunk.to_vec(),
@@ -139,8 +139,7 @@ impl SmtpAgent {
             .max(1);
         let limit = self
             .cfg
-            .client
-            .destination_concurrency
+            .destination_concurrency(&self.queue)
             .div_ceil(workers)
             .max(1);
         let window = self

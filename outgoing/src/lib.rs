@@ -252,7 +252,7 @@ impl SmtpAgent {
     fn keep(&self, c: Client) {
         if let Ok(mut cache) = self.cache.lock() {
             let list = cache.entry(c.addr).or_default();
-            if list.len() < self.cfg.client.destination_concurrency {
+            if list.len() < self.cfg.destination_concurrency(&self.queue) {
                 list.push(c);
                 return;
             }

@@ -197,7 +197,8 @@ impl Router {
         let now = qms_common::time::now();
         c.job.recipients.retain(|r| r.state == RcptState::Deferred);
         c.job.attempts += 1;
-        c.job.next_attempt = now + qms_delivery::settle::backoff(&self.cfg, c.job.attempts);
+        c.job.next_attempt =
+            now + qms_delivery::settle::backoff(&self.cfg, &c.job.queue, c.job.attempts);
         if now - c.job.arrival > self.cfg.outgoing.max_queue_lifetime {
             for r in c.job.recipients.iter_mut() {
                 let last = r.reply.take().unwrap_or_default();

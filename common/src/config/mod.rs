@@ -7,7 +7,7 @@ mod queues;
 mod raw;
 
 pub use local::{Local, Origin};
-pub use queues::{Agent, Routing};
+pub use queues::{Agent, Overrides, Routing};
 
 use raw::{OneOrMany, Raw, RawListener, Secs};
 use std::collections::BTreeMap;
@@ -359,6 +359,8 @@ pub struct Config {
     pub queues: BTreeMap<String, usize>,
     /// Which agent delivers each queue: smtp for queues of SMTP routes, else local.
     pub queue_agents: BTreeMap<String, Agent>,
+    /// `[queues.NAME]` settings beside `workers`.
+    pub queue_overrides: BTreeMap<String, Overrides>,
     pub limits: Limits,
     pub outgoing: Outgoing,
     pub client: Client,
@@ -587,6 +589,7 @@ impl Config {
             .iter()
             .map(|(q, n)| (q.to_string(), *n))
             .collect();
+        let mut queue_overrides = BTreeMap::new();
         for (name, q) in raw.queues {
             if name.is_empty()
                 || !name
@@ -604,6 +607,23 @@ impl Config {
                     format!("{} workers is more than 64", q.workers),
                 ));
             }
+            if let (Some(min), Some(max)) = (q.min_backoff, q.max_backoff) {
+                if max.get() < min.get() {
+                    return Err(err(
+                        &format!("queues.{name}.max_backoff"),
+                        "max_backoff must be at least min_backoff".into(),
+                    ));
+                }
+            }
+            queue_overrides.insert(
+                name.clone(),
+                Overrides {
+                    destination_concurrency: q.destination_concurrency,
+                    recipient_limit: q.recipient_limit,
+                    min_backoff: q.min_backoff.map(Secs::signed),
+                    max_backoff: q.max_backoff.map(Secs::signed),
+                },
+            );
             queues.insert(name, q.workers);
         }
         let queue_agents = queues::agents(&queues, &routes, &route_queues)
@@ -793,6 +813,7 @@ impl Config {
             route_queues,
             queues,
             queue_agents,
+            queue_overrides,
             limits,
             outgoing,
             client,
@@ -1068,6 +1089,16 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("outgoing.max_backoff"), "{e}");
+    }
+
+    #[test]
+    fn a_queue_overrides_the_outgoing_values() {
+        let text = "spool = \"s\"\n[routes]\n\"bulk.example\" = \"smtp@bulk\"\n[outgoing]\nmin_backoff = 300\n[queues.bulk]\nworkers = 1\nmin_backoff = \"1h\"\nmax_backoff = \"1d\"\ndestination_concurrency = 40\n";
+        let c = Config::parse(Path::new("/x/qms.toml"), text).unwrap();
+        assert_eq!(c.backoff_range("bulk"), (3600, 86_400));
+        assert_eq!(c.backoff_range("smtp").0, 300);
+        assert_eq!(c.destination_concurrency("bulk"), 40);
+        assert_eq!(c.agent_of("bulk"), Agent::Smtp);
     }
 
     #[test]

@@ -23,6 +23,49 @@ impl Agent {
     }
 }
 
+/// What `[queues.NAME]` sets beside its workers, in place of the `[outgoing]` values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    pub destination_concurrency: Option<usize>,
+    pub recipient_limit: Option<usize>,
+    pub min_backoff: Option<i64>,
+    pub max_backoff: Option<i64>,
+}
+
+impl super::Config {
+    fn overrides(&self, queue: &str) -> Option<&Overrides> {
+        self.queue_overrides.get(queue)
+    }
+
+    /// Connections at once to one destination, shared by the queue's workers.
+    pub fn destination_concurrency(&self, queue: &str) -> usize {
+        self.overrides(queue)
+            .and_then(|o| o.destination_concurrency)
+            .unwrap_or(self.client.destination_concurrency)
+            .max(1)
+    }
+
+    /// Recipients in one SMTP transaction.
+    pub fn recipient_limit(&self, queue: &str) -> usize {
+        self.overrides(queue)
+            .and_then(|o| o.recipient_limit)
+            .unwrap_or(self.client.recipient_limit)
+            .max(1)
+    }
+
+    /// The first and the longest wait between attempts, in seconds.
+    pub fn backoff_range(&self, queue: &str) -> (i64, i64) {
+        let o = self.overrides(queue);
+        let min = o
+            .and_then(|o| o.min_backoff)
+            .unwrap_or(self.outgoing.min_backoff);
+        let max = o
+            .and_then(|o| o.max_backoff)
+            .unwrap_or(self.outgoing.max_backoff);
+        (min, max.max(min))
+    }
+}
+
 /// A route as the routing table gives it, with the queue it names, if any.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Routing<'a> {

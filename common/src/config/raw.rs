@@ -48,6 +48,10 @@ pub(super) struct RawMailbox {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawQueue {
     pub(super) workers: usize,
+    pub(super) destination_concurrency: Option<usize>,
+    pub(super) recipient_limit: Option<usize>,
+    pub(super) min_backoff: Option<Secs>,
+    pub(super) max_backoff: Option<Secs>,
 }
 
 #[derive(Deserialize, Default)]
