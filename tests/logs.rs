@@ -34,14 +34,7 @@ fn a_log_file_gets_every_processs_lines() {
 #[test]
 fn a_detached_instance_logs_to_the_system_log() {
     let inst = Instance::new("", "");
-    let sock_path = inst.dir.join("syslog.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    std::fs::set_permissions(
-        &sock_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o666),
-    )
-    .unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let (sock, sock_path) = fake_syslog(&inst.dir);
     // Read as a syslog daemon does, all the time, so that no line is dropped.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let reader = {

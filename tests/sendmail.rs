@@ -208,15 +208,7 @@ fn t_takes_bare_names_and_success_is_silent() {
     let mut inst = Instance::new("", "");
     inst.start();
     let bin = links(&inst);
-    let sock_path = inst.dir.join("syslog.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    std::fs::set_permissions(
-        &sock_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o666),
-    )
-    .unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (sock, sock_path) = fake_syslog(&inst.dir);
     let out = inst.sendmail_cmd(
         Command::new(bin.join("sendmail"))
             .env("QMS_CONFIG", &inst.config)

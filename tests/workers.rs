@@ -281,16 +281,7 @@ fn sighup_scales_workers_without_losing_or_doubling_jobs() {
             inst.count_new("alice") >= 10
         });
         inst.edit_config("[queues.local]\nworkers = 1", "[queues.local]\nworkers = 3");
-        let pid: i32 = std::fs::read_to_string(inst.spool().join("run/qms.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap();
+        inst.reload();
         wait_for("three local workers", Duration::from_secs(30), || {
             status_count(inst) == 3
         });
@@ -336,35 +327,9 @@ fn a_listener_added_at_reload_is_named_as_needing_a_restart() {
         "[submissions]\n",
         "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n[submissions]\n",
     );
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=mx.example.test",
-        ],
-        &inst.dir,
-    );
+    make_cert(&inst.dir, "mx.example.test");
     inst.own();
-    let pid: i32 = std::fs::read_to_string(inst.spool().join("run/qms.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    inst.reload();
     wait_for("the reload", Duration::from_secs(30), || {
         inst.log().contains("event=reload")
     });
@@ -454,16 +419,7 @@ fn named_queues_receive_their_routes_mail() {
     );
     // SIGHUP scales the named queue.
     inst.edit_config("[queues.bulk]\nworkers = 2", "[queues.bulk]\nworkers = 3");
-    let pid: i32 = std::fs::read_to_string(inst.spool().join("run/qms.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    inst.reload();
     wait_for("three bulk workers", Duration::from_secs(30), || {
         count("bulk") == 3
     });

@@ -213,6 +213,20 @@ scan_interval = 2
         });
     }
 
+    /// SIGHUP to the supervisor: the config is read again and workers scaled.
+    pub fn reload(&self) {
+        let pid: i32 = std::fs::read_to_string(self.spool().join("run/qms.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    }
+
     /// Stops the instance with `qms stop` (for a supervisor run under another program).
     pub fn stop_gently(&mut self) {
         let out = self.qms(&["stop"]);
@@ -469,6 +483,17 @@ pub fn openssl(args: &[&str], dir: &Path) {
         .status()
         .unwrap();
     assert!(ok.success(), "openssl {args:?}");
+}
+
+/// A datagram socket in `dir` that stands for /dev/log (`QMS_SYSLOG_SOCKET`), writable by
+/// the mail system's user.
+pub fn fake_syslog(dir: &Path) -> (std::os::unix::net::UnixDatagram, PathBuf) {
+    let path = dir.join("syslog.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (sock, path)
 }
 
 /// A self-signed certificate and key (cert.pem, key.pem) in `dir`.
