@@ -27,10 +27,19 @@ pub enum QueueCmd {
     Delete(Select),
     /// Try messages again now instead of at their next scheduled time.
     Retry(Select),
-    /// Message counts per destination domain by age, like qshape.
+    /// Recipient counts per destination domain by age, like qshape.
     Shape {
         #[arg(long)]
         queue: Option<String>,
+        /// By sender domain instead (qshape -s).
+        #[arg(short = 's', long)]
+        sender: bool,
+        /// Parent domains too, with a leading dot (qshape -p).
+        #[arg(short = 'p', long)]
+        parents: bool,
+        /// Only the N largest rows; the rest are summed in one line.
+        #[arg(short = 'n', long)]
+        top: Option<usize>,
     },
 }
 
@@ -105,7 +114,7 @@ fn age(s: &str) -> Result<i64, String> {
 fn named_queue(cmd: &QueueCmd) -> Option<&str> {
     match cmd {
         QueueCmd::List(a) => a.queue.as_deref(),
-        QueueCmd::Shape { queue } => queue.as_deref(),
+        QueueCmd::Shape { queue, .. } => queue.as_deref(),
         QueueCmd::Hold(s) | QueueCmd::Release(s) | QueueCmd::Delete(s) | QueueCmd::Retry(s) => {
             s.queue.as_deref()
         }
@@ -178,7 +187,20 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
         QueueCmd::Release(s) => act(&spool, &s, Action::Release, &by),
         QueueCmd::Delete(s) => act(&spool, &s, Action::Delete, &by),
         QueueCmd::Retry(s) => act(&spool, &s, Action::Retry, &by),
-        QueueCmd::Shape { queue } => shape(&spool, queue.as_deref()),
+        QueueCmd::Shape {
+            queue,
+            sender,
+            parents,
+            top,
+        } => shape(
+            &spool,
+            queue.as_deref(),
+            Shape {
+                sender,
+                parents,
+                top,
+            },
+        ),
     }
 }
 
@@ -560,20 +582,51 @@ fn user() -> String {
         .unwrap_or_default()
 }
 
-fn shape(spool: &Spool, queue: Option<&str>) -> ExitCode {
+/// How `queue shape` groups and cuts its rows.
+struct Shape {
+    sender: bool,
+    parents: bool,
+    top: Option<usize>,
+}
+
+/// The domain and, with `parents`, its parents with a leading dot (`a.b.c` → `.b.c`, `.c`).
+fn shape_keys(domain: &str, parents: bool) -> Vec<String> {
+    let mut keys = vec![domain.to_ascii_lowercase()];
+    if parents {
+        let mut rest = domain;
+        while let Some(i) = rest.find('.') {
+            rest = &rest[i + 1..];
+            keys.push(format!(".{}", rest.to_ascii_lowercase()));
+        }
+    }
+    keys
+}
+
+fn shape(spool: &Spool, queue: Option<&str>, how: Shape) -> ExitCode {
     // qshape's buckets, in minutes: 0-5, 5-10, 10-20, … doubling.
     const EDGES: [i64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
     let now = time::now();
     let mut rows: std::collections::BTreeMap<String, [usize; 10]> = Default::default();
-    for f in all_jobs(spool, queue)
-        .into_iter()
-        .filter(|f| f.area == "queue")
-    {
+    let mut totals = [0usize; 10];
+    let mut held = 0;
+    for f in all_jobs(spool, queue) {
+        if f.area != "queue" {
+            held += 1;
+            continue;
+        }
         let mins = (now - f.job.arrival) / 60;
         let bucket = EDGES.iter().position(|e| mins < *e).unwrap_or(EDGES.len());
+        let sender_domain = f.job.sender.as_ref().map(|a| a.domain().to_string());
         for r in f.job.pending() {
-            rows.entry(r.address.domain().to_string())
-                .or_insert([0; 10])[bucket] += 1;
+            totals[bucket] += 1;
+            let domain = match (&sender_domain, how.sender) {
+                (Some(d), true) => d.clone(),
+                (None, true) => "MAILER-DAEMON".to_string(),
+                (_, false) => r.address.domain().to_string(),
+            };
+            for key in shape_keys(&domain, how.parents) {
+                rows.entry(key).or_insert([0; 10])[bucket] += 1;
+            }
         }
     }
     let mut order: Vec<(&String, &[usize; 10])> = rows.iter().collect();
@@ -583,12 +636,6 @@ fn shape(spool: &Spool, queue: Option<&str>) -> ExitCode {
         print!(" {e:>5}");
     }
     println!(" {:>5}", "1280+");
-    let mut totals = [0usize; 10];
-    for (_, c) in &order {
-        for (t, n) in totals.iter_mut().zip(c.iter()) {
-            *t += n;
-        }
-    }
     let line = |name: &str, c: &[usize; 10]| {
         print!("{name:<32} {:>6}", c.iter().sum::<usize>());
         for n in c {
@@ -597,8 +644,25 @@ fn shape(spool: &Spool, queue: Option<&str>) -> ExitCode {
         println!();
     };
     line("TOTAL", &totals);
-    for (d, c) in order {
+    let shown = how.top.unwrap_or(usize::MAX).min(order.len());
+    for (d, c) in &order[..shown] {
         line(d, c);
     }
+    // Say what the table leaves out, so that its figures are not misread.
+    let rest = order.len() - shown;
+    if rest > 0 {
+        let mut others = [0usize; 10];
+        for (_, c) in &order[shown..] {
+            for (t, n) in others.iter_mut().zip(c.iter()) {
+                *t += n;
+            }
+        }
+        line(&format!("({rest} more)"), &others);
+    }
+    println!(
+        "Counts are recipients still to deliver, by {} domain and minutes queued{}; held messages are left out ({held} held).",
+        if how.sender { "sender" } else { "recipient" },
+        if how.parents { ", parents with a leading dot (also counted in their subdomains' rows)" } else { "" }
+    );
     ExitCode::SUCCESS
 }

@@ -197,6 +197,27 @@ fn queue_tools_act_while_workers_run() {
         .as_str()
         .is_some_and(|r| r.contains("exit 75")));
 
+    // queue shape: by recipient or sender domain, parents, and what it leaves out.
+    let shape = |args: &[&str]| {
+        let mut all = vec!["queue", "shape"];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&inst.qms(&all).stdout).into_owned()
+    };
+    let by_rcpt = shape(&[]);
+    assert!(
+        by_rcpt
+            .lines()
+            .any(|l| l.starts_with("later.test ") && l.split_whitespace().nth(1) == Some("1"))
+            && by_rcpt.contains("(1 held)"),
+        "{by_rcpt}"
+    );
+    let by_sender = shape(&["-s", "-p"]);
+    assert!(
+        by_sender.lines().any(|l| l.starts_with("example.test "))
+            && by_sender.lines().any(|l| l.starts_with(".test ")),
+        "{by_sender}"
+    );
+
     let out = inst.qms(&["queue", "release", &a]);
     assert!(out.status.success());
     assert!(inst.files("hold/pipe").is_empty());
