@@ -444,6 +444,43 @@ fn named_queues_receive_their_routes_mail() {
     wait_for("three bulk workers", Duration::from_secs(30), || {
         count("bulk") == 3
     });
+    // Privileges follow the agent, not the name: the smtp agent of a named queue may not
+    // change user; the local agent of a named pipe queue keeps that right.
+    if is_root() {
+        let permitted = |queue: &str| -> Vec<u64> {
+            let out = std::process::Command::new("pgrep")
+                .args([
+                    "-f",
+                    &format!("{} deliver --queue {queue}", inst.config.display()),
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+                .filter_map(|st| {
+                    st.lines()
+                        .find_map(|l| l.strip_prefix("CapPrm:"))
+                        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                })
+                .collect()
+        };
+        // The reload recycles every worker: wait for both kinds to be back.
+        wait_for(
+            "the workers after the reload",
+            Duration::from_secs(30),
+            || permitted("bulk").len() == 3 && permitted("lists").len() == 1,
+        );
+        let (bulk, lists) = (permitted("bulk"), permitted("lists"));
+        assert!(
+            !bulk.is_empty() && bulk.iter().all(|c| *c == 0),
+            "bulk: {bulk:x?}"
+        );
+        assert!(
+            !lists.is_empty() && lists.iter().all(|c| *c != 0),
+            "lists: {lists:x?}"
+        );
+    }
     // Mistakes check-config names.
     inst.edit_config(
         "[queues.lists]\n",
