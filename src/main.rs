@@ -171,7 +171,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    qms_common::log::set_json(cfg.log_json);
+    qms_common::log::set_format(cfg.log_format, &cfg.log_syslog_name, &cfg.hostname);
     qms_common::log::set_target(&cfg.log_target);
     if let (true, Some(user)) = (nix::unistd::getuid().is_root(), cfg.user.as_deref()) {
         if let Ok(a) = qms_common::privs::Account::lookup(user) {

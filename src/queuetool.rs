@@ -135,7 +135,7 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
     qms_common::log::init("queue");
     // What an administrator does to the queue is logged with the daemon's lines (the mail
     // log), not on the terminal, which gets a one-line summary.
-    qms_common::log::for_command(&cfg.log_target);
+    qms_common::log::for_command(cfg);
     let by = user();
     if let Some(q) = named_queue(&cmd).filter(|q| !cfg.queues.contains_key(*q)) {
         eprintln!(

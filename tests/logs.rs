@@ -94,3 +94,121 @@ fn a_detached_instance_logs_to_the_system_log() {
         "{seen}"
     );
 }
+
+/// Issue #14: with `[log] format = "postfix"`, Debian's pflogsumm summarises qms's log and
+/// fail2ban's stock `postfix` and `postfix-sasl` (mode auth) filters find its rejects and
+/// AUTH failures, each counted against what the test did.
+#[test]
+fn pflogsumm_and_fail2ban_read_a_postfix_shaped_log() {
+    let (ok_port, bad_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("ok.test", ok_port), ("bad.test", bad_port)],
+        "[log]\nformat = \"postfix\"\ntarget = \"./mail.log\"\nsyslog_name = \"postfix-qms\"\n\
+         [auth]\nusers = \"users\"\nplaintext_loopback = true\nmax_failures = 100\n",
+    );
+    std::fs::write(inst.dir.join("users"), passwd_line("alice", "right")).unwrap();
+    let _ok = Sink::start(&inst, "ok", "127.0.0.1", ok_port, &[]);
+    let _bad = Sink::start(&inst, "bad", "127.0.0.1", bad_port, &["-f", "RCPT"]);
+    inst.own();
+    inst.start();
+    let script = r#"
+import smtplib, sys, base64
+port = int(sys.argv[1])
+def send(to):
+    s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    s.ehlo("client.test")
+    s.sendmail("bob@example.test", [to], "Subject: pf\r\n\r\n" + "x" * 500 + "\r\n")
+    s.quit()
+for _ in range(5): send("alice@example.test")
+for _ in range(4): send("x@ok.test")
+for _ in range(3): send("y@bad.test")
+s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+s.ehlo("client.test")
+s.mail("bob@example.test")
+refused = [s.rcpt(t)[0] for t in ("z@elsewhere.test", "nobody@example.test")]
+assert refused == [554, 550], refused
+s.quit()
+for _ in range(3):
+    s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    s.ehlo("client.test")
+    code, _ = s.docmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong").decode())
+    assert code == 535, code
+    s.quit()
+"#;
+    let (ok, out) = python(script, &[inst.smtp_port.to_string()]);
+    assert!(ok, "{out}");
+    for _ in 0..2 {
+        let out = inst.sendmail(&["alice@example.test"], b"Subject: cron\n\nhi\n");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let file = inst.dir.join("mail.log");
+    let read = || std::fs::read_to_string(&file).unwrap_or_default();
+    // 5 + 2 to alice, 4 to ok.test, and bob's 3 reports of bad.test's refusals.
+    wait_for(
+        "14 deliveries and 3 bounces",
+        Duration::from_secs(60),
+        || {
+            let l = read();
+            l.matches(", status=sent (").count() == 14
+                && l.matches(", status=bounced (").count() == 3
+        },
+    );
+    let log = read();
+    assert!(
+        log.lines()
+            .all(|l| l.contains(" mx.example.test postfix-qms/") && !l.contains(" status=queued")),
+        "every line in Postfix's shape:\n{log}"
+    );
+
+    let out = Command::new("pflogsumm")
+        .args(["--syslog-name=postfix-qms", "--smtpd-stats"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{summary}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total = |what: &str| -> u64 {
+        summary
+            .lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                let n = w.next()?.parse().ok()?;
+                (w.collect::<Vec<_>>().join(" ") == what).then_some(n)
+            })
+            .unwrap_or_else(|| panic!("no {what:?} in pflogsumm's summary:\n{summary}"))
+    };
+    assert_eq!(total("received"), 14, "{summary}");
+    assert_eq!(total("delivered"), 14, "{summary}");
+    assert_eq!(total("bounced"), 3, "{summary}");
+    assert_eq!(total("rejected (12%)"), 2, "{summary}");
+    assert!(total("bytes received") > 12 * 500, "{summary}");
+    // The 16 sessions above, and the harness's own check that the port listens.
+    assert!((16..=17).contains(&total("connections")), "{summary}");
+
+    for (filter, matched) in [("postfix", 2), ("postfix[mode=auth]", 3)] {
+        let out = Command::new("fail2ban-regex")
+            .args(["--print-all-matched"])
+            .arg(&file)
+            .arg(filter)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Lines:"))
+            .unwrap_or_else(|| panic!("no Lines: in\n{text}"));
+        assert!(
+            line.contains(&format!(", {matched} matched")),
+            "{filter}: {line}\n{text}"
+        );
+        assert!(
+            text.contains("127.0.0.1"),
+            "{filter} found the client: {text}"
+        );
+    }
+}

@@ -162,8 +162,10 @@ fn settle_one(cfg: &Config, spool: &Spool, mut c: Claimed) -> Option<Claimed> {
     }
     c.job.recipients.retain(|r| !r.state.is_final());
     if c.job.recipients.is_empty() {
-        if let Err(e) = spool.finish(c) {
-            qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
+        let queue = c.job.queue.clone();
+        match spool.finish(c) {
+            Ok(()) => qlog!("qid={id} queue={queue} status=removed"),
+            Err(e) => qlog!("qid={id} status=error reason={}", quote(&e.to_string())),
         }
         return None;
     }

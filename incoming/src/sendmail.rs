@@ -136,7 +136,7 @@ pub fn run(cfg: &Config, raw: &[String], a: &Args) -> i32 {
     qms_common::log::init("sendmail");
     // Silent on success like every sendmail: what it logs goes to the mail log, and only a
     // refusal is written to stderr, for the user or program that called it.
-    qms_common::log::for_command(&cfg.log_target);
+    qms_common::log::for_command(cfg);
     let me = match Caller::for_uid(cfg, nix::unistd::getuid().as_raw()) {
         Ok(c) => c,
         Err(e) => return fail(EX_NOUSER, &e),

@@ -675,11 +675,12 @@ impl<'a> Session<'a> {
         match result {
             Ok(id) => {
                 qlog!(
-                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} tls={} sasl_user={} status=queued",
+                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} msgid={} tls={} sasl_user={} status=queued",
                     client_name(&self.peer),
                     quote(self.helo.as_deref().unwrap_or("")),
                     quote(&rcpts.join(",")),
                     rcpts.len(),
+                    quote(tracked.message_id.as_deref().unwrap_or("")),
                     quote(self.tls.as_deref().unwrap_or("none")),
                     quote(self.auth_user.as_deref().unwrap_or("-"))
                 );

@@ -222,11 +222,12 @@ impl Submission {
                     qms_common::track::emit(ev);
                 }
                 qlog!(
-                    "qid={id} uid={} from={} to={} size={} status=queued",
+                    "qid={id} uid={} from={} to={} size={} msgid={} status=queued",
                     quote(&self.caller),
                     quote(&qms_common::address::show_sender(&self.job.sender)),
                     quote(&rcpts.join(",")),
-                    self.msg.len()
+                    self.msg.len(),
+                    quote(self.job.message_id.as_deref().unwrap_or(""))
                 );
                 Ok(id)
             }

@@ -367,8 +367,10 @@ pub struct Config {
     pub scheduler: Scheduler,
     pub tls: Option<Tls>,
     pub auth: Auth,
-    /// Log lines as JSON objects instead of key=value text.
-    pub log_json: bool,
+    /// How log lines are written: key=value text, JSON objects or Postfix's shape.
+    pub log_format: crate::log::Format,
+    /// The name that starts every log line's tag (`[log] syslog_name`; `qms`).
+    pub log_syslog_name: String,
     /// Where log lines go: `[log] target`.
     pub log_target: crate::log::Target,
     pub tracking: Tracking,
@@ -723,11 +725,22 @@ impl Config {
                 ))
             }
         };
-        let log_json = match raw.log.format.as_deref() {
-            None | Some("text") => false,
-            Some("json") => true,
-            Some(other) => return Err(err("log.format", format!("{other:?} is not text or json"))),
+        let log_format = match raw.log.format.as_deref() {
+            None => crate::log::Format::Text,
+            Some(f) => crate::log::Format::parse(f)
+                .ok_or_else(|| err("log.format", format!("{f:?} is not text, json or postfix")))?,
         };
+        let log_syslog_name = raw.log.syslog_name.unwrap_or_else(|| "qms".into());
+        if log_syslog_name.is_empty()
+            || !log_syslog_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(err(
+                "log.syslog_name",
+                format!("{log_syslog_name:?} is not a name of letters, digits, -, _ and ."),
+            ));
+        }
         let tls = raw.tls.map(|t| Tls {
             cert: resolve(&t.cert),
             key: resolve(&t.key),
@@ -820,7 +833,8 @@ impl Config {
             scheduler,
             tls,
             auth,
-            log_json,
+            log_format,
+            log_syslog_name,
             log_target,
             tracking: Tracking {
                 envelope_maildir: raw.tracking.envelope_maildir.as_deref().map(resolve),

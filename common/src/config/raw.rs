@@ -163,6 +163,7 @@ pub(super) struct RawMsp {
 pub(super) struct RawLog {
     pub(super) format: Option<String>,
     pub(super) target: Option<String>,
+    pub(super) syslog_name: Option<String>,
 }
 
 #[derive(Deserialize)]

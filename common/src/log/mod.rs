@@ -1,14 +1,62 @@
-//! Log lines in the key=value form sysadmins grep: `qms/ROLE[PID]: qid=... status=...`.
+//! Log lines in the key=value form sysadmins grep: `qms/ROLE[PID]: qid=... status=...`,
+//! or as JSON objects, or in Postfix's shape (`postfix.rs`).
 //!
-//! Lines go to stderr, where systemd's journal (or the supervisor's terminal) picks them up.
-//! Outside the journal each line starts with a UTC time stamp.
+//! Lines go to stderr, where systemd's journal (or the supervisor's terminal) picks them up,
+//! or to syslog or a file (`[log] target`). Outside the journal each line starts with a UTC
+//! time stamp.
+
+mod postfix;
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 static ROLE: OnceLock<String> = OnceLock::new();
 static STAMP: OnceLock<bool> = OnceLock::new();
-static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static FORMAT: AtomicU8 = AtomicU8::new(0);
+/// The name before `/ROLE` in every line (`[log] syslog_name`, as Postfix's `syslog_name`).
+static NAME: OnceLock<String> = OnceLock::new();
+/// This host's name, written after the time stamp in Postfix's shape (syslog's own field).
+static HOST: OnceLock<String> = OnceLock::new();
+
+/// How a line is written (`[log] format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// `qid=… status=…`: the default.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// Postfix's lines (`QID: to=<…>, relay=…, status=sent (…)`), for pflogsumm and fail2ban.
+    Postfix,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "text" => Some(Format::Text),
+            "json" => Some(Format::Json),
+            "postfix" => Some(Format::Postfix),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Json => "json",
+            Format::Postfix => "postfix",
+        }
+    }
+}
+
+fn format() -> Format {
+    match FORMAT.load(Ordering::Relaxed) {
+        1 => Format::Json,
+        2 => Format::Postfix,
+        _ => Format::Text,
+    }
+}
 static SYSLOG: OnceLock<Option<std::os::unix::net::UnixDatagram>> = OnceLock::new();
 
 /// Where the lines of a process go (`[log] target`).
@@ -68,10 +116,12 @@ pub fn give_file_to(uid: u32, gid: u32) {
 }
 
 /// For a command run by a person or a program (`sendmail`, `qms queue`): its lines go where
-/// the daemon's go, and when that is stderr (the journal's or a terminal's, not this
-/// caller's), to the system log; never onto the caller's terminal or mail client.
-pub fn for_command(t: &Target) {
-    match t {
+/// the daemon's go, in the daemon's format, and when that is stderr (the journal's or a
+/// terminal's, not this caller's), to the system log; never onto the caller's terminal or
+/// mail client.
+pub fn for_command(cfg: &crate::config::Config) {
+    set_format(cfg.log_format, &cfg.log_syslog_name, &cfg.hostname);
+    match &cfg.log_target {
         Target::Stderr => to_syslog(),
         other => set_target(other),
     }
@@ -91,9 +141,18 @@ pub fn to_syslog() {
     let _ = SYSLOG.set(sock);
 }
 
-/// Writes every following line as one JSON object (`[log] format = "json"`).
-pub fn set_json(on: bool) {
-    JSON.store(on, std::sync::atomic::Ordering::Relaxed);
+/// Sets how every following line is written, the name that starts its tag (`qms`, or
+/// `postfix-qms` for tools that look for Postfix's names) and the host name Postfix's shape
+/// writes in files.
+pub fn set_format(format: Format, name: &str, host: &str) {
+    let n = match format {
+        Format::Text => 0,
+        Format::Json => 1,
+        Format::Postfix => 2,
+    };
+    FORMAT.store(n, Ordering::Relaxed);
+    let _ = NAME.set(name.to_string());
+    let _ = HOST.set(host.to_string());
 }
 
 /// Names the process role that prefixes every line (`smtpd`, `router`, `deliver/local`, …).
@@ -105,38 +164,58 @@ pub fn init(role: &str) {
 pub fn write(line: &str) {
     let line = &*defang(line);
     let role = ROLE.get().map(String::as_str).unwrap_or("qms");
+    match format() {
+        Format::Postfix => {
+            for (prog, text) in postfix::lines(role, line) {
+                out(&prog, &text);
+            }
+        }
+        Format::Json if SYSLOG.get().is_none() => emit(format!("{}\n", json(role, line))),
+        _ => out(role, line),
+    }
+}
+
+/// The line as one JSON object: time, role, pid, its pairs, and any text after them.
+fn json(role: &str, line: &str) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert(
+        "time".into(),
+        crate::time::iso8601(crate::time::now()).into(),
+    );
+    obj.insert("role".into(), role.into());
+    obj.insert("pid".into(), crate::pid().into());
+    let (pairs, rest) = parse_pairs(line);
+    for (k, v) in pairs {
+        obj.insert(k, v.into());
+    }
+    if !rest.is_empty() {
+        obj.insert("text".into(), rest.into());
+    }
+    serde_json::Value::Object(obj)
+}
+
+/// Writes `NAME/PROG[PID]: text` where the lines go: syslog adds time and host itself;
+/// elsewhere a UTC time stamp leads, and in Postfix's shape the host name follows it, where
+/// syslog puts it and log readers look for it.
+fn out(prog: &str, text: &str) {
+    let name = NAME.get().map(String::as_str).unwrap_or("qms");
     if let Some(sock) = SYSLOG.get() {
         // RFC 3164 shape: <PRI>TAG[PID]: text; PRI 22 is facility mail, severity info.
-        let msg = format!("<22>qms/{role}[{}]: {line}", crate::pid());
+        let msg = format!("<22>{name}/{prog}[{}]: {text}", crate::pid());
         if let Some(s) = sock {
             let _ = s.send(msg.as_bytes());
         }
         return;
     }
-    if JSON.load(std::sync::atomic::Ordering::Relaxed) {
-        let mut obj = serde_json::Map::new();
-        obj.insert(
-            "time".into(),
-            crate::time::iso8601(crate::time::now()).into(),
-        );
-        obj.insert("role".into(), role.into());
-        obj.insert("pid".into(), crate::pid().into());
-        let (pairs, rest) = parse_pairs(line);
-        for (k, v) in pairs {
-            obj.insert(k, v.into());
+    let mut stamp = String::new();
+    if *STAMP.get().unwrap_or(&true) {
+        stamp = format!("{} ", crate::time::iso8601(crate::time::now()));
+        if format() == Format::Postfix {
+            stamp.push_str(HOST.get().map(String::as_str).unwrap_or("localhost"));
+            stamp.push(' ');
         }
-        if !rest.is_empty() {
-            obj.insert("text".into(), rest.into());
-        }
-        emit(format!("{}\n", serde_json::Value::Object(obj)));
-        return;
     }
-    let stamp = if *STAMP.get().unwrap_or(&true) {
-        format!("{} ", crate::time::iso8601(crate::time::now()))
-    } else {
-        String::new()
-    };
-    emit(format!("{stamp}qms/{role}[{}]: {line}\n", crate::pid()));
+    emit(format!("{stamp}{name}/{prog}[{}]: {text}\n", crate::pid()));
 }
 
 /// One write() per line: processes share the log file, and a line written in pieces could
