@@ -4,6 +4,7 @@
 mod checks;
 mod permissions;
 mod queuetool;
+mod requeue;
 mod roles;
 mod showq;
 mod signals;
@@ -74,6 +75,12 @@ enum Cmd {
     Suppress(suppress::SuppressCmd),
     /// Check the config file and say where it is wrong.
     CheckConfig,
+    /// Print the configuration in force, every key with its value (like postconf).
+    Config {
+        /// Only what differs from the defaults (like postconf -n).
+        #[arg(short = 'n')]
+        non_default: bool,
+    },
     /// Check the aliases file (lookups read it directly; changes apply without a restart).
     Newaliases,
     /// Print a `user:hash` line for the `[auth] users` file; the password is read from stdin.
@@ -194,9 +201,28 @@ fn main() -> ExitCode {
         Cmd::Queue(q) => queuetool::run(&cfg, q),
         Cmd::Suppress(s) => suppress::run(&cfg, s),
         Cmd::CheckConfig => checks::run(&cfg),
+        Cmd::Config { non_default } => show_config(&cfg, non_default),
         Cmd::Newaliases => newaliases(&cfg),
         Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) => ExitCode::SUCCESS,
     }
+}
+
+/// `qms config [-n]`: TOML that `check-config` reads back into the same configuration.
+fn show_config(cfg: &Config, non_default: bool) -> ExitCode {
+    use qms_common::config::Effective;
+    let shown = if non_default {
+        match Effective::non_default(cfg) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("qms: {e}");
+                return ExitCode::from(70);
+            }
+        }
+    } else {
+        Effective::of(cfg)
+    };
+    print!("# {}\n{}", cfg.path.display(), shown.render());
+    ExitCode::SUCCESS
 }
 
 fn track(cfg: &Config, a: TrackArgs) -> ExitCode {

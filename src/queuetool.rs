@@ -27,6 +27,8 @@ pub enum QueueCmd {
     Delete(Select),
     /// Try messages again now instead of at their next scheduled time.
     Retry(Select),
+    /// Route messages again with the config in force (postsuper -r): each gets a new queue id.
+    Requeue(Select),
     /// Recipient counts per destination domain by age, like qshape.
     Shape {
         #[arg(long)]
@@ -64,12 +66,12 @@ pub struct ListArgs {
 
 #[derive(Args)]
 pub struct Select {
-    ids: Vec<String>,
+    pub(crate) ids: Vec<String>,
     /// Every message (of --queue, if given).
     #[arg(long)]
-    all: bool,
+    pub(crate) all: bool,
     #[arg(long)]
-    queue: Option<String>,
+    pub(crate) queue: Option<String>,
 }
 
 impl QueueCmd {
@@ -115,9 +117,11 @@ fn named_queue(cmd: &QueueCmd) -> Option<&str> {
     match cmd {
         QueueCmd::List(a) => a.queue.as_deref(),
         QueueCmd::Shape { queue, .. } => queue.as_deref(),
-        QueueCmd::Hold(s) | QueueCmd::Release(s) | QueueCmd::Delete(s) | QueueCmd::Retry(s) => {
-            s.queue.as_deref()
-        }
+        QueueCmd::Hold(s)
+        | QueueCmd::Release(s)
+        | QueueCmd::Delete(s)
+        | QueueCmd::Retry(s)
+        | QueueCmd::Requeue(s) => s.queue.as_deref(),
         QueueCmd::Show { .. } => None,
     }
 }
@@ -176,7 +180,11 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
     };
     if matches!(
         cmd,
-        QueueCmd::Hold(_) | QueueCmd::Release(_) | QueueCmd::Delete(_) | QueueCmd::Retry(_)
+        QueueCmd::Hold(_)
+            | QueueCmd::Release(_)
+            | QueueCmd::Delete(_)
+            | QueueCmd::Retry(_)
+            | QueueCmd::Requeue(_)
     ) {
         let _ = qms_common::track::open(&cfg.spool, "queue");
     }
@@ -187,6 +195,7 @@ pub fn run(cfg: &Config, cmd: QueueCmd) -> ExitCode {
         QueueCmd::Release(s) => act(&spool, &s, Action::Release, &by),
         QueueCmd::Delete(s) => act(&spool, &s, Action::Delete, &by),
         QueueCmd::Retry(s) => act(&spool, &s, Action::Retry, &by),
+        QueueCmd::Requeue(s) => crate::requeue::run(&spool, &s, &by),
         QueueCmd::Shape {
             queue,
             sender,
@@ -338,7 +347,7 @@ fn render(docs: Vec<serde_json::Value>, a: &ListArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn parse_id(s: &str) -> Option<QueueId> {
+pub(crate) fn parse_id(s: &str) -> Option<QueueId> {
     QueueId::parse(s.trim())
 }
 

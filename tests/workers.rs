@@ -501,3 +501,83 @@ fn named_queues_receive_their_routes_mail() {
         "{err}"
     );
 }
+
+/// Issue #14: `qms queue requeue` (postsuper -r) routes waiting mail again with the config in
+/// force: mail deferred at a dead next hop goes to the new route and its named queue.
+#[test]
+fn requeue_routes_waiting_mail_again_after_a_config_change() {
+    let (dead_port, live_port) = (free_port(), free_port());
+    let mut inst = relay_instance(
+        &[("moved.test", dead_port)],
+        "[outgoing]\nmin_backoff = \"1h\"\nmax_backoff = \"1h\"\n[queues.fresh]\nworkers = 1\n\
+         [log]\ntarget = \"./mail.log\"\n",
+    );
+    // The queue command logs where the daemon does: here a file both write.
+    let log_of =
+        |inst: &Instance| std::fs::read_to_string(inst.dir.join("mail.log")).unwrap_or_default();
+    inst.edit_config(
+        "[routes]\n",
+        &format!("[routes]\n\"unused.test\" = \"smtp:[127.0.0.1]:{live_port}@fresh\"\n"),
+    );
+    let live = Sink::start(&inst, "live", "127.0.0.1", live_port, &[]);
+    inst.start();
+    for i in 0..3 {
+        let out = inst.sendmail(
+            &["x@moved.test"],
+            format!("Subject: r{i}\n\nbody\n").as_bytes(),
+        );
+        assert!(out.status.success());
+    }
+    wait_for("three deferred", Duration::from_secs(30), || {
+        let q = inst.queue_json();
+        q.len() == 3 && q.iter().all(|j| j["recipients"][0]["state"] == "deferred")
+    });
+    let old: Vec<String> = inst
+        .queue_json()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    inst.edit_config(
+        &format!("\"moved.test\" = \"smtp:[127.0.0.1]:{dead_port}\""),
+        &format!("\"moved.test\" = \"smtp:[127.0.0.1]:{live_port}@fresh\""),
+    );
+    inst.reload();
+    // Requeue is for after the router has read the new config, as with Postfix.
+    wait_for(
+        "a router with the new config",
+        Duration::from_secs(30),
+        || {
+            let log = log_of(&inst);
+            log.split("event=reload")
+                .nth(1)
+                .is_some_and(|after| after.contains("event=spawn process=router"))
+        },
+    );
+    // One by id, the rest with --all of the queue they wait in.
+    let out = inst.qms(&["queue", "requeue", &old[0]]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 message(s) requeued"));
+    let out = inst.qms(&["queue", "requeue", "--all", "--queue", "smtp"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(
+        "the three at the new route",
+        Duration::from_secs(60),
+        || live.messages().len() == 3 && inst.queue_json().is_empty(),
+    );
+    let log = log_of(&inst);
+    for id in &old {
+        assert!(
+            log.contains(&format!("qid={id} queue=smtp status=requeued new_qid=")),
+            "{id} requeued in the log: {log}"
+        );
+    }
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("qms/deliver/fresh[") && l.contains("status=sent"))
+            .count(),
+        3,
+        "delivered by the new route's queue: {log}"
+    );
+    let out = inst.qms(&["queue", "requeue", &old[0]]);
+    assert!(!out.status.success(), "a job requeued already is gone");
+}

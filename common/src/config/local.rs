@@ -24,6 +24,14 @@ pub enum Origin {
 }
 
 impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Alias => "alias",
+            Origin::Forward => "forward",
+            Origin::Include => "include",
+        }
+    }
+
     fn parse(s: &str) -> Option<Origin> {
         match s.trim() {
             "alias" => Some(Origin::Alias),

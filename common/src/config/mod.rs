@@ -5,9 +5,11 @@ use crate::address::Address;
 mod local;
 mod queues;
 mod raw;
+mod show;
 
 pub use local::{Local, Origin};
 pub use queues::{Agent, Overrides, Routing};
+pub use show::Effective;
 
 use raw::{OneOrMany, Raw, RawListener, Secs};
 use std::collections::BTreeMap;
@@ -218,6 +220,12 @@ impl Cidr {
     }
 }
 
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.bits)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mailbox {
     Maildir(PathBuf),
@@ -376,6 +384,8 @@ pub struct Config {
     pub tracking: Tracking,
     pub msp: Msp,
     pub local: Local,
+    /// `[metrics] listen`: where Prometheus scrapes `/metrics`; None: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[msp]`: what trusted submitters may ask of the submission pipeline beyond headers.
@@ -406,6 +416,8 @@ pub struct Tracking {
     pub envelope: Option<Address>,
     /// The key that signs VERP tokens (`key`, or the contents of `key_file`).
     pub key: Vec<u8>,
+    /// The file `key` was read from, if it came from one.
+    pub key_file: Option<PathBuf>,
     /// `[tracking.imap]`: a remote mailbox whose reports are fetched into `envelope_maildir`.
     pub imap: Option<Imap>,
     /// The reasons of hard failures ("user unknown", "has moved", …, and "complaint") that
@@ -517,27 +529,35 @@ impl Config {
             }
         };
 
-        let listeners =
-            |raw: RawListener, key: &str| -> Result<(Listener, Vec<Cidr>), ConfigError> {
-                let mut listen = Vec::new();
-                for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
-                    let sa = a.parse::<SocketAddr>().map_err(|_| {
-                        err(
-                            &format!("{key}.listen"),
-                            format!("{a:?} is not an address:port such as 127.0.0.1:25"),
-                        )
-                    })?;
-                    listen.push(sa);
-                }
-                let mut nets = Vec::new();
-                for n in raw.mynetworks.unwrap_or_default() {
-                    nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
-                }
-                Ok((Listener { listen }, nets))
-            };
+        let listeners = |raw: RawListener,
+                         key: &str|
+         -> Result<(Listener, Vec<Cidr>), ConfigError> {
+            let mut listen = Vec::new();
+            for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
+                let sa = a.parse::<SocketAddr>().map_err(|_| {
+                    err(
+                        &format!("{key}.listen"),
+                        format!("{a:?} is not an address:port such as 127.0.0.1:25"),
+                    )
+                })?;
+                listen.push(sa);
+            }
+            if key != "smtp" && raw.mynetworks.is_some() {
+                return Err(err(
+                    &format!("{key}.mynetworks"),
+                    "mynetworks belongs in [smtp]: submission relays for authenticated users only"
+                        .into(),
+                ));
+            }
+            let mut nets = Vec::new();
+            for n in raw.mynetworks.unwrap_or_default() {
+                nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
+            }
+            Ok((Listener { listen }, nets))
+        };
         let (smtp, mynetworks) = listeners(raw.smtp, "smtp")?;
-        let (submission, _) = listeners(raw.submission, "submission")?;
-        let (submissions, _) = listeners(raw.submissions, "submissions")?;
+        let (submission, _) = listeners(raw.submission.into(), "submission")?;
+        let (submissions, _) = listeners(raw.submissions.into(), "submissions")?;
 
         let domain_list = |v: Vec<String>, key: &str| -> Result<Vec<String>, ConfigError> {
             v.into_iter()
@@ -806,6 +826,15 @@ impl Config {
             .local
             .build(&resolve)
             .map_err(|(key, message)| err(&key, message))?;
+        let metrics_listen = match raw.metrics.listen.as_deref() {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "metrics.listen",
+                    format!("{a:?} is not an address:port such as 127.0.0.1:9725"),
+                )
+            })?),
+        };
         Ok(Config {
             path: absolute(path),
             spool: resolve(&raw.spool),
@@ -841,6 +870,7 @@ impl Config {
                 co_recipient_notices: raw.tracking.co_recipient_notices.unwrap_or(false),
                 envelope,
                 key,
+                key_file: raw.tracking.key_file.as_deref().map(resolve),
                 imap,
                 keep: raw.tracking.keep.map(Secs::get).filter(|k| *k > 0),
                 suppress: raw.tracking.suppress.unwrap_or_else(|| {
@@ -861,6 +891,7 @@ impl Config {
                     .collect(),
             },
             local,
+            metrics_listen,
         })
     }
 

@@ -27,6 +27,22 @@ pub(super) struct RawListener {
     pub(super) mynetworks: Option<Vec<String>>,
 }
 
+/// `[submission]` and `[submissions]`: no mynetworks, they relay for authenticated users only.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSubmission {
+    pub(super) listen: Option<OneOrMany>,
+}
+
+impl From<RawSubmission> for RawListener {
+    fn from(s: RawSubmission) -> RawListener {
+        RawListener {
+            listen: s.listen,
+            mynetworks: None,
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDomains {
@@ -166,6 +182,12 @@ pub(super) struct RawLog {
     pub(super) syslog_name: Option<String>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub(super) listen: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Raw {
@@ -179,9 +201,9 @@ pub(super) struct Raw {
     #[serde(default)]
     pub(super) smtp: RawListener,
     #[serde(default)]
-    pub(super) submission: RawListener,
+    pub(super) submission: RawSubmission,
     #[serde(default)]
-    pub(super) submissions: RawListener,
+    pub(super) submissions: RawSubmission,
     #[serde(default)]
     pub(super) domains: RawDomains,
     #[serde(default)]
@@ -209,6 +231,8 @@ pub(super) struct Raw {
     pub(super) msp: RawMsp,
     #[serde(default)]
     pub(super) local: super::local::RawLocal,
+    #[serde(default)]
+    pub(super) metrics: RawMetrics,
 }
 
 /// A duration in seconds, written as a number (`300`) or with a unit: `90s`, `5m`, `4h`,
