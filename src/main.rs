@@ -2,6 +2,7 @@
 //! `sendmail`, `mailq` or `newaliases`, it behaves as that command.
 
 mod checks;
+mod metricsd;
 mod permissions;
 mod queuetool;
 mod requeue;
@@ -57,6 +58,8 @@ enum Cmd {
     Pickup,
     /// Role: the queue listing for `mailq` run by users who cannot read the spool.
     Showq,
+    /// Role: the Prometheus endpoint of `[metrics] listen`.
+    Metrics,
     /// As root: create the spool and fix its owners and modes, and those of qms-postdrop,
     /// as docs/security.md lists them. Never follows a symbolic link.
     SetPermissions,
@@ -194,6 +197,7 @@ fn main() -> ExitCode {
         Cmd::Tracker => roles::tracker(cfg),
         Cmd::Pickup => roles::pickup(cfg),
         Cmd::Showq => roles::showq(cfg),
+        Cmd::Metrics => roles::metrics(cfg),
         Cmd::SetPermissions => permissions::run(&cfg),
         Cmd::Dsnproc => roles::dsnproc(cfg),
         Cmd::Track(a) => track(&cfg, a),
@@ -398,6 +402,12 @@ fn sendmail(explicit: Option<&Path>, args: &[String]) -> ExitCode {
     match a.mode {
         sm::Mode::ListQueue => queuetool::run(&cfg, queuetool::QueueCmd::list_all()),
         sm::Mode::Newaliases => newaliases(&cfg),
-        _ => ExitCode::from(sm::run(&cfg, args, &a) as u8),
+        _ => {
+            qms_common::metrics::start(&cfg);
+            let code = sm::run(&cfg, args, &a);
+            // What it counted goes before it exits: it never lives to the next flush.
+            qms_common::metrics::finish(&cfg);
+            ExitCode::from(code as u8)
+        }
     }
 }

@@ -47,6 +47,7 @@ enum Privs {
 
 fn start_role_untracked(cfg: &Config, role: &str, keep: Privs) -> Result<Spool, ExitCode> {
     qms_common::log::init(role);
+    qms_common::metrics::start(cfg);
     signals::install();
     // Nothing a role writes is for anyone but the qms user.
     // Safety: umask only changes this process's file-creation mask.
@@ -140,6 +141,14 @@ pub fn router(cfg: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `qms metrics`: the Prometheus endpoint.
+pub fn metrics(cfg: Config) -> ExitCode {
+    match start_role_untracked(&cfg, "metrics", Privs::None) {
+        Ok(spool) => crate::metricsd::run(&cfg, spool),
+        Err(c) => c,
+    }
+}
+
 /// `qms tracker`: moves tracking events from the processes' files into the database.
 pub fn tracker(cfg: Config) -> ExitCode {
     let spool = match start_role_untracked(&cfg, "tracker", Privs::None) {
@@ -168,9 +177,14 @@ pub fn tracker(cfg: Config) -> ExitCode {
                 }
             }
         }
-        match db.ingest(&dir, &cfg.tracking.suppress) {
+        let result = db.ingest(&dir, &cfg.tracking.suppress);
+        let lag = db.oldest_ingested.map_or(0.0, |t| {
+            qms_common::time::now_micros().saturating_sub(t) as f64 / 1e6
+        });
+        qms_common::metrics::gauge("qms_tracker_lag_seconds", &[], lag);
+        match result {
             Ok(0) => std::thread::sleep(Duration::from_millis(250)),
-            Ok(_) => {}
+            Ok(n) => qms_common::metrics::count("qms_tracker_events_total", &[], n as f64),
             Err(e) => {
                 qlog!("status=error reason={}", quote(&e));
                 std::thread::sleep(Duration::from_secs(1));

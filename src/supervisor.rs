@@ -77,6 +77,13 @@ fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
             index: 0,
         });
     }
+    if cfg.metrics_listen.is_some() {
+        v.push(Slot {
+            role: "metrics".into(),
+            queue: None,
+            index: 0,
+        });
+    }
     if cfg.tracking.envelope_maildir.is_some() {
         v.push(Slot {
             role: "dsnproc".into(),
@@ -187,6 +194,7 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
         }
     }
     let removed = spool.recover();
+    qms_common::metrics::start(&cfg);
     qlog!(
         "event=start spool={} debris_removed={removed} uid={}",
         cfg.spool.display(),
@@ -435,6 +443,7 @@ impl Supervisor {
                     );
                 }
                 self.cfg = new;
+                qms_common::metrics::start(&self.cfg);
                 // Roles read the config when they start: the ones that stay are recycled
                 // (a clean stop releases their jobs), extra ones stop, missing ones start.
                 let want = desired(&self.cfg, self.has_listeners);
@@ -473,6 +482,19 @@ impl Supervisor {
     }
 
     fn write_status(&self) {
+        for q in self.cfg.queue_names() {
+            let running = self
+                .children
+                .iter()
+                .filter(|(s, c)| {
+                    // The incoming queue's workers are the routers.
+                    let serves = s.queue.as_deref() == Some(q.as_str())
+                        || (q == "incoming" && s.role == "router");
+                    serves && c.pid.is_some()
+                })
+                .count();
+            qms_common::metrics::gauge("qms_workers", &[("queue", &q)], running as f64);
+        }
         let procs: Vec<serde_json::Value> = self
             .children
             .iter()

@@ -37,7 +37,9 @@ enum Shape {
 }
 
 fn fields(err: &str) -> Option<Vec<String>> {
-    let rest = err.split(&format!("unknown field `{PROBE}`, expected ")).nth(1)?;
+    let rest = err
+        .split(&format!("unknown field `{PROBE}`, expected "))
+        .nth(1)?;
     Some(
         rest.split('`')
             .skip(1)
@@ -75,7 +77,11 @@ fn accepted(dir: &Path) -> BTreeMap<String, Vec<String>> {
         };
         let mut plain = Vec::new();
         for k in keys {
-            let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            let sub = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
             match shape(dir, &sub) {
                 Shape::Table(_) => todo.push(sub),
                 Shape::Map(inner) => {
@@ -94,10 +100,9 @@ fn accepted(dir: &Path) -> BTreeMap<String, Vec<String>> {
 
 /// The man page's sections and their entries: key → the default it states, if any.
 fn manual() -> BTreeMap<String, BTreeMap<String, Option<String>>> {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/man/qms.toml.5"),
-    )
-    .unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/man/qms.toml.5"))
+            .unwrap();
     let mut out: BTreeMap<String, BTreeMap<String, Option<String>>> = BTreeMap::new();
     let mut section = None;
     let mut after_tp = false;
@@ -110,7 +115,8 @@ fn manual() -> BTreeMap<String, BTreeMap<String, Option<String>>> {
             };
             out.entry(name.clone()).or_default();
             section = Some(name);
-        } else if let (Some(s), true, Some(entry)) = (&section, after_tp, line.strip_prefix(".B ")) {
+        } else if let (Some(s), true, Some(entry)) = (&section, after_tp, line.strip_prefix(".B "))
+        {
             let (key, default) = match entry.split_once(" = ") {
                 Some((k, d)) => (k.to_string(), Some(d.to_string())),
                 None => (entry.to_string(), None),
@@ -127,7 +133,11 @@ fn manual() -> BTreeMap<String, BTreeMap<String, Option<String>>> {
 fn doc_section(path: &str, man: &BTreeMap<String, BTreeMap<String, Option<String>>>) -> String {
     if let Some(base) = path.strip_suffix(".*") {
         let named = format!("{base}.NAME");
-        return if man.contains_key(&named) { named } else { base.to_string() };
+        return if man.contains_key(&named) {
+            named
+        } else {
+            base.to_string()
+        };
     }
     path.to_string()
 }
@@ -141,7 +151,11 @@ fn show(file: &Path, extra: &[&str]) -> String {
         .args(extra)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .split_once('\n')
         .unwrap()
@@ -166,7 +180,9 @@ fn entries(text: &str) -> BTreeMap<String, BTreeMap<String, Option<String>>> {
                     .insert(k.trim_matches('"').to_string(), Some(v.to_string()));
             }
         } else if let Some(k) = l.strip_suffix(" (not set)") {
-            out.entry(section.clone()).or_default().insert(k.to_string(), None);
+            out.entry(section.clone())
+                .or_default()
+                .insert(k.to_string(), None);
         }
     }
     out
@@ -179,7 +195,15 @@ fn every_key_the_parser_takes_is_in_the_manual_with_its_default() {
     let parser = accepted(&dir);
     let man = manual();
     // The parser's tables, found from its own error messages: a sanity check of the probe.
-    for t in ["", "limits", "queues.*", "mailboxes.*", "tracking.imap", "routes.*", "log"] {
+    for t in [
+        "",
+        "limits",
+        "queues.*",
+        "mailboxes.*",
+        "tracking.imap",
+        "routes.*",
+        "log",
+    ] {
         assert!(parser.contains_key(t), "{t:?} in {:?}", parser.keys());
     }
     let mut missing = Vec::new();
@@ -204,9 +228,15 @@ fn every_key_the_parser_takes_is_in_the_manual_with_its_default() {
     let shown = entries(&show(&bare, &[]));
     let mut wrong = Vec::new();
     for (section, keys) in &shown {
-        let doc = if section.starts_with("queues.") { "queues.NAME".to_string() } else { section.clone() };
+        let doc = if section.starts_with("queues.") {
+            "queues.NAME".to_string()
+        } else {
+            section.clone()
+        };
         let Some(entries) = man.get(&doc) else {
-            wrong.push(format!("[{section}] printed by qms config but not in the manual"));
+            wrong.push(format!(
+                "[{section}] printed by qms config but not in the manual"
+            ));
             continue;
         };
         for (k, v) in keys {
@@ -215,12 +245,12 @@ fn every_key_the_parser_takes_is_in_the_manual_with_its_default() {
                 (Some(Some(d)), Some(v)) if !d.starts_with('(') && d != v => {
                     wrong.push(format!("[{section}] {k}: manual says {d}, qms config {v}"))
                 }
-                (Some(None), Some(v)) if k != "spool" => {
-                    wrong.push(format!("[{section}] {k} = {v} has no default in the manual"))
-                }
-                (Some(Some(d)), None) if !d.starts_with('(') => {
-                    wrong.push(format!("[{section}] {k}: manual says {d}, qms config: not set"))
-                }
+                (Some(None), Some(v)) if k != "spool" => wrong.push(format!(
+                    "[{section}] {k} = {v} has no default in the manual"
+                )),
+                (Some(Some(d)), None) if !d.starts_with('(') => wrong.push(format!(
+                    "[{section}] {k}: manual says {d}, qms config: not set"
+                )),
                 _ => {}
             }
         }
@@ -288,8 +318,16 @@ fn qms_config_and_config_n_round_trip_through_check_config() {
     ] {
         assert!(set.contains(k), "config -n shows {k}: {changed}");
     }
-    for k in ["limits.recipients", "outgoing.port", "queues.smtp.workers", "log.target"] {
-        assert!(!set.contains(k), "config -n leaves out the default {k}: {changed}");
+    for k in [
+        "limits.recipients",
+        "outgoing.port",
+        "queues.smtp.workers",
+        "log.target",
+    ] {
+        assert!(
+            !set.contains(k),
+            "config -n leaves out the default {k}: {changed}"
+        );
     }
     assert_eq!(n["limits"]["message_size"].as_deref(), Some("1000000"));
     assert_eq!(n["queues.bulk"]["min_backoff"].as_deref(), Some("\"10m\""));
@@ -323,13 +361,17 @@ fn every_command_is_in_qms_8() {
     assert!(top.len() > 15, "{top:?}");
     for c in &top {
         assert!(
-            entries.iter().any(|e| e.split_whitespace().next() == Some(c.as_str())),
+            entries
+                .iter()
+                .any(|e| e.split_whitespace().next() == Some(c.as_str())),
             "qms {c} is not in qms(8)"
         );
     }
     for c in commands(&["queue", "--help"]) {
         assert!(
-            entries.iter().any(|e| e.starts_with("queue ") && e.contains(c.as_str())),
+            entries
+                .iter()
+                .any(|e| e.starts_with("queue ") && e.contains(c.as_str())),
             "qms queue {c} is not in qms(8)"
         );
     }

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod expand;
 pub mod headers;
 pub mod log;
+pub mod metrics;
 pub mod privs;
 pub mod reason;
 pub mod safeio;

@@ -458,6 +458,7 @@ fn record(c: &mut Claimed, ri: usize, result: Outcome) {
         status_of(&reply, kind),
         reply
     );
+    crate::settle::count_attempt(&c.job.queue, &c.job.id, &r.address, status);
     let event = if state == RcptState::Delivered {
         "delivered"
     } else {

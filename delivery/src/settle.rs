@@ -51,6 +51,33 @@ pub fn report_deliveries(cfg: &Config, spool: &Spool, job: &qms_spool::Job) {
     }
 }
 
+/// Counts one recipient's attempt for `[metrics]`: by queue and result (sent, deferred,
+/// bounced), by destination domain, and for a delivery the time since the message arrived.
+pub fn count_attempt(
+    queue: &str,
+    id: &qms_spool::QueueId,
+    to: &qms_common::address::Address,
+    status: &str,
+) {
+    use qms_common::metrics;
+    metrics::count(
+        "qms_deliveries_total",
+        &[("queue", queue), ("status", status)],
+        1.0,
+    );
+    let domain = to.domain().to_ascii_lowercase();
+    metrics::count(
+        "qms_destination_deliveries_total",
+        &[("domain", &domain), ("status", status)],
+        1.0,
+    );
+    if status == "sent" {
+        let now = qms_common::time::now_micros();
+        let delay = now.saturating_sub(id.arrival_micros()) as f64 / 1e6;
+        metrics::observe("qms_delivery_delay_seconds", &[("queue", queue)], delay);
+    }
+}
+
 /// The tracking event of one delivery attempt for recipient `r` of `job`.
 pub fn attempt_event(
     job: &qms_spool::Job,

@@ -145,6 +145,8 @@ impl<'a> Session<'a> {
             "event=connect client={client} service={}",
             self.kind.protocol()
         );
+        let service = [("service", self.kind.protocol())];
+        qms_common::metrics::count("qms_connections_total", &service, 1.0);
         let banner = format!("220 {} ESMTP qms", self.cfg().hostname);
         self.conn.reply(&banner);
         loop {
@@ -446,6 +448,7 @@ impl<'a> Session<'a> {
                 qms_common::address::logged(&addr),
                 quote(&reply)
             );
+            qms_common::metrics::count("qms_rejects_total", &[("stage", "rcpt")], 1.0);
             return self.error(&reply);
         }
         if let Some(t) = self.tx.as_mut() {
@@ -684,6 +687,8 @@ impl<'a> Session<'a> {
                     quote(self.tls.as_deref().unwrap_or("none")),
                     quote(self.auth_user.as_deref().unwrap_or("-"))
                 );
+                let protocol = [("protocol", self.kind.protocol())];
+                qms_common::metrics::count("qms_messages_received_total", &protocol, 1.0);
                 for r in &tracked.recipients {
                     let mut ev = tracked.track(&r.address, "received", "", "queued");
                     ev.qid = id.to_string();

@@ -336,6 +336,7 @@ fn serve(
     match shared.tls.as_ref().map(|cfg| crate::tls::accept(cfg, stream)) {
         Some(Ok((tls_stream, info))) => {
             qlog!("client=[{client}] service=submissions tls={}", quote(&info));
+            qms_common::metrics::count("qms_tls_sessions_total", &[("service", "submissions")], 1.0);
             Session::new(shared, kind, peer, Conn::new(tls_stream).with_socket(socket)).with_tls(info).run();
         }
         Some(Err(e)) => qlog!("client=[{client}] service=submissions status=tls-failed reason={}", quote(&e)),

@@ -215,6 +215,8 @@ impl Submission {
         let received_at = qms_common::time::now_micros();
         match spool.enqueue(self.job.clone(), &build) {
             Ok(id) => {
+                let protocol = [("protocol", self.job.protocol.as_str())];
+                qms_common::metrics::count("qms_messages_received_total", &protocol, 1.0);
                 for r in &self.job.recipients {
                     let mut ev = self.job.track(&r.address, "received", "", "queued");
                     ev.qid = id.to_string();

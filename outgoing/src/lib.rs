@@ -293,6 +293,7 @@ impl SmtpAgent {
             dsn::status_of(&res.reply, kind),
             res.reply
         );
+        qms_delivery::settle::count_attempt(&c.job.queue, &c.job.id, &r.address, status);
         // Handed to the next hop: "relayed", not "delivered" (that is the final host's word).
         let event = match state {
             RcptState::Delivered => "relayed",

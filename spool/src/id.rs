@@ -50,6 +50,14 @@ impl QueueId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The arrival time the id was made at, in microseconds since 1970.
+    pub fn arrival_micros(&self) -> u64 {
+        self.0.bytes().take(11).fold(0, |t, b| {
+            let digit = ALPHABET.iter().position(|a| *a == b).unwrap_or(0) as u64;
+            (t << 5) | digit
+        })
+    }
 }
 
 fn random_bits() -> u64 {
@@ -98,6 +106,18 @@ impl From<QueueId> for String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_tells_its_arrival() {
+        let before = qms_common::time::now_micros();
+        let id = QueueId::generate();
+        let t = id.arrival_micros();
+        assert!(
+            t >= before && t <= qms_common::time::now_micros(),
+            "{t} {before}"
+        );
+        assert_eq!(id.derive("x").arrival_micros(), t);
+    }
 
     #[test]
     fn ids_sort_by_time_and_differ() {

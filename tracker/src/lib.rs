@@ -16,6 +16,8 @@ use std::path::Path;
 
 pub struct Db {
     conn: Connection,
+    /// The time (µs) of the oldest event stored by the last `ingest`, if it stored any.
+    pub oldest_ingested: Option<u64>,
 }
 
 /// Which events `qms track` shows.
@@ -63,7 +65,10 @@ impl Db {
             [],
         )
         .map_err(err)?;
-        Ok(Db { conn })
+        Ok(Db {
+            conn,
+            oldest_ingested: None,
+        })
     }
 
     /// One pass over the event files in `dir`: reads every complete line not read yet, and
@@ -77,6 +82,8 @@ impl Db {
             .filter(|n| n.ends_with(".jsonl"))
             .collect();
         names.sort();
+        self.oldest_ingested = None;
+        let mut oldest: Option<u64> = None;
         let tx = self.conn.transaction().map_err(err)?;
         let mut stored = 0;
         let mut finished = Vec::new();
@@ -114,6 +121,7 @@ impl Db {
                 {
                     match serde_json::from_slice::<Event>(line) {
                         Ok(ev) => {
+                            oldest = Some(oldest.map_or(ev.time, |o| o.min(ev.time)));
                             insert
                                 .execute(params![
                                     ev.time as i64,
@@ -168,6 +176,7 @@ impl Db {
             }
         }
         tx.commit().map_err(err)?;
+        self.oldest_ingested = oldest;
         // Remove the file before forgetting its offset: the other order could read it twice.
         for name in finished {
             if std::fs::remove_file(dir.join(&name)).is_ok() {

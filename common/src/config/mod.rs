@@ -529,32 +529,31 @@ impl Config {
             }
         };
 
-        let listeners = |raw: RawListener,
-                         key: &str|
-         -> Result<(Listener, Vec<Cidr>), ConfigError> {
-            let mut listen = Vec::new();
-            for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
-                let sa = a.parse::<SocketAddr>().map_err(|_| {
-                    err(
-                        &format!("{key}.listen"),
-                        format!("{a:?} is not an address:port such as 127.0.0.1:25"),
-                    )
-                })?;
-                listen.push(sa);
-            }
-            if key != "smtp" && raw.mynetworks.is_some() {
-                return Err(err(
+        let listeners =
+            |raw: RawListener, key: &str| -> Result<(Listener, Vec<Cidr>), ConfigError> {
+                let mut listen = Vec::new();
+                for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
+                    let sa = a.parse::<SocketAddr>().map_err(|_| {
+                        err(
+                            &format!("{key}.listen"),
+                            format!("{a:?} is not an address:port such as 127.0.0.1:25"),
+                        )
+                    })?;
+                    listen.push(sa);
+                }
+                if key != "smtp" && raw.mynetworks.is_some() {
+                    return Err(err(
                     &format!("{key}.mynetworks"),
                     "mynetworks belongs in [smtp]: submission relays for authenticated users only"
                         .into(),
                 ));
-            }
-            let mut nets = Vec::new();
-            for n in raw.mynetworks.unwrap_or_default() {
-                nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
-            }
-            Ok((Listener { listen }, nets))
-        };
+                }
+                let mut nets = Vec::new();
+                for n in raw.mynetworks.unwrap_or_default() {
+                    nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
+                }
+                Ok((Listener { listen }, nets))
+            };
         let (smtp, mynetworks) = listeners(raw.smtp, "smtp")?;
         let (submission, _) = listeners(raw.submission.into(), "submission")?;
         let (submissions, _) = listeners(raw.submissions.into(), "submissions")?;
@@ -828,12 +827,22 @@ impl Config {
             .map_err(|(key, message)| err(&key, message))?;
         let metrics_listen = match raw.metrics.listen.as_deref() {
             None => None,
-            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
-                err(
-                    "metrics.listen",
-                    format!("{a:?} is not an address:port such as 127.0.0.1:9725"),
-                )
-            })?),
+            Some(a) => {
+                let sa = a.parse::<SocketAddr>().map_err(|_| {
+                    err(
+                        "metrics.listen",
+                        format!("{a:?} is not an address:port such as 127.0.0.1:9725"),
+                    )
+                })?;
+                // The metrics role binds it as the mail system's user, never as root.
+                if sa.port() < 1024 {
+                    return Err(err(
+                        "metrics.listen",
+                        format!("port {} is privileged: use 1024 or more", sa.port()),
+                    ));
+                }
+                Some(sa)
+            }
         };
         Ok(Config {
             path: absolute(path),

@@ -34,6 +34,8 @@ impl Session<'_> {
         match self.conn.upgrade(|s| crate::tls::accept(&cfg, s)) {
             Ok(info) => {
                 qlog!("client={} tls={}", client_name(&self.peer), quote(&info));
+                let service = [("service", self.kind.protocol())];
+                qms_common::metrics::count("qms_tls_sessions_total", &service, 1.0);
                 // RFC 3207: forget everything learnt before the handshake.
                 self.tls = Some(info);
                 self.helo = None;
@@ -131,6 +133,8 @@ impl Session<'_> {
             return Flow::Continue;
         }
         let wait = self.shared.throttle.fail(attempt);
+        let service = [("service", self.kind.protocol())];
+        qms_common::metrics::count("qms_auth_failures_total", &service, 1.0);
         qlog!(
             "client={} sasl_method={mech} sasl_user={} status=auth-failed",
             client_name(&self.peer),
