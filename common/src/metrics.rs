@@ -21,6 +21,15 @@ static STORE: Mutex<Option<Store>> = Mutex::new(None);
 struct Store {
     counters: HashMap<String, f64>,
     gauges: HashMap<String, f64>,
+    /// Histograms by name and labels, turned into counter lines only when sent.
+    hists: HashMap<(String, String), Hist>,
+}
+
+/// Observations since the last flush: one count per bucket of `DELAY_BUCKETS`, then +Inf.
+#[derive(Default, Clone)]
+struct Hist {
+    buckets: [f64; DELAY_BUCKETS.len() + 1],
+    sum: f64,
 }
 
 /// The bounds of the delivery delay histogram, in seconds: from a local delivery to a
@@ -91,35 +100,53 @@ pub fn gauge(name: &str, labels: &[(&str, &str)], value: f64) {
 /// Records one value of a histogram with `DELAY_BUCKETS`: its buckets, sum and count.
 pub fn observe(name: &str, labels: &[(&str, &str)], value: f64) {
     with_store(|s| {
-        for b in DELAY_BUCKETS.iter().filter(|b| value <= **b) {
-            let le = b.to_string();
-            let mut l = labels.to_vec();
-            l.push(("le", &le));
-            *s.counters
-                .entry(series(&format!("{name}_bucket"), &l))
-                .or_default() += 1.0;
+        let h = s
+            .hists
+            .entry((name.to_string(), series("", labels)))
+            .or_default();
+        let first = DELAY_BUCKETS
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(DELAY_BUCKETS.len());
+        for b in &mut h.buckets[first..] {
+            *b += 1.0;
         }
-        let mut l = labels.to_vec();
-        l.push(("le", "+Inf"));
-        *s.counters
-            .entry(series(&format!("{name}_bucket"), &l))
-            .or_default() += 1.0;
-        *s.counters
-            .entry(series(&format!("{name}_sum"), labels))
-            .or_default() += value;
-        *s.counters
-            .entry(series(&format!("{name}_count"), labels))
-            .or_default() += 1.0;
+        h.sum += value;
     });
+}
+
+/// A histogram's deltas as counters: `_bucket` per bound (cumulative, as Prometheus wants),
+/// `_sum` and `_count`.
+fn hist_counters(counters: &mut HashMap<String, f64>, name: &str, labels: &str, h: &Hist) {
+    let inner = labels.trim_start_matches('{').trim_end_matches('}');
+    let sep = if inner.is_empty() { "" } else { "," };
+    let bounds = DELAY_BUCKETS
+        .iter()
+        .map(|b| b.to_string())
+        .chain(["+Inf".to_string()]);
+    for (le, n) in bounds.zip(h.buckets) {
+        *counters
+            .entry(format!("{name}_bucket{{{inner}{sep}le=\"{le}\"}}"))
+            .or_default() += n;
+    }
+    *counters.entry(format!("{name}_sum{labels}")).or_default() += h.sum;
+    *counters.entry(format!("{name}_count{labels}")).or_default() += h.buckets[DELAY_BUCKETS.len()];
 }
 
 /// Sends what was counted since the last flush; what cannot be sent is kept for the next.
 pub fn flush(path: &Path) {
-    let (counters, gauges) = {
+    let (mut counters, gauges, hists) = {
         let Ok(mut g) = STORE.lock() else { return };
         let s = g.get_or_insert_with(Store::default);
-        (std::mem::take(&mut s.counters), s.gauges.clone())
+        (
+            std::mem::take(&mut s.counters),
+            s.gauges.clone(),
+            std::mem::take(&mut s.hists),
+        )
     };
+    for ((name, labels), h) in &hists {
+        hist_counters(&mut counters, name, labels, h);
+    }
     let mut lines: Vec<(Option<&String>, String)> = counters
         .iter()
         .filter(|(_, v)| **v != 0.0)
