@@ -31,6 +31,13 @@ pub fn problems(cfg: &Config) -> Vec<String> {
             p.push(format!("auth.users: {}: {e}", f.display()));
         }
     }
+    for (domain, selectors) in &cfg.dkim {
+        for s in selectors {
+            if let Err(e) = qms_router::dkim::read_key(&s.key) {
+                p.push(format!("dkim.{domain:?} selector {}: {e}", s.selector));
+            }
+        }
+    }
     for (q, n) in &cfg.queues {
         if *n == 0 {
             p.push(format!(

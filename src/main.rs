@@ -2,6 +2,7 @@
 //! `sendmail`, `mailq` or `newaliases`, it behaves as that command.
 
 mod checks;
+mod dkim;
 mod metricsd;
 mod permissions;
 mod queuetool;
@@ -70,6 +71,9 @@ enum Cmd {
     /// Delivery reports: `qms dsn classify FILE…` prints one JSON object per file.
     #[command(subcommand)]
     Dsn(DsnCmd),
+    /// DKIM keys: `qms dkim keygen DOMAIN SELECTOR --out FILE [--ed25519]`, `qms dkim check DOMAIN`.
+    #[command(subcommand)]
+    Dkim(dkim::DkimCmd),
     /// Look into the queue and act on it.
     #[command(subcommand)]
     Queue(queuetool::QueueCmd),
@@ -203,6 +207,7 @@ fn main() -> ExitCode {
         Cmd::Track(a) => track(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
         Cmd::Queue(q) => queuetool::run(&cfg, q),
+        Cmd::Dkim(d) => dkim::run(&cfg, d),
         Cmd::Suppress(s) => suppress::run(&cfg, s),
         Cmd::CheckConfig => checks::run(&cfg),
         Cmd::Config { non_default } => show_config(&cfg, non_default),

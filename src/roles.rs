@@ -131,7 +131,13 @@ pub fn router(cfg: Config) -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    let mut router = qms_router::Router::new(Arc::new(cfg), spool);
+    let mut router = match qms_router::Router::new(Arc::new(cfg), spool) {
+        Ok(r) => r,
+        Err(e) => {
+            qlog!("status=fatal reason={}", quote(&e));
+            return ExitCode::from(78);
+        }
+    };
     while !signals::stopping() {
         let batch = watcher.next_batch(&signals::STOP);
         if !batch.is_empty() {

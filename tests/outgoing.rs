@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 #[test]
@@ -232,32 +231,6 @@ fn retry_after_a_temporary_failure_and_expiry_bounces() {
     wait_for("the queue to empty", Duration::from_secs(30), || {
         inst.queue_json().is_empty()
     });
-}
-
-fn dnsmasq(inst: &Instance, records: &[String]) -> (Child, u16) {
-    let port = free_port();
-    let mut cmd = Command::new("dnsmasq");
-    cmd.args([
-        "--no-daemon",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-        "--conf-file=/dev/null",
-        "--pid-file=",
-    ])
-    .arg(format!("--port={port}"))
-    .args(records)
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(inst.dir.join("dnsmasq.log")).unwrap());
-    if is_root() {
-        cmd.arg("--user=nobody");
-    }
-    let child = cmd.spawn().unwrap();
-    wait_for("dnsmasq", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    (child, port)
 }
 
 #[test]

@@ -62,6 +62,28 @@ impl Dns {
             .map(|l| l.iter().collect())
     }
 
+    /// The TXT records of `name`, each record's strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2).
+    pub fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        match self.rt.block_on(self.resolver.txt_lookup(fqdn)) {
+            Ok(l) => Ok(l
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(format!("TXT lookup of {name} failed: {e}")),
+        }
+    }
+
     /// A named next hop (`smtp:[relay.example.net]`): its addresses, no MX lookup.
     pub fn host(&self, name: &str) -> Lookup {
         match self.addresses(name) {

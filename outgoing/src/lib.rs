@@ -6,7 +6,7 @@
 mod client;
 mod dead;
 mod destination;
-mod dns;
+pub mod dns;
 mod tls;
 mod transaction;
 

@@ -5,6 +5,7 @@
 //! The output jobs share the message file (hard links) and are committed together before
 //! the incoming jobs are removed, so a crash can only make the router route a job again.
 
+pub mod dkim;
 mod msp;
 mod smarthost;
 mod suppress;
@@ -24,17 +25,39 @@ pub struct Router {
     spool: Spool,
     aliases: qms_common::aliases::Cache,
     suppression: suppress::Suppression,
+    dkim: dkim::Signers,
 }
 
 impl Router {
-    pub fn new(cfg: Arc<Config>, spool: Spool) -> Router {
+    /// A router for `cfg`; fails when a DKIM key cannot be read.
+    pub fn new(cfg: Arc<Config>, spool: Spool) -> Result<Router, String> {
         let aliases = qms_common::aliases::Cache::new(cfg.aliases.clone());
         let suppression = suppress::Suppression::new(spool.root());
-        Router {
+        let dkim = dkim::Signers::load(&cfg)?;
+        Ok(Router {
             cfg,
             spool,
             aliases,
             suppression,
+            dkim,
+        })
+    }
+
+    /// The message an output job gets: signed when it leaves by SMTP from a trusted
+    /// submitter and its From: domain has DKIM keys; else None (the message as it is).
+    fn signed(&self, child: &Job, message: &[u8]) -> Option<Vec<u8>> {
+        if self.dkim.is_empty()
+            || !child.client.trusted
+            || self.cfg.agent_of(&child.queue) != qms_common::config::Agent::Smtp
+        {
+            return None;
+        }
+        match self.dkim.sign(message) {
+            Ok(signed) => signed,
+            Err(e) => {
+                qlog!("qid={} status=warning reason={}", child.id, quote(&e));
+                None
+            }
         }
     }
 
@@ -51,6 +74,7 @@ impl Router {
         for mut c in batch {
             let original = c.job.clone();
             // Tracked-sending fields first: they can change the sender and the DSN requests.
+            let mut body = None;
             let (rewritten, refusal) = match self.spool.read_body(&c.job) {
                 Ok(msg) => {
                     let applied = msp::apply(&self.cfg, &mut c.job, &msg);
@@ -74,6 +98,7 @@ impl Router {
                             qlog!("qid={} plugin={name} stage=pre status=ok", c.job.id);
                         }
                     }
+                    body = Some(msg);
                     (message, refusal)
                 }
                 Err(e) => {
@@ -135,8 +160,11 @@ impl Router {
                 }
                 Ok(children) => {
                     let mut ok = true;
+                    let last = rewritten.as_deref().or(body.as_deref());
                     for child in children {
-                        match self.spool.stage_child(&c, &child, rewritten.as_deref()) {
+                        let signed = last.and_then(|m| self.signed(&child, m));
+                        let message = signed.as_deref().or(rewritten.as_deref());
+                        match self.spool.stage_child(&c, &child, message) {
                             Ok(Some(s)) => staged.push(s),
                             Ok(None) => {}
                             Err(e) => {

@@ -598,3 +598,31 @@ pub fn kill_role(inst: &Instance, role: &str) -> usize {
         })
         .count()
 }
+
+/// dnsmasq on a loopback port of its own, serving `records` (dnsmasq options such as
+/// `--mx-host=…` or `--txt-record=…`) and nothing else; its log goes to the instance's directory.
+pub fn dnsmasq(inst: &Instance, records: &[String]) -> (std::process::Child, u16) {
+    let port = free_port();
+    let mut cmd = std::process::Command::new("dnsmasq");
+    cmd.args([
+        "--no-daemon",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--conf-file=/dev/null",
+        "--pid-file=",
+    ])
+    .arg(format!("--port={port}"))
+    .args(records)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::fs::File::create(inst.dir.join("dnsmasq.log")).unwrap());
+    if is_root() {
+        cmd.arg("--user=nobody");
+    }
+    let child = cmd.spawn().unwrap();
+    wait_for("dnsmasq", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (child, port)
+}

@@ -386,6 +386,15 @@ pub struct Config {
     pub local: Local,
     /// `[metrics] listen`: where Prometheus scrapes `/metrics`; None: no metrics listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[dkim."DOMAIN"]`: the selectors and keys that sign mail from each domain.
+    pub dkim: BTreeMap<String, Vec<DkimSelector>>,
+}
+
+/// One DKIM selector of a domain and the file of its private key (PEM: RSA or Ed25519).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DkimSelector {
+    pub selector: String,
+    pub key: PathBuf,
 }
 
 /// `[msp]`: what trusted submitters may ask of the submission pipeline beyond headers.
@@ -825,6 +834,41 @@ impl Config {
             .local
             .build(&resolve)
             .map_err(|(key, message)| err(&key, message))?;
+        let mut dkim = BTreeMap::new();
+        for (domain, entry) in raw.dkim {
+            let list = match entry {
+                raw::RawDkimEntry::One(d) => vec![d],
+                raw::RawDkimEntry::Many(v) => v,
+            };
+            let d = domain.to_ascii_lowercase();
+            if Address::new("x", &d).is_err() {
+                return Err(err(
+                    &format!("dkim.{domain:?}"),
+                    format!("{domain:?} is not a domain"),
+                ));
+            }
+            let mut selectors = Vec::new();
+            for s in list {
+                let ok = !s.selector.is_empty()
+                    && s.selector.split('.').all(|l| {
+                        !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    });
+                if !ok {
+                    return Err(err(
+                        &format!("dkim.{domain:?}.selector"),
+                        format!(
+                            "{:?} is not a selector (letters, digits, - and dots)",
+                            s.selector
+                        ),
+                    ));
+                }
+                selectors.push(DkimSelector {
+                    selector: s.selector,
+                    key: resolve(&s.key),
+                });
+            }
+            dkim.insert(d, selectors);
+        }
         let metrics_listen = match raw.metrics.listen.as_deref() {
             None => None,
             Some(a) => {
@@ -901,6 +945,7 @@ impl Config {
             },
             local,
             metrics_listen,
+            dkim,
         })
     }
 

@@ -182,6 +182,21 @@ pub(super) struct RawLog {
     pub(super) syslog_name: Option<String>,
 }
 
+/// `[dkim."example.com"]`: one selector and its key, or a list of them during a rollover.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDkim {
+    pub(super) selector: String,
+    pub(super) key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawDkimEntry {
+    One(RawDkim),
+    Many(Vec<RawDkim>),
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMetrics {
@@ -233,6 +248,8 @@ pub(super) struct Raw {
     pub(super) local: super::local::RawLocal,
     #[serde(default)]
     pub(super) metrics: RawMetrics,
+    #[serde(default)]
+    pub(super) dkim: BTreeMap<String, RawDkimEntry>,
 }
 
 /// A duration in seconds, written as a number (`300`) or with a unit: `90s`, `5m`, `4h`,

@@ -263,6 +263,20 @@ impl Effective {
             c.metrics_listen.map(|a| Value::String(a.to_string())),
         );
         self.push("metrics", s);
+        let mut s = Section::default();
+        for (domain, selectors) in &c.dkim {
+            let list = selectors
+                .iter()
+                .map(|d| {
+                    let mut t = toml::Table::new();
+                    t.insert("selector".into(), Value::String(d.selector.clone()));
+                    t.insert("key".into(), path(&d.key));
+                    Value::Table(t)
+                })
+                .collect();
+            s.set(domain, Value::Array(list));
+        }
+        self.push("dkim", s);
     }
 
     fn tracking(&mut self, c: &Config) {
