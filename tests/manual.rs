@@ -275,6 +275,7 @@ fn qms_config_and_config_n_round_trip_through_check_config() {
         "[routes]\n\"bulk.test\" = \"smtp:[127.0.0.1]:2626@bulk\"\n[queues.bulk]\nworkers = 3\n\
          min_backoff = \"10m\"\n[limits]\nmessage_size = 1000000\n[outgoing]\ntls = \"encrypt\"\n\
          delay_warning = \"2h\"\n[outgoing.tls_routes]\n\"plain.test\" = \"none\"\n\
+         \"ver.test\" = { level = \"secure\", match = [\"mx.ver.test\"] }\n\
          [auth.senders]\napp = [\"@example.test\"]\n[log]\nformat = \"postfix\"\n\
          [tracking]\nkeep = \"90d\"\nsuppress = [\"complaint\"]\n[metrics]\nlisten = \"127.0.0.1:9725\"\n",
     );
@@ -314,6 +315,7 @@ fn qms_config_and_config_n_round_trip_through_check_config() {
         "tracking.keep",
         "metrics.listen",
         "routes.bulk.test",
+        "outgoing.tls_routes.ver.test",
         "auth.senders.app",
     ] {
         assert!(set.contains(k), "config -n shows {k}: {changed}");

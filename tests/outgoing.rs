@@ -555,3 +555,82 @@ fn starttls_to_a_tls_peer_and_encrypt_policy() {
         })
     });
 }
+
+/// Issue #16: `verify` and `secure` check the peer's certificate (chain, then name), and
+/// defer with 4.7.5 naming the level when it fails; `encrypt` takes any certificate.
+#[test]
+fn verify_and_secure_check_the_peers_certificate() {
+    let domains = ["v.test", "nv.test", "sm.test", "s.test", "e.test"];
+    let mut peer = Instance::new("", "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
+    let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    peer.edit_config(
+        "local = [\"example.test\"]",
+        &format!("local = [\"example.test\", {}]", quoted.join(", ")),
+    );
+    let boxes: String = domains
+        .iter()
+        .map(|d| format!("\"carol@{d}\" = {{ maildir = \"mail/carol\" }}\n"))
+        .collect();
+    peer.edit_config("[mailboxes]\n", &format!("[mailboxes]\n{boxes}"));
+    // A certificate from a test CA, for peer.test, localhost and 127.0.0.1.
+    make_ca_cert(&peer.dir, "peer.test");
+    peer.own();
+    peer.start();
+    let ca = peer.dir.join("ca.pem").display().to_string();
+    let routes: Vec<(&str, u16)> = domains.iter().map(|d| (*d, peer.smtp_port)).collect();
+    let mut inst = relay_instance(
+        &routes,
+        &format!(
+            "[outgoing]\nmin_backoff = \"1h\"\n[outgoing.tls_routes]\n\
+             \"v.test\" = {{ level = \"verify\", ca_file = \"{ca}\" }}\n\
+             \"nv.test\" = \"verify\"\n\
+             \"sm.test\" = {{ level = \"secure\", ca_file = \"{ca}\", match = [\"peer.test\"] }}\n\
+             \"s.test\" = {{ level = \"secure\", ca_file = \"{ca}\", match = [\"other.test\"] }}\n\
+             \"e.test\" = \"encrypt\"\n"
+        ),
+    );
+    inst.start();
+    let to: Vec<String> = domains.iter().map(|d| format!("carol@{d}")).collect();
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &to,
+        "Subject: levels\r\n\r\nx\r\n",
+        "",
+    );
+    let reply_of = |who: &str| -> Option<String> {
+        inst.queue_json().iter().find_map(|j| {
+            j["recipients"]
+                .as_array()?
+                .iter()
+                .find(|r| r["address"] == who)
+                .and_then(|r| r["reply"].as_str().map(str::to_string))
+        })
+    };
+    wait_for(
+        "three deliveries and two deferrals",
+        Duration::from_secs(30),
+        || {
+            peer.count_new("carol") == 3
+                && reply_of("carol@nv.test").is_some()
+                && reply_of("carol@s.test").is_some()
+        },
+    );
+    let delivered: Vec<String> = peer.read_maildir("carol");
+    for d in ["v.test", "sm.test", "e.test"] {
+        assert!(
+            delivered
+                .iter()
+                .any(|m| m.contains(&format!("for <carol@{d}>"))),
+            "{d} delivered"
+        );
+    }
+    let nv = reply_of("carol@nv.test").unwrap();
+    assert!(
+        nv.contains("4.7.5 TLS level verify") && nv.contains("not verified"),
+        "{nv}"
+    );
+    let s = reply_of("carol@s.test").unwrap();
+    assert!(s.contains("4.7.5 TLS level secure"), "{s}");
+}

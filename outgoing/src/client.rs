@@ -64,6 +64,8 @@ pub struct Client {
     pub ext: Extensions,
     pub tls: Option<String>,
     pub idle_since: Instant,
+    /// The TLS rule the connection was made under: it is reused only for the same rule.
+    pub made_for: String,
     timeouts: (u64, u64),
     /// The queue id the dialogue is logged under, for `BX-Sending-Run-Control: debug`.
     debug: Option<String>,
@@ -99,9 +101,20 @@ pub struct Settings<'a> {
     pub client_cert: Option<(&'a Path, &'a Path)>,
     /// Log the whole dialogue under this queue id.
     pub debug: Option<&'a str>,
-    /// Check the server's certificate (a smarthost that gets credentials): TLS is then
-    /// required, never given up for a plain connection.
-    pub verify: Option<Option<&'a Path>>,
+    /// Check the server's certificate (`verify`, `secure`, a smarthost that gets
+    /// credentials): TLS is then required, never given up for a plain connection.
+    pub verify: Option<Verify<'a>>,
+}
+
+/// How the server's certificate is checked.
+#[derive(Clone, Copy)]
+pub struct Verify<'a> {
+    /// Trusted certificates instead of the system's roots.
+    pub ca: Option<&'a Path>,
+    /// Names the certificate may carry (`secure`); empty: the name of the host connected to.
+    pub names: &'a [String],
+    /// What asks for the check, said in a deferral: `verify`, `secure`, or credentials.
+    pub why: &'a str,
 }
 
 fn io_fail(host: &str, addr: &SocketAddr, what: &str, e: impl std::fmt::Display) -> Failure {
@@ -149,13 +162,17 @@ impl Client {
             ext: Extensions::default(),
             tls: None,
             idle_since: Instant::now(),
+            made_for: String::new(),
             timeouts: (s.command_timeout, s.data_timeout),
             debug: s.debug.map(str::to_string),
         };
         let server = rustls::pki_types::ServerName::try_from(name.to_string())
             .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
         let check = match s.verify {
-            Some(ca) => crate::tls::Check::Verify(ca),
+            Some(v) => crate::tls::Check::Verify {
+                ca: v.ca,
+                names: v.names,
+            },
             None => crate::tls::Check::None,
         };
         let tls = if s.verify.is_some() {
@@ -165,7 +182,8 @@ impl Client {
         };
         let unverified = |e: String| {
             match s.verify {
-            Some(_) => format!("4.7.5 certificate not verified ({e}); credentials are sent only to a verified server (set [msp.ca_files] for a private CA)"),
+            Some(v) if v.why == "credentials" => format!("4.7.5 certificate not verified ({e}); credentials are sent only to a verified server (set [msp.ca_files] for a private CA)"),
+            Some(v) => format!("4.7.5 TLS level {}: certificate of {name}[{}] not verified ({e})", v.why, addr.ip()),
             None => e,
         }
         };

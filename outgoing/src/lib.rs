@@ -12,7 +12,7 @@ mod transaction;
 
 use client::{Client, Failure, Settings};
 use destination::Res;
-use qms_common::config::{Route, TlsPolicy};
+use qms_common::config::{Route, TlsPolicy, TlsRule};
 use qms_common::{qlog, Config};
 use qms_delivery::dsn;
 use qms_spool::{Claimed, Job, LinkSecurity, Notify, RcptState, Smarthost, Spool};
@@ -47,7 +47,7 @@ pub struct SmtpAgent {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Dest {
     target: Target,
-    tls: TlsPolicy,
+    tls: TlsRule,
     /// A job whose dialogue is logged (`debug` run control) travels on its own connections.
     debug: Option<String>,
 }
@@ -111,8 +111,9 @@ impl SmtpAgent {
     }
 
     /// The TLS policy for a recipient domain: `[outgoing.tls_routes]` by domain, then by
-    /// `.parent` domain, then `*`, then `[outgoing] tls`.
-    fn policy(&self, domain: &str) -> TlsPolicy {
+    /// `.parent` domain, then `*`, then `[outgoing] tls`; `[outgoing] ca_file` where the
+    /// rule names none.
+    fn policy(&self, domain: &str) -> TlsRule {
         let c = &self.cfg.client;
         let domain = domain.to_ascii_lowercase();
         let mut rest = domain.as_str();
@@ -122,10 +123,18 @@ impl SmtpAgent {
             found = c.tls_routes.get(&rest[i..]);
             rest = &rest[i + 1..];
         }
-        found
+        let mut rule = found
             .or_else(|| c.tls_routes.get("*"))
-            .copied()
-            .unwrap_or(c.tls)
+            .cloned()
+            .unwrap_or(TlsRule {
+                level: c.tls,
+                ca_file: None,
+                names: Vec::new(),
+            });
+        if rule.ca_file.is_none() {
+            rule.ca_file = c.ca_file.clone();
+        }
+        rule
     }
 
     /// The hosts to try for a destination, and the port.
@@ -159,21 +168,41 @@ impl SmtpAgent {
         fresh: bool,
     ) -> Result<(Client, f64), Failure> {
         let reuse = std::time::Duration::from_secs(self.cfg.client.connection_reuse);
+        let made_for = format!("{:?}", dest.tls);
         if let (false, Ok(mut cache)) = (fresh || dest.private(), self.cache.lock()) {
             for h in hosts {
                 for ip in &h.addrs {
                     if let Some(list) = cache.get_mut(&SocketAddr::new(*ip, port)) {
-                        while let Some(c) = list.pop() {
-                            if c.idle_since.elapsed() < reuse {
-                                return Ok((c, 0.0));
-                            }
+                        list.retain(|c| c.idle_since.elapsed() < reuse);
+                        // Only a connection made under the same TLS rule: one opened at
+                        // `may` proves nothing to a `verify` destination.
+                        if let Some(i) = list.iter().rposition(|c| c.made_for == made_for) {
+                            return Ok((list.remove(i), 0.0));
                         }
                     }
                 }
             }
         }
         let mut settings = self.settings();
-        settings.tls = dest.tls;
+        settings.tls = dest.tls.level;
+        // `secure` without `match`: the certificate names the next hop.
+        let next_hop = match &dest.target {
+            Target::Mx { domain } => vec![domain.to_ascii_lowercase()],
+            Target::Relay { host, .. } => vec![host.to_ascii_lowercase()],
+            Target::Smarthost(_) => Vec::new(),
+        };
+        let names = match dest.tls.level {
+            TlsPolicy::Secure if dest.tls.names.is_empty() => next_hop.as_slice(),
+            TlsPolicy::Secure => dest.tls.names.as_slice(),
+            _ => &[],
+        };
+        if dest.tls.level.authenticates() {
+            settings.verify = Some(client::Verify {
+                ca: dest.tls.ca_file.as_deref(),
+                names,
+                why: dest.tls.level.as_str(),
+            });
+        }
         settings.debug = dest.debug.as_deref();
         let smarthost = dest.smarthost();
         if let Some(h) = smarthost {
@@ -181,7 +210,11 @@ impl SmtpAgent {
             settings.client_cert = h.cert_file.as_deref().zip(h.key_file.as_deref());
             if h.user.is_some() || h.password.is_some() {
                 let ca = self.cfg.msp.ca_files.get(&h.host.to_ascii_lowercase());
-                settings.verify = Some(ca.map(|p| p.as_path()));
+                settings.verify = Some(client::Verify {
+                    ca: ca.map(|p| p.as_path()),
+                    names: &[],
+                    why: "credentials",
+                });
             }
         }
         let mut last = Failure {
@@ -214,7 +247,10 @@ impl SmtpAgent {
                     }
                 }
                 match attempt {
-                    Ok(c) => return Ok((c, start.elapsed().as_secs_f64())),
+                    Ok(mut c) => {
+                        c.made_for = made_for;
+                        return Ok((c, start.elapsed().as_secs_f64()));
+                    }
                     Err(f) => {
                         qlog!(
                             "relay={}[{ip}]:{port} status=connect-failed reason={}",
@@ -359,9 +395,13 @@ impl qms_delivery::Agent for SmtpAgent {
                 let dest = match (&c.job.smarthost, r.route.as_deref().map(Route::parse)) {
                     (Some(h), _) => Dest {
                         target: Target::Smarthost(h.clone()),
-                        tls: match h.security {
-                            LinkSecurity::May => TlsPolicy::May,
-                            LinkSecurity::Tls | LinkSecurity::Ssl => TlsPolicy::Encrypt,
+                        tls: TlsRule {
+                            level: match h.security {
+                                LinkSecurity::May => TlsPolicy::May,
+                                LinkSecurity::Tls | LinkSecurity::Ssl => TlsPolicy::Encrypt,
+                            },
+                            ca_file: None,
+                            names: Vec::new(),
                         },
                         debug: None,
                     },

@@ -1,7 +1,8 @@
-//! TLS for the SMTP client. Between MTAs TLS is opportunistic (RFC 3207, Postfix's `may`
-//! and `encrypt`): it protects against passive listening, and certificates are not checked,
-//! since MX hosts rarely have one that names them. A smarthost that gets credentials is
-//! different: its certificate is checked, or nothing is sent.
+//! TLS for the SMTP client. Between MTAs TLS is opportunistic by default (RFC 3207,
+//! Postfix's `may` and `encrypt`): it protects against passive listening, and certificates
+//! are not checked, since MX hosts rarely have one that names them. At `verify` and
+//! `secure`, and for a smarthost that gets credentials, the certificate must chain to a
+//! trusted root and carry the expected name, or nothing is sent.
 
 use qms_common::conn::Stream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -92,17 +93,84 @@ fn with_client_cert(cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, String
     Ok(Arc::new(cfg))
 }
 
+/// Checks the chain as webpki does, and the name against any of `names` (`secure` with
+/// `match`), not only the name connected to.
+#[derive(Debug)]
+struct AnyName {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer,
+        intermediates: &[CertificateDer],
+        _: &ServerName,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut last = rustls::Error::General("no name to match".into());
+        for name in &self.names {
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A configuration that checks the server's certificate against `roots` (the system's, or
-/// a smarthost's `ca_file`): the only kind credentials are sent over.
+/// a `ca_file`), and its name against the host connected to, or any of `names`.
 fn verifying(
     ca_file: Option<&Path>,
+    names: &[String],
     client_cert: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let b = ClientConfig::builder_with_provider(provider)
+    let roots = Arc::new(qms_common::tls::roots(ca_file)?);
+    let b = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(qms_common::tls::roots(ca_file)?);
+        .map_err(|e| e.to_string())?;
+    let b = if names.is_empty() {
+        b.with_root_certificates(roots)
+    } else {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let names = names
+            .iter()
+            .filter_map(|n| ServerName::try_from(n.clone()).ok())
+            .collect();
+        b.dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyName { inner, names }))
+    };
     let cfg = match client_cert {
         None => b.with_no_client_auth(),
         Some((cert, key)) => {
@@ -123,8 +191,12 @@ fn verifying(
 pub enum Check<'a> {
     /// Opportunistic: encrypted, not checked (MX hosts).
     None,
-    /// Checked against the system's roots, or these certificates.
-    Verify(Option<&'a Path>),
+    /// Checked against the system's roots, or these certificates; the name against the
+    /// host connected to, or (when not empty) any of these names.
+    Verify {
+        ca: Option<&'a Path>,
+        names: &'a [String],
+    },
 }
 
 /// The client handshake; returns the encrypted stream and `TLSv1.3 with cipher …`.
@@ -135,7 +207,7 @@ pub fn connect(
     check: Check,
 ) -> Result<(Box<dyn Stream>, String), String> {
     let cfg = match (check, client_cert) {
-        (Check::Verify(ca), cc) => verifying(ca, cc)?,
+        (Check::Verify { ca, names }, cc) => verifying(ca, names, cc)?,
         (Check::None, Some((cert, key))) => with_client_cert(cert, key)?,
         (Check::None, None) => config()?,
     };

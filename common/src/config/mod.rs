@@ -285,7 +285,9 @@ pub struct Client {
     /// `none`: never.
     pub tls: TlsPolicy,
     /// Per-route TLS policy, by route key (domain or `*`).
-    pub tls_routes: BTreeMap<String, TlsPolicy>,
+    pub tls_routes: BTreeMap<String, TlsRule>,
+    /// `[outgoing] ca_file`: certificates `verify` and `secure` trust besides the system's.
+    pub ca_file: Option<PathBuf>,
     pub recipient_limit: usize,
     pub destination_concurrency: usize,
     pub connect_timeout: u64,
@@ -299,9 +301,17 @@ pub struct Client {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TlsPolicy {
+    /// Never TLS.
     None,
+    /// STARTTLS when offered; a failed handshake falls back to plain text.
     May,
+    /// TLS or defer; any certificate.
     Encrypt,
+    /// TLS with a certificate that chains to a trusted root and names the host connected to
+    /// (the MX name, or the relay's).
+    Verify,
+    /// As verify, the certificate naming the next-hop domain or the configured names.
+    Secure,
 }
 
 impl TlsPolicy {
@@ -310,9 +320,35 @@ impl TlsPolicy {
             "none" => Some(TlsPolicy::None),
             "may" => Some(TlsPolicy::May),
             "encrypt" => Some(TlsPolicy::Encrypt),
+            "verify" => Some(TlsPolicy::Verify),
+            "secure" => Some(TlsPolicy::Secure),
             _ => None,
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsPolicy::None => "none",
+            TlsPolicy::May => "may",
+            TlsPolicy::Encrypt => "encrypt",
+            TlsPolicy::Verify => "verify",
+            TlsPolicy::Secure => "secure",
+        }
+    }
+
+    /// Whether the peer's certificate is checked.
+    pub fn authenticates(self) -> bool {
+        matches!(self, TlsPolicy::Verify | TlsPolicy::Secure)
+    }
+}
+
+/// The TLS policy of one destination: its level, the CA file to trust, and for `secure` the
+/// names the certificate may carry (empty: the next-hop domain).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TlsRule {
+    pub level: TlsPolicy,
+    pub ca_file: Option<PathBuf>,
+    pub names: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -686,15 +722,29 @@ impl Config {
             max_queue_lifetime: o.max_queue_lifetime.map(Secs::signed).unwrap_or(5 * 86_400),
         };
         let policy = |v: &str, key: &str| {
-            TlsPolicy::parse(v)
-                .ok_or_else(|| err(key, format!("{v:?} is not none, may or encrypt")))
+            TlsPolicy::parse(v).ok_or_else(|| {
+                err(
+                    key,
+                    format!("{v:?} is not none, may, encrypt, verify or secure"),
+                )
+            })
         };
         let mut tls_routes = BTreeMap::new();
-        for (k, v) in &o.tls_routes {
-            tls_routes.insert(
-                k.to_ascii_lowercase(),
-                policy(v, &format!("outgoing.tls_routes.{k:?}"))?,
-            );
+        for (k, v) in o.tls_routes {
+            let key = format!("outgoing.tls_routes.{k:?}");
+            let rule = match v {
+                raw::RawTlsRoute::Level(l) => TlsRule {
+                    level: policy(&l, &key)?,
+                    ca_file: None,
+                    names: Vec::new(),
+                },
+                raw::RawTlsRoute::Rule(r) => TlsRule {
+                    level: policy(&r.level, &key)?,
+                    ca_file: r.ca_file.as_deref().map(resolve),
+                    names: r.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                },
+            };
+            tls_routes.insert(k.to_ascii_lowercase(), rule);
         }
         let dns_server = match raw.dns.server.as_deref() {
             None => None,
@@ -716,6 +766,7 @@ impl Config {
             port: o.port.unwrap_or(25),
             tls: policy(o.tls.as_deref().unwrap_or("may"), "outgoing.tls")?,
             tls_routes,
+            ca_file: o.ca_file.as_deref().map(resolve),
             recipient_limit: o.recipient_limit.unwrap_or(50).max(1),
             destination_concurrency: o.destination_concurrency.unwrap_or(20).max(1),
             connect_timeout: o.connect_timeout.map(Secs::get).unwrap_or(30).max(1),

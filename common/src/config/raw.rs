@@ -100,13 +100,32 @@ pub(super) struct RawOutgoing {
     pub(super) port: Option<u16>,
     pub(super) tls: Option<String>,
     #[serde(default)]
-    pub(super) tls_routes: BTreeMap<String, String>,
+    pub(super) tls_routes: BTreeMap<String, RawTlsRoute>,
+    pub(super) ca_file: Option<String>,
     pub(super) recipient_limit: Option<usize>,
     pub(super) destination_concurrency: Option<usize>,
     pub(super) connect_timeout: Option<Secs>,
     pub(super) command_timeout: Option<Secs>,
     pub(super) data_timeout: Option<Secs>,
     pub(super) connection_reuse: Option<Secs>,
+}
+
+/// A `tls_routes` entry: a level (`"verify"`), or a table with a CA file and the names the
+/// certificate must carry.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawTlsRoute {
+    Level(String),
+    Rule(RawTlsRule),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTlsRule {
+    pub(super) level: String,
+    pub(super) ca_file: Option<String>,
+    #[serde(rename = "match", default)]
+    pub(super) names: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]

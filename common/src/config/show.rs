@@ -4,7 +4,7 @@
 //! A key without a value (an optional path, a section not set) is written as a comment, so
 //! that every key the parser takes is named and `qms.toml(5)` can be checked against it.
 
-use super::{Config, Mailbox, Route, TlsPolicy};
+use super::{Config, Mailbox, Route};
 use std::path::{Path, PathBuf};
 use toml::Value;
 
@@ -66,14 +66,6 @@ fn duration(s: u64) -> Value {
         }
     }
     int(s)
-}
-
-fn tls_word(t: TlsPolicy) -> &'static str {
-    match t {
-        TlsPolicy::None => "none",
-        TlsPolicy::May => "may",
-        TlsPolicy::Encrypt => "encrypt",
-    }
 }
 
 impl Effective {
@@ -188,7 +180,8 @@ impl Effective {
             .secs("delay_warning", o.delay_warning as u64)
             .secs("max_queue_lifetime", o.max_queue_lifetime as u64)
             .set("port", int(k.port))
-            .set("tls", tls_word(k.tls))
+            .set("tls", k.tls.as_str())
+            .path("ca_file", k.ca_file.as_deref())
             .set("recipient_limit", int(k.recipient_limit))
             .set("destination_concurrency", int(k.destination_concurrency))
             .secs("connect_timeout", k.connect_timeout)
@@ -197,8 +190,20 @@ impl Effective {
             .secs("connection_reuse", k.connection_reuse);
         self.push("outgoing", s);
         let mut t = Section::default();
-        for (dest, p) in &k.tls_routes {
-            t.set(dest, tls_word(*p));
+        for (dest, r) in &k.tls_routes {
+            if r.ca_file.is_none() && r.names.is_empty() {
+                t.set(dest, r.level.as_str());
+                continue;
+            }
+            let mut rule = toml::Table::new();
+            rule.insert("level".into(), Value::String(r.level.as_str().into()));
+            if let Some(ca) = &r.ca_file {
+                rule.insert("ca_file".into(), path(ca));
+            }
+            if !r.names.is_empty() {
+                rule.insert("match".into(), strings(&r.names));
+            }
+            t.set(dest, Value::Table(rule));
         }
         self.push("outgoing.tls_routes", t);
     }
