@@ -31,6 +31,14 @@ pub fn problems(cfg: &Config) -> Vec<String> {
             p.push(format!("auth.users: {}: {e}", f.display()));
         }
     }
+    for (host, a) in &cfg.relay_auth {
+        if let Err(e) = std::fs::metadata(&a.password_file) {
+            p.push(format!(
+                "relay_auth.{host:?}.password_file: {}: {e}",
+                a.password_file.display()
+            ));
+        }
+    }
     for (domain, selectors) in &cfg.dkim {
         for s in selectors {
             if let Err(e) = qms_router::dkim::read_key(&s.key) {

@@ -704,3 +704,81 @@ Final-Recipient: rfc822;a@ok.test\nDisposition: manual-action/MDN-sent-manually;
         "the IMAP password was logged"
     );
 }
+
+/// Issue #16: a relay host of the routing table with a login from the config
+/// (`[relay_auth]`, Postfix's relayhost with SASL): the login goes over verified TLS only,
+/// and a refused login defers with the server's reply.
+#[test]
+fn relay_auth_logs_in_to_a_relay_host_only_over_verified_tls() {
+    let (mut peer, _) = smarthost_peer();
+    peer.start();
+    let port = peer.submission_port;
+    let inst = Instance::new(
+        "",
+        &format!(
+            "[routes]\n\"peer.test\" = \"smtp:[127.0.0.1]:{port}\"\n\
+             \"unverified.test\" = \"smtp:[localhost]:{port}\"\n\
+             [outgoing]\nca_file = \"{ca}\"\nmin_backoff = \"1h\"\nconnection_reuse = 0\n\
+             [outgoing.tls_routes]\n\"unverified.test\" = {{ level = \"may\", ca_file = \"/etc/ssl/certs/ca-certificates.crt\" }}\n\
+             [relay_auth.\"127.0.0.1\"]\nuser = \"app\"\npassword_file = \"app.pass\"\n\
+             [relay_auth.\"localhost\"]\nuser = \"app\"\npassword_file = \"app.pass\"\n",
+            ca = peer.dir.join("ca.pem").display()
+        ),
+    );
+    std::fs::write(inst.dir.join("app.pass"), format!("{SECRET}\n")).unwrap();
+    inst.edit_config(
+        "local = [\"example.test\"]",
+        "local = [\"example.test\"]\nrelay = [\"peer.test\", \"unverified.test\"]",
+    );
+    let mut inst = inst;
+    inst.own();
+    inst.start();
+    for to in ["carol@peer.test", "carol@unverified.test"] {
+        smtp_send(
+            inst.smtp_port,
+            "alice@example.test",
+            &[to],
+            "Subject: relayhost\r\n\r\nx\r\n",
+            "",
+        );
+    }
+    let reply_of = |who: &str| -> Option<String> {
+        inst.queue_json().iter().find_map(|j| {
+            (j["recipients"][0]["address"] == who)
+                .then(|| j["recipients"][0]["reply"].as_str().map(str::to_string))
+                .flatten()
+        })
+    };
+    wait_for("a delivery and a deferral", Duration::from_secs(30), || {
+        peer.count_new("carol") == 1 && reply_of("carol@unverified.test").is_some()
+    });
+    // Delivered as the authenticated user: the peer's log names it.
+    assert!(
+        peer.log().contains("sasl_user=app status=authenticated"),
+        "{}",
+        peer.log()
+    );
+    let unverified = reply_of("carol@unverified.test").unwrap();
+    assert!(
+        unverified.contains("4.7.5")
+            && unverified.contains("credentials are sent only to a verified server"),
+        "{unverified}"
+    );
+    // The password is read when it is used: a wrong one is refused by the server, and the
+    // mail waits with its reply.
+    std::fs::write(inst.dir.join("app.pass"), "not it\n").unwrap();
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &["carol@peer.test"],
+        "Subject: wrong\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for("the refused login", Duration::from_secs(30), || {
+        reply_of("carol@peer.test").is_some()
+    });
+    let wrong = reply_of("carol@peer.test").unwrap();
+    assert!(wrong.contains("535"), "the server's refusal: {wrong}");
+    assert_eq!(peer.count_new("carol"), 1);
+    assert!(!inst.log().contains(SECRET), "the password is never logged");
+}

@@ -168,7 +168,12 @@ impl SmtpAgent {
         fresh: bool,
     ) -> Result<(Client, f64), Failure> {
         let reuse = std::time::Duration::from_secs(self.cfg.client.connection_reuse);
-        let made_for = format!("{:?}", dest.tls);
+        // `[relay_auth]`: a relay host of the routing table that wants a login.
+        let login = match &dest.target {
+            Target::Relay { host, .. } => self.cfg.relay_auth.get(&host.to_ascii_lowercase()),
+            _ => None,
+        };
+        let made_for = format!("{:?} {:?}", dest.tls, login.map(|l| &l.user));
         if let (false, Ok(mut cache)) = (fresh || dest.private(), self.cache.lock()) {
             for h in hosts {
                 for ip in &h.addrs {
@@ -201,6 +206,13 @@ impl SmtpAgent {
                 ca: dest.tls.ca_file.as_deref(),
                 names,
                 why: dest.tls.level.as_str(),
+            });
+        } else if login.is_some() {
+            // A password goes only to a server whose certificate is verified.
+            settings.verify = Some(client::Verify {
+                ca: dest.tls.ca_file.as_deref(),
+                names: &[],
+                why: "credentials",
             });
         }
         settings.debug = dest.debug.as_deref();
@@ -238,6 +250,16 @@ impl SmtpAgent {
                 ) = (&mut attempt, smarthost)
                 {
                     if let Err(f) = c.authenticate(u, p) {
+                        qlog!(
+                            "relay={}[{ip}]:{port} status=auth-failed reason={}",
+                            h.name,
+                            qms_common::log::quote(&f.text)
+                        );
+                        return Err(f);
+                    }
+                }
+                if let (Ok(c), Some(l)) = (&mut attempt, login) {
+                    if let Err(f) = relay_login(c, l) {
                         qlog!(
                             "relay={}[{ip}]:{port} status=auth-failed reason={}",
                             h.name,
@@ -477,4 +499,15 @@ impl qms_delivery::Agent for SmtpAgent {
                 .collect(),
         );
     }
+}
+
+/// Logs in to a relay host with its `[relay_auth]` login; the password is read from its file
+/// now, so a changed password needs no restart.
+fn relay_login(c: &mut Client, l: &qms_common::config::RelayAuth) -> Result<(), Failure> {
+    let password = std::fs::read_to_string(&l.password_file).map_err(|e| Failure {
+        text: format!("cannot read {}: {e}", l.password_file.display()),
+        permanent: false,
+    })?;
+    let password = password.lines().next().unwrap_or("");
+    c.authenticate(&l.user, password)
 }

@@ -424,6 +424,16 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// `[dkim."DOMAIN"]`: the selectors and keys that sign mail from each domain.
     pub dkim: BTreeMap<String, Vec<DkimSelector>>,
+    /// `[relay_auth."HOST"]`: the login for a relay host of the routing table, by host name.
+    pub relay_auth: BTreeMap<String, RelayAuth>,
+}
+
+/// A relay host's login; the password is read from its file when it is used, and sent only
+/// over TLS whose certificate is verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayAuth {
+    pub user: String,
+    pub password_file: PathBuf,
 }
 
 /// One DKIM selector of a domain and the file of its private key (PEM: RSA or Ed25519).
@@ -997,6 +1007,17 @@ impl Config {
             local,
             metrics_listen,
             dkim,
+            relay_auth: raw
+                .relay_auth
+                .into_iter()
+                .map(|(h, a)| {
+                    let auth = RelayAuth {
+                        user: a.user,
+                        password_file: resolve(&a.password_file),
+                    };
+                    (h.to_ascii_lowercase(), auth)
+                })
+                .collect(),
         })
     }
 

@@ -216,6 +216,14 @@ pub(super) enum RawDkimEntry {
     Many(Vec<RawDkim>),
 }
 
+/// `[relay_auth."HOST"]`: the login qms gives a relay host of the routing table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRelayAuth {
+    pub(super) user: String,
+    pub(super) password_file: String,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMetrics {
@@ -269,6 +277,8 @@ pub(super) struct Raw {
     pub(super) metrics: RawMetrics,
     #[serde(default)]
     pub(super) dkim: BTreeMap<String, RawDkimEntry>,
+    #[serde(default)]
+    pub(super) relay_auth: BTreeMap<String, RawRelayAuth>,
 }
 
 /// A duration in seconds, written as a number (`300`) or with a unit: `90s`, `5m`, `4h`,

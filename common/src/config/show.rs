@@ -282,6 +282,14 @@ impl Effective {
             s.set(domain, Value::Array(list));
         }
         self.push("dkim", s);
+        let mut s = Section::default();
+        for (host, a) in &c.relay_auth {
+            let mut t = toml::Table::new();
+            t.insert("user".into(), Value::String(a.user.clone()));
+            t.insert("password_file".into(), path(&a.password_file));
+            s.set(host, Value::Table(t));
+        }
+        self.push("relay_auth", s);
     }
 
     fn tracking(&mut self, c: &Config) {
