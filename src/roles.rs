@@ -107,7 +107,18 @@ pub fn smtpd(cfg: Config) -> ExitCode {
         Ok(s) => s,
         Err(c) => return c,
     };
+    let checks = match cfg.auth_checks.enabled {
+        true => match qms_incoming::authcheck::Checker::new(&cfg) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                qlog!("status=fatal reason={}", quote(&e));
+                return ExitCode::from(78);
+            }
+        },
+        false => None,
+    };
     let shared = Arc::new(qms_incoming::Shared {
+        checks,
         committer: qms_spool::Committer::start(spool.clone()),
         aliases: qms_common::aliases::Cache::new(cfg.aliases.clone()),
         tls,

@@ -61,6 +61,27 @@ pub fn remove_prefixed(msg: &[u8], prefix: &str) -> Vec<u8> {
     })
 }
 
+/// The message with `value` as its first Authentication-Results field (RFC 8601), and
+/// without those that came in claiming `host`'s name: only our own results carry it.
+pub fn set_auth_results(msg: &[u8], host: &str, value: &str) -> Vec<u8> {
+    let claims_us = |field: &[u8]| {
+        if !name_is(field, "authentication-results") {
+            return false;
+        }
+        let text = String::from_utf8_lossy(field);
+        let v = text.split_once(':').map_or("", |(_, v)| v).trim_start();
+        let id = v
+            .split(|c: char| c == ';' || c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        id.eq_ignore_ascii_case(host)
+    };
+    let rest = remove_where(msg, claims_us);
+    let mut out = format!("Authentication-Results: {value}\r\n").into_bytes();
+    out.extend_from_slice(&rest);
+    out
+}
+
 fn remove_where(msg: &[u8], drop: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let (f, _) = fields(msg);
     let mut out = Vec::with_capacity(msg.len());

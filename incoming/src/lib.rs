@@ -2,6 +2,7 @@
 //! each accepted message durably into the spool's `incoming` queue.
 
 pub mod auth;
+pub mod authcheck;
 
 mod data;
 pub mod pickup;

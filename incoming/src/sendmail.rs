@@ -263,6 +263,7 @@ fn smtp_on_stdio(cfg: &Config, spool: Spool, me: Caller) -> i32 {
         aliases: qms_common::aliases::Cache::new(cfg.aliases.clone()),
         tls: None,
         throttle: Default::default(),
+        checks: None,
     };
     let forced = (!me.trusted).then(|| me.address.clone());
     let peer = Peer {

@@ -23,6 +23,8 @@ pub struct Shared {
     pub aliases: aliases::Cache,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub throttle: crate::auth::Throttle,
+    /// `[auth_checks]`, when enabled.
+    pub checks: Option<crate::authcheck::Checker>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,8 @@ struct Transaction {
     chunks: Option<Receiver>,
     chunk_check: data::ChunkCheck,
     chunk_error: Option<data::DataError>,
+    /// What SPF said at MAIL FROM, when `[auth_checks]` checks this session's mail.
+    spf: Option<mail_auth::SpfOutput>,
 }
 
 pub struct Session<'a> {
@@ -308,6 +312,7 @@ impl<'a> Session<'a> {
             chunks: None,
             chunk_check: data::ChunkCheck::default(),
             chunk_error: None,
+            spf: None,
         };
         let mut declared = 0;
         for p in params {
@@ -371,10 +376,36 @@ impl<'a> Session<'a> {
                 sender = Some(forced.clone());
             }
         }
+        if let Some((checks, ip)) = self.checked() {
+            let helo = self.helo.clone().unwrap_or_default();
+            let from = sender.as_ref().map(|a| a.to_string()).unwrap_or_default();
+            let (spf, refuse) = checks.spf(ip, &helo, &from);
+            if let Some(reply) = refuse {
+                qlog!(
+                    "client={} status=reject from={} spf={} reason={}",
+                    client_name(&self.peer),
+                    quote(&from),
+                    spf.result(),
+                    quote(&reply)
+                );
+                return self.error(&reply);
+            }
+            tx.spf = Some(spf);
+        }
         tx.sender = sender;
         self.tx = Some(tx);
         self.conn.reply("250 2.1.0 Ok");
         Flow::Continue
+    }
+
+    /// The checker and the client's address, when `[auth_checks]` checks this session: mail
+    /// over SMTP from a client neither authenticated nor in mynetworks.
+    fn checked(&self) -> Option<(&crate::authcheck::Checker, std::net::IpAddr)> {
+        let ip = self.peer.addr?;
+        (self.kind == Kind::Smtp && !self.may_relay())
+            .then_some(())
+            .and(self.shared.checks.as_ref())
+            .map(|c| (c, ip))
     }
 
     fn rcpt(&mut self, arg: &str) -> Flow {
@@ -624,6 +655,49 @@ impl<'a> Session<'a> {
         Flow::Continue
     }
 
+    /// `[auth_checks]` at the end of DATA: the results go into the job for the router to
+    /// write, or the message is refused (and its file dropped; None).
+    fn verdict(
+        &mut self,
+        spf: Option<&mail_auth::SpfOutput>,
+        job: &mut Job,
+        mut w: qms_spool::Writer,
+    ) -> Option<qms_spool::Writer> {
+        let (Some(spf), Some((checks, ip))) = (spf, self.checked()) else {
+            return Some(w);
+        };
+        let msg = match w.map() {
+            Ok(m) => m,
+            Err(e) => {
+                qlog!(
+                    "client={} status=warning reason={}",
+                    client_name(&self.peer),
+                    quote(&e.to_string())
+                );
+                return Some(w);
+            }
+        };
+        let helo = self.helo.clone().unwrap_or_default();
+        let from = qms_common::address::show_sender(&job.sender);
+        let from = from.trim_matches(['<', '>']);
+        let v = checks.message(&msg, spf, ip, &helo, from);
+        drop(msg);
+        if let Some(reply) = v.refuse {
+            qlog!(
+                "client={} status=reject from={} results={} reply={}",
+                client_name(&self.peer),
+                quote(from),
+                quote(&v.results),
+                quote(&reply)
+            );
+            self.shared.spool.discard(w);
+            self.conn.reply(&reply);
+            return None;
+        }
+        job.auth_results = Some(v.results);
+        Some(w)
+    }
+
     /// Spools the message and answers 250 only once it is durable.
     fn finish(&mut self, mut rx: Receiver) {
         let spool = &self.shared.spool;
@@ -671,8 +745,14 @@ impl<'a> Session<'a> {
         let tracked = job.clone();
         // Stamped before the job can be seen: the router's "routed" must come after it.
         let received_at = qms_common::time::now_micros();
-        let result = rx
-            .end()
+        let written = match rx.end() {
+            Ok(w) => match self.verdict(tx.spf.as_ref(), &mut job, w) {
+                Some(w) => Ok(w),
+                None => return,
+            },
+            Err(e) => Err(e),
+        };
+        let result = written
             .and_then(|w| spool.stage_written(job, w))
             .and_then(|staged| self.shared.committer.commit(staged));
         match result {

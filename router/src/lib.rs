@@ -80,6 +80,16 @@ impl Router {
                     let applied = msp::apply(&self.cfg, &mut c.job, &msg);
                     let mut message = applied.message;
                     let mut refusal = applied.refusal;
+                    // `[auth_checks]`: smtpd's results go on the message, which is then
+                    // rewritten anyway.
+                    if let Some(ar) = &c.job.auth_results {
+                        let base = message.as_deref().unwrap_or(&msg);
+                        message = Some(qms_common::headers::set_auth_results(
+                            base,
+                            &self.cfg.hostname,
+                            ar,
+                        ));
+                    }
                     if refusal.is_none() {
                         for name in &applied.pre_plugins {
                             let input = message.as_deref().unwrap_or(&msg);

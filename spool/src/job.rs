@@ -203,6 +203,9 @@ pub struct Job {
     /// `BX-Sending-Run-Control: ignore-suppression`: send even to suppressed recipients.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_suppression: bool,
+    /// `[auth_checks]`: the Authentication-Results value smtpd found; the router writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_results: Option<String>,
     /// `BX-Sending-Run-Control: debug`: log the whole SMTP dialogue of this message.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug: bool,
@@ -287,6 +290,7 @@ impl Job {
             nd_actions: Vec::new(),
             dryrun: false,
             ignore_suppression: false,
+            auth_results: None,
             debug: false,
             smarthost: None,
             post_plugins: Vec::new(),

@@ -21,5 +21,5 @@ pub use id::QueueId;
 pub use job::{
     Client, DsnRet, Job, LinkSecurity, Notify, RcptState, Recipient, Smarthost, JOB_VERSION,
 };
-pub use store::{Claim, Claimed, Spool, SpoolError, Staged, Writer};
+pub use store::{Claim, Claimed, Mapped, Spool, SpoolError, Staged, Writer};
 pub use watch::{WatchOptions, Watcher};

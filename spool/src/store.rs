@@ -104,6 +104,15 @@ impl Writer {
         &self.id
     }
 
+    /// The message as written so far, mapped from its file (the checks of `[auth_checks]`
+    /// need it whole): its pages are the page cache's, so a session's own memory does not
+    /// grow with the message.
+    pub fn map(&mut self) -> std::io::Result<Mapped> {
+        use std::io::Write;
+        self.out.flush()?;
+        Mapped::of(self.out.get_ref())
+    }
+
     /// Bytes written so far.
     pub fn size(&self) -> u64 {
         self.size
@@ -640,4 +649,48 @@ fn parse_job(data: &[u8]) -> std::result::Result<Job, String> {
         ));
     }
     serde_json::from_slice(data).map_err(|e| e.to_string())
+}
+
+/// A read-only mapping of a whole file, unmapped when dropped.
+pub struct Mapped {
+    ptr: Option<(std::ptr::NonNull<std::ffi::c_void>, std::num::NonZeroUsize)>,
+}
+
+impl Mapped {
+    fn of(f: &File) -> io::Result<Mapped> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let len = usize::try_from(f.metadata()?.len()).map_err(io::Error::other)?;
+        let Some(len) = std::num::NonZeroUsize::new(len) else {
+            return Ok(Mapped { ptr: None });
+        };
+        // Safety: a private read-only mapping of a file this process alone writes, which
+        // nothing changes while the mapping lives (the session holds it until it answers).
+        let p = unsafe { mmap(None, len, ProtFlags::PROT_READ, MapFlags::MAP_PRIVATE, f, 0) }
+            .map_err(io::Error::from)?;
+        Ok(Mapped {
+            ptr: Some((p, len)),
+        })
+    }
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self.ptr {
+            // Safety: the mapping is `len` readable bytes for as long as `self` lives.
+            Some((p, len)) => unsafe {
+                std::slice::from_raw_parts(p.as_ptr() as *const u8, len.get())
+            },
+            None => &[],
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if let Some((p, len)) = self.ptr.take() {
+            // Safety: the mapping made in `of`, unmapped once.
+            let _ = unsafe { nix::sys::mman::munmap(p, len.get()) };
+        }
+    }
 }

@@ -426,6 +426,40 @@ pub struct Config {
     pub dkim: BTreeMap<String, Vec<DkimSelector>>,
     /// `[relay_auth."HOST"]`: the login for a relay host of the routing table, by host name.
     pub relay_auth: BTreeMap<String, RelayAuth>,
+    pub auth_checks: AuthChecks,
+}
+
+/// `[auth_checks]`: what smtpd checks of mail from unauthenticated clients outside
+/// mynetworks, and what it refuses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthChecks {
+    /// SPF, DKIM and DMARC are checked and an Authentication-Results field added.
+    pub enabled: bool,
+    /// What a DMARC failure of a domain with `p=reject` gets.
+    pub dmarc_reject: DmarcReject,
+    /// An SPF `fail` is refused at MAIL FROM.
+    pub spf_reject: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DmarcReject {
+    /// Refused at the end of DATA with 550 5.7.1.
+    #[default]
+    Honour,
+    /// Accepted, marked by the Authentication-Results field.
+    Quarantine,
+    /// Accepted, marked, never refused.
+    Ignore,
+}
+
+impl DmarcReject {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DmarcReject::Honour => "honour",
+            DmarcReject::Quarantine => "quarantine",
+            DmarcReject::Ignore => "ignore",
+        }
+    }
 }
 
 /// A relay host's login; the password is read from its file when it is used, and sent only
@@ -930,6 +964,22 @@ impl Config {
             }
             dkim.insert(d, selectors);
         }
+        let dmarc_reject = match raw.auth_checks.dmarc_reject.as_deref() {
+            None | Some("honour") | Some("honor") => DmarcReject::Honour,
+            Some("quarantine") => DmarcReject::Quarantine,
+            Some("ignore") => DmarcReject::Ignore,
+            Some(o) => {
+                return Err(err(
+                    "auth_checks.dmarc_reject",
+                    format!("{o:?} is not honour, quarantine or ignore"),
+                ))
+            }
+        };
+        let auth_checks = AuthChecks {
+            enabled: raw.auth_checks.enabled.unwrap_or(false),
+            dmarc_reject,
+            spf_reject: raw.auth_checks.spf_reject.unwrap_or(false),
+        };
         let metrics_listen = match raw.metrics.listen.as_deref() {
             None => None,
             Some(a) => {
@@ -1007,6 +1057,7 @@ impl Config {
             local,
             metrics_listen,
             dkim,
+            auth_checks,
             relay_auth: raw
                 .relay_auth
                 .into_iter()

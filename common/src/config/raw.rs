@@ -216,6 +216,15 @@ pub(super) enum RawDkimEntry {
     Many(Vec<RawDkim>),
 }
 
+/// `[auth_checks]`: SPF, DKIM and DMARC on mail that arrives over SMTP.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuthChecks {
+    pub(super) enabled: Option<bool>,
+    pub(super) dmarc_reject: Option<String>,
+    pub(super) spf_reject: Option<bool>,
+}
+
 /// `[relay_auth."HOST"]`: the login qms gives a relay host of the routing table.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -279,6 +288,8 @@ pub(super) struct Raw {
     pub(super) dkim: BTreeMap<String, RawDkimEntry>,
     #[serde(default)]
     pub(super) relay_auth: BTreeMap<String, RawRelayAuth>,
+    #[serde(default)]
+    pub(super) auth_checks: RawAuthChecks,
 }
 
 /// A duration in seconds, written as a number (`300`) or with a unit: `90s`, `5m`, `4h`,

@@ -290,6 +290,12 @@ impl Effective {
             s.set(host, Value::Table(t));
         }
         self.push("relay_auth", s);
+        let a = &c.auth_checks;
+        let mut s = Section::default();
+        s.set("enabled", a.enabled)
+            .set("dmarc_reject", a.dmarc_reject.as_str())
+            .set("spf_reject", a.spf_reject);
+        self.push("auth_checks", s);
     }
 
     fn tracking(&mut self, c: &Config) {

@@ -1,0 +1,285 @@
+//! `[auth_checks]`: SPF, DKIM and DMARC on mail that arrives over SMTP from clients that are
+//! neither authenticated nor in mynetworks (mail-auth does the records and cryptography).
+//!
+//! SPF is checked at MAIL FROM (HELO first, then the sender), DKIM and DMARC at the end of
+//! DATA, from the message as written to the spool. The results become one
+//! Authentication-Results field, which the router puts on the message (with any that came
+//! in claiming our name removed). DNS answers are cached for their TTL; a DNS failure is a
+//! temperror, never a pass. At most `PARALLEL` messages are verified at once, however many
+//! sessions end their DATA together.
+
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts,
+};
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DmarcResult, MessageAuthenticator, Parameters,
+    ResolverCache, SpfOutput, SpfResult,
+};
+use qms_common::config::{AuthChecks, DmarcReject};
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Messages verified at once; the others wait their turn.
+const PARALLEL: usize = 4;
+/// Entries each DNS cache keeps at most.
+const CACHE_MAX: usize = 10_000;
+/// How long SPF, and then DKIM with DMARC, may take in all before they are a temperror: a
+/// resolver that does not answer must not hold a session for minutes.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A DNS cache that keeps each answer until its TTL ends.
+struct Ttl<K, V>(Mutex<HashMap<K, (V, Instant)>>);
+
+impl<K, V> Default for Ttl<K, V> {
+    fn default() -> Self {
+        Ttl(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for Ttl<K, V> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let map = self.0.lock().ok()?;
+        map.get(name)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(v, _)| v.clone())
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.0.lock().ok()?.remove(name).map(|(v, _)| v)
+    }
+
+    fn insert(&self, key: K, value: V, valid_until: Instant) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= CACHE_MAX {
+                let now = Instant::now();
+                map.retain(|_, (_, until)| *until > now);
+                if map.len() >= CACHE_MAX {
+                    map.clear();
+                }
+            }
+            map.insert(key, (value, valid_until));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Caches {
+    txt: Ttl<Box<str>, mail_auth::Txt>,
+    mx: Ttl<Box<str>, mail_auth::RecordSet<mail_auth::MX>>,
+    ipv4: Ttl<Box<str>, mail_auth::RecordSet<std::net::Ipv4Addr>>,
+    ipv6: Ttl<Box<str>, mail_auth::RecordSet<std::net::Ipv6Addr>>,
+    ptr: Ttl<IpAddr, mail_auth::RecordSet<Box<str>>>,
+}
+
+/// What every lookup is given: the parameters and the process's caches.
+type Params<'x, P> = Parameters<
+    'x,
+    P,
+    Ttl<Box<str>, mail_auth::Txt>,
+    Ttl<Box<str>, mail_auth::RecordSet<mail_auth::MX>>,
+    Ttl<Box<str>, mail_auth::RecordSet<std::net::Ipv4Addr>>,
+    Ttl<Box<str>, mail_auth::RecordSet<std::net::Ipv6Addr>>,
+    Ttl<IpAddr, mail_auth::RecordSet<Box<str>>>,
+>;
+
+/// The checks of one smtpd process: a resolver, its caches and a gate.
+pub struct Checker {
+    rt: tokio::runtime::Runtime,
+    auth: MessageAuthenticator,
+    caches: Caches,
+    hostname: String,
+    policy: AuthChecks,
+    busy: (Mutex<usize>, Condvar),
+}
+
+/// What the end of DATA does with a message.
+pub struct Verdict {
+    /// The Authentication-Results field's value.
+    pub results: String,
+    /// A refusal to send instead of 250, with a line for the log.
+    pub refuse: Option<String>,
+}
+
+impl Checker {
+    pub fn new(cfg: &qms_common::Config) -> Result<Checker, String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dns")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut opts = ResolverOpts::default();
+        opts.timeout = Duration::from_secs(3);
+        opts.attempts = 1;
+        let auth = {
+            let _guard = rt.enter();
+            match cfg.client.dns_server {
+                Some(addr) => MessageAuthenticator::new(resolver_config(addr), opts),
+                None => MessageAuthenticator::new_system_conf(),
+            }
+            .map_err(|e| format!("cannot set up DNS for the checks: {e}"))?
+        };
+        Ok(Checker {
+            rt,
+            auth,
+            caches: Caches::default(),
+            hostname: cfg.hostname.clone(),
+            policy: cfg.auth_checks.clone(),
+            busy: (Mutex::new(0), Condvar::new()),
+        })
+    }
+
+    fn params<P>(&self, p: P) -> Params<'_, P> {
+        Parameters::new(p)
+            .with_txt_cache(&self.caches.txt)
+            .with_mx_cache(&self.caches.mx)
+            .with_ipv4_cache(&self.caches.ipv4)
+            .with_ipv6_cache(&self.caches.ipv6)
+            .with_ptr_cache(&self.caches.ptr)
+    }
+
+    /// SPF of the HELO name and the envelope sender (RFC 7208 2.3, 2.4); with `spf_reject`,
+    /// the refusal of a fail (or of a temperror, for now).
+    pub fn spf(&self, ip: IpAddr, helo: &str, sender: &str) -> (SpfOutput, Option<String>) {
+        let params = if sender.is_empty() {
+            SpfParameters::verify_ehlo(ip, helo, &self.hostname)
+        } else {
+            SpfParameters::verify(ip, helo, &self.hostname, sender)
+        };
+        let domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d).to_string();
+        let out = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(DEADLINE, self.auth.verify_spf(self.params(params))).await
+            })
+            .unwrap_or_else(|_| SpfOutput::new(domain).with_result(SpfResult::TempError));
+        let refuse = match (self.policy.spf_reject, out.result()) {
+            (true, SpfResult::Fail) => Some(format!(
+                "550 5.7.23 SPF of {} does not allow {ip} to send its mail",
+                out.domain()
+            )),
+            (true, SpfResult::TempError) => {
+                Some("451 4.7.24 SPF could not be checked (DNS); try again later".into())
+            }
+            _ => None,
+        };
+        (out, refuse)
+    }
+
+    /// DKIM and DMARC of a whole message; `spf` is what MAIL FROM found.
+    pub fn message(
+        &self,
+        msg: &[u8],
+        spf: &SpfOutput,
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+    ) -> Verdict {
+        let _turn = self.turn();
+        let mut ar = AuthenticationResults::new(&self.hostname);
+        ar = if sender.is_empty() {
+            ar.with_spf_ehlo_result(spf, ip, helo)
+        } else {
+            ar.with_spf_mailfrom_result(spf, ip, sender, helo)
+        };
+        let Some(parsed) = AuthenticatedMessage::parse(msg) else {
+            return Verdict {
+                results: ar.to_string(),
+                refuse: None,
+            };
+        };
+        let from_domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d);
+        let checked = self.rt.block_on(async {
+            tokio::time::timeout(DEADLINE, async {
+                let dkim = self.auth.verify_dkim(self.params(&parsed)).await;
+                let dmarc = self
+                    .auth
+                    .verify_dmarc(self.params(DmarcParameters::new(
+                        &parsed,
+                        &dkim,
+                        from_domain,
+                        spf,
+                    )))
+                    .await;
+                (dkim, dmarc)
+            })
+            .await
+        });
+        let Ok((dkim, dmarc)) = checked else {
+            let refuse = (self.policy.dmarc_reject == DmarcReject::Honour).then(|| {
+                "451 4.7.0 DKIM and DMARC could not be checked (DNS); try again later".to_string()
+            });
+            return Verdict {
+                results: format!(
+                    "{ar}; dkim=temperror (dns timeout); dmarc=temperror (dns timeout)"
+                ),
+                refuse,
+            };
+        };
+        ar = ar
+            .with_dkim_results(&dkim, parsed.from())
+            .with_dmarc_result(&dmarc);
+        let rejects = dmarc.policy() == mail_auth::dmarc::Policy::Reject;
+        let refuse = match (self.policy.dmarc_reject, dmarc.result()) {
+            (DmarcReject::Honour, DmarcResult::Fail(_)) if rejects => Some(format!(
+                "550 5.7.1 Message refused: DMARC policy of {} says reject, and it fails",
+                dmarc.domain()
+            )),
+            (DmarcReject::Honour, DmarcResult::TempError(_)) => {
+                Some("451 4.7.0 DMARC could not be checked (DNS); try again later".into())
+            }
+            _ => None,
+        };
+        Verdict {
+            results: ar.to_string(),
+            refuse,
+        }
+    }
+
+    /// Waits for one of the `PARALLEL` turns; given back when dropped.
+    fn turn(&self) -> Turn<'_> {
+        let (lock, cv) = &self.busy;
+        let mut n = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= PARALLEL {
+            n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Turn(&self.busy)
+    }
+}
+
+struct Turn<'a>(&'a (Mutex<usize>, Condvar));
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let (lock, cv) = self.0;
+        let mut n = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        cv.notify_one();
+    }
+}
+
+/// A resolver that asks `[dns] server` only, over UDP and TCP.
+fn resolver_config(addr: SocketAddr) -> ResolverConfig {
+    let mut udp = ConnectionConfig::new(ProtocolConfig::Udp);
+    udp.port = addr.port();
+    let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
+    tcp.port = addr.port();
+    let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+    ns.connections = vec![udp, tcp];
+    ResolverConfig::from_name_servers(vec![ns])
+}

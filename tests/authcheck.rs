@@ -1,0 +1,173 @@
+//! `[auth_checks]` (issue #15): SPF, DKIM and DMARC of mail arriving over SMTP, against a
+//! real DNS server on loopback (dnsmasq) and messages signed by an independent signer
+//! (Python's dkimpy); the results in one Authentication-Results field, forged ones removed.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// `--txt-record` for dnsmasq, cut into strings of 200 bytes.
+fn txt(name: &str, value: &str) -> String {
+    let parts: Vec<String> = value
+        .as_bytes()
+        .chunks(200)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    format!("--txt-record={name},{}", parts.join(","))
+}
+
+/// Sends `msg` from `from` to alice over SMTP, signed by dkimpy with `key` for good.test
+/// when given; the reply code to the end of DATA.
+fn send(port: u16, from: &str, msg: &str, key: Option<&std::path::Path>) -> (u16, String) {
+    let script = r#"
+import smtplib, sys, dkim
+port, sender, text, key = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode(), sys.argv[4]
+if key:
+    sig = dkim.sign(text, b"s1", b"good.test", open(key, "rb").read(),
+                    include_headers=[b"From", b"To", b"Subject"])
+    text = sig + text
+s = smtplib.SMTP("127.0.0.1", port, timeout=60)
+s.ehlo("client.test")
+s.mail(sender)
+s.rcpt("alice@example.test")
+code, reply = s.data(text)
+print(code, reply.decode())
+s.quit()
+"#;
+    let key = key.map(|k| k.display().to_string()).unwrap_or_default();
+    let (ok, out) = python(
+        script,
+        &[port.to_string(), from.to_string(), msg.to_string(), key],
+    );
+    assert!(ok, "{out}");
+    let (code, text) = out.trim().split_once(' ').unwrap();
+    (code.parse().unwrap(), text.to_string())
+}
+
+fn msg(from: &str, subject: &str) -> String {
+    format!("From: {from}\r\nTo: alice@example.test\r\nSubject: {subject}\r\n\r\nchecked body\r\n")
+}
+
+#[test]
+fn spf_dkim_and_dmarc_of_arriving_mail() {
+    let mut inst = Instance::new("", "[auth_checks]\nenabled = true\n");
+    let key = inst.dir.join("good.pem");
+    let out = inst.qms(&[
+        "dkim",
+        "keygen",
+        "good.test",
+        "s1",
+        "--out",
+        &key.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let record: String = String::from_utf8_lossy(&out.stdout)
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    let (mut dns, dns_port) = dnsmasq(
+        &inst,
+        &[
+            txt("good.test", "v=spf1 ip4:127.0.0.1 -all"),
+            txt("s1._domainkey.good.test", &record),
+            txt("_dmarc.good.test", "v=DMARC1; p=reject"),
+            txt("bad.test", "v=spf1 -all"),
+            txt("_dmarc.bad.test", "v=DMARC1; p=reject"),
+            txt("soft.test", "v=spf1 -all"),
+            txt("_dmarc.soft.test", "v=DMARC1; p=none"),
+            // Authoritative for .test: a name it does not know does not exist (NXDOMAIN),
+            // as the DMARC tree walk's `_dmarc.test` must find, rather than a failure.
+            "--local=/test/".to_string(),
+        ],
+    );
+    inst.edit_config(
+        "[scheduler]",
+        &format!("[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[scheduler]"),
+    );
+    inst.start();
+
+    // Signed, from an address whose SPF allows us, with a forged field claiming our name.
+    let forged = format!(
+        "Authentication-Results: mx.example.test; dkim=pass; spf=pass\r\n{}",
+        msg("Good <g@good.test>", "good")
+    );
+    let (code, _) = send(inst.smtp_port, "g@good.test", &forged, Some(&key));
+    assert_eq!(code, 250);
+    // A domain whose DMARC policy says reject, forged: refused at the end of DATA.
+    let (code, reply) = send(
+        inst.smtp_port,
+        "x@bad.test",
+        &msg("x@bad.test", "bad"),
+        None,
+    );
+    assert_eq!(code, 550, "{reply}");
+    assert!(
+        reply.contains("5.7.1") && reply.contains("DMARC"),
+        "{reply}"
+    );
+    // p=none: accepted, and the failure is told.
+    let (code, _) = send(
+        inst.smtp_port,
+        "y@soft.test",
+        &msg("y@soft.test", "soft"),
+        None,
+    );
+    assert_eq!(code, 250);
+    wait_for("two messages for alice", Duration::from_secs(30), || {
+        inst.count_new("alice") == 2
+    });
+    let _ = dns.kill();
+    let mail = inst.read_maildir("alice");
+    let field = |subject: &str| -> String {
+        let m = mail
+            .iter()
+            .find(|m| m.contains(&format!("Subject: {subject}")))
+            .unwrap();
+        // Each field: its first line and the folded lines after it.
+        let mut fields: Vec<String> = Vec::new();
+        for line in m.lines() {
+            if let Some(v) = line.strip_prefix("Authentication-Results:") {
+                fields.push(v.to_string());
+            } else if line.starts_with([' ', '\t']) && !fields.is_empty() {
+                if let Some(f) = fields.last_mut() {
+                    f.push_str(line);
+                }
+            } else if line.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(fields.len(), 1, "one Authentication-Results field: {m}");
+        fields[0].split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let good = field("good");
+    assert!(good.starts_with("mx.example.test;"), "{good}");
+    for r in ["spf=pass", "dkim=pass", "dmarc=pass"] {
+        assert!(good.contains(r), "{r} in {good}");
+    }
+    let soft = field("soft");
+    assert!(
+        soft.contains("spf=fail") && soft.contains("dmarc=fail"),
+        "{soft}"
+    );
+    assert!(!soft.contains("dkim=pass"), "{soft}");
+}
+
+#[test]
+fn a_dns_failure_is_a_temporary_refusal_never_a_pass() {
+    // A resolver port where nothing answers.
+    let dead = free_port();
+    let mut inst = Instance::new(
+        "",
+        &format!("[auth_checks]\nenabled = true\n[dns]\nserver = \"127.0.0.1:{dead}\"\n"),
+    );
+    inst.start();
+    let (code, reply) = send(
+        inst.smtp_port,
+        "g@good.test",
+        &msg("g@good.test", "dns"),
+        None,
+    );
+    assert_eq!(code, 451, "{reply}");
+    assert_eq!(inst.count_new("alice"), 0);
+}
