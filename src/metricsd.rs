@@ -62,6 +62,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Recipients refused in the SMTP dialogue.",
     ),
     (
+        "qms_auth_results_total",
+        "counter",
+        "Results of [auth_checks] on arriving messages, by method (spf, dkim, dmarc) and result.",
+    ),
+    (
         "qms_queue_messages",
         "gauge",
         "Jobs in each queue, by state (waiting, held) and age.",

@@ -151,6 +151,14 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
         "{soft}"
     );
     assert!(!soft.contains("dkim=pass"), "{soft}");
+    // The results are in the log line of each received message, and in `qms track`.
+    let log = inst.log();
+    assert!(log.contains("spf=pass dkim=pass dmarc=pass"), "{log}");
+    assert!(log.contains("spf=fail dkim=none dmarc=fail"), "{log}");
+    wait_for("the results in qms track", Duration::from_secs(30), || {
+        let out = inst.qms(&["track"]);
+        String::from_utf8_lossy(&out.stdout).contains("spf=pass dkim=pass dmarc=pass")
+    });
 }
 
 #[test]

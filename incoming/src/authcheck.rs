@@ -283,3 +283,55 @@ fn resolver_config(addr: SocketAddr) -> ResolverConfig {
     ns.connections = vec![udp, tcp];
     ResolverConfig::from_name_servers(vec![ns])
 }
+
+/// The verdict of each method in an Authentication-Results value: `spf`, `dkim`, `dmarc`.
+pub struct Summary(Vec<(&'static str, String)>);
+
+/// Reads the results back out of the field's value (`spf=pass (…) …; dkim=none`); a method
+/// that did not run is `none`.
+pub fn summary(results: &str) -> Summary {
+    let words: Vec<&str> = results
+        .split(|c: char| c == ';' || c.is_whitespace())
+        .collect();
+    let of = |method: &str| {
+        words
+            .iter()
+            .find_map(|w| w.strip_prefix(method)?.strip_prefix('='))
+            .unwrap_or("none")
+            .to_ascii_lowercase()
+    };
+    Summary(
+        ["spf", "dkim", "dmarc"]
+            .into_iter()
+            .map(|m| (m, of(m)))
+            .collect(),
+    )
+}
+
+impl Summary {
+    /// `spf=pass dkim=none dmarc=pass`, for the log and tracking.
+    pub fn line(&self) -> String {
+        let parts: Vec<String> = self.0.iter().map(|(m, r)| format!("{m}={r}")).collect();
+        parts.join(" ")
+    }
+
+    /// One count per method and result for `[metrics]`.
+    pub fn count(&self) {
+        for (m, r) in &self.0 {
+            qms_common::metrics::count(
+                "qms_auth_results_total",
+                &[("method", m), ("result", r)],
+                1.0,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_summary_reads_each_methods_result() {
+        let ar = "mx.example.test;\r\n\tspf=pass (mx: domain of a@b designates 1.2.3.4) smtp.mailfrom=a@b;\r\n\tdmarc=fail header.from=b policy.dmarc=none";
+        assert_eq!(super::summary(ar).line(), "spf=pass dkim=none dmarc=fail");
+    }
+}

@@ -752,27 +752,35 @@ impl<'a> Session<'a> {
             },
             Err(e) => Err(e),
         };
+        // `spf=pass dkim=none dmarc=pass`, when the checks ran: for the log, tracking, metrics.
+        let checked = job.auth_results.as_deref().map(crate::authcheck::summary);
         let result = written
             .and_then(|w| spool.stage_written(job, w))
             .and_then(|staged| self.shared.committer.commit(staged));
         match result {
             Ok(id) => {
                 qlog!(
-                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} msgid={} tls={} sasl_user={} status=queued",
+                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} msgid={} tls={} sasl_user={} {}status=queued",
                     client_name(&self.peer),
                     quote(self.helo.as_deref().unwrap_or("")),
                     quote(&rcpts.join(",")),
                     rcpts.len(),
                     quote(tracked.message_id.as_deref().unwrap_or("")),
                     quote(self.tls.as_deref().unwrap_or("none")),
-                    quote(self.auth_user.as_deref().unwrap_or("-"))
+                    quote(self.auth_user.as_deref().unwrap_or("-")),
+                    // One line per message, so log readers count it once.
+                    checked.as_ref().map(|c| format!("{} ", c.line())).unwrap_or_default()
                 );
+                if let Some(c) = &checked {
+                    c.count();
+                }
                 let protocol = [("protocol", self.kind.protocol())];
                 qms_common::metrics::count("qms_messages_received_total", &protocol, 1.0);
                 for r in &tracked.recipients {
                     let mut ev = tracked.track(&r.address, "received", "", "queued");
                     ev.qid = id.to_string();
                     ev.time = received_at;
+                    ev.reply = checked.as_ref().map(|c| c.line());
                     qms_common::track::emit(ev);
                 }
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
