@@ -6,15 +6,7 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// `--txt-record` for dnsmasq, cut into strings of 200 bytes.
-fn txt(name: &str, value: &str) -> String {
-    let parts: Vec<String> = value
-        .as_bytes()
-        .chunks(200)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect();
-    format!("--txt-record={name},{}", parts.join(","))
-}
+use common::txt_record as txt;
 
 /// Sends `msg` from `from` to alice over SMTP, signed by dkimpy with `key` for good.test
 /// when given; the reply code to the end of DATA.

@@ -122,15 +122,7 @@ fn relayed_mail_is_signed_after_the_routers_changes_and_dkimpy_verifies_it() {
     assert_eq!(verify(&broken, &records), vec![false, false]);
 
     // qms dkim check against a real DNS server: right for example.test's two selectors...
-    let txt = |name: &str, value: &str| {
-        let parts: Vec<String> = value
-            .as_bytes()
-            .chunks(200)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect();
-        // Each comma-separated part is a string of its own: a long key is several.
-        format!("--txt-record={name},{}", parts.join(","))
-    };
+    let txt = txt_record;
     let (mut dns, dns_port) = dnsmasq(
         &inst,
         &[

@@ -633,4 +633,18 @@ fn verify_and_secure_check_the_peers_certificate() {
     );
     let s = reply_of("carol@s.test").unwrap();
     assert!(s.contains("4.7.5 TLS level secure"), "{s}");
+    // The delivery line says what TLS the peer had, whose certificate, and whether checked.
+    let log = inst.log();
+    let line = |to: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("to={to} ")) && l.contains("status=sent"))
+            .unwrap_or_else(|| panic!("no delivery of {to}: {log}"))
+            .to_string()
+    };
+    let v = line("carol@v.test");
+    assert!(
+        v.contains("subject CN=peer.test, issuer CN=qms test CA, verified"),
+        "{v}"
+    );
+    assert!(line("carol@e.test").contains("not verified"));
 }

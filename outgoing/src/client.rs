@@ -66,6 +66,8 @@ pub struct Client {
     pub idle_since: Instant,
     /// The TLS rule the connection was made under: it is reused only for the same rule.
     pub made_for: String,
+    /// The server's certificate was checked (verify, secure, credentials) and passed.
+    pub verified: bool,
     timeouts: (u64, u64),
     /// The queue id the dialogue is logged under, for `BX-Sending-Run-Control: debug`.
     debug: Option<String>,
@@ -163,6 +165,7 @@ impl Client {
             tls: None,
             idle_since: Instant::now(),
             made_for: String::new(),
+            verified: false,
             timeouts: (s.command_timeout, s.data_timeout),
             debug: s.debug.map(str::to_string),
         };
@@ -196,6 +199,7 @@ impl Client {
                 })?;
             c.trace("", &format!("TLS from the start: {info}"));
             c.tls = Some(info);
+            c.verified = s.verify.is_some();
         }
         let greeting = c
             .read_reply()
@@ -243,8 +247,20 @@ impl Client {
             .map_err(|e| io_fail(name, &addr, "TLS handshake with", unverified(e.to_string())))?;
         c.trace("", &format!("TLS started: {info}"));
         c.tls = Some(info);
+        c.verified = s.verify.is_some();
         c.hello(s.helo)?;
         Ok(c)
+    }
+
+    /// For the delivery line and tracking: `TLSv1.3 with cipher …, subject …, issuer …,
+    /// verified` (or `not verified`); None for a plain connection.
+    pub fn tls_summary(&self) -> Option<String> {
+        let how = if self.verified {
+            "verified"
+        } else {
+            "not verified"
+        };
+        self.tls.as_ref().map(|t| format!("{t}, {how}"))
     }
 
     fn hello(&mut self, helo: &str) -> Result<(), Failure> {

@@ -18,6 +18,8 @@ pub(crate) struct Res {
     pub(crate) verdict: Verdict,
     pub(crate) reply: String,
     pub(crate) relay: String,
+    /// The TLS of the connection: version, cipher, the peer's certificate, whether verified.
+    pub(crate) tls: Option<String>,
     pub(crate) delays: [f64; 4],
 }
 
@@ -75,6 +77,7 @@ impl SmtpAgent {
                 verdict: Verdict::Deferred,
                 reply: format!("4.4.1 delivery temporarily suspended: {why}"),
                 relay: "none".into(),
+                tls: None,
                 delays: [0.0; 4],
             });
             let _ = results.send(all.collect());
@@ -95,6 +98,7 @@ impl SmtpAgent {
                     verdict: verdict(),
                     reply: reply.clone(),
                     relay: "none".into(),
+                    tls: None,
                     delays: [queued(ji).max(0.0), dns_time, 0.0, 0.0],
                 })
                 .collect()
@@ -229,6 +233,7 @@ impl SmtpAgent {
                         verdict: verdict(),
                         reply: reply.to_string(),
                         relay: relay.to_string(),
+                        tls: None,
                         delays: d,
                     });
                 }
@@ -271,6 +276,7 @@ impl SmtpAgent {
                                     verdict,
                                     reply: format!("{code} {}", f.text),
                                     relay: "none".into(),
+                                    tls: None,
                                     delays: [queued, dns_time, 0.0, 0.0],
                                 });
                             }
@@ -310,6 +316,7 @@ impl SmtpAgent {
                             verdict,
                             reply,
                             relay: relay.clone(),
+                            tls: c.tls_summary(),
                             delays: d,
                         });
                     }

@@ -340,7 +340,7 @@ impl SmtpAgent {
         };
         let d = res.delays;
         qlog!(
-            "qid={id} from={sender} to={} relay={} delay={} delays={:.2}/{:.2}/{:.2}/{:.2} dsn={} status={status} ({})",
+            "qid={id} from={sender} to={} relay={} delay={} delays={:.2}/{:.2}/{:.2}/{:.2} dsn={} tls={} status={status} ({})",
             qms_common::address::logged(&r.address),
             res.relay,
             qms_common::time::now() - arrival,
@@ -349,6 +349,7 @@ impl SmtpAgent {
             d[2],
             d[3],
             dsn::status_of(&res.reply, kind),
+            qms_common::log::quote(res.tls.as_deref().unwrap_or("none")),
             res.reply
         );
         qms_delivery::settle::count_attempt(&c.job.queue, &c.job.id, &r.address, status);
@@ -357,12 +358,17 @@ impl SmtpAgent {
             RcptState::Delivered => "relayed",
             s => s.as_str(),
         };
+        // Tracking keeps the TLS of the attempt with the host it went to.
+        let relay = match &res.tls {
+            Some(t) => format!("{} ({t})", res.relay),
+            None => res.relay.clone(),
+        };
         let ev = qms_delivery::settle::attempt_event(
             &c.job,
             &c.job.recipients[res.ri],
             event,
             &res.reply,
-            &res.relay,
+            &relay,
         );
         qms_common::track::emit(ev);
         let r = &mut c.job.recipients[res.ri];

@@ -626,3 +626,14 @@ pub fn dnsmasq(inst: &Instance, records: &[String]) -> (std::process::Child, u16
     });
     (child, port)
 }
+
+/// A `--txt-record` option for `dnsmasq`: the value cut into strings of 200 bytes, each
+/// comma-separated part a string of its own, as a long DKIM key must be.
+pub fn txt_record(name: &str, value: &str) -> String {
+    let parts: Vec<String> = value
+        .as_bytes()
+        .chunks(200)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    format!("--txt-record={name},{}", parts.join(","))
+}
