@@ -7,6 +7,7 @@ pub mod aliases;
 pub mod authority;
 pub mod config;
 pub mod conn;
+pub mod dns;
 pub mod expand;
 pub mod headers;
 pub mod log;

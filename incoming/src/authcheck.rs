@@ -9,9 +9,7 @@
 //! sessions end their DATA together.
 
 use mail_auth::dmarc::verify::DmarcParameters;
-use mail_auth::hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts,
-};
+use mail_auth::hickory_resolver::config::ResolverOpts;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DmarcResult, MessageAuthenticator, Parameters,
@@ -21,7 +19,7 @@ use qms_common::config::{AuthChecks, DmarcReject};
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,7 +126,7 @@ impl Checker {
         let auth = {
             let _guard = rt.enter();
             match cfg.client.dns_server {
-                Some(addr) => MessageAuthenticator::new(resolver_config(addr), opts),
+                Some(addr) => MessageAuthenticator::new(qms_common::dns::server_config(addr), opts),
                 None => MessageAuthenticator::new_system_conf(),
             }
             .map_err(|e| format!("cannot set up DNS for the checks: {e}"))?
@@ -271,17 +269,6 @@ impl Drop for Turn<'_> {
         *n = n.saturating_sub(1);
         cv.notify_one();
     }
-}
-
-/// A resolver that asks `[dns] server` only, over UDP and TCP.
-fn resolver_config(addr: SocketAddr) -> ResolverConfig {
-    let mut udp = ConnectionConfig::new(ProtocolConfig::Udp);
-    udp.port = addr.port();
-    let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
-    tcp.port = addr.port();
-    let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-    ns.connections = vec![udp, tcp];
-    ResolverConfig::from_name_servers(vec![ns])
 }
 
 /// The verdict of each method in an Authentication-Results value: `spf`, `dkim`, `dmarc`.

@@ -2,9 +2,6 @@
 //! RFC 7505 null MX as a permanent failure, and the domain's own address when it has no MX.
 //! hickory-resolver is async; a current-thread runtime stays inside this module.
 
-use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig,
-};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::Resolver;
@@ -40,13 +37,7 @@ impl Dns {
         let provider = TokioRuntimeProvider::default();
         let resolver = match server {
             Some(addr) => {
-                let mut udp = ConnectionConfig::new(ProtocolConfig::Udp);
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
-                tcp.port = addr.port();
-                let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-                ns.connections = vec![udp, tcp];
-                Resolver::builder_with_config(ResolverConfig::from_name_servers(vec![ns]), provider)
+                Resolver::builder_with_config(qms_common::dns::server_config(addr), provider)
                     .build()
             }
             None => Resolver::builder(provider).and_then(|b| b.build()),
