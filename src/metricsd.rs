@@ -90,6 +90,9 @@ const FAMILIES: &[(&str, &str, &str)] = &[
 
 /// Destinations shown by name; the others are summed as `other`.
 const TOP_DESTINATIONS: usize = 20;
+/// Destination series kept by name at most: beyond them, a new domain counts as `other`, so
+/// a sender to millions of domains does not grow this process without end.
+const MAX_DESTINATION_SERIES: usize = 5_000;
 /// At most this many requests are served at once; more are closed at once.
 const MAX_CLIENTS: usize = 4;
 /// How long a queue count is served before the spool is read again.
@@ -202,15 +205,33 @@ fn receive(sock: &UnixDatagram, state: &State) {
             if family_of(series).is_none() {
                 continue;
             }
+            let series = bounded(&t.counters, series);
             match kind {
-                "c" => *t.counters.entry(series.to_string()).or_default() += v,
+                "c" => *t.counters.entry(series).or_default() += v,
                 "g" => {
-                    t.gauges.insert(series.to_string(), v);
+                    t.gauges.insert(series, v);
                 }
                 _ => {}
             }
         }
     }
+}
+
+/// The series to add to: itself, or for a new destination beyond `MAX_DESTINATION_SERIES`,
+/// its `domain="other"` twin.
+fn bounded(counters: &HashMap<String, f64>, series: &str) -> String {
+    const NAME: &str = "qms_destination_deliveries_total";
+    if !series.starts_with(NAME) || counters.contains_key(series) {
+        return series.to_string();
+    }
+    let known = counters.keys().filter(|s| s.starts_with(NAME)).count();
+    if known < MAX_DESTINATION_SERIES {
+        return series.to_string();
+    }
+    qms_common::metrics::series(
+        NAME,
+        &[("domain", "other"), ("status", &label(series, "status"))],
+    )
 }
 
 /// The family a series belongs to, if it is one served.
@@ -359,4 +380,31 @@ fn queue_series(state: &State) -> String {
     }
     *cache = Some((Instant::now(), text.clone()));
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_beyond_the_cap_count_as_other() {
+        let name = "qms_destination_deliveries_total";
+        let mut counters = HashMap::new();
+        for i in 0..MAX_DESTINATION_SERIES {
+            let s = series(
+                name,
+                &[("domain", &format!("d{i}.test")), ("status", "sent")],
+            );
+            counters.insert(s, 1.0);
+        }
+        let known = series(name, &[("domain", "d7.test"), ("status", "sent")]);
+        assert_eq!(bounded(&counters, &known), known);
+        let new = series(name, &[("domain", "new.test"), ("status", "bounced")]);
+        assert_eq!(
+            bounded(&counters, &new),
+            series(name, &[("domain", "other"), ("status", "bounced")])
+        );
+        let other = series("qms_connections_total", &[("service", "smtp")]);
+        assert_eq!(bounded(&counters, &other), other);
+    }
 }
