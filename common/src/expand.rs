@@ -54,6 +54,44 @@ impl<'a> Expander<'a> {
         out
     }
 
+    /// Where `addr` goes when no alias names it: its one destination; None when an alias
+    /// does (expanding it may read files and give many). smtpd's direct route asks this.
+    pub fn direct(&self, addr: &Address) -> Option<Dest> {
+        if let Some(routing) = self.cfg.address_routing(addr) {
+            return Some(self.route_dest(addr, routing));
+        }
+        let local = self.cfg.is_local_domain(addr.domain());
+        if self.alias_of(addr, local).is_some() {
+            return None;
+        }
+        Some(self.final_dest(addr, local))
+    }
+
+    /// The local part without its extension (`user+tag` → `user`).
+    fn user_of<'x>(&self, addr: &'x Address) -> &'x str {
+        match self.cfg.recipient_delimiter {
+            Some(sep) => addr.split_extension(sep).0,
+            None => addr.local(),
+        }
+    }
+
+    /// The alias that names `addr`, for an address at a local domain.
+    fn alias_of(&self, addr: &Address, local: bool) -> Option<&'a [Target]> {
+        if !local {
+            return None;
+        }
+        let user = self.user_of(addr);
+        self.aliases
+            .get(&format!("{}@{}", user.to_lowercase(), addr.domain()))
+            .or_else(|| self.aliases.get(user))
+            // Mail to root reaches whoever reads the postmaster's mail.
+            .or_else(|| {
+                user.eq_ignore_ascii_case("root")
+                    .then(|| self.aliases.get("postmaster"))
+                    .flatten()
+            })
+    }
+
     fn walk(
         &self,
         addr: &Address,
@@ -79,24 +117,9 @@ impl<'a> Expander<'a> {
             return;
         }
         let local = self.cfg.is_local_domain(addr.domain());
-        let (user, _ext) = match self.cfg.recipient_delimiter {
-            Some(sep) => addr.split_extension(sep),
-            None => (addr.local(), None),
-        };
+        let user = self.user_of(addr);
         // An alias that names itself (`alice: alice, bob`) delivers to the user: expand once.
-        let alias = if local {
-            self.aliases
-                .get(&format!("{}@{}", user.to_lowercase(), addr.domain()))
-                .or_else(|| self.aliases.get(user))
-                // Mail to root reaches whoever reads the postmaster's mail.
-                .or_else(|| {
-                    user.eq_ignore_ascii_case("root")
-                        .then(|| self.aliases.get("postmaster"))
-                        .flatten()
-                })
-        } else {
-            None
-        };
+        let alias = self.alias_of(addr, local);
         let targets = alias.filter(|_| first_visit);
         let Some(targets) = targets else {
             match self.final_dest(addr, local) {

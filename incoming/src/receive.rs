@@ -19,6 +19,8 @@ pub struct Receiver {
     /// The header section (and what came with its last piece), up to `HEAD_MAX`.
     head: Vec<u8>,
     head_done: bool,
+    /// The header section ended within what is held (it is all in `head`).
+    head_whole: bool,
     /// Bytes of the message as the client sent it.
     pub size: u64,
     failed: Option<SpoolError>,
@@ -30,10 +32,12 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts the message file; `received` makes the Received: field for the id. A failure
-    /// is kept and reported by [`Receiver::end`], after the client has sent everything.
+    /// Starts the message file for `queue` (see [`Spool::writer`]); `received` makes the
+    /// Received: field for the id. A failure is kept and reported by [`Receiver::end`],
+    /// after the client has sent everything.
     pub fn start(
         spool: &Spool,
+        queue: &str,
         received: &dyn Fn(&QueueId) -> String,
         complete: bool,
         hostname: &str,
@@ -43,13 +47,14 @@ impl Receiver {
             writer: None,
             head: Vec::new(),
             head_done: false,
+            head_whole: false,
             size: 0,
             failed: None,
             complete,
             hostname: hostname.to_string(),
             added_id: None,
         };
-        match spool.writer("incoming") {
+        match spool.writer(queue) {
             Ok(w) => {
                 let line = received(w.id());
                 r.writer = Some(w);
@@ -87,6 +92,7 @@ impl Receiver {
         let ended = self.head.starts_with(b"\r\n")
             || self.head[from..].windows(4).any(|w| w == b"\r\n\r\n");
         if ended || self.head.len() > HEAD_MAX {
+            self.head_whole = ended;
             self.end_head();
         }
     }
@@ -113,9 +119,17 @@ impl Receiver {
     /// The header section (for hop counts and the Message-ID), as far as it was held.
     pub fn head(&mut self) -> &[u8] {
         if !self.head_done {
+            // The message ended within the held part: all of it is here.
+            self.head_whole = true;
             self.end_head();
         }
         &self.head
+    }
+
+    /// The header section, when all of it was held (not cut at `HEAD_MAX`).
+    pub fn whole_head(&mut self) -> Option<&[u8]> {
+        self.head();
+        self.head_whole.then_some(self.head.as_slice())
     }
 
     /// The written message, ready to stage; or why it could not be written (the file is

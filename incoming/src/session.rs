@@ -71,6 +71,8 @@ struct Transaction {
     chunk_error: Option<data::DataError>,
     /// What SPF said at MAIL FROM, when `[auth_checks]` checks this session's mail.
     spf: Option<mail_auth::SpfOutput>,
+    /// The output queue the message goes to without the router, decided when it starts.
+    direct: Option<qms_router::direct::Plan>,
 }
 
 pub struct Session<'a> {
@@ -313,6 +315,7 @@ impl<'a> Session<'a> {
             chunk_check: data::ChunkCheck::default(),
             chunk_error: None,
             spf: None,
+            direct: None,
         };
         let mut declared = 0;
         for p in params {
@@ -537,8 +540,24 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Starts receiving the transaction's message into its spool file.
-    fn receiver(&self) -> Receiver {
+    /// Starts receiving the transaction's message into its spool file: in `msg/ID.QUEUE`
+    /// of the queue the direct route plans for it, else of `incoming`.
+    fn receiver(&mut self) -> Receiver {
+        let plan = self.tx.as_ref().and_then(|t| {
+            let aliases = self.shared.aliases.get();
+            let (sender, rcpts) = (t.sender.as_ref(), &t.recipients[..]);
+            qms_router::direct::Plan::of(
+                &self.shared.cfg,
+                &aliases,
+                sender,
+                rcpts,
+                self.may_relay(),
+            )
+        });
+        let queue = plan.as_ref().map_or("incoming", |p| p.queue()).to_string();
+        if let Some(t) = self.tx.as_mut() {
+            t.direct = plan;
+        }
         let cfg = &self.shared.cfg;
         let proto = match (self.esmtp, self.tls.is_some(), self.auth_user.is_some()) {
             (false, _, _) => "SMTP",
@@ -567,7 +586,13 @@ impl<'a> Session<'a> {
             Kind::Submission | Kind::Submissions | Kind::Local
         );
         let received = |id: &QueueId| headers::received(&hop, id.as_str(), qms_common::time::now());
-        Receiver::start(&self.shared.spool, &received, submission, &cfg.hostname)
+        Receiver::start(
+            &self.shared.spool,
+            &queue,
+            &received,
+            submission,
+            &cfg.hostname,
+        )
     }
 
     fn bdat(&mut self, arg: &str) -> Flow {
@@ -745,6 +770,9 @@ impl<'a> Session<'a> {
         let tracked = job.clone();
         // Stamped before the job can be seen: the router's "routed" must come after it.
         let received_at = qms_common::time::now_micros();
+        let plain = rx
+            .whole_head()
+            .is_some_and(qms_router::direct::asks_nothing);
         let written = match rx.end() {
             Ok(w) => match self.verdict(tx.spf.as_ref(), &mut job, w) {
                 Some(w) => Ok(w),
@@ -752,6 +780,19 @@ impl<'a> Session<'a> {
             },
             Err(e) => Err(e),
         };
+        let planned = tx.direct.is_some();
+        let direct = tx.direct.filter(|p| plain && p.apply(&mut job));
+        // Started for an output queue, but the router must see it after all.
+        let written = written.and_then(|mut w| match (planned, &direct) {
+            (true, None) => match spool.refile(&mut w, "incoming") {
+                Ok(()) => Ok(w),
+                Err(e) => {
+                    spool.discard(w);
+                    Err(e)
+                }
+            },
+            _ => Ok(w),
+        });
         // `spf=pass dkim=none dmarc=pass`, when the checks ran: for the log, tracking, metrics.
         let checked = job.auth_results.as_deref().map(crate::authcheck::summary);
         let result = written
@@ -782,6 +823,9 @@ impl<'a> Session<'a> {
                     ev.time = received_at;
                     ev.reply = checked.as_ref().map(|c| c.line());
                     qms_common::track::emit(ev);
+                }
+                if let Some(plan) = &direct {
+                    plan.announce(id.as_str(), &tracked, received_at + 1);
                 }
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }

@@ -5,6 +5,7 @@
 //! The output jobs share the message file (hard links) and are committed together before
 //! the incoming jobs are removed, so a crash can only make the router route a job again.
 
+pub mod direct;
 pub mod dkim;
 mod msp;
 mod smarthost;
@@ -358,7 +359,7 @@ impl Router {
                         continue;
                     }
                 };
-                qlog!("qid={id} from={sender} to={qaddr} orig_to={} queue={queue} route={} status=routed", logged(&r.address), quote(&route));
+                direct::log_routed(id.as_str(), &sender, &addr, &r.address, &queue, &route);
                 events.push(track(&addr, "routed", "queued", "routed").relay(&route));
                 out.route = Some(route);
                 out.user = user;

@@ -49,7 +49,7 @@ pub struct Applied {
     pub refusal: Option<String>,
 }
 
-fn is_msp(name: &str) -> bool {
+pub(crate) fn is_msp(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     n.starts_with("bx-") || n.starts_with("x-b-")
 }

@@ -321,6 +321,25 @@ impl Spool {
         }
     }
 
+    /// Names a message being written for another queue than the one it was started for
+    /// (`msg/ID.QUEUE`): smtpd's direct route, when the router must see the message after all.
+    pub fn refile(&self, w: &mut Writer, queue: &str) -> Result<()> {
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        let body_name = format!("{}.{queue}", w.id);
+        let path = self.root.join("msg").join(&body_name);
+        renameat2(
+            AT_FDCWD,
+            &w.path,
+            AT_FDCWD,
+            &path,
+            RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| io_err("rename", &path)(io::Error::from(e)))?;
+        w.body_name = body_name;
+        w.path = path;
+        Ok(())
+    }
+
     /// Drops a message being written.
     pub fn discard(&self, w: Writer) {
         let _ = fs::remove_file(&w.path);

@@ -376,6 +376,9 @@ pub struct Scheduler {
     pub scan_interval: u64,
     /// Seconds before a worker looks again at a job another worker had locked.
     pub busy_retry: u64,
+    /// smtpd files mail that the router would pass on unchanged into one output queue
+    /// straight into that queue (`router/src/direct.rs`).
+    pub direct_routing: bool,
 }
 
 /// The whole configuration, with every relative path made absolute.
@@ -833,6 +836,7 @@ impl Config {
                 .unwrap_or(60)
                 .max(1),
             busy_retry: raw.scheduler.busy_retry.map(Secs::get).unwrap_or(10).max(1),
+            direct_routing: raw.scheduler.direct_routing.unwrap_or(true),
         };
 
         let log_target = match raw.log.target.as_deref() {

@@ -139,6 +139,7 @@ pub(super) struct RawDns {
 pub(super) struct RawScheduler {
     pub(super) scan_interval: Option<Secs>,
     pub(super) busy_retry: Option<Secs>,
+    pub(super) direct_routing: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -211,7 +211,8 @@ impl Effective {
     fn rest(&mut self, c: &Config) {
         let mut s = Section::default();
         s.secs("scan_interval", c.scheduler.scan_interval)
-            .secs("busy_retry", c.scheduler.busy_retry);
+            .secs("busy_retry", c.scheduler.busy_retry)
+            .set("direct_routing", c.scheduler.direct_routing);
         self.push("scheduler", s);
         let mut s = Section::default();
         s.maybe(
