@@ -115,19 +115,30 @@ pub fn open(spool: &Path, role: &str) -> std::io::Result<()> {
 }
 
 /// Appends an event. Errors are logged, never fatal: tracking must not stop mail.
-pub fn emit(mut ev: Event) {
+pub fn emit(ev: Event) {
+    emit_all(std::iter::once(ev));
+}
+
+/// Appends events in one write (a message's events as one, and one system call).
+pub fn emit_all(events: impl IntoIterator<Item = Event>) {
     let Some(w) = WRITER.get() else { return };
     let Ok(mut w) = w.lock() else { return };
-    ev.role = w.role.clone();
-    if ev.reason.is_none() && is_trouble(&ev.event) {
-        let reply = ev.reply.as_deref();
-        ev.reason = reply.map(|r| crate::reason::of(None, Some(r)).as_str().to_string());
+    let mut lines = Vec::new();
+    for mut ev in events {
+        ev.role = w.role.clone();
+        if ev.reason.is_none() && is_trouble(&ev.event) {
+            let reply = ev.reply.as_deref();
+            ev.reason = reply.map(|r| crate::reason::of(None, Some(r)).as_str().to_string());
+        }
+        if let Ok(line) = serde_json::to_vec(&ev) {
+            lines.extend_from_slice(&line);
+            lines.push(b'\n');
+        }
     }
-    let Ok(mut line) = serde_json::to_vec(&ev) else {
+    if lines.is_empty() {
         return;
-    };
-    line.push(b'\n');
-    if let Err(e) = w.file.write_all(&line) {
+    }
+    if let Err(e) = w.file.write_all(&lines) {
         crate::qlog!(
             "status=warning reason={}",
             crate::log::quote(&format!("cannot write tracking event: {e}"))

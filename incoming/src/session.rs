@@ -817,16 +817,21 @@ impl<'a> Session<'a> {
                 }
                 let protocol = [("protocol", self.kind.protocol())];
                 qms_common::metrics::count("qms_messages_received_total", &protocol, 1.0);
-                for r in &tracked.recipients {
-                    let mut ev = tracked.track(&r.address, "received", "", "queued");
-                    ev.qid = id.to_string();
-                    ev.time = received_at;
-                    ev.reply = checked.as_ref().map(|c| c.line());
-                    qms_common::track::emit(ev);
-                }
+                let mut events: Vec<_> = tracked
+                    .recipients
+                    .iter()
+                    .map(|r| {
+                        let mut ev = tracked.track(&r.address, "received", "", "queued");
+                        ev.qid = id.to_string();
+                        ev.time = received_at;
+                        ev.reply = checked.as_ref().map(|c| c.line());
+                        ev
+                    })
+                    .collect();
                 if let Some(plan) = &direct {
-                    plan.announce(id.as_str(), &tracked, received_at + 1);
+                    events.extend(plan.announce(id.as_str(), &tracked, received_at + 1));
                 }
+                qms_common::track::emit_all(events);
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
             Err(e) => {

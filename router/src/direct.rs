@@ -15,6 +15,7 @@ use qms_common::config::Agent;
 use qms_common::expand::{Dest, Expander};
 use qms_common::headers;
 use qms_common::log::quote;
+use qms_common::track::Event;
 use qms_common::{qlog, Address, Config};
 use qms_spool::{Job, RcptState, Recipient};
 
@@ -88,20 +89,20 @@ impl Plan {
         true
     }
 
-    /// Logs and tracks, as the router does, the routing of the job committed as `id` (`job`
-    /// as it was before [`Plan::apply`]); `at` is a time (µs) before the job could be seen,
-    /// so the events keep their order.
-    pub fn announce(&self, id: &str, job: &Job, at: u64) {
+    /// Logs, as the router does, the routing of the job committed as `id` (`job` as it was
+    /// before [`Plan::apply`]), and returns its tracking events; `at` is a time (µs) before
+    /// the job could be seen, so the events keep their order.
+    pub fn announce(&self, id: &str, job: &Job, at: u64) -> Vec<Event> {
         let sender = logged_sender(&job.sender);
+        let mut events = Vec::with_capacity(self.routes.len());
         for (r, (route, _)) in job.recipients.iter().zip(&self.routes) {
             log_routed(id, &sender, &r.address, &r.address, &self.queue, route);
-            let mut ev = job
-                .track(&r.address, "routed", "queued", "routed")
-                .relay(route);
+            let mut ev = job.track(&r.address, "routed", "queued", "routed").relay(route);
             ev.qid = id.to_string();
             ev.time = at;
-            qms_common::track::emit(ev);
+            events.push(ev);
         }
+        events
     }
 }
 

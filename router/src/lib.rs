@@ -224,10 +224,7 @@ impl Router {
                 qlog!("qid={id} status=error reason={}", quote(&e.to_string()));
             }
         }
-        all_events
-            .into_iter()
-            .flatten()
-            .for_each(qms_common::track::emit);
+        qms_common::track::emit_all(all_events.into_iter().flatten());
     }
 
     /// Keeps the incoming job for its deferred recipients only, to be routed again later;

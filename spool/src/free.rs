@@ -8,7 +8,7 @@
 //! truncating it. Renames allocate no inode, and within one directory they also avoid the
 //! file system's single lock for renames between directories. A message file is emptied as it
 //! enters the pool, so nothing of a delivered message stays on disk or holds its space (job
-//! files, a block of envelope each, are emptied when reused); each pool has a cap; files that
+//! files, a block of envelope each, are written over when reused); each pool has a cap; files that
 //! held credentials are deleted, never kept.
 
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
@@ -109,6 +109,18 @@ impl Pool {
     /// An empty file at `path`, open for reading and writing: a free one renamed there, or a
     /// new one. Fails with `AlreadyExists` when `path` exists (ids are claimed this way).
     pub fn create(&self, path: &Path) -> io::Result<File> {
+        self.take(path, true)
+    }
+
+    /// Like [`Pool::create`], but a free file keeps what it held: the caller writes the new
+    /// text whole and then cuts the file to its length (`File::set_len`) before anyone can
+    /// see it. A job written over a job of about its size keeps its block, which saves the
+    /// file system freeing it and allocating another.
+    pub fn overwrite(&self, path: &Path) -> io::Result<File> {
+        self.take(path, false)
+    }
+
+    fn take(&self, path: &Path, truncate: bool) -> io::Result<File> {
         while let Some(name) = self.take_name() {
             let from = self.dir.join(&name);
             match renameat2(
@@ -122,7 +134,7 @@ impl Pool {
                     match OpenOptions::new()
                         .read(true)
                         .write(true)
-                        .truncate(true)
+                        .truncate(truncate)
                         .open(path)
                     {
                         Ok(f) => return Ok(f),

@@ -601,10 +601,14 @@ impl Spool {
         let tmp = dest.with_file_name(format!(".{}.{}.tmp", job.id, qms_common::pid()));
         let file = self
             .pool(&tmp)
-            .create(&tmp)
+            .overwrite(&tmp)
             .map_err(io_err("create", &tmp))?;
         let s =
             safeio::stage_file(file, tmp.clone(), dest, &data).map_err(io_err("write", &tmp))?;
+        // What an older job left past the end of this one goes before the sync (`overwrite`).
+        s.file()
+            .set_len(data.len() as u64)
+            .map_err(io_err("write", &tmp))?;
         // A job that waits carries its next attempt as its modification time (as Postfix's
         // deferred queue does), so a worker learns when it is due from a stat, not a read.
         if job.next_attempt > qms_common::time::now() {
