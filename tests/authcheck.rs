@@ -42,7 +42,7 @@ fn msg(from: &str, subject: &str) -> String {
 
 #[test]
 fn spf_dkim_and_dmarc_of_arriving_mail() {
-    let mut inst = Instance::new("", "[auth_checks]\nenabled = true\n");
+    let mut inst = Instance::new("", "[auth_checks]\nenabled = true\nquarantine = \"hold\"\n");
     let key = inst.dir.join("good.pem");
     let out = inst.qms(&[
         "dkim",
@@ -68,6 +68,8 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
             txt("_dmarc.bad.test", "v=DMARC1; p=reject"),
             txt("soft.test", "v=spf1 -all"),
             txt("_dmarc.soft.test", "v=DMARC1; p=none"),
+            txt("held.test", "v=spf1 -all"),
+            txt("_dmarc.held.test", "v=DMARC1; p=quarantine"),
             // Authoritative for .test: a name it does not know does not exist (NXDOMAIN),
             // as the DMARC tree walk's `_dmarc.test` must find, rather than a failure.
             "--local=/test/".to_string(),
@@ -106,10 +108,33 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
         None,
     );
     assert_eq!(code, 250);
+    // p=quarantine, with `quarantine = "hold"`: accepted, then held until released.
+    let (code, _) = send(
+        inst.smtp_port,
+        "z@held.test",
+        &msg("z@held.test", "held"),
+        None,
+    );
+    assert_eq!(code, 250);
     wait_for("two messages for alice", Duration::from_secs(30), || {
         inst.count_new("alice") == 2
     });
     let _ = dns.kill();
+    wait_for(
+        "the quarantined message on hold",
+        Duration::from_secs(30),
+        || !inst.files("hold/local").is_empty(),
+    );
+    assert!(inst.log().contains("status=quarantined"), "{}", inst.log());
+    let held = inst.files("hold/local");
+    let id = held[0].trim_end_matches(".json");
+    let out = inst.qms(&["queue", "release", id]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(
+        "the released message delivered",
+        Duration::from_secs(30),
+        || inst.count_new("alice") == 3,
+    );
     let mail = inst.read_maildir("alice");
     let field = |subject: &str| -> String {
         let m = mail
@@ -143,6 +168,8 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
         "{soft}"
     );
     assert!(!soft.contains("dkim=pass"), "{soft}");
+    let held = field("held");
+    assert!(held.contains("dmarc=fail"), "{held}");
     // The results are in the log line of each received message, and in `qms track`.
     let log = inst.log();
     assert!(log.contains("spf=pass dkim=pass dmarc=pass"), "{log}");

@@ -110,6 +110,8 @@ pub struct Verdict {
     pub results: String,
     /// A refusal to send instead of 250, with a line for the log.
     pub refuse: Option<String>,
+    /// With `quarantine = "hold"`: why DMARC quarantines the message.
+    pub quarantine: Option<String>,
 }
 
 impl Checker {
@@ -198,6 +200,7 @@ impl Checker {
             return Verdict {
                 results: ar.to_string(),
                 refuse: None,
+                quarantine: None,
             };
         };
         let from_domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d);
@@ -226,6 +229,7 @@ impl Checker {
                     "{ar}; dkim=temperror (dns timeout); dmarc=temperror (dns timeout)"
                 ),
                 refuse,
+                quarantine: None,
             };
         };
         ar = ar
@@ -244,8 +248,27 @@ impl Checker {
         };
         Verdict {
             results: ar.to_string(),
+            quarantine: refuse.is_none().then(|| self.quarantine(&dmarc)).flatten(),
             refuse,
         }
+    }
+
+    /// Why a message is put on hold, when `quarantine = "hold"` and DMARC quarantines it: it
+    /// fails, and its domain says p=quarantine (or p=reject, with `dmarc_reject = "quarantine"`).
+    fn quarantine(&self, dmarc: &mail_auth::DmarcOutput) -> Option<String> {
+        use mail_auth::dmarc::Policy;
+        let fails = matches!(dmarc.result(), DmarcResult::Fail(_));
+        let says = match dmarc.policy() {
+            Policy::Quarantine => "quarantine",
+            Policy::Reject if self.policy.dmarc_reject == DmarcReject::Quarantine => "reject",
+            _ => return None,
+        };
+        (fails && self.policy.quarantine_hold).then(|| {
+            format!(
+                "DMARC policy of {} says {says}, and the message fails it",
+                dmarc.domain()
+            )
+        })
     }
 
     /// Waits for one of the `PARALLEL` turns; given back when dropped.

@@ -720,6 +720,7 @@ impl<'a> Session<'a> {
             return None;
         }
         job.auth_results = Some(v.results);
+        job.quarantine = v.quarantine;
         Some(w)
     }
 

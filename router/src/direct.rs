@@ -97,7 +97,9 @@ impl Plan {
         let mut events = Vec::with_capacity(self.routes.len());
         for (r, (route, _)) in job.recipients.iter().zip(&self.routes) {
             log_routed(id, &sender, &r.address, &r.address, &self.queue, route);
-            let mut ev = job.track(&r.address, "routed", "queued", "routed").relay(route);
+            let mut ev = job
+                .track(&r.address, "routed", "queued", "routed")
+                .relay(route);
             ev.qid = id.to_string();
             ev.time = at;
             events.push(ev);

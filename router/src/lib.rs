@@ -173,6 +173,14 @@ impl Router {
                     let mut ok = true;
                     let last = rewritten.as_deref().or(body.as_deref());
                     for child in children {
+                        if let Some(why) = &child.quarantine {
+                            qlog!(
+                                "qid={} queue={} status=quarantined reason={}",
+                                child.id,
+                                child.queue,
+                                quote(why)
+                            );
+                        }
                         let signed = last.and_then(|m| self.signed(&child, m));
                         let message = signed.as_deref().or(rewritten.as_deref());
                         match self.spool.stage_child(&c, &child, message) {

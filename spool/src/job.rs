@@ -206,6 +206,10 @@ pub struct Job {
     /// `[auth_checks]`: the Authentication-Results value smtpd found; the router writes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_results: Option<String>,
+    /// `[auth_checks] quarantine = "hold"`: why DMARC quarantines this message; the router
+    /// puts its output jobs on hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
     /// `BX-Sending-Run-Control: debug`: log the whole SMTP dialogue of this message.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug: bool,
@@ -291,6 +295,7 @@ impl Job {
             dryrun: false,
             ignore_suppression: false,
             auth_results: None,
+            quarantine: None,
             debug: false,
             smarthost: None,
             post_plugins: Vec::new(),

@@ -424,7 +424,8 @@ impl Spool {
     }
 
     /// Stages a job for another queue that shares `parent`'s message file (the router's
-    /// dispatch). Returns `None` when that job exists already (a dispatch redone after a crash).
+    /// dispatch); on hold, when the child carries a quarantine. Returns `None` when that job
+    /// exists already (a dispatch redone after a crash).
     /// With `message`, the child gets a message file of its own (the router rewrote the
     /// headers) instead of a link to its parent's.
     pub fn stage_child(
@@ -448,8 +449,14 @@ impl Spool {
         child: &Job,
         message: Option<&[u8]>,
     ) -> Result<Option<Staged>> {
-        let dest = self.job_path("queue", &child.queue, &child.id);
-        if dest.exists() || self.job_path("hold", &child.queue, &child.id).exists() {
+        let area = if child.quarantine.is_some() {
+            "hold"
+        } else {
+            "queue"
+        };
+        let dest = self.job_path(area, &child.queue, &child.id);
+        let queued = self.job_path("queue", &child.queue, &child.id);
+        if queued.exists() || self.job_path("hold", &child.queue, &child.id).exists() {
             return Ok(None);
         }
         let link = self.body_path(child);
@@ -471,7 +478,7 @@ impl Spool {
             return Ok(Some(Staged {
                 id: child.id.clone(),
                 body: Some((file, link)),
-                job: self.stage_job(child)?,
+                job: self.stage_job_at(child, dest.clone())?,
             }));
         }
         match fs::hard_link(self.body_path(parent), &link) {
@@ -488,7 +495,7 @@ impl Spool {
         Ok(Some(Staged {
             id: child.id.clone(),
             body: None,
-            job: self.stage_job(child)?,
+            job: self.stage_job_at(child, dest.clone())?,
         }))
     }
 

@@ -442,6 +442,8 @@ pub struct AuthChecks {
     pub dmarc_reject: DmarcReject,
     /// An SPF `fail` is refused at MAIL FROM.
     pub spf_reject: bool,
+    /// Mail DMARC quarantines is put on hold (`qms queue release` lets it go), not only marked.
+    pub quarantine_hold: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -979,10 +981,21 @@ impl Config {
                 ))
             }
         };
+        let quarantine_hold = match raw.auth_checks.quarantine.as_deref() {
+            None | Some("mark") => false,
+            Some("hold") => true,
+            Some(o) => {
+                return Err(err(
+                    "auth_checks.quarantine",
+                    format!("{o:?} is not mark or hold"),
+                ))
+            }
+        };
         let auth_checks = AuthChecks {
             enabled: raw.auth_checks.enabled.unwrap_or(false),
             dmarc_reject,
             spf_reject: raw.auth_checks.spf_reject.unwrap_or(false),
+            quarantine_hold,
         };
         let metrics_listen = match raw.metrics.listen.as_deref() {
             None => None,

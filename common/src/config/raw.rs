@@ -224,6 +224,7 @@ pub(super) struct RawAuthChecks {
     pub(super) enabled: Option<bool>,
     pub(super) dmarc_reject: Option<String>,
     pub(super) spf_reject: Option<bool>,
+    pub(super) quarantine: Option<String>,
 }
 
 /// `[relay_auth."HOST"]`: the login qms gives a relay host of the routing table.

@@ -295,7 +295,11 @@ impl Effective {
         let mut s = Section::default();
         s.set("enabled", a.enabled)
             .set("dmarc_reject", a.dmarc_reject.as_str())
-            .set("spf_reject", a.spf_reject);
+            .set("spf_reject", a.spf_reject)
+            .set(
+                "quarantine",
+                if a.quarantine_hold { "hold" } else { "mark" },
+            );
         self.push("auth_checks", s);
     }
 
