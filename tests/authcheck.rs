@@ -1,6 +1,7 @@
-//! `[auth_checks]` (issue #15): SPF, DKIM and DMARC of mail arriving over SMTP, against a
-//! real DNS server on loopback (dnsmasq) and messages signed by an independent signer
-//! (Python's dkimpy); the results in one Authentication-Results field, forged ones removed.
+//! `[auth_checks]` (issue #15): SPF, DKIM, ARC and DMARC of mail arriving over SMTP, against
+//! a real DNS server on loopback (dnsmasq) and messages signed and sealed by an independent
+//! signer (Python's dkimpy); the results in one Authentication-Results field, forged ones
+//! removed; mail DMARC quarantines held.
 
 mod common;
 use common::*;
@@ -11,13 +12,32 @@ use common::txt_record as txt;
 /// Sends `msg` from `from` to alice over SMTP, signed by dkimpy with `key` for good.test
 /// when given; the reply code to the end of DATA.
 fn send(port: u16, from: &str, msg: &str, key: Option<&std::path::Path>) -> (u16, String) {
+    send_as(port, from, msg, key, "dkim")
+}
+
+/// As `send`; `how` is `dkim` (a DKIM signature), `arc` (an ARC set sealed by the forwarder
+/// forwarder.good.test) or `arc-broken` (that set, then the body changed).
+fn send_as(
+    port: u16,
+    from: &str,
+    msg: &str,
+    key: Option<&std::path::Path>,
+    how: &str,
+) -> (u16, String) {
     let script = r#"
 import smtplib, sys, dkim
-port, sender, text, key = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode(), sys.argv[4]
-if key:
+port, sender, text, key, how = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode(), sys.argv[4], sys.argv[5]
+if key and how == "dkim":
     sig = dkim.sign(text, b"s1", b"good.test", open(key, "rb").read(),
                     include_headers=[b"From", b"To", b"Subject"])
     text = sig + text
+elif key:
+    text = b"Authentication-Results: forwarder.good.test; spf=pass smtp.mailfrom=good.test\r\n" + text
+    seal = dkim.arc_sign(text, b"s1", b"good.test", open(key, "rb").read(), b"forwarder.good.test",
+                         include_headers=[b"From", b"To", b"Subject"])
+    text = b"".join(seal) + text
+    if how == "arc-broken":
+        text = text.replace(b"checked body", b"changed body")
 s = smtplib.SMTP("127.0.0.1", port, timeout=60)
 s.ehlo("client.test")
 s.mail(sender)
@@ -29,7 +49,13 @@ s.quit()
     let key = key.map(|k| k.display().to_string()).unwrap_or_default();
     let (ok, out) = python(
         script,
-        &[port.to_string(), from.to_string(), msg.to_string(), key],
+        &[
+            port.to_string(),
+            from.to_string(),
+            msg.to_string(),
+            key,
+            how.to_string(),
+        ],
     );
     assert!(ok, "{out}");
     let (code, text) = out.trim().split_once(' ').unwrap();
@@ -116,8 +142,14 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
         None,
     );
     assert_eq!(code, 250);
-    wait_for("two messages for alice", Duration::from_secs(30), || {
-        inst.count_new("alice") == 2
+    // ARC (RFC 8617): a forwarder's seal over the message, whole and then broken.
+    for (subject, how) in [("sealed", "arc"), ("broken", "arc-broken")] {
+        let m = msg("Good <g@good.test>", subject);
+        let (code, _) = send_as(inst.smtp_port, "g@good.test", &m, Some(&key), how);
+        assert_eq!(code, 250);
+    }
+    wait_for("four messages for alice", Duration::from_secs(30), || {
+        inst.count_new("alice") == 4
     });
     let _ = dns.kill();
     wait_for(
@@ -133,7 +165,7 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
     wait_for(
         "the released message delivered",
         Duration::from_secs(30),
-        || inst.count_new("alice") == 3,
+        || inst.count_new("alice") == 5,
     );
     let mail = inst.read_maildir("alice");
     let field = |subject: &str| -> String {
@@ -143,19 +175,37 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
             .unwrap();
         // Each field: its first line and the folded lines after it.
         let mut fields: Vec<String> = Vec::new();
+        let mut in_field = false;
         for line in m.lines() {
             if let Some(v) = line.strip_prefix("Authentication-Results:") {
                 fields.push(v.to_string());
-            } else if line.starts_with([' ', '\t']) && !fields.is_empty() {
+                in_field = true;
+            } else if line.starts_with([' ', '\t']) && in_field {
                 if let Some(f) = fields.last_mut() {
                     f.push_str(line);
                 }
             } else if line.is_empty() {
                 break;
+            } else {
+                in_field = false;
             }
         }
-        assert_eq!(fields.len(), 1, "one Authentication-Results field: {m}");
-        fields[0].split_whitespace().collect::<Vec<_>>().join(" ")
+        // Ours, by our name; a forwarder's own field (the ARC messages) stays beside it.
+        let ours: Vec<String> = fields
+            .iter()
+            .map(|f| f.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|f| f.starts_with("mx.example.test"))
+            .collect();
+        assert_eq!(
+            ours.len(),
+            1,
+            "one Authentication-Results field of ours: {m}"
+        );
+        assert!(
+            fields.len() == 1 || subject.starts_with("sealed") || subject.starts_with("broken"),
+            "only ours: {m}"
+        );
+        ours[0].clone()
     };
     let good = field("good");
     assert!(good.starts_with("mx.example.test;"), "{good}");
@@ -170,13 +220,29 @@ fn spf_dkim_and_dmarc_of_arriving_mail() {
     assert!(!soft.contains("dkim=pass"), "{soft}");
     let held = field("held");
     assert!(held.contains("dmarc=fail"), "{held}");
+    let sealed = field("sealed");
+    assert!(sealed.contains("arc=pass"), "{sealed}");
+    assert!(good.contains("arc=none"), "{good}");
+    // A seal whose body hash no longer matches: not a pass (mail-auth says neutral, with why).
+    let broken = field("broken");
+    assert!(
+        broken.contains("arc=fail") || broken.contains("arc=neutral (body hash did not verify)"),
+        "{broken}"
+    );
     // The results are in the log line of each received message, and in `qms track`.
     let log = inst.log();
-    assert!(log.contains("spf=pass dkim=pass dmarc=pass"), "{log}");
-    assert!(log.contains("spf=fail dkim=none dmarc=fail"), "{log}");
+    assert!(
+        log.contains("spf=pass dkim=pass arc=none dmarc=pass"),
+        "{log}"
+    );
+    assert!(
+        log.contains("spf=fail dkim=none arc=none dmarc=fail"),
+        "{log}"
+    );
+    assert!(log.contains("arc=pass"), "{log}");
     wait_for("the results in qms track", Duration::from_secs(30), || {
         let out = inst.qms(&["track"]);
-        String::from_utf8_lossy(&out.stdout).contains("spf=pass dkim=pass dmarc=pass")
+        String::from_utf8_lossy(&out.stdout).contains("spf=pass dkim=pass arc=none dmarc=pass")
     });
 }
 

@@ -1,8 +1,10 @@
-//! `[auth_checks]`: SPF, DKIM and DMARC on mail that arrives over SMTP from clients that are
+//! `[auth_checks]`: SPF, DKIM, ARC and DMARC on mail that arrives over SMTP from clients that are
 //! neither authenticated nor in mynetworks (mail-auth does the records and cryptography).
 //!
-//! SPF is checked at MAIL FROM (HELO first, then the sender), DKIM and DMARC at the end of
-//! DATA, from the message as written to the spool. The results become one
+//! SPF is checked at MAIL FROM (HELO first, then the sender), DKIM, ARC (RFC 8617: the chain
+//! of seals of the hops that changed the message) and DMARC at the end of DATA, from the
+//! message as written to the spool. ARC is told, not acted on: a forwarder's seal does not
+//! make a DMARC failure pass. The results become one
 //! Authentication-Results field, which the router puts on the message (with any that came
 //! in claiming our name removed). DNS answers are cached for their TTL; a DNS failure is a
 //! temperror, never a pass. At most `PARALLEL` messages are verified at once, however many
@@ -207,6 +209,7 @@ impl Checker {
         let checked = self.rt.block_on(async {
             tokio::time::timeout(DEADLINE, async {
                 let dkim = self.auth.verify_dkim(self.params(&parsed)).await;
+                let arc = self.auth.verify_arc(self.params(&parsed)).await;
                 let dmarc = self
                     .auth
                     .verify_dmarc(self.params(DmarcParameters::new(
@@ -216,17 +219,17 @@ impl Checker {
                         spf,
                     )))
                     .await;
-                (dkim, dmarc)
+                (dkim, arc, dmarc)
             })
             .await
         });
-        let Ok((dkim, dmarc)) = checked else {
+        let Ok((dkim, arc, dmarc)) = checked else {
             let refuse = (self.policy.dmarc_reject == DmarcReject::Honour).then(|| {
                 "451 4.7.0 DKIM and DMARC could not be checked (DNS); try again later".to_string()
             });
             return Verdict {
                 results: format!(
-                    "{ar}; dkim=temperror (dns timeout); dmarc=temperror (dns timeout)"
+                    "{ar}; dkim=temperror (dns timeout); arc=temperror (dns timeout); dmarc=temperror (dns timeout)"
                 ),
                 refuse,
                 quarantine: None,
@@ -234,6 +237,7 @@ impl Checker {
         };
         ar = ar
             .with_dkim_results(&dkim, parsed.from())
+            .with_arc_result(&arc, ip)
             .with_dmarc_result(&dmarc);
         let rejects = dmarc.policy() == mail_auth::dmarc::Policy::Reject;
         let refuse = match (self.policy.dmarc_reject, dmarc.result()) {
@@ -294,7 +298,8 @@ impl Drop for Turn<'_> {
     }
 }
 
-/// The verdict of each method in an Authentication-Results value: `spf`, `dkim`, `dmarc`.
+/// The verdict of each method in an Authentication-Results value: `spf`, `dkim`, `arc`,
+/// `dmarc`.
 pub struct Summary(Vec<(&'static str, String)>);
 
 /// Reads the results back out of the field's value (`spf=pass (…) …; dkim=none`); a method
@@ -311,7 +316,7 @@ pub fn summary(results: &str) -> Summary {
             .to_ascii_lowercase()
     };
     Summary(
-        ["spf", "dkim", "dmarc"]
+        ["spf", "dkim", "arc", "dmarc"]
             .into_iter()
             .map(|m| (m, of(m)))
             .collect(),
@@ -319,7 +324,7 @@ pub fn summary(results: &str) -> Summary {
 }
 
 impl Summary {
-    /// `spf=pass dkim=none dmarc=pass`, for the log and tracking.
+    /// `spf=pass dkim=none arc=none dmarc=pass`, for the log and tracking.
     pub fn line(&self) -> String {
         let parts: Vec<String> = self.0.iter().map(|(m, r)| format!("{m}={r}")).collect();
         parts.join(" ")
@@ -342,6 +347,9 @@ mod tests {
     #[test]
     fn a_summary_reads_each_methods_result() {
         let ar = "mx.example.test;\r\n\tspf=pass (mx: domain of a@b designates 1.2.3.4) smtp.mailfrom=a@b;\r\n\tdmarc=fail header.from=b policy.dmarc=none";
-        assert_eq!(super::summary(ar).line(), "spf=pass dkim=none dmarc=fail");
+        assert_eq!(
+            super::summary(ar).line(),
+            "spf=pass dkim=none arc=none dmarc=fail"
+        );
     }
 }

@@ -794,7 +794,7 @@ impl<'a> Session<'a> {
             },
             _ => Ok(w),
         });
-        // `spf=pass dkim=none dmarc=pass`, when the checks ran: for the log, tracking, metrics.
+        // `spf=pass dkim=none arc=none dmarc=pass`, when the checks ran: for the log, tracking, metrics.
         let checked = job.auth_results.as_deref().map(crate::authcheck::summary);
         let result = written
             .and_then(|w| spool.stage_written(job, w))
