@@ -718,3 +718,45 @@ fn delivery_commands_inherit_no_listener_and_no_key() {
         "the TLS files leaked into a delivery command:\n{fds}"
     );
 }
+
+/// `set-permissions` (and `qms start` as root) gives a file below the queue that is not the
+/// qms user's, or that others may read, back to the qms user with a private mode; it leaves
+/// files already in order as they are, and never follows a link out of the spool.
+#[test]
+fn set_permissions_fixes_queue_files_and_never_follows_a_link() {
+    if !is_root() {
+        eprintln!("needs root: creates users and changes owners");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (inst, qmsuser) = installed("", "");
+    let q = inst.spool().join("queue/smtp");
+    let wrong = q.join("1M0000000000AAAA.json");
+    std::fs::write(&wrong, "{}").unwrap();
+    std::os::unix::fs::chown(&wrong, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let right = q.join("1M0000000000BBBB.json");
+    std::fs::write(&right, "{}").unwrap();
+    std::os::unix::fs::chown(&right, Some(qmsuser.uid), Some(qmsuser.gid)).unwrap();
+    std::fs::set_permissions(&right, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let outside = inst.dir.join("outside");
+    std::fs::write(&outside, "not the spool's").unwrap();
+    std::os::unix::fs::chown(&outside, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&outside, q.join("1M0000000000CCCC.json")).unwrap();
+
+    let out = inst.qms(&["set-permissions"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = std::fs::metadata(&wrong).unwrap();
+    assert_eq!((m.uid(), m.gid()), (qmsuser.uid, qmsuser.gid));
+    assert_eq!(m.mode() & 0o7777, 0o640, "no bit for others");
+    let m = std::fs::metadata(&right).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o600, "a file in order is left as it is");
+    let m = std::fs::metadata(&outside).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o7777),
+        (0, 0o644),
+        "the link was not followed"
+    );
+    assert!(text(&out).contains("a symbolic link"), "{}", text(&out));
+}

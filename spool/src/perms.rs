@@ -6,8 +6,8 @@
 //! `fstat` on that descriptor, and changed through it (`fchown`, `fchmod`), so a link or a
 //! file swapped in between cannot redirect a change.
 
-use nix::fcntl::{openat, OFlag};
 use nix::fcntl::AtFlags;
+use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{fchown, Gid, Uid};
 use std::os::fd::{AsFd, OwnedFd};
