@@ -57,6 +57,15 @@ impl<'a> Expander<'a> {
     /// Where `addr` goes when no alias names it: its one destination; None when an alias
     /// does (expanding it may read files and give many). smtpd's direct route asks this.
     pub fn direct(&self, addr: &Address) -> Option<Dest> {
+        if self
+            .cfg
+            .srs
+            .as_ref()
+            .and_then(|s| s.reverse(addr))
+            .is_some()
+        {
+            return None;
+        }
         if let Some(routing) = self.cfg.address_routing(addr) {
             return Some(self.route_dest(addr, routing));
         }
@@ -103,6 +112,18 @@ impl<'a> Expander<'a> {
         let key = addr.lookup_key();
         let first_visit = seen.insert(key.clone());
         if !first_visit && out.iter().any(|e| e.addr.lookup_key() == key) {
+            return;
+        }
+        // A bounce to an SRS address of ours goes back to the sender it wraps.
+        if let Some(back) = self.cfg.srs.as_ref().and_then(|s| s.reverse(addr)) {
+            match back {
+                Ok(orig) => self.walk(&orig, depth + 1, owner, seen, out),
+                Err(why) => out.push(Expanded {
+                    addr: addr.clone(),
+                    dest: Dest::Fail(format!("5.1.1 <{addr}>: {why}")),
+                    owner: owner.cloned(),
+                }),
+            }
             return;
         }
         let mut push = |dest: Dest| {

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod privs;
 pub mod reason;
 pub mod safeio;
+pub mod srs;
 pub mod time;
 pub mod tls;
 pub mod track;

@@ -41,6 +41,12 @@ pub fn check_recipient(
             .then(|| cfg.domain_route(addr.domain()))
             .flatten()
     });
+    // An SRS address of ours is a bounce on its way back to a sender: only a valid one.
+    match cfg.srs.as_ref().and_then(|s| s.reverse(addr)) {
+        Some(Ok(_)) => return None,
+        Some(Err(why)) => return Some(format!("550 5.1.1 <{addr}>: {why}")),
+        None => {}
+    }
     if let Some(Route::Error(text)) = route {
         let text = if text.is_empty() {
             "refused by the routing table"

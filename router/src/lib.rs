@@ -342,6 +342,20 @@ impl Router {
                     )
                     .or(owner);
                 }
+                // Forwarded by an alias to another domain: SRS, so that the next hop's SPF
+                // check asks about us rather than the original sender.
+                if let (None, true, Some(srs), Some(from), Dest::Queue { queue, .. }) = (
+                    &owner,
+                    addr != r.address,
+                    &self.cfg.srs,
+                    &c.job.sender,
+                    &dest,
+                ) {
+                    let remote = !self.cfg.is_local_domain(from.domain());
+                    if remote && self.cfg.agent_of(queue) == qms_common::config::Agent::Smtp {
+                        owner = srs.forward(from);
+                    }
+                }
                 let qaddr = logged(&addr);
                 let mut out = r.clone();
                 if addr != r.address {

@@ -427,6 +427,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// `[dkim."DOMAIN"]`: the selectors and keys that sign mail from each domain.
     pub dkim: BTreeMap<String, Vec<DkimSelector>>,
+    /// `[srs]`: the envelope sender of mail aliases forward elsewhere is rewritten.
+    pub srs: Option<crate::srs::Srs>,
     /// `[relay_auth."HOST"]`: the login for a relay host of the routing table, by host name.
     pub relay_auth: BTreeMap<String, RelayAuth>,
     pub auth_checks: AuthChecks,
@@ -981,6 +983,13 @@ impl Config {
                 ))
             }
         };
+        let srs = match &raw.srs {
+            Some(s) => Some(
+                crate::srs::Srs::load(&s.domain, &resolve(&s.secret_file))
+                    .map_err(|e| err("srs.secret_file", e))?,
+            ),
+            None => None,
+        };
         let quarantine_hold = match raw.auth_checks.quarantine.as_deref() {
             None | Some("mark") => false,
             Some("hold") => true,
@@ -1074,6 +1083,7 @@ impl Config {
             local,
             metrics_listen,
             dkim,
+            srs,
             auth_checks,
             relay_auth: raw
                 .relay_auth

@@ -134,6 +134,14 @@ pub(super) struct RawDns {
     pub(super) server: Option<String>,
 }
 
+/// `[srs]`: the Sender Rewriting Scheme for mail aliases forward to other domains.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSrs {
+    pub(super) domain: String,
+    pub(super) secret_file: String,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawScheduler {
@@ -288,6 +296,7 @@ pub(super) struct Raw {
     pub(super) metrics: RawMetrics,
     #[serde(default)]
     pub(super) dkim: BTreeMap<String, RawDkimEntry>,
+    pub(super) srs: Option<RawSrs>,
     #[serde(default)]
     pub(super) relay_auth: BTreeMap<String, RawRelayAuth>,
     #[serde(default)]

@@ -301,6 +301,16 @@ impl Effective {
                 if a.quarantine_hold { "hold" } else { "mark" },
             );
         self.push("auth_checks", s);
+        let mut s = Section::default();
+        s.maybe(
+            "domain",
+            c.srs.as_ref().map(|r| Value::String(r.domain.clone())),
+        )
+        .path(
+            "secret_file",
+            c.srs.as_ref().map(|r| r.secret_file.as_path()),
+        );
+        self.push("srs", s);
     }
 
     fn tracking(&mut self, c: &Config) {

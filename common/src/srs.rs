@@ -1,0 +1,166 @@
+//! SRS, the Sender Rewriting Scheme: mail an alias forwards to another domain leaves with
+//! `SRS0=HASH=TT=domain=local@DOMAIN` as its envelope sender, so the next hop's SPF check asks
+//! about our address, not the original sender's (whose SPF does not name us). A bounce sent
+//! back to that address is checked (an HMAC under the `[srs]` secret, and an age of at most
+//! `MAX_AGE_DAYS`) and goes on to the original sender; a forged or stale one is refused at RCPT,
+//! so the address cannot be used to relay.
+//!
+//! The secret file holds one secret per line: the first signs, every one is accepted, so a
+//! secret can be changed without refusing the bounces of mail sent just before.
+
+use crate::Address;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::path::Path;
+
+const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+const HASH_LEN: usize = 6;
+/// How long a rewritten address is good for (as postsrsd).
+const MAX_AGE_DAYS: u64 = 21;
+
+/// `[srs]`: the domain of the rewritten addresses and the secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Srs {
+    pub domain: String,
+    pub secret_file: std::path::PathBuf,
+    secrets: Vec<Vec<u8>>,
+}
+
+impl Srs {
+    /// Reads the secrets (one a line, at least 16 bytes each) from `file`.
+    pub fn load(domain: &str, file: &Path) -> Result<Srs, String> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let secrets: Vec<Vec<u8>> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| l.as_bytes().to_vec())
+            .collect();
+        if secrets.is_empty() || secrets.iter().any(|s| s.len() < 16) {
+            return Err(format!(
+                "{} must hold secrets of at least 16 characters, one a line",
+                file.display()
+            ));
+        }
+        Ok(Srs {
+            domain: domain.to_ascii_lowercase(),
+            secret_file: file.to_path_buf(),
+            secrets,
+        })
+    }
+
+    fn hash(secret: &[u8], tt: &str, domain: &str, local: &str) -> String {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+            return String::new();
+        };
+        for part in [tt, domain, local] {
+            mac.update(part.to_ascii_lowercase().as_bytes());
+            mac.update(b"\0");
+        }
+        let bytes = mac.finalize().into_bytes();
+        let mut v: u64 = 0;
+        for b in &bytes[..8] {
+            v = (v << 8) | u64::from(*b);
+        }
+        (0..HASH_LEN)
+            .map(|i| ALPHABET[((v >> (5 * i)) & 31) as usize] as char)
+            .collect()
+    }
+
+    fn today() -> u64 {
+        crate::time::now().max(0) as u64 / 86_400
+    }
+
+    fn timestamp(day: u64) -> String {
+        let t = day % 1024;
+        [t / 32, t % 32]
+            .iter()
+            .map(|&d| ALPHABET[d as usize] as char)
+            .collect()
+    }
+
+    /// The envelope sender for `sender`'s mail forwarded elsewhere; None for an address that
+    /// is already ours, or one too long to wrap (the local part is at most 64 octets).
+    pub fn forward(&self, sender: &Address) -> Option<Address> {
+        if sender.domain().eq_ignore_ascii_case(&self.domain) {
+            return None;
+        }
+        let tt = Self::timestamp(Self::today());
+        let hash = Self::hash(&self.secrets[0], &tt, sender.domain(), sender.local());
+        let local = format!("SRS0={hash}={tt}={}={}", sender.domain(), sender.local());
+        if local.len() > 64 {
+            return None;
+        }
+        Address::new(&local, &self.domain).ok()
+    }
+
+    /// Where a bounce to `addr` goes: None when `addr` is no SRS address of ours, the
+    /// original sender when it checks out, else why it is refused.
+    pub fn reverse(&self, addr: &Address) -> Option<Result<Address, String>> {
+        if !addr.domain().eq_ignore_ascii_case(&self.domain) {
+            return None;
+        }
+        let mut parts = addr.local().splitn(5, '=');
+        if !parts.next()?.eq_ignore_ascii_case("SRS0") {
+            return None;
+        }
+        let (Some(hash), Some(tt), Some(domain), Some(local)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Some(Err("not a valid SRS address".into()));
+        };
+        let signed = self
+            .secrets
+            .iter()
+            .any(|s| Self::hash(s, tt, domain, local).eq_ignore_ascii_case(hash));
+        if !signed {
+            return Some(Err("SRS address not signed by us".into()));
+        }
+        let fresh = (0..=MAX_AGE_DAYS)
+            .any(|age| Self::timestamp(Self::today().saturating_sub(age)).eq_ignore_ascii_case(tt));
+        if !fresh {
+            return Some(Err("SRS address too old".into()));
+        }
+        Some(Address::new(local, domain).map_err(|e| format!("SRS address holds no address: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn srs() -> Srs {
+        Srs {
+            domain: "fwd.example".into(),
+            secret_file: "/dev/null".into(),
+            secrets: vec![b"a secret of some length".to_vec()],
+        }
+    }
+
+    #[test]
+    fn a_forwarded_sender_comes_back_and_a_forged_one_does_not() {
+        let s = srs();
+        let orig = Address::parse("Ann.Smith@sender.example").unwrap();
+        let wrapped = s.forward(&orig).unwrap();
+        assert!(wrapped.local().starts_with("SRS0="), "{wrapped}");
+        assert_eq!(wrapped.domain(), "fwd.example");
+        assert_eq!(s.reverse(&wrapped), Some(Ok(orig.clone())));
+        // Another secret first (a rotation): the old address still comes back.
+        let mut rotated = srs();
+        rotated
+            .secrets
+            .insert(0, b"the new secret, also long".to_vec());
+        assert_eq!(rotated.reverse(&wrapped), Some(Ok(orig)));
+        let forged = Address::new(
+            &wrapped
+                .local()
+                .replacen("sender.example", "victim.example", 1),
+            "fwd.example",
+        )
+        .unwrap();
+        assert!(matches!(s.reverse(&forged), Some(Err(_))));
+        assert_eq!(s.reverse(&Address::parse("bob@fwd.example").unwrap()), None);
+        assert_eq!(s.forward(&Address::parse("x@fwd.example").unwrap()), None);
+    }
+}
