@@ -203,10 +203,14 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     let has_listeners = !listeners.is_empty();
     // The listeners and the TLS files stay close-on-exec here: only smtpd gets them.
     let (fd_spec, mut smtpd_fds) = qms_incoming::smtpd::export(listeners);
-    let tls_spec = tls_files.as_ref().map(|(c, k)| {
-        smtpd_fds.extend([c.as_raw_fd(), k.as_raw_fd()]);
-        format!("{},{}", c.as_raw_fd(), k.as_raw_fd())
-    });
+    let pairs: Vec<String> = tls_files
+        .iter()
+        .map(|(c, k)| {
+            smtpd_fds.extend([c.as_raw_fd(), k.as_raw_fd()]);
+            format!("{},{}", c.as_raw_fd(), k.as_raw_fd())
+        })
+        .collect();
+    let tls_spec = (!pairs.is_empty()).then(|| pairs.join(";"));
     signals::install();
     let mut sup = Supervisor {
         cfg,
@@ -225,13 +229,19 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Opens `[tls] cert` and `key` (checking that they make a server config).
-fn open_tls(cfg: &Config) -> Result<Option<(std::fs::File, std::fs::File)>, String> {
-    let Some(t) = &cfg.tls else { return Ok(None) };
+/// Opens `[tls] cert` and `key`, then each `[tls.sni]` pair (checking that they make a
+/// server config).
+fn open_tls(cfg: &Config) -> Result<Vec<(std::fs::File, std::fs::File)>, String> {
+    let Some(t) = &cfg.tls else {
+        return Ok(Vec::new());
+    };
     qms_incoming::tls::server_config(t)?;
     let open =
         |p: &std::path::Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
-    Ok(Some((open(&t.cert)?, open(&t.key)?)))
+    std::iter::once((&t.cert, &t.key))
+        .chain(t.sni.values().map(|(c, k)| (c, k)))
+        .map(|(c, k)| Ok((open(c)?, open(k)?)))
+        .collect()
 }
 
 /// In a forked child about to exec smtpd: lets it inherit `fds` (Rust opens everything

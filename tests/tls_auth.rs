@@ -188,3 +188,55 @@ fn command_pipelined_after_starttls_is_refused() {
     );
     assert!(!text.contains("220 2.0.0 Ready"), "{text}");
 }
+
+/// The subject of the certificate the server at `port` shows after STARTTLS, for SNI `name`
+/// (none when empty).
+fn served_subject(port: u16, name: &str) -> String {
+    let mut args = vec![
+        "s_client".to_string(),
+        "-starttls".into(),
+        "smtp".into(),
+        "-connect".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    if name.is_empty() {
+        args.push("-noservername".into());
+    } else {
+        args.extend(["-servername".into(), name.to_string()]);
+    }
+    let mut s = Command::new("openssl")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    s.stdin.take().unwrap().write_all(b"QUIT\r\n").unwrap();
+    let out = s.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .unwrap_or_else(|| panic!("no certificate shown: {text}"))
+        .to_string()
+}
+
+/// Issue #16: `[tls.sni."NAME"]` serves another certificate to clients that ask for NAME
+/// (SNI), as Postfix's tls_server_sni_maps; every other client gets `[tls] cert`.
+#[test]
+fn a_client_asking_for_another_name_gets_its_certificate() {
+    let mut inst = tls_instance();
+    let other = inst.dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    make_cert(&other, "mail.other.test");
+    inst.own();
+    inst.edit_config(
+        "[auth]",
+        "[tls.sni.\"Mail.Other.Test\"]\ncert = \"other/cert.pem\"\nkey = \"other/key.pem\"\n[auth]",
+    );
+    inst.start();
+    let port = inst.smtp_port;
+    assert!(served_subject(port, "mail.other.test").contains("mail.other.test"));
+    assert!(served_subject(port, "MAIL.OTHER.TEST").contains("mail.other.test"));
+    assert!(served_subject(port, "mx.example.test").contains("mx.example.test"));
+    assert!(served_subject(port, "").contains("mx.example.test"));
+}

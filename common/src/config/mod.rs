@@ -355,6 +355,8 @@ pub struct TlsRule {
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Other certificates by the name a client asks for (SNI), lower case.
+    pub sni: BTreeMap<String, (PathBuf, PathBuf)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -875,6 +877,14 @@ impl Config {
         let tls = raw.tls.map(|t| Tls {
             cert: resolve(&t.cert),
             key: resolve(&t.key),
+            sni: t
+                .sni
+                .iter()
+                .map(|(name, p)| {
+                    let name = name.trim_end_matches('.').to_ascii_lowercase();
+                    (name, (resolve(&p.cert), resolve(&p.key)))
+                })
+                .collect(),
         });
         let envelope = match raw.tracking.envelope.as_deref() {
             Some(a) => {

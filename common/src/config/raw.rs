@@ -155,6 +155,17 @@ pub(super) struct RawScheduler {
 pub(super) struct RawTls {
     pub(super) cert: String,
     pub(super) key: String,
+    /// `[tls.sni."mail.other.example"] cert, key`: another certificate, for clients that ask
+    /// for that name.
+    #[serde(default)]
+    pub(super) sni: BTreeMap<String, RawCertKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertKey {
+    pub(super) cert: String,
+    pub(super) key: String,
 }
 
 #[derive(Deserialize, Default)]
