@@ -240,3 +240,57 @@ fn a_client_asking_for_another_name_gets_its_certificate() {
     assert!(served_subject(port, "mx.example.test").contains("mx.example.test"));
     assert!(served_subject(port, "").contains("mx.example.test"));
 }
+
+/// Issue #17: `[auth] dovecot` checks submission logins with a real Dovecot, so a password
+/// only Dovecot knows works for sending; a wrong one is refused, and neither is logged.
+#[test]
+fn dovecot_checks_the_logins_of_submission() {
+    let mut inst = Instance::new("", "");
+    let dovecot = Dovecot::start(&inst.dir, "carol", "only dovecot knows");
+    inst.edit_config(
+        "[scheduler]",
+        &format!(
+            "[auth]\ndovecot = \"{}\"\nplaintext_loopback = true\n[scheduler]",
+            dovecot.auth_socket.display()
+        ),
+    );
+    wait_for("dovecot's auth socket", Duration::from_secs(20), || {
+        dovecot.auth_socket.exists()
+    });
+    inst.own();
+    inst.start();
+    let script = r#"
+import smtplib, sys
+port, password = int(sys.argv[1]), sys.argv[2]
+s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+s.ehlo("client.test")
+try:
+    s.login("carol", password)
+except smtplib.SMTPAuthenticationError as e:
+    print("refused", e.smtp_code)
+    sys.exit(0)
+s.sendmail("carol@example.test", ["alice@example.test"], "Subject: via dovecot\r\n\r\nhi\r\n")
+print("sent")
+s.quit()
+"#;
+    let port = inst.submission_port.to_string();
+    let (ok, out) = python(script, &[port.clone(), "not the password".into()]);
+    assert!(ok && out.contains("refused 535"), "{out}");
+    let (ok, out) = python(script, &[port.clone(), "only dovecot knows".into()]);
+    assert!(ok && out.contains("sent"), "{out}\n{}", dovecot.log());
+    wait_for("the message", Duration::from_secs(30), || {
+        inst.count_new("alice") == 1
+    });
+    let log = inst.log();
+    assert!(
+        log.contains("sasl_user=carol status=authenticated"),
+        "{log}"
+    );
+    assert!(log.contains("status=auth-failed"), "{log}");
+    assert!(!log.contains("dovecot knows") && !log.contains("not the password"));
+    // Dovecot gone: a temporary failure, not a refusal of the password.
+    drop(dovecot);
+    let (ok, out) = python(script, &[port, "only dovecot knows".into()]);
+    assert!(ok && out.contains("refused 454"), "{out}");
+    assert!(inst.log().contains("status=auth-unavailable"));
+}

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod authcheck;
 
 mod data;
+pub mod dovecot;
 pub mod pickup;
 pub mod policy;
 mod receive;

@@ -125,7 +125,7 @@ impl<'a> Session<'a> {
 
     /// AUTH is offered under TLS, or in the clear from loopback when the config allows it.
     fn auth_offered(&self) -> bool {
-        self.cfg().auth.users.is_some()
+        (self.cfg().auth.users.is_some() || self.cfg().auth.dovecot.is_some())
             && (self.tls.is_some()
                 || (self.cfg().auth.plaintext_loopback
                     && self.peer.addr.is_some_and(|a| a.is_loopback())))

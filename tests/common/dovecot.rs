@@ -13,6 +13,8 @@ pub struct Dovecot {
     pub ca: PathBuf,
     /// The user's Maildir.
     pub maildir: PathBuf,
+    /// Its authentication socket, for `[auth] dovecot`.
+    pub auth_socket: PathBuf,
 }
 
 impl Dovecot {
@@ -63,6 +65,11 @@ service imap-login {{
 service anvil {{
   chroot =
 }}
+service auth {{
+  unix_listener auth-client {{
+    mode = 0666
+  }}
+}}
 service imap-login {{
   chroot =
 }}
@@ -110,6 +117,7 @@ mail_location = maildir:~/Maildir
             port,
             ca: d.join("ca.pem"),
             maildir,
+            auth_socket: d.join("run").join("auth-client"),
         }
     }
 

@@ -363,6 +363,8 @@ pub struct Tls {
 pub struct Auth {
     /// `user:hash` lines; hashes are argon2 PHC strings or `$6$` sha-crypt (`qms passwd`).
     pub users: Option<PathBuf>,
+    /// Dovecot's `auth-client` socket: logins are checked by Dovecot instead of `users`.
+    pub dovecot: Option<PathBuf>,
     /// Allow AUTH without TLS from loopback clients (for local webmail and tests).
     pub plaintext_loopback: bool,
     /// Failed attempts per client address within 15 minutes before AUTH is refused.
@@ -938,6 +940,7 @@ impl Config {
         };
         let auth = Auth {
             users: raw.auth.users.as_deref().map(resolve),
+            dovecot: raw.auth.dovecot.as_deref().map(resolve),
             plaintext_loopback: raw.auth.plaintext_loopback.unwrap_or(false),
             max_failures: raw.auth.max_failures.unwrap_or(5).max(1),
             senders: raw.auth.senders,

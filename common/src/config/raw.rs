@@ -172,6 +172,7 @@ pub(super) struct RawCertKey {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAuth {
     pub(super) users: Option<String>,
+    pub(super) dovecot: Option<String>,
     pub(super) plaintext_loopback: Option<bool>,
     pub(super) max_failures: Option<u32>,
     #[serde(default)]

@@ -227,6 +227,7 @@ impl Effective {
         let a = &c.auth;
         let mut s = Section::default();
         s.path("users", a.users.as_deref())
+            .path("dovecot", a.dovecot.as_deref())
             .set("plaintext_loopback", a.plaintext_loopback)
             .set("max_failures", int(a.max_failures));
         self.push("auth", s);

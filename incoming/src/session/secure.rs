@@ -59,7 +59,7 @@ impl Session<'_> {
         if self.helo.is_none() || !self.esmtp {
             return self.error("503 5.5.1 Error: send EHLO first");
         }
-        if self.cfg().auth.users.is_none() {
+        if self.cfg().auth.users.is_none() && self.cfg().auth.dovecot.is_none() {
             return self.error("502 5.5.1 Error: authentication not enabled");
         }
         if !self.auth_offered() {
@@ -121,7 +121,27 @@ impl Session<'_> {
                 return self.error("454 4.7.0 Temporary authentication failure, try again later");
             }
         };
-        if crate::auth::verify(self.cfg(), &user, &pass) {
+        let verdict = match &self.cfg().auth.dovecot {
+            Some(socket) => {
+                let ip = self.peer.addr;
+                crate::dovecot::verify(socket, &user, &pass, self.tls.is_some(), ip)
+            }
+            None => match crate::auth::verify(self.cfg(), &user, &pass) {
+                true => crate::dovecot::Verdict::Pass,
+                false => crate::dovecot::Verdict::Fail,
+            },
+        };
+        if let crate::dovecot::Verdict::Unavailable(why) = &verdict {
+            // Not the client's fault: not counted against it, and said plainly in the log.
+            self.shared.throttle.succeed(attempt);
+            qlog!(
+                "client={} sasl_method={mech} status=auth-unavailable reason={}",
+                client_name(&self.peer),
+                quote(why)
+            );
+            return self.error("454 4.7.0 Temporary authentication failure, try again later");
+        }
+        if verdict == crate::dovecot::Verdict::Pass {
             self.shared.throttle.succeed(attempt);
             qlog!(
                 "client={} sasl_method={mech} sasl_user={} status=authenticated",
