@@ -71,6 +71,7 @@ pub struct Client {
     timeouts: (u64, u64),
     /// The queue id the dialogue is logged under, for `BX-Sending-Run-Control: debug`.
     debug: Option<String>,
+    lmtp: bool,
 }
 
 /// What one transaction sends.
@@ -89,6 +90,9 @@ pub struct Outcome {
     pub rcpts: Vec<Reply>,
     /// The reply to the end of data, if data was sent.
     pub data: Option<Reply>,
+    /// LMTP: the reply to the end of data for each recipient, in the order of `rcpts`
+    /// (None for a recipient refused at RCPT).
+    pub each: Vec<Option<Reply>>,
 }
 
 pub struct Settings<'a> {
@@ -106,6 +110,8 @@ pub struct Settings<'a> {
     /// Check the server's certificate (`verify`, `secure`, a smarthost that gets
     /// credentials): TLS is then required, never given up for a plain connection.
     pub verify: Option<Verify<'a>>,
+    /// Speak LMTP (RFC 2033): LHLO, and a reply per recipient after the data.
+    pub lmtp: bool,
 }
 
 /// How the server's certificate is checked.
@@ -168,6 +174,7 @@ impl Client {
             verified: false,
             timeouts: (s.command_timeout, s.data_timeout),
             debug: s.debug.map(str::to_string),
+            lmtp: s.lmtp,
         };
         let server = rustls::pki_types::ServerName::try_from(name.to_string())
             .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
@@ -265,12 +272,19 @@ impl Client {
 
     fn hello(&mut self, helo: &str) -> Result<(), Failure> {
         let (name, addr) = (self.name.clone(), self.addr);
+        let verb = if self.lmtp { "LHLO" } else { "EHLO" };
         let r = self
-            .command(&format!("EHLO {helo}"))
+            .command(&format!("{verb} {helo}"))
             .map_err(|e| io_fail(&name, &addr, "lost connection with", e))?;
         if r.is_ok() {
             self.ext = parse_ehlo(&r.text);
             return Ok(());
+        }
+        if self.lmtp {
+            return Err(Failure {
+                text: format!("host {name}[{}] refused LHLO: {r}", addr.ip()),
+                permanent: r.is_permanent(),
+            });
         }
         let r = self
             .command(&format!("HELO {helo}"))
@@ -428,6 +442,7 @@ impl Client {
                     mail,
                     rcpts,
                     data: None,
+                    each: Vec::new(),
                 });
             }
             for r in &tx.rcpts {
@@ -439,6 +454,7 @@ impl Client {
                     mail,
                     rcpts,
                     data: None,
+                    each: Vec::new(),
                 });
             }
             let data = self.command("DATA")?;
@@ -448,7 +464,12 @@ impl Client {
             // Nothing to send (all recipients refused, or DATA refused): clear the state.
             self.command("RSET")?;
             let data = (mail.is_ok() && rcpts.iter().any(Reply::is_ok)).then_some(data_go);
-            return Ok(Outcome { mail, rcpts, data });
+            return Ok(Outcome {
+                mail,
+                rcpts,
+                data,
+                each: Vec::new(),
+            });
         }
         if !mail.is_ok() || !rcpts.iter().any(Reply::is_ok) {
             // A pipelining server that took DATA without recipients: end it empty.
@@ -461,6 +482,7 @@ impl Client {
                 mail,
                 rcpts,
                 data: None,
+                each: Vec::new(),
             });
         }
         let _ = self
@@ -471,7 +493,21 @@ impl Client {
         self.conn.send_raw(&dot_stuff(tx.message));
         self.conn.send_raw(b".\r\n");
         self.conn.flush()?;
-        let data = self.read_reply();
+        // LMTP (RFC 2033 4.2): one reply for each recipient RCPT accepted, in order.
+        let mut each = Vec::new();
+        if self.lmtp {
+            for r in &rcpts {
+                each.push(if r.is_ok() {
+                    Some(self.read_reply()?)
+                } else {
+                    None
+                });
+            }
+        }
+        let data = match each.iter().flatten().next() {
+            Some(first) => Ok(first.clone()),
+            None => self.read_reply(),
+        };
         let _ = self
             .socket
             .set_read_timeout(Some(Duration::from_secs(self.timeouts.0)));
@@ -479,6 +515,7 @@ impl Client {
             mail,
             rcpts,
             data: Some(data?),
+            each,
         })
     }
 

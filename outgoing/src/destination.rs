@@ -308,8 +308,12 @@ impl SmtpAgent {
                 Ok(o) => {
                     let d = [queued, dns_time, conn_time, t.elapsed().as_secs_f64()];
                     for (k, &ri) in tx.ris.iter().enumerate() {
-                        let (verdict, reply) =
-                            judge(&o.mail, o.rcpts.get(k), o.data.as_ref(), c.ext.dsn);
+                        let (verdict, reply) = judge(
+                            &o.mail,
+                            o.rcpts.get(k),
+                            o.each.get(k).map_or(o.data.as_ref(), Option::as_ref),
+                            c.ext.dsn,
+                        );
                         out.buf.push(Res {
                             ji: tx.ji,
                             ri,

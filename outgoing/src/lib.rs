@@ -60,6 +60,8 @@ enum Target {
     Mx { domain: String },
     /// The message's own smarthost (`BX-MTA-Rem-*`), with its credentials.
     Smarthost(Smarthost),
+    /// `lmtp:[host]:port`: a post office, over LMTP.
+    Lmtp { host: String, port: u16 },
 }
 
 impl Dest {
@@ -107,6 +109,7 @@ impl SmtpAgent {
             client_cert: None,
             verify: None,
             debug: None,
+            lmtp: false,
         }
     }
 
@@ -144,7 +147,9 @@ impl SmtpAgent {
             Err(e) => return (dns::Lookup::Temporary(e.clone()), 25),
         };
         match &dest.target {
-            Target::Smarthost(Smarthost { host, port, .. }) | Target::Relay { host, port } => {
+            Target::Smarthost(Smarthost { host, port, .. })
+            | Target::Relay { host, port }
+            | Target::Lmtp { host, port } => {
                 let lookup = match host.parse::<IpAddr>() {
                     Ok(ip) => dns::Lookup::Hosts(vec![dns::Host {
                         name: host.clone(),
@@ -173,7 +178,8 @@ impl SmtpAgent {
             Target::Relay { host, .. } => self.cfg.relay_auth.get(&host.to_ascii_lowercase()),
             _ => None,
         };
-        let made_for = format!("{:?} {:?}", dest.tls, login.map(|l| &l.user));
+        let lmtp = matches!(dest.target, Target::Lmtp { .. });
+        let made_for = format!("{:?} {:?} {lmtp}", dest.tls, login.map(|l| &l.user));
         if let (false, Ok(mut cache)) = (fresh || dest.private(), self.cache.lock()) {
             for h in hosts {
                 for ip in &h.addrs {
@@ -193,7 +199,9 @@ impl SmtpAgent {
         // `secure` without `match`: the certificate names the next hop.
         let next_hop = match &dest.target {
             Target::Mx { domain } => vec![domain.to_ascii_lowercase()],
-            Target::Relay { host, .. } => vec![host.to_ascii_lowercase()],
+            Target::Relay { host, .. } | Target::Lmtp { host, .. } => {
+                vec![host.to_ascii_lowercase()]
+            }
             Target::Smarthost(_) => Vec::new(),
         };
         let names = match dest.tls.level {
@@ -216,6 +224,7 @@ impl SmtpAgent {
             });
         }
         settings.debug = dest.debug.as_deref();
+        settings.lmtp = lmtp;
         let smarthost = dest.smarthost();
         if let Some(h) = smarthost {
             settings.implicit_tls = h.security == LinkSecurity::Ssl;
@@ -436,6 +445,17 @@ impl qms_delivery::Agent for SmtpAgent {
                     (None, Some(Ok(Route::Relay { host, port }))) => Dest {
                         target: Target::Relay { host, port },
                         tls,
+                        debug: None,
+                    },
+                    // A post office on this host or a trusted network: plain, as Postfix's
+                    // lmtp client by default.
+                    (None, Some(Ok(Route::Lmtp { host, port }))) => Dest {
+                        target: Target::Lmtp { host, port },
+                        tls: TlsRule {
+                            level: TlsPolicy::None,
+                            ca_file: None,
+                            names: Vec::new(),
+                        },
                         debug: None,
                     },
                     _ => Dest {

@@ -13,6 +13,8 @@ pub struct Dovecot {
     pub ca: PathBuf,
     /// The user's Maildir.
     pub maildir: PathBuf,
+    /// Its LMTP service (RFC 2033), on 127.0.0.1.
+    pub lmtp_port: u16,
     /// Its authentication socket, for `[auth] dovecot`.
     pub auth_socket: PathBuf,
 }
@@ -24,6 +26,7 @@ impl Dovecot {
         std::fs::create_dir_all(d.join("run")).unwrap();
         super::make_ca_cert(&d, "127.0.0.1");
         let port = free_port();
+        let lmtp_port = free_port();
         // As root, mail belongs to nobody; otherwise everything runs as the current user.
         let (owner, group) = if is_root() {
             ("nobody".to_string(), "nogroup".to_string())
@@ -43,8 +46,10 @@ impl Dovecot {
             r#"base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
-protocols = imap
+protocols = imap lmtp
 listen = 127.0.0.1
+postmaster_address = postmaster@example.test
+auth_username_format = %Ln
 ssl = required
 ssl_cert = <{d}/cert.pem
 ssl_key = <{d}/key.pem
@@ -64,6 +69,12 @@ service imap-login {{
 }}
 service anvil {{
   chroot =
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {lmtp_port}
+  }}
 }}
 service auth {{
   unix_listener auth-client {{
@@ -110,6 +121,7 @@ mail_location = maildir:~/Maildir
             .unwrap();
         wait_for("dovecot to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", lmtp_port)).is_ok()
         });
         Dovecot {
             child,
@@ -117,6 +129,7 @@ mail_location = maildir:~/Maildir
             port,
             ca: d.join("ca.pem"),
             maildir,
+            lmtp_port,
             auth_socket: d.join("run").join("auth-client"),
         }
     }

@@ -65,6 +65,12 @@ pub enum Route {
         port: u16,
     },
     Pipe(String),
+    /// LMTP (RFC 2033) to a post office such as Dovecot: `lmtp:[host]:port` (port 24 unless
+    /// given), delivered by the smtp agent with one reply per recipient after the data.
+    Lmtp {
+        host: String,
+        port: u16,
+    },
     Discard,
     Error(String),
 }
@@ -88,11 +94,15 @@ impl Route {
             return Ok(Route::Error(text.trim().to_string()));
         }
         if let Some(hop) = s.strip_prefix("smtp:") {
-            let (host, port) = parse_hop(hop)?;
+            let (host, port) = parse_hop(hop, 25)?;
             return Ok(Route::Relay { host, port });
         }
+        if let Some(hop) = s.strip_prefix("lmtp:") {
+            let (host, port) = parse_hop(hop, 24)?;
+            return Ok(Route::Lmtp { host, port });
+        }
         Err(format!(
-            "unknown route {s:?} (expected local, smtp, smtp:[host]:port, pipe:COMMAND, discard or error:TEXT)"
+            "unknown route {s:?} (expected local, smtp, smtp:[host]:port, lmtp:[host]:port, pipe:COMMAND, discard or error:TEXT)"
         ))
     }
 
@@ -100,7 +110,7 @@ impl Route {
     pub fn queue(&self) -> Option<&'static str> {
         match self {
             Route::Local => Some("local"),
-            Route::Smtp | Route::Relay { .. } => Some("smtp"),
+            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } => Some("smtp"),
             Route::Pipe(_) => Some("pipe"),
             Route::Discard | Route::Error(_) => None,
         }
@@ -113,6 +123,7 @@ impl fmt::Display for Route {
             Route::Local => write!(f, "local"),
             Route::Smtp => write!(f, "smtp"),
             Route::Relay { host, port } => write!(f, "smtp:[{host}]:{port}"),
+            Route::Lmtp { host, port } => write!(f, "lmtp:[{host}]:{port}"),
             Route::Pipe(c) => write!(f, "pipe:{c}"),
             Route::Discard => write!(f, "discard"),
             Route::Error(t) => write!(f, "error:{t}"),
@@ -120,8 +131,8 @@ impl fmt::Display for Route {
     }
 }
 
-/// `[host]:port`, `host:port`, `[host]` or `host`; the port defaults to 25.
-fn parse_hop(hop: &str) -> Result<(String, u16), String> {
+/// `[host]:port`, `host:port`, `[host]` or `host`; the port defaults to `default`.
+fn parse_hop(hop: &str, default: u16) -> Result<(String, u16), String> {
     let (host, rest) = if let Some(h) = hop.strip_prefix('[') {
         let end = h
             .find(']')
@@ -140,7 +151,7 @@ fn parse_hop(hop: &str) -> Result<(String, u16), String> {
         Some(p) => p
             .parse::<u16>()
             .map_err(|_| format!("bad port in {hop:?}"))?,
-        None if rest.is_empty() => 25,
+        None if rest.is_empty() => default,
         None => return Err(format!("unexpected {rest:?} in {hop:?}")),
     };
     Ok((host.to_string(), port))
@@ -919,7 +930,7 @@ impl Config {
                     format!("{}:993", i.server)
                 };
                 let (host, port) =
-                    parse_hop(&server).map_err(|e| err("tracking.imap.server", e))?;
+                    parse_hop(&server, 993).map_err(|e| err("tracking.imap.server", e))?;
                 if raw.tracking.envelope_maildir.is_none() {
                     return Err(err(
                         "tracking.imap",

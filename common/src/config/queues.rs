@@ -17,7 +17,7 @@ pub enum Agent {
 impl Agent {
     pub fn of(route: &Route) -> Agent {
         match route {
-            Route::Smtp | Route::Relay { .. } => Agent::Smtp,
+            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } => Agent::Smtp,
             _ => Agent::Local,
         }
     }
