@@ -5,6 +5,10 @@
 //! `MAX_AGE_DAYS`) and goes on to the original sender; a forged or stale one is refused at RCPT,
 //! so the address cannot be used to relay.
 //!
+//! Mail whose sender is already another forwarder's SRS address is wrapped once more as SRS1
+//! (`SRS1=HASH=forwarder==HASH=TT=domain=local@DOMAIN`), so that the address does not grow
+//! with every hop; its bounce goes back to that forwarder, which checks its own part.
+//!
 //! The secret file holds one secret per line: the first signs, every one is accepted, so a
 //! secret can be changed without refusing the bounces of mail sent just before.
 
@@ -86,9 +90,26 @@ impl Srs {
         if sender.domain().eq_ignore_ascii_case(&self.domain) {
             return None;
         }
-        let tt = Self::timestamp(Self::today());
-        let hash = Self::hash(&self.secrets[0], &tt, sender.domain(), sender.local());
-        let local = format!("SRS0={hash}={tt}={}={}", sender.domain(), sender.local());
+        let key = &self.secrets[0];
+        let (tag, rest) = split_tag(sender.local());
+        let local = match tag.as_deref() {
+            // Another forwarder's SRS0: name that forwarder and keep its part as it is.
+            Some("SRS0") => {
+                let hop = sender.domain();
+                format!("SRS1={}={hop}=={rest}", Self::hash(key, "SRS1", hop, rest))
+            }
+            // Already SRS1: the first forwarder stays, re-signed by us.
+            Some("SRS1") => {
+                let (_, inner) = rest.split_once('=')?;
+                let (hop, rest) = inner.split_once("==")?;
+                format!("SRS1={}={hop}=={rest}", Self::hash(key, "SRS1", hop, rest))
+            }
+            _ => {
+                let tt = Self::timestamp(Self::today());
+                let hash = Self::hash(key, &tt, sender.domain(), sender.local());
+                format!("SRS0={hash}={tt}={}={}", sender.domain(), sender.local())
+            }
+        };
         if local.len() > 64 {
             return None;
         }
@@ -101,10 +122,14 @@ impl Srs {
         if !addr.domain().eq_ignore_ascii_case(&self.domain) {
             return None;
         }
-        let mut parts = addr.local().splitn(5, '=');
-        if !parts.next()?.eq_ignore_ascii_case("SRS0") {
-            return None;
+        let (tag, rest) = split_tag(addr.local());
+        match tag.as_deref() {
+            Some("SRS0") => {}
+            Some("SRS1") => return Some(self.reverse_srs1(rest)),
+            _ => return None,
         }
+        let mut parts = addr.local().splitn(5, '=');
+        parts.next()?;
         let (Some(hash), Some(tt), Some(domain), Some(local)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -123,6 +148,34 @@ impl Srs {
             return Some(Err("SRS address too old".into()));
         }
         Some(Address::new(local, domain).map_err(|e| format!("SRS address holds no address: {e}")))
+    }
+
+    /// `HASH=forwarder==rest` of an SRS1 address: the SRS0 address of the first forwarder.
+    fn reverse_srs1(&self, rest: &str) -> Result<Address, String> {
+        let bad = || "not a valid SRS address".to_string();
+        let (hash, inner) = rest.split_once('=').ok_or_else(bad)?;
+        let (hop, rest) = inner.split_once("==").ok_or_else(bad)?;
+        let signed = self
+            .secrets
+            .iter()
+            .any(|s| Self::hash(s, "SRS1", hop, rest).eq_ignore_ascii_case(hash));
+        if !signed {
+            return Err("SRS address not signed by us".into());
+        }
+        Address::new(&format!("SRS0={rest}"), hop)
+            .map_err(|e| format!("SRS address holds no address: {e}"))
+    }
+}
+
+/// `SRS0=…` → (Some("SRS0"), "…"); the tag in upper case, None for an ordinary local part.
+fn split_tag(local: &str) -> (Option<String>, &str) {
+    match local.split_once('=') {
+        Some((tag, rest))
+            if tag.eq_ignore_ascii_case("SRS0") || tag.eq_ignore_ascii_case("SRS1") =>
+        {
+            (Some(tag.to_ascii_uppercase()), rest)
+        }
+        _ => (None, local),
     }
 }
 
@@ -162,5 +215,34 @@ mod tests {
         assert!(matches!(s.reverse(&forged), Some(Err(_))));
         assert_eq!(s.reverse(&Address::parse("bob@fwd.example").unwrap()), None);
         assert_eq!(s.forward(&Address::parse("x@fwd.example").unwrap()), None);
+    }
+
+    #[test]
+    fn another_forwarders_srs0_becomes_srs1_and_goes_back_to_that_forwarder() {
+        let s = srs();
+        let theirs = Address::parse("SRS0=ab12=cd=orig.example=joe@first.example").unwrap();
+        let ours = s.forward(&theirs).unwrap();
+        assert!(
+            ours.local().starts_with("SRS1=")
+                && ours
+                    .local()
+                    .ends_with("=first.example==ab12=cd=orig.example=joe"),
+            "{ours}"
+        );
+        assert_eq!(s.reverse(&ours), Some(Ok(theirs)));
+        // A third forwarder keeps the first one's name, not ours.
+        let again = Srs {
+            domain: "third.example".into(),
+            ..srs()
+        }
+        .forward(&ours)
+        .unwrap();
+        assert!(again.local().contains("=first.example=="), "{again}");
+        let forged = Address::new(
+            &ours.local().replace("first.example", "victim.example"),
+            "fwd.example",
+        )
+        .unwrap();
+        assert!(matches!(s.reverse(&forged), Some(Err(_))));
     }
 }
