@@ -199,9 +199,17 @@ fn json(role: &str, line: &str) -> serde_json::Value {
 /// syslog puts it and log readers look for it.
 fn out(prog: &str, text: &str) {
     let name = NAME.get().map(String::as_str).unwrap_or("qms");
+    // Postfix has one smtpd process per session, and pflogsumm pairs `connect from` with
+    // `disconnect from` by its pid: our smtpd's lines carry their session thread's id, which
+    // no other session uses while this one lasts.
+    let pid = if prog == "smtpd" && format() == Format::Postfix {
+        nix::unistd::gettid().as_raw() as u32
+    } else {
+        crate::pid()
+    };
     if let Some(sock) = SYSLOG.get() {
         // RFC 3164 shape: <PRI>TAG[PID]: text; PRI 22 is facility mail, severity info.
-        let msg = format!("<22>{name}/{prog}[{}]: {text}", crate::pid());
+        let msg = format!("<22>{name}/{prog}[{pid}]: {text}");
         if let Some(s) = sock {
             let _ = s.send(msg.as_bytes());
         }
@@ -215,7 +223,7 @@ fn out(prog: &str, text: &str) {
             stamp.push(' ');
         }
     }
-    emit(format!("{stamp}{name}/{prog}[{}]: {text}\n", crate::pid()));
+    emit(format!("{stamp}{name}/{prog}[{pid}]: {text}\n"));
 }
 
 /// One write() per line: processes share the log file, and a line written in pieces could
