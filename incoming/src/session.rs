@@ -543,7 +543,9 @@ impl<'a> Session<'a> {
     /// Starts receiving the transaction's message into its spool file: in `msg/ID.QUEUE`
     /// of the queue the direct route plans for it, else of `incoming`.
     fn receiver(&mut self) -> Receiver {
-        let plan = self.tx.as_ref().and_then(|t| {
+        // A checked message gets an Authentication-Results field from the router: no plan.
+        let checked = self.checked().is_some();
+        let plan = self.tx.as_ref().filter(|_| !checked).and_then(|t| {
             let aliases = self.shared.aliases.get();
             let (sender, rcpts) = (t.sender.as_ref(), &t.recipients[..]);
             qms_router::direct::Plan::of(

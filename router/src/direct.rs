@@ -43,9 +43,10 @@ impl Plan {
         let expander = Expander::new(cfg, aliases);
         let mut queue: Option<String> = None;
         let mut routes = Vec::with_capacity(recipients.len());
-        for (i, r) in recipients.iter().enumerate() {
+        let mut seen = std::collections::HashSet::with_capacity(recipients.len());
+        for r in recipients {
             // The router removes duplicates; leave them to it.
-            if recipients[..i].iter().any(|o| o.address == r.address) {
+            if !seen.insert(&r.address) {
                 return None;
             }
             let Some(Dest::Queue {
