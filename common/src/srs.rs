@@ -13,8 +13,6 @@
 //! secret can be changed without refusing the bounces of mail sent just before.
 
 use crate::Address;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use std::path::Path;
 
 const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -54,22 +52,11 @@ impl Srs {
         })
     }
 
+    /// The HMAC part of an address; case does not count (hops may change it).
     fn hash(secret: &[u8], tt: &str, domain: &str, local: &str) -> String {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
-            return String::new();
-        };
-        for part in [tt, domain, local] {
-            mac.update(part.to_ascii_lowercase().as_bytes());
-            mac.update(b"\0");
-        }
-        let bytes = mac.finalize().into_bytes();
-        let mut v: u64 = 0;
-        for b in &bytes[..8] {
-            v = (v << 8) | u64::from(*b);
-        }
-        (0..HASH_LEN)
-            .map(|i| ALPHABET[((v >> (5 * i)) & 31) as usize] as char)
-            .collect()
+        let parts = [tt, domain, local].map(str::to_ascii_lowercase);
+        let parts = parts.each_ref().map(String::as_str);
+        crate::verp::keyed_text(secret, &parts, ALPHABET, HASH_LEN)
     }
 
     fn today() -> u64 {

@@ -7,13 +7,16 @@
 //! only into that socket, never into a log.
 
 use base64::Engine;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 /// How long Dovecot may take to answer before the check counts as failed.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The most lines of handshake, and bytes a line, taken from the socket.
+const MAX_LINES: usize = 256;
+const MAX_LINE: u64 = 16 * 1024;
 
 /// Dovecot's answer about a login.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,19 +63,25 @@ fn ask(
     write!(s, "VERSION\t1\t2\nCPID\t{}\n", std::process::id())?;
     let mut r = BufReader::new(s.try_clone()?);
     let mut line = String::new();
-    let mut plain = false;
-    loop {
+    let mut next = |line: &mut String| -> std::io::Result<usize> {
         line.clear();
-        if r.read_line(&mut line)? == 0 {
+        (&mut r).take(MAX_LINE).read_line(line)
+    };
+    let mut plain = false;
+    let mut done = false;
+    for _ in 0..MAX_LINES {
+        if next(&mut line)? == 0 {
             return Err(std::io::Error::other("closed during the handshake"));
         }
         let l = line.trim_end();
-        if l.starts_with("MECH\tPLAIN") {
-            plain = true;
-        }
+        plain |= l.starts_with("MECH\tPLAIN");
         if l == "DONE" {
+            done = true;
             break;
         }
+    }
+    if !done {
+        return Err(std::io::Error::other("no end to its handshake"));
     }
     if !plain {
         return Err(std::io::Error::other("PLAIN is not among its mechanisms"));
@@ -87,8 +96,7 @@ fn ask(
     }
     cmd.push_str(&format!("\tresp={resp}\n"));
     s.write_all(cmd.as_bytes())?;
-    line.clear();
-    if r.read_line(&mut line)? == 0 {
+    if next(&mut line)? == 0 {
         return Err(std::io::Error::other("closed before it answered"));
     }
     Ok(line.starts_with("OK\t1"))
