@@ -581,7 +581,7 @@ fn verify_and_secure_check_the_peers_certificate() {
     let mut inst = relay_instance(
         &routes,
         &format!(
-            "[outgoing]\nmin_backoff = \"1h\"\n[outgoing.tls_routes]\n\
+            "[queues.smtp]\nworkers = 1\n[outgoing]\nmin_backoff = \"1h\"\n[outgoing.tls_routes]\n\
              \"v.test\" = {{ level = \"verify\", ca_file = \"{ca}\" }}\n\
              \"nv.test\" = \"verify\"\n\
              \"sm.test\" = {{ level = \"secure\", ca_file = \"{ca}\", match = [\"peer.test\"] }}\n\
@@ -647,4 +647,16 @@ fn verify_and_secure_check_the_peers_certificate() {
         "{v}"
     );
     assert!(line("carol@e.test").contains("not verified"));
+    // A certificate refused under one level says nothing of the host under another: mail
+    // for v.test and e.test sent after those deferrals still goes, not "suspended".
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &["carol@v.test", "carol@e.test"],
+        "Subject: after\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for("two more deliveries", Duration::from_secs(30), || {
+        peer.count_new("carol") == 5
+    });
 }

@@ -70,7 +70,7 @@ impl SmtpAgent {
         start: Instant,
         results: &Sender<Vec<Res>>,
     ) {
-        if let Some(why) = self.dead.check(&dest.target) {
+        if let Some(why) = self.dead.check(dest) {
             let all = items.iter().map(|&(ji, ri)| Res {
                 ji,
                 ri,
@@ -179,8 +179,7 @@ impl SmtpAgent {
         let connected = reached.iter().all(|r| r.failure.is_none());
         if !reached.iter().any(|r| r.connected) {
             if let Some(why) = reached.iter().find_map(|r| r.failure.clone()) {
-                self.dead
-                    .mark(&dest.target, why, self.cfg.outgoing.min_backoff);
+                self.dead.mark(dest, why, self.cfg.outgoing.min_backoff);
             }
         }
         if let Ok(mut w) = self.window.lock() {

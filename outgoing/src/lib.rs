@@ -39,7 +39,9 @@ pub struct SmtpAgent {
     /// Connection attempts in progress per address (see CONNECTS_IN_FLIGHT).
     connecting: (Mutex<HashMap<SocketAddr, usize>>, std::sync::Condvar),
     /// Destinations no host of which answered: their mail waits without new attempts.
-    dead: dead::Dead<Target>,
+    /// Keyed by target and TLS rule: a certificate refused under one rule says nothing of
+    /// the host under another.
+    dead: dead::Dead<Dest>,
 }
 
 /// Where a group of recipients goes, and with which TLS policy (recipients whose domains
