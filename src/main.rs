@@ -9,6 +9,7 @@ mod queuetool;
 mod requeue;
 mod roles;
 mod showq;
+mod sieve;
 mod signals;
 mod supervisor;
 mod suppress;
@@ -74,6 +75,9 @@ enum Cmd {
     /// DKIM keys: `qms dkim keygen DOMAIN SELECTOR --out FILE [--ed25519]`, `qms dkim check DOMAIN`.
     #[command(subcommand)]
     Dkim(dkim::DkimCmd),
+    /// Sieve filters: `qms sieve check FILE`, `qms sieve test FILE MESSAGE [--from --to]`.
+    #[command(subcommand)]
+    Sieve(sieve::SieveCmd),
     /// Look into the queue and act on it.
     #[command(subcommand)]
     Queue(queuetool::QueueCmd),
@@ -181,6 +185,12 @@ fn main() -> ExitCode {
         Cmd::Dsn(DsnCmd::Classify { files }) => return classify(files),
         _ => {}
     }
+    if let Cmd::Sieve(s) = cli.cmd {
+        // A user trying a script may have no config to read: its limits then are the defaults.
+        let path = qms_common::config::locate(cli.config.as_deref());
+        let cfg = Config::load(&path).ok();
+        return sieve::run(cfg.as_ref(), s);
+    }
     let cfg = match load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -212,7 +222,9 @@ fn main() -> ExitCode {
         Cmd::CheckConfig => checks::run(&cfg),
         Cmd::Config { non_default } => show_config(&cfg, non_default),
         Cmd::Newaliases => newaliases(&cfg),
-        Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) => ExitCode::SUCCESS,
+        Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) | Cmd::Sieve(_) => {
+            ExitCode::SUCCESS
+        }
     }
 }
 

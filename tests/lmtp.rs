@@ -8,8 +8,31 @@ use std::time::Duration;
 
 #[test]
 fn dovecot_takes_one_recipient_and_refuses_the_other_each_settled_on_its_own() {
+    takes_one_refuses_the_other(|d| {
+        (
+            format!("lmtp:[127.0.0.1]:{}", d.lmtp_port),
+            format!("relay=127.0.0.1[127.0.0.1]:{}", d.lmtp_port),
+        )
+    });
+}
+
+/// The same over Dovecot's local socket (`lmtp:unix:PATH`, as Debian's Dovecot listens).
+#[test]
+fn over_the_local_socket_too() {
+    takes_one_refuses_the_other(|d| {
+        let path = d.lmtp_socket.display();
+        (
+            format!("lmtp:unix:{path}"),
+            format!("relay=localhost[{path}]"),
+        )
+    });
+}
+
+/// `route` gives the route to Dovecot and how the delivery line names the relay.
+fn takes_one_refuses_the_other(route: impl Fn(&Dovecot) -> (String, String)) {
     let mut inst = Instance::new("", "");
     let dovecot = Dovecot::start(&inst.dir, "carol", "imap password");
+    let (route, relay) = route(&dovecot);
     inst.edit_config(
         "local = [\"example.test\"]",
         "local = [\"example.test\"]\nrelay = [\"post.test\"]",
@@ -17,8 +40,8 @@ fn dovecot_takes_one_recipient_and_refuses_the_other_each_settled_on_its_own() {
     inst.edit_config(
         "[scheduler]",
         &format!(
-            "[routes]\n\"post.test\" = \"lmtp:[127.0.0.1]:{}@lmtp\"\n[queues.lmtp]\nworkers = 1\n[scheduler]",
-            dovecot.lmtp_port
+            "[routes]\n\"post.test\" = \"{}@lmtp\"\n[queues.lmtp]\nworkers = 1\n[scheduler]",
+            route
         ),
     );
     // Not `inst.own()` now: Dovecot's directory keeps the owners Dovecot needs.
@@ -48,6 +71,7 @@ fn dovecot_takes_one_recipient_and_refuses_the_other_each_settled_on_its_own() {
             .to_string()
     };
     assert!(line("carol@post.test").contains("status=sent"), "{log}");
+    assert!(line("carol@post.test").contains(&relay), "{relay}: {log}");
     assert!(line("nobody@post.test").contains("status=bounced"), "{log}");
     assert!(line("nobody@post.test").contains("5.1.1"), "{log}");
     // Read back as a mail client would, over IMAP.

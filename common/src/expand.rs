@@ -345,14 +345,15 @@ impl<'a> Expander<'a> {
                 format!("5.0.0 {text}")
             }),
             // A pipe in the routing table runs as default_privs, never as qms's own user.
-            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } | Route::Pipe(_) => {
-                Dest::Queue {
-                    queue: route.queue().unwrap_or("smtp").into(),
-                    route: route.to_string(),
-                    user: matches!(route, Route::Pipe(_))
-                        .then(|| self.cfg.local.default_privs.clone()),
-                }
-            }
+            Route::Smtp
+            | Route::Relay { .. }
+            | Route::Lmtp { .. }
+            | Route::LmtpUnix(_)
+            | Route::Pipe(_) => Dest::Queue {
+                queue: route.queue().unwrap_or("smtp").into(),
+                route: route.to_string(),
+                user: matches!(route, Route::Pipe(_)).then(|| self.cfg.local.default_privs.clone()),
+            },
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod dsn;
 pub mod dsnproc;
+mod filtering;
 mod imap;
 mod local;
 mod maildir;
@@ -13,6 +14,7 @@ mod program;
 pub mod report;
 mod runas;
 pub mod settle;
+pub mod sieve;
 
 use qms_spool::{RcptState, Recipient};
 

@@ -25,16 +25,27 @@ pub struct LocalAgent {
     aliases: qms_common::aliases::Cache,
     /// This process's own account: whom deliveries run as when qms runs unprivileged.
     me: Option<Account>,
+    filtering: crate::filtering::Filtering,
 }
 
 /// The result of one delivery attempt.
 pub enum Outcome {
     Done,
+    /// Done as a Sieve filter said: the delivery line's text, and the success report a
+    /// NOTIFY=SUCCESS recipient gets (none for a discard).
+    Filtered {
+        text: String,
+        report: Option<crate::dsn::Kind>,
+    },
     /// Already in the mailbox: an attempt a crash cut short had delivered it.
     Found,
     Temp(String),
     Perm(String),
 }
+
+/// Starts the reply of a recipient whose filter stored its copies but could not queue what
+/// it sends: the next attempt looks before storing again.
+pub(crate) const STORED_MARK: &str = "4.3.0 stored, to be looked for again: ";
 
 /// What makes one recipient's delivery the same at every attempt, so that an attempt after
 /// a crash can find what the one before it delivered.
@@ -63,7 +74,10 @@ impl Attempt {
         Attempt {
             arrival: c.job.arrival,
             key: format!("Q{}R{:08x}", c.job.id, h as u32),
-            recheck: c.interrupted(),
+            recheck: c.interrupted()
+                || r.reply
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with(STORED_MARK)),
         }
     }
 }
@@ -96,11 +110,13 @@ type Derived = HashMap<String, Vec<Expanded>>;
 impl LocalAgent {
     pub fn new(cfg: Arc<Config>, spool: Spool) -> LocalAgent {
         let aliases = qms_common::aliases::Cache::new(cfg.aliases.clone());
+        let filtering = crate::filtering::Filtering::new(&cfg);
         LocalAgent {
             cfg,
             spool,
             aliases,
             me: Account::by_uid(nix::unistd::getuid()),
+            filtering,
         }
     }
 
@@ -166,7 +182,7 @@ impl LocalAgent {
         if at.recheck && maildir::holds(dir, &name)? {
             return Ok(None);
         }
-        maildir::stage(dir, &name, copy).map(Some)
+        maildir::stage(dir, &name, copy, "").map(Some)
     }
 
     /// Delivers to `t` in this process, which already runs as `user`.
@@ -330,6 +346,22 @@ impl LocalAgent {
             }
             None => None,
         };
+        if let Target::Maildir(dir) = &t {
+            if let Some(plan) = self.filtering.plan(&self.cfg, dir, account.as_ref()) {
+                if let Err(o) = step.marks.sync() {
+                    return Attempted::Done(o);
+                }
+                let d = crate::filtering::Delivery {
+                    job: &c.job,
+                    rcpt: r,
+                    body,
+                    inbox: dir,
+                    key: &at.key,
+                    recheck: at.recheck,
+                };
+                return Attempted::Done(self.filtering.deliver(&self.cfg, &self.spool, plan, &d));
+            }
+        }
         let outcome = match (account, &t) {
             // For a user, in a child that has become the user.
             (Some(a), _) if step.privileged => match step.marks.sync() {
@@ -375,6 +407,8 @@ impl Agent for LocalAgent {
         let mut derived = Derived::new();
         // Maildir deliveries made in this process, committed together: (job, recipient, file).
         let mut staged: Vec<(usize, usize, safeio::Staged)> = Vec::new();
+        // The success report of each filtered recipient, by (job, recipient).
+        let mut reports: HashMap<(usize, usize), Option<crate::dsn::Kind>> = HashMap::new();
         for (ji, c) in batch.iter_mut().enumerate() {
             let body = match self.spool.read_body(&c.job) {
                 Ok(b) => b,
@@ -403,7 +437,12 @@ impl Agent for LocalAgent {
                 };
                 match self.attempt(c, ri, &body, &sender, &mut step) {
                     Attempted::Staged(s) => staged.push((ji, ri, s)),
-                    Attempted::Done(o) => record(c, ri, o),
+                    Attempted::Done(o) => {
+                        if let Outcome::Filtered { report, .. } = &o {
+                            reports.insert((ji, ri), *report);
+                        }
+                        record(c, ri, o)
+                    }
                 }
             }
         }
@@ -420,8 +459,14 @@ impl Agent for LocalAgent {
                 record(&mut batch[ji], ri, result);
             }
         }
-        for c in &batch {
-            settle::report_deliveries(&self.cfg, &self.spool, &c.job);
+        for (ji, c) in batch.iter().enumerate() {
+            let kind = |ri: usize| {
+                reports
+                    .get(&(ji, ri))
+                    .copied()
+                    .unwrap_or(Some(crate::dsn::Kind::Success))
+            };
+            settle::report_deliveries(&self.cfg, &self.spool, &c.job, &kind);
         }
         settle::settle_all(&self.cfg, &self.spool, batch);
     }
@@ -448,6 +493,7 @@ fn record(c: &mut Claimed, ri: usize, result: Outcome) {
                 .to_string(),
             Kind::Success,
         ),
+        Outcome::Filtered { text, .. } => (RcptState::Delivered, "sent", text, Kind::Success),
         Outcome::Temp(t) => (RcptState::Deferred, "deferred", t, Kind::Delay),
         Outcome::Perm(t) => (RcptState::Failed, "bounced", t, Kind::Failure),
     };

@@ -67,15 +67,20 @@ impl Name {
     }
 }
 
-/// Writes the message into `dir/tmp` under its name; commit moves it to `new/`. The part
+/// Writes the message into `dir/tmp` under its name; commit moves it to `new/`, or with
+/// `info` (Maildir flags such as `2,FS`) to `cur/` as a reader would have put it. The part
 /// written by an attempt that a crash cut short is replaced.
-pub fn stage(dir: &Path, name: &Name, message: &[u8]) -> io::Result<safeio::Staged> {
+pub fn stage(dir: &Path, name: &Name, message: &[u8], info: &str) -> io::Result<safeio::Staged> {
     let tmp = dir.join("tmp").join(&name.full);
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    safeio::stage(tmp, dir.join("new").join(&name.full), message)
+    let dest = match info {
+        "" => dir.join("new").join(&name.full),
+        i => dir.join("cur").join(format!("{}:{i}", name.full)),
+    };
+    safeio::stage(tmp, dest, message)
 }
 
 /// True when a delivery of this name is in the Maildir: in `new/`, or in `cur/` where a

@@ -34,20 +34,32 @@ pub fn report_failures(cfg: &Config, spool: &Spool, job: &qms_spool::Job) -> Res
 
 /// Sends the success reports that recipients delivered here asked for with NOTIFY=SUCCESS:
 /// the MTA that makes the final delivery is the one that reports it (RFC 3461 4.1).
-pub fn report_deliveries(cfg: &Config, spool: &Spool, job: &qms_spool::Job) {
-    let delivered: Vec<_> = job
-        .recipients
-        .iter()
-        .filter(|r| {
-            r.state == RcptState::Delivered && r.notify.contains(&qms_spool::Notify::Success)
-        })
-        .cloned()
-        .collect();
-    if delivered.is_empty() {
-        return;
-    }
-    if let Err(e) = dsn::bounce(cfg, spool, job, &delivered, dsn::Kind::Success) {
-        qlog!("qid={} status=dsn-error reason={}", job.id, quote(&e));
+/// `kind_of(index)` says which report a recipient earns (a filter's redirect is relayed,
+/// its discard none).
+pub fn report_deliveries(
+    cfg: &Config,
+    spool: &Spool,
+    job: &qms_spool::Job,
+    kind_of: &dyn Fn(usize) -> Option<dsn::Kind>,
+) {
+    for kind in [dsn::Kind::Success, dsn::Kind::Relayed] {
+        let due: Vec<_> = job
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                r.state == RcptState::Delivered
+                    && r.notify.contains(&qms_spool::Notify::Success)
+                    && kind_of(*i) == Some(kind)
+            })
+            .map(|(_, r)| r.clone())
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        if let Err(e) = dsn::bounce(cfg, spool, job, &due, kind) {
+            qlog!("qid={} status=dsn-error reason={}", job.id, quote(&e));
+        }
     }
 }
 

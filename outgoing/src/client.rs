@@ -3,13 +3,13 @@
 //! recipient, pipelined when the server offers it. With `debug` set, every line of the
 //! dialogue is logged (credentials and message text never).
 
+use crate::peer::{Peer, Socket};
 use base64::Engine;
 use qms_common::config::TlsPolicy;
 use qms_common::conn::{Conn, Line};
 use qms_common::log::quote;
 use qms_common::qlog;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -58,9 +58,9 @@ pub struct Extensions {
 
 pub struct Client {
     conn: Conn,
-    socket: TcpStream,
+    socket: Socket,
     pub name: String,
-    pub addr: SocketAddr,
+    pub peer: Peer,
     pub ext: Extensions,
     pub tls: Option<String>,
     pub idle_since: Instant,
@@ -125,24 +125,24 @@ pub struct Verify<'a> {
     pub why: &'a str,
 }
 
-fn io_fail(host: &str, addr: &SocketAddr, what: &str, e: impl std::fmt::Display) -> Failure {
+fn io_fail(host: &str, peer: &Peer, what: &str, e: impl std::fmt::Display) -> Failure {
     Failure {
-        text: format!("{what} {host}[{}]:{}: {e}", addr.ip(), addr.port()),
+        text: format!("{what} {host}{}: {e}", peer.place()),
         permanent: false,
     }
 }
 
 impl Client {
     /// Connects, reads the greeting, says EHLO and starts TLS as the policy asks.
-    pub fn connect(name: &str, addr: SocketAddr, s: &Settings) -> Result<Client, Failure> {
-        match Client::connect_once(name, addr, s, s.tls) {
+    pub fn connect(name: &str, peer: &Peer, s: &Settings) -> Result<Client, Failure> {
+        match Client::connect_once(name, peer, s, s.tls) {
             // `may`: a failed handshake falls back to a plain connection.
             Err(f)
                 if s.tls == TlsPolicy::May
                     && s.verify.is_none()
                     && f.text.contains("TLS handshake") =>
             {
-                Client::connect_once(name, addr, s, TlsPolicy::None)
+                Client::connect_once(name, peer, s, TlsPolicy::None)
             }
             other => other,
         }
@@ -150,23 +150,24 @@ impl Client {
 
     fn connect_once(
         name: &str,
-        addr: SocketAddr,
+        peer: &Peer,
         s: &Settings,
         tls: TlsPolicy,
     ) -> Result<Client, Failure> {
-        let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(s.connect_timeout))
-            .map_err(|e| io_fail(name, &addr, "connect to", e))?;
-        let _ = socket.set_nodelay(true);
-        let _ = socket.set_read_timeout(Some(Duration::from_secs(s.command_timeout)));
-        let _ = socket.set_write_timeout(Some(Duration::from_secs(s.command_timeout)));
+        let socket = peer
+            .connect(
+                Duration::from_secs(s.connect_timeout),
+                Duration::from_secs(s.command_timeout),
+            )
+            .map_err(|e| io_fail(name, peer, "connect to", e))?;
         let stream = socket
-            .try_clone()
-            .map_err(|e| io_fail(name, &addr, "connect to", e))?;
+            .stream()
+            .map_err(|e| io_fail(name, peer, "connect to", e))?;
         let mut c = Client {
-            conn: Conn::new(Box::new(stream)),
+            conn: Conn::new(stream),
             socket,
             name: name.to_string(),
-            addr,
+            peer: peer.clone(),
             ext: Extensions::default(),
             tls: None,
             idle_since: Instant::now(),
@@ -177,7 +178,7 @@ impl Client {
             lmtp: s.lmtp,
         };
         let server = rustls::pki_types::ServerName::try_from(name.to_string())
-            .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+            .unwrap_or_else(|_| peer.server_name());
         let check = match s.verify {
             Some(v) => crate::tls::Check::Verify {
                 ca: v.ca,
@@ -193,7 +194,7 @@ impl Client {
         let unverified = |e: String| {
             match s.verify {
             Some(v) if v.why == "credentials" => format!("4.7.5 certificate not verified ({e}); credentials are sent only to a verified server (set [msp.ca_files] for a private CA)"),
-            Some(v) => format!("4.7.5 TLS level {}: certificate of {name}[{}] not verified ({e})", v.why, addr.ip()),
+            Some(v) => format!("4.7.5 TLS level {}: certificate of {name}{} not verified ({e})", v.why, peer.at()),
             None => e,
         }
         };
@@ -202,7 +203,7 @@ impl Client {
                 .conn
                 .upgrade(|stream| crate::tls::connect(server.clone(), stream, s.client_cert, check))
                 .map_err(|e| {
-                    io_fail(name, &addr, "TLS handshake with", unverified(e.to_string()))
+                    io_fail(name, peer, "TLS handshake with", unverified(e.to_string()))
                 })?;
             c.trace("", &format!("TLS from the start: {info}"));
             c.tls = Some(info);
@@ -210,13 +211,10 @@ impl Client {
         }
         let greeting = c
             .read_reply()
-            .map_err(|e| io_fail(name, &addr, "lost connection with", e))?;
+            .map_err(|e| io_fail(name, peer, "lost connection with", e))?;
         if !greeting.is_ok() {
             return Err(Failure {
-                text: format!(
-                    "host {name}[{}] refused to talk to me: {greeting}",
-                    addr.ip()
-                ),
+                text: format!("host {name}{} refused to talk to me: {greeting}", peer.at()),
                 permanent: greeting.is_permanent(),
             });
         }
@@ -228,8 +226,8 @@ impl Client {
             if tls == TlsPolicy::Encrypt {
                 return Err(Failure {
                     text: format!(
-                        "TLS is required, but {name}[{}] does not offer STARTTLS",
-                        addr.ip()
+                        "TLS is required, but {name}{} does not offer STARTTLS",
+                        peer.at()
                     ),
                     permanent: false,
                 });
@@ -238,11 +236,11 @@ impl Client {
         }
         let r = c
             .command("STARTTLS")
-            .map_err(|e| io_fail(name, &addr, "lost connection with", e))?;
+            .map_err(|e| io_fail(name, peer, "lost connection with", e))?;
         if !r.is_ok() {
             if tls == TlsPolicy::Encrypt {
                 return Err(Failure {
-                    text: format!("TLS is required, but {name}[{}] said: {r}", addr.ip()),
+                    text: format!("TLS is required, but {name}{} said: {r}", peer.at()),
                     permanent: false,
                 });
             }
@@ -251,7 +249,7 @@ impl Client {
         let info = c
             .conn
             .upgrade(|stream| crate::tls::connect(server, stream, s.client_cert, check))
-            .map_err(|e| io_fail(name, &addr, "TLS handshake with", unverified(e.to_string())))?;
+            .map_err(|e| io_fail(name, peer, "TLS handshake with", unverified(e.to_string())))?;
         c.trace("", &format!("TLS started: {info}"));
         c.tls = Some(info);
         c.verified = s.verify.is_some();
@@ -271,27 +269,27 @@ impl Client {
     }
 
     fn hello(&mut self, helo: &str) -> Result<(), Failure> {
-        let (name, addr) = (self.name.clone(), self.addr);
+        let (name, peer) = (self.name.clone(), self.peer.clone());
         let verb = if self.lmtp { "LHLO" } else { "EHLO" };
         let r = self
             .command(&format!("{verb} {helo}"))
-            .map_err(|e| io_fail(&name, &addr, "lost connection with", e))?;
+            .map_err(|e| io_fail(&name, &peer, "lost connection with", e))?;
         if r.is_ok() {
             self.ext = parse_ehlo(&r.text);
             return Ok(());
         }
         if self.lmtp {
             return Err(Failure {
-                text: format!("host {name}[{}] refused LHLO: {r}", addr.ip()),
+                text: format!("host {name}{} refused LHLO: {r}", peer.at()),
                 permanent: r.is_permanent(),
             });
         }
         let r = self
             .command(&format!("HELO {helo}"))
-            .map_err(|e| io_fail(&name, &addr, "lost connection with", e))?;
+            .map_err(|e| io_fail(&name, &peer, "lost connection with", e))?;
         if !r.is_ok() {
             return Err(Failure {
-                text: format!("host {name}[{}] refused HELO: {r}", addr.ip()),
+                text: format!("host {name}{} refused HELO: {r}", peer.at()),
                 permanent: r.is_permanent(),
             });
         }
@@ -303,10 +301,9 @@ impl Client {
     fn trace(&self, dir: &str, line: &str) {
         if let Some(id) = &self.debug {
             qlog!(
-                "qid={id} debug=smtp relay={}[{}]:{} dir={} line={}",
+                "qid={id} debug=smtp relay={}{} dir={} line={}",
                 self.name,
-                self.addr.ip(),
-                self.addr.port(),
+                self.peer.place(),
                 if dir.is_empty() { "-" } else { dir },
                 quote(line)
             );
@@ -322,7 +319,7 @@ impl Client {
     /// AUTH PLAIN, or LOGIN when that is all the server offers; only under TLS. A refusal
     /// is temporary, as in Postfix: the password may be fixed before the message expires.
     pub fn authenticate(&mut self, user: &str, password: &str) -> Result<(), Failure> {
-        let host = format!("{}[{}]", self.name, self.addr.ip());
+        let host = format!("{}{}", self.name, self.peer.at());
         let fail = |text: String| Failure {
             text,
             permanent: false,
@@ -487,7 +484,7 @@ impl Client {
         }
         let _ = self
             .socket
-            .set_read_timeout(Some(Duration::from_secs(self.timeouts.1)));
+            .set_read_timeout(Duration::from_secs(self.timeouts.1));
         self.trace(">", &format!("(the message, {} bytes)", tx.message.len()));
         self.trace(">", ".");
         self.conn.send_raw(&dot_stuff(tx.message));
@@ -510,7 +507,7 @@ impl Client {
         };
         let _ = self
             .socket
-            .set_read_timeout(Some(Duration::from_secs(self.timeouts.0)));
+            .set_read_timeout(Duration::from_secs(self.timeouts.0));
         Ok(Outcome {
             mail,
             rcpts,

@@ -4,6 +4,7 @@
 //! destination no host of which answers is marked dead (see `dead`).
 
 use crate::client::{Client, Transaction};
+use crate::peer::Peer;
 use crate::transaction::{judge, mail_command, rcpt_command, refuse_before_sending, Verdict};
 use crate::{dns, Dest, SmtpAgent};
 use qms_spool::Job;
@@ -84,7 +85,7 @@ impl SmtpAgent {
             return;
         }
         let t0 = Instant::now();
-        let (lookup, port) = self.hosts(dest);
+        let peers = self.peers(dest);
         let dns_time = t0.elapsed().as_secs_f64();
         let queued = |ji: usize| {
             (qms_common::time::now() - jobs[ji].arrival) as f64 - start.elapsed().as_secs_f64()
@@ -103,9 +104,9 @@ impl SmtpAgent {
                 })
                 .collect()
         };
-        let hosts = match lookup {
-            dns::Lookup::Hosts(h) => h,
-            dns::Lookup::Permanent(t) => {
+        let peers = match peers {
+            Ok(p) => p,
+            Err(dns::Lookup::Permanent(t)) => {
                 let code = if t.contains("null MX") {
                     "5.1.10"
                 } else {
@@ -114,10 +115,11 @@ impl SmtpAgent {
                 let _ = results.send(all(|| Verdict::Failed, format!("{code} {t}")));
                 return;
             }
-            dns::Lookup::Temporary(t) => {
+            Err(dns::Lookup::Temporary(t)) => {
                 let _ = results.send(all(|| Verdict::Deferred, format!("4.4.3 {t}")));
                 return;
             }
+            Err(dns::Lookup::Hosts(_)) => Vec::new(),
         };
         // One transaction per job and recipient chunk.
         let mut txs: Vec<Tx> = Vec::new();
@@ -166,9 +168,7 @@ impl SmtpAgent {
                         tx: results.clone(),
                         buf: Vec::new(),
                     };
-                    s.spawn(|| {
-                        self.lane(lane, &hosts, port, dest, jobs, bodies, start, dns_time, out)
-                    })
+                    s.spawn(|| self.lane(lane, &peers, dest, jobs, bodies, start, dns_time, out))
                 })
                 .collect();
             handles
@@ -199,8 +199,7 @@ impl SmtpAgent {
     fn lane(
         &self,
         txs: &[Tx],
-        hosts: &[dns::Host],
-        port: u16,
+        peers: &[(String, Peer)],
         dest: &Dest,
         jobs: &[&Job],
         bodies: &[Result<Vec<u8>, String>],
@@ -253,7 +252,7 @@ impl SmtpAgent {
             };
             let (mut c, conn_time, reused) = match client.take() {
                 Some(c) => (c, 0.0, true),
-                None => match self.client(hosts, port, dest, retried) {
+                None => match self.client(peers, dest, retried) {
                     Ok((c, t)) => {
                         reach.connected = true;
                         (c, t, t == 0.0)
@@ -284,7 +283,7 @@ impl SmtpAgent {
                     }
                 },
             };
-            let relay = format!("{}[{}]:{}", c.name, c.addr.ip(), c.addr.port());
+            let relay = format!("{}{}", c.name, c.peer.place());
             if let Some(reason) = refuse_before_sending(job, &tx.ris, &c, body.len()) {
                 push_all(
                     &mut out,
@@ -331,7 +330,7 @@ impl SmtpAgent {
                     // A cached connection the server had closed; the others to that address
                     // are likely gone too. Try once more on a fresh connection.
                     if let Ok(mut cache) = self.cache.lock() {
-                        cache.remove(&c.addr);
+                        cache.remove(&c.peer);
                     }
                     retried = true;
                 }

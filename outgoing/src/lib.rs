@@ -7,17 +7,20 @@ mod client;
 mod dead;
 mod destination;
 pub mod dns;
+mod peer;
 mod tls;
 mod transaction;
 
 use client::{Client, Failure, Settings};
 use destination::Res;
+use peer::Peer;
 use qms_common::config::{Route, TlsPolicy, TlsRule};
 use qms_common::{qlog, Config};
 use qms_delivery::dsn;
 use qms_spool::{Claimed, Job, LinkSecurity, Notify, RcptState, Smarthost, Spool};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use transaction::Verdict;
@@ -33,11 +36,11 @@ pub struct SmtpAgent {
     queue: String,
     dns: Result<dns::Dns, String>,
     /// Idle connections by address, for the next jobs to the same host.
-    cache: Mutex<HashMap<SocketAddr, Vec<Client>>>,
+    cache: Mutex<HashMap<Peer, Vec<Client>>>,
     /// Slow start: how many connections a destination gets at once, grown on success.
     window: Mutex<HashMap<Dest, usize>>,
     /// Connection attempts in progress per address (see CONNECTS_IN_FLIGHT).
-    connecting: (Mutex<HashMap<SocketAddr, usize>>, std::sync::Condvar),
+    connecting: (Mutex<HashMap<Peer, usize>>, std::sync::Condvar),
     /// Destinations no host of which answered: their mail waits without new attempts.
     /// Keyed by target and TLS rule: a certificate refused under one rule says nothing of
     /// the host under another.
@@ -64,6 +67,8 @@ enum Target {
     Smarthost(Smarthost),
     /// `lmtp:[host]:port`: a post office, over LMTP.
     Lmtp { host: String, port: u16 },
+    /// `lmtp:unix:PATH`: a post office on this host, over LMTP on its socket.
+    LmtpUnix { path: PathBuf },
 }
 
 impl Dest {
@@ -162,6 +167,26 @@ impl SmtpAgent {
                 (lookup, *port)
             }
             Target::Mx { domain } => (dns.mail_hosts(domain), self.cfg.client.port),
+            Target::LmtpUnix { .. } => (dns::Lookup::Hosts(Vec::new()), 0),
+        }
+    }
+
+    /// Where to connect for a destination, in order: a post office's socket, or each
+    /// address of each host; else the failed lookup.
+    fn peers(&self, dest: &Dest) -> Result<Vec<(String, Peer)>, dns::Lookup> {
+        if let Target::LmtpUnix { path } = &dest.target {
+            return Ok(vec![("localhost".into(), Peer::Unix(path.clone()))]);
+        }
+        match self.hosts(dest) {
+            (dns::Lookup::Hosts(hosts), port) => Ok(hosts
+                .iter()
+                .flat_map(|h| {
+                    h.addrs
+                        .iter()
+                        .map(move |ip| (h.name.clone(), Peer::Inet(SocketAddr::new(*ip, port))))
+                })
+                .collect()),
+            (failed, _) => Err(failed),
         }
     }
 
@@ -169,8 +194,7 @@ impl SmtpAgent {
     /// to a smarthost that wants credentials).
     fn client(
         &self,
-        hosts: &[dns::Host],
-        port: u16,
+        peers: &[(String, Peer)],
         dest: &Dest,
         fresh: bool,
     ) -> Result<(Client, f64), Failure> {
@@ -180,18 +204,16 @@ impl SmtpAgent {
             Target::Relay { host, .. } => self.cfg.relay_auth.get(&host.to_ascii_lowercase()),
             _ => None,
         };
-        let lmtp = matches!(dest.target, Target::Lmtp { .. });
+        let lmtp = matches!(dest.target, Target::Lmtp { .. } | Target::LmtpUnix { .. });
         let made_for = format!("{:?} {:?} {lmtp}", dest.tls, login.map(|l| &l.user));
         if let (false, Ok(mut cache)) = (fresh || dest.private(), self.cache.lock()) {
-            for h in hosts {
-                for ip in &h.addrs {
-                    if let Some(list) = cache.get_mut(&SocketAddr::new(*ip, port)) {
-                        list.retain(|c| c.idle_since.elapsed() < reuse);
-                        // Only a connection made under the same TLS rule: one opened at
-                        // `may` proves nothing to a `verify` destination.
-                        if let Some(i) = list.iter().rposition(|c| c.made_for == made_for) {
-                            return Ok((list.remove(i), 0.0));
-                        }
+            for (_, peer) in peers {
+                if let Some(list) = cache.get_mut(peer) {
+                    list.retain(|c| c.idle_since.elapsed() < reuse);
+                    // Only a connection made under the same TLS rule: one opened at `may`
+                    // proves nothing to a `verify` destination.
+                    if let Some(i) = list.iter().rposition(|c| c.made_for == made_for) {
+                        return Ok((list.remove(i), 0.0));
                     }
                 }
             }
@@ -205,6 +227,7 @@ impl SmtpAgent {
                 vec![host.to_ascii_lowercase()]
             }
             Target::Smarthost(_) => Vec::new(),
+            Target::LmtpUnix { .. } => vec!["localhost".to_string()],
         };
         let names = match dest.tls.level {
             TlsPolicy::Secure if dest.tls.names.is_empty() => next_hop.as_slice(),
@@ -245,73 +268,68 @@ impl SmtpAgent {
             permanent: false,
         };
         let start = Instant::now();
-        for h in hosts {
-            for ip in &h.addrs {
-                let addr = SocketAddr::new(*ip, port);
-                self.gate(addr, true);
-                let mut attempt = Client::connect(&h.name, addr, &settings);
-                self.gate(addr, false);
-                if let (
-                    Ok(c),
-                    Some(Smarthost {
-                        user: Some(u),
-                        password: Some(p),
-                        ..
-                    }),
-                ) = (&mut attempt, smarthost)
-                {
-                    if let Err(f) = c.authenticate(u, p) {
-                        qlog!(
-                            "relay={}[{ip}]:{port} status=auth-failed reason={}",
-                            h.name,
-                            qms_common::log::quote(&f.text)
-                        );
-                        return Err(f);
-                    }
+        for (name, peer) in peers {
+            self.gate(peer, true);
+            let mut attempt = Client::connect(name, peer, &settings);
+            self.gate(peer, false);
+            let at = peer.place();
+            if let (
+                Ok(c),
+                Some(Smarthost {
+                    user: Some(u),
+                    password: Some(p),
+                    ..
+                }),
+            ) = (&mut attempt, smarthost)
+            {
+                if let Err(f) = c.authenticate(u, p) {
+                    qlog!(
+                        "relay={name}{at} status=auth-failed reason={}",
+                        qms_common::log::quote(&f.text)
+                    );
+                    return Err(f);
                 }
-                if let (Ok(c), Some(l)) = (&mut attempt, login) {
-                    if let Err(f) = relay_login(c, l) {
-                        qlog!(
-                            "relay={}[{ip}]:{port} status=auth-failed reason={}",
-                            h.name,
-                            qms_common::log::quote(&f.text)
-                        );
-                        return Err(f);
-                    }
+            }
+            if let (Ok(c), Some(l)) = (&mut attempt, login) {
+                if let Err(f) = relay_login(c, l) {
+                    qlog!(
+                        "relay={name}{at} status=auth-failed reason={}",
+                        qms_common::log::quote(&f.text)
+                    );
+                    return Err(f);
                 }
-                match attempt {
-                    Ok(mut c) => {
-                        c.made_for = made_for;
-                        return Ok((c, start.elapsed().as_secs_f64()));
-                    }
-                    Err(f) => {
-                        qlog!(
-                            "relay={}[{ip}]:{port} status=connect-failed reason={}",
-                            h.name,
-                            qms_common::log::quote(&f.text)
-                        );
-                        last = f;
-                    }
+            }
+            match attempt {
+                Ok(mut c) => {
+                    c.made_for = made_for;
+                    return Ok((c, start.elapsed().as_secs_f64()));
+                }
+                Err(f) => {
+                    qlog!(
+                        "relay={name}{at} status=connect-failed reason={}",
+                        qms_common::log::quote(&f.text)
+                    );
+                    last = f;
                 }
             }
         }
         Err(last)
     }
 
-    /// Waits for a free connection slot to `addr` (enter) or gives one back (leave).
-    fn gate(&self, addr: SocketAddr, enter: bool) {
+    /// Waits for a free connection slot to `peer` (enter) or gives one back (leave).
+    fn gate(&self, peer: &Peer, enter: bool) {
         let (lock, cv) = &self.connecting;
         let Ok(mut map) = lock.lock() else { return };
         if enter {
-            while map.get(&addr).copied().unwrap_or(0) >= CONNECTS_IN_FLIGHT {
+            while map.get(peer).copied().unwrap_or(0) >= CONNECTS_IN_FLIGHT {
                 map = match cv.wait(map) {
                     Ok(m) => m,
                     Err(_) => return,
                 };
             }
-            *map.entry(addr).or_insert(0) += 1;
+            *map.entry(peer.clone()).or_insert(0) += 1;
         } else {
-            if let Some(n) = map.get_mut(&addr) {
+            if let Some(n) = map.get_mut(peer) {
                 *n = n.saturating_sub(1);
             }
             cv.notify_all();
@@ -320,7 +338,7 @@ impl SmtpAgent {
 
     fn keep(&self, c: Client) {
         if let Ok(mut cache) = self.cache.lock() {
-            let list = cache.entry(c.addr).or_default();
+            let list = cache.entry(c.peer.clone()).or_default();
             if list.len() < self.cfg.destination_concurrency(&self.queue) {
                 list.push(c);
                 return;
@@ -422,6 +440,15 @@ impl qms_delivery::Agent for SmtpAgent {
             .map(|c| self.spool.read_body(&c.job).map_err(|e| e.to_string()))
             .collect();
         let mut groups: BTreeMap<Dest, Vec<(usize, usize)>> = BTreeMap::new();
+        let post_office = |target| Dest {
+            target,
+            tls: TlsRule {
+                level: TlsPolicy::None,
+                ca_file: None,
+                names: Vec::new(),
+            },
+            debug: None,
+        };
         for (ji, c) in batch.iter().enumerate() {
             for (ri, r) in c
                 .job
@@ -451,15 +478,12 @@ impl qms_delivery::Agent for SmtpAgent {
                     },
                     // A post office on this host or a trusted network: plain, as Postfix's
                     // lmtp client by default.
-                    (None, Some(Ok(Route::Lmtp { host, port }))) => Dest {
-                        target: Target::Lmtp { host, port },
-                        tls: TlsRule {
-                            level: TlsPolicy::None,
-                            ca_file: None,
-                            names: Vec::new(),
-                        },
-                        debug: None,
-                    },
+                    (None, Some(Ok(Route::Lmtp { host, port }))) => {
+                        post_office(Target::Lmtp { host, port })
+                    }
+                    (None, Some(Ok(Route::LmtpUnix(path)))) => {
+                        post_office(Target::LmtpUnix { path })
+                    }
                     _ => Dest {
                         target: Target::Mx {
                             domain: r.address.domain().to_string(),

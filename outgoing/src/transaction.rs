@@ -18,7 +18,7 @@ pub(crate) fn refuse_before_sending(
     c: &Client,
     size: usize,
 ) -> Option<String> {
-    let host = format!("{}[{}]", c.name, c.addr.ip());
+    let host = format!("{}{}", c.name, c.peer.at());
     let utf8 = job.smtputf8
         || job.sender.as_ref().is_some_and(|s| s.is_utf8())
         || ris.iter().any(|&ri| job.recipients[ri].address.is_utf8());

@@ -17,6 +17,8 @@ pub struct Dovecot {
     pub lmtp_port: u16,
     /// Its authentication socket, for `[auth] dovecot`.
     pub auth_socket: PathBuf,
+    /// Its LMTP service's local socket.
+    pub lmtp_socket: PathBuf,
 }
 
 impl Dovecot {
@@ -71,6 +73,9 @@ service anvil {{
   chroot =
 }}
 service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
   inet_listener lmtp {{
     address = 127.0.0.1
     port = {lmtp_port}
@@ -122,6 +127,7 @@ mail_location = maildir:~/Maildir
         wait_for("dovecot to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", lmtp_port)).is_ok()
+                && std::os::unix::net::UnixStream::connect(d.join("run").join("lmtp")).is_ok()
         });
         Dovecot {
             child,
@@ -131,6 +137,7 @@ mail_location = maildir:~/Maildir
             maildir,
             lmtp_port,
             auth_socket: d.join("run").join("auth-client"),
+            lmtp_socket: d.join("run").join("lmtp"),
         }
     }
 

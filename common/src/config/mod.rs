@@ -6,10 +6,12 @@ mod local;
 mod queues;
 mod raw;
 mod show;
+mod sieve;
 
 pub use local::{Local, Origin};
 pub use queues::{Agent, Overrides, Routing};
 pub use show::Effective;
+pub use sieve::Sieve;
 
 use raw::{OneOrMany, Raw, RawListener, Secs};
 use std::collections::BTreeMap;
@@ -71,6 +73,8 @@ pub enum Route {
         host: String,
         port: u16,
     },
+    /// LMTP on a local socket: `lmtp:unix:/run/dovecot/lmtp` (Dovecot's default).
+    LmtpUnix(PathBuf),
     Discard,
     Error(String),
 }
@@ -97,12 +101,18 @@ impl Route {
             let (host, port) = parse_hop(hop, 25)?;
             return Ok(Route::Relay { host, port });
         }
+        if let Some(path) = s.strip_prefix("lmtp:unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("lmtp:unix: needs an absolute path, not {path:?}"));
+            }
+            return Ok(Route::LmtpUnix(PathBuf::from(path)));
+        }
         if let Some(hop) = s.strip_prefix("lmtp:") {
             let (host, port) = parse_hop(hop, 24)?;
             return Ok(Route::Lmtp { host, port });
         }
         Err(format!(
-            "unknown route {s:?} (expected local, smtp, smtp:[host]:port, lmtp:[host]:port, pipe:COMMAND, discard or error:TEXT)"
+            "unknown route {s:?} (expected local, smtp, smtp:[host]:port, lmtp:[host]:port, lmtp:unix:PATH, pipe:COMMAND, discard or error:TEXT)"
         ))
     }
 
@@ -110,7 +120,9 @@ impl Route {
     pub fn queue(&self) -> Option<&'static str> {
         match self {
             Route::Local => Some("local"),
-            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } => Some("smtp"),
+            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } | Route::LmtpUnix(_) => {
+                Some("smtp")
+            }
             Route::Pipe(_) => Some("pipe"),
             Route::Discard | Route::Error(_) => None,
         }
@@ -124,6 +136,7 @@ impl fmt::Display for Route {
             Route::Smtp => write!(f, "smtp"),
             Route::Relay { host, port } => write!(f, "smtp:[{host}]:{port}"),
             Route::Lmtp { host, port } => write!(f, "lmtp:[{host}]:{port}"),
+            Route::LmtpUnix(p) => write!(f, "lmtp:unix:{}", p.display()),
             Route::Pipe(c) => write!(f, "pipe:{c}"),
             Route::Discard => write!(f, "discard"),
             Route::Error(t) => write!(f, "error:{t}"),
@@ -248,6 +261,8 @@ pub struct MailboxEntry {
     pub mailbox: Mailbox,
     /// The system user that owns the mailbox; deliveries run as this user when qms is root.
     pub user: Option<String>,
+    /// A Sieve script that filters the mailbox's mail (Maildir only), run as `user`.
+    pub sieve: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -438,6 +453,8 @@ pub struct Config {
     pub tracking: Tracking,
     pub msp: Msp,
     pub local: Local,
+    /// `[sieve]`: the filters local delivery runs, and their limits.
+    pub sieve: Sieve,
     /// `[metrics] listen`: where Prometheus scrapes `/metrics`; None: no metrics listener.
     pub metrics_listen: Option<SocketAddr>,
     /// `[dkim."DOMAIN"]`: the selectors and keys that sign mail from each domain.
@@ -711,6 +728,17 @@ impl Config {
             mailboxes.insert(
                 addr.lookup_key(),
                 MailboxEntry {
+                    sieve: match (&mailbox, v.sieve) {
+                        (_, None) => None,
+                        (Mailbox::Maildir(_), Some(p)) => Some(resolve(&p)),
+                        (Mailbox::Mbox(_), Some(_)) => {
+                            return Err(err(
+                                &key,
+                                "a Sieve script needs a maildir (fileinto files into its folders)"
+                                    .into(),
+                            ))
+                        }
+                    },
                     mailbox,
                     user: v.user,
                 },
@@ -961,6 +989,10 @@ impl Config {
             .local
             .build(&resolve)
             .map_err(|(key, message)| err(&key, message))?;
+        let sieve = raw
+            .sieve
+            .build(&resolve)
+            .map_err(|(key, message)| err(&key, message))?;
         let mut dkim = BTreeMap::new();
         for (domain, entry) in raw.dkim {
             let list = match entry {
@@ -1105,6 +1137,7 @@ impl Config {
                     .collect(),
             },
             local,
+            sieve,
             metrics_listen,
             dkim,
             srs,

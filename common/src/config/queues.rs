@@ -17,7 +17,9 @@ pub enum Agent {
 impl Agent {
     pub fn of(route: &Route) -> Agent {
         match route {
-            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } => Agent::Smtp,
+            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } | Route::LmtpUnix(_) => {
+                Agent::Smtp
+            }
             _ => Agent::Local,
         }
     }

@@ -58,6 +58,7 @@ pub(super) struct RawMailbox {
     pub(super) maildir: Option<String>,
     pub(super) mbox: Option<String>,
     pub(super) user: Option<String>,
+    pub(super) sieve: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +305,8 @@ pub(super) struct Raw {
     pub(super) msp: RawMsp,
     #[serde(default)]
     pub(super) local: super::local::RawLocal,
+    #[serde(default)]
+    pub(super) sieve: super::sieve::RawSieve,
     #[serde(default)]
     pub(super) metrics: RawMetrics,
     #[serde(default)]

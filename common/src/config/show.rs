@@ -105,6 +105,9 @@ impl Effective {
             if let Some(u) = &m.user {
                 t.insert("user".into(), Value::String(u.clone()));
             }
+            if let Some(p) = &m.sieve {
+                t.insert("sieve".into(), path(p));
+            }
             mailboxes.set(k, Value::Table(t));
         }
         e.push("mailboxes", mailboxes);
@@ -264,6 +267,24 @@ impl Effective {
             )
             .list("allow_mail_to_files", &origins(&l.allow_mail_to_files));
         self.push("local", s);
+        let v = &c.sieve;
+        let mut s = Section::default();
+        s.path("before", v.before.as_deref())
+            .path("after", v.after.as_deref())
+            .set(
+                "user_script",
+                v.user_script
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            )
+            .set("global_dir", path(&v.global_dir))
+            .set("max_script_size", int(v.max_script_size))
+            .set("max_instructions", int(v.max_instructions))
+            .secs("cpu_time", v.cpu_time)
+            .set("max_redirects", int(v.max_redirects))
+            .set("max_vacation_replies", int(v.max_vacation_replies));
+        self.push("sieve", s);
         let mut s = Section::default();
         s.maybe(
             "listen",
