@@ -24,9 +24,21 @@ fn send_as(
     key: Option<&std::path::Path>,
     how: &str,
 ) -> (u16, String) {
+    send_to(port, from, "alice@example.test", msg, key, how)
+}
+
+/// As `send_as`, to `rcpt`.
+fn send_to(
+    port: u16,
+    from: &str,
+    rcpt: &str,
+    msg: &str,
+    key: Option<&std::path::Path>,
+    how: &str,
+) -> (u16, String) {
     let script = r#"
 import smtplib, sys, dkim
-port, sender, text, key, how = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode(), sys.argv[4], sys.argv[5]
+port, sender, text, key, how, rcpt = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode(), sys.argv[4], sys.argv[5], sys.argv[6]
 if key and how == "dkim":
     sig = dkim.sign(text, b"s1", b"good.test", open(key, "rb").read(),
                     include_headers=[b"From", b"To", b"Subject"])
@@ -41,7 +53,7 @@ elif key:
 s = smtplib.SMTP("127.0.0.1", port, timeout=60)
 s.ehlo("client.test")
 s.mail(sender)
-s.rcpt("alice@example.test")
+s.rcpt(rcpt)
 code, reply = s.data(text)
 print(code, reply.decode())
 s.quit()
@@ -55,6 +67,7 @@ s.quit()
             msg.to_string(),
             key,
             how.to_string(),
+            rcpt.to_string(),
         ],
     );
     assert!(ok, "{out}");
@@ -263,4 +276,153 @@ fn a_dns_failure_is_a_temporary_refusal_never_a_pass() {
     );
     assert_eq!(code, 451, "{reply}");
     assert_eq!(inst.count_new("alice"), 0);
+}
+
+/// The DNS TXT value `qms dkim keygen` prints for a new key at `path`.
+fn keygen(inst: &Instance, domain: &str, selector: &str, path: &std::path::Path) -> String {
+    let out = inst.qms(&[
+        "dkim",
+        "keygen",
+        domain,
+        selector,
+        "--out",
+        &path.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .collect()
+}
+
+/// dkimpy's ARC verdict on `msg` (cv, and the reason), with the key records given by name.
+fn arc_verify(msg: &str, records: &[(&str, &str)]) -> String {
+    let script = r#"
+import sys, json, dkim
+msg = open(sys.argv[1], "rb").read()
+records = json.loads(sys.argv[2])
+def dnsfunc(name, timeout=5):
+    return records.get(name.decode().rstrip("."), "").encode()
+cv, results, reason = dkim.arc_verify(msg, dnsfunc=dnsfunc)
+print(cv.decode(), reason)
+"#;
+    let path = std::env::temp_dir().join(format!("arc-msg-{}", std::process::id()));
+    std::fs::write(&path, msg).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = records
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    let (ok, out) = python(
+        script,
+        &[
+            path.display().to_string(),
+            serde_json::Value::Object(map).to_string(),
+        ],
+    );
+    assert!(ok, "{out}");
+    out.trim().to_string()
+}
+
+#[test]
+fn mail_an_alias_forwards_is_sealed_and_the_next_hop_can_verify_the_chain() {
+    let sink_port = free_port();
+    let mut inst = relay_instance(
+        &[("ok.test", sink_port)],
+        "[auth_checks]\nenabled = true\n[arc]\ndomain = \"example.test\"\nselector = \"arc1\"\nkey = \"arc.pem\"\n",
+    );
+    std::fs::write(
+        inst.dir.join("aliases"),
+        "postmaster: alice\nfwd: carol@ok.test\n",
+    )
+    .unwrap();
+    let good_key = inst.dir.join("good.pem");
+    let good = keygen(&inst, "good.test", "s1", &good_key);
+    let ours = keygen(&inst, "example.test", "arc1", &inst.dir.join("arc.pem"));
+    let (mut dns, dns_port) = dnsmasq(
+        &inst,
+        &[
+            txt("good.test", "v=spf1 ip4:127.0.0.1 -all"),
+            txt("s1._domainkey.good.test", &good),
+            txt("_dmarc.good.test", "v=DMARC1; p=reject"),
+            "--local=/test/".to_string(),
+        ],
+    );
+    inst.edit_config(
+        "[scheduler]",
+        &format!("[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[scheduler]"),
+    );
+    inst.own();
+    let sink = Sink::start(&inst, "ok", "127.0.0.1", sink_port, &[]);
+    inst.start();
+    // Signed by its author; then one that a forwarder before us sealed; then one for a
+    // mailbox here, which nothing forwards.
+    let (code, _) = send_to(
+        inst.smtp_port,
+        "g@good.test",
+        "fwd@example.test",
+        &msg("Good <g@good.test>", "first hop"),
+        Some(&good_key),
+        "dkim",
+    );
+    assert_eq!(code, 250);
+    let (code, _) = send_to(
+        inst.smtp_port,
+        "g@good.test",
+        "fwd@example.test",
+        &msg("Good <g@good.test>", "second hop"),
+        Some(&good_key),
+        "arc",
+    );
+    assert_eq!(code, 250);
+    let (code, _) = send(
+        inst.smtp_port,
+        "g@good.test",
+        &msg("Good <g@good.test>", "kept here"),
+        Some(&good_key),
+    );
+    assert_eq!(code, 250);
+    wait_for(
+        "two forwarded and one kept",
+        Duration::from_secs(30),
+        || sink.messages().len() == 2 && inst.count_new("alice") == 1,
+    );
+    let _ = dns.kill();
+    let records = [
+        ("arc1._domainkey.example.test", ours.as_str()),
+        ("s1._domainkey.good.test", good.as_str()),
+    ];
+    let msgs = sink.messages();
+    for (subject, instance, cv) in [
+        ("first hop", "i=1", "cv=none"),
+        ("second hop", "i=2", "cv=pass"),
+    ] {
+        let m = msgs
+            .iter()
+            .find(|m| m.contains(&format!("Subject: {subject}")))
+            .unwrap();
+        // The sink's file starts with its own envelope lines; the message with our seal.
+        let start = m
+            .find("ARC-Seal:")
+            .unwrap_or_else(|| panic!("not sealed: {m}"));
+        let text = m[start..].replace("\r\n", "\n").replace('\n', "\r\n");
+        let seal: String = text
+            .lines()
+            .take_while(|l| !l.starts_with("ARC-Message-Signature"))
+            .collect();
+        assert!(
+            seal.contains(instance) && seal.contains(cv) && seal.contains("d=example.test"),
+            "{seal}"
+        );
+        let aar = format!("ARC-Authentication-Results: {instance}; mx.example.test;");
+        assert!(text.contains(&aar), "{text}");
+        let verdict = arc_verify(&text, &records);
+        assert!(
+            verdict.starts_with("pass"),
+            "{subject}: dkimpy says {verdict}\n{text}"
+        );
+    }
+    // Not forwarded: no seal of ours.
+    let kept = &inst.read_maildir("alice")[0];
+    assert!(!kept.contains("d=example.test"), "{kept}");
 }

@@ -9,7 +9,15 @@
 //! in claiming our name removed). DNS answers are cached for their TTL; a DNS failure is a
 //! temperror, never a pass. At most `PARALLEL` messages are verified at once, however many
 //! sessions end their DATA together.
+//!
+//! With `[arc]`, a message that an alias may forward is also sealed here, where the results
+//! are at hand (RFC 8617: ARC-Authentication-Results, ARC-Message-Signature, ARC-Seal); the
+//! router puts the set on the copies that leave for other domains.
 
+use mail_auth::arc::ArcSealer;
+use mail_auth::common::crypto::DkimKey;
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::{Canonicalization, Done};
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::hickory_resolver::config::ResolverOpts;
 use mail_auth::spf::verify::SpfParameters;
@@ -104,6 +112,8 @@ pub struct Checker {
     hostname: String,
     policy: AuthChecks,
     busy: (Mutex<usize>, Condvar),
+    /// `[arc]`: seals messages an alias may forward.
+    sealer: Option<ArcSealer<DkimKey, Done>>,
 }
 
 /// What the end of DATA does with a message.
@@ -114,6 +124,9 @@ pub struct Verdict {
     pub refuse: Option<String>,
     /// With `quarantine = "hold"`: why DMARC quarantines the message.
     pub quarantine: Option<String>,
+    /// The ARC set sealing the message, when one was asked for and the chain that came in
+    /// can be sealed (a chain that failed is not).
+    pub arc_set: Option<String>,
 }
 
 impl Checker {
@@ -135,6 +148,20 @@ impl Checker {
             }
             .map_err(|e| format!("cannot set up DNS for the checks: {e}"))?
         };
+        let sealer = match &cfg.arc {
+            Some(a) => {
+                let key =
+                    qms_router::dkim::read_key(&a.key).map_err(|e| format!("[arc] key: {e}"))?;
+                let sealer = ArcSealer::from_key(key)
+                    .domain(a.domain.clone())
+                    .selector(a.selector.clone())
+                    .headers(qms_router::dkim::SIGNED.iter().copied())
+                    .header_canonicalization(Canonicalization::Relaxed)
+                    .body_canonicalization(Canonicalization::Relaxed);
+                Some(sealer)
+            }
+            None => None,
+        };
         Ok(Checker {
             rt,
             auth,
@@ -142,6 +169,7 @@ impl Checker {
             hostname: cfg.hostname.clone(),
             policy: cfg.auth_checks.clone(),
             busy: (Mutex::new(0), Condvar::new()),
+            sealer,
         })
     }
 
@@ -190,6 +218,7 @@ impl Checker {
         ip: IpAddr,
         helo: &str,
         sender: &str,
+        seal: bool,
     ) -> Verdict {
         let _turn = self.turn();
         let mut ar = AuthenticationResults::new(&self.hostname);
@@ -203,6 +232,7 @@ impl Checker {
                 results: ar.to_string(),
                 refuse: None,
                 quarantine: None,
+                arc_set: None,
             };
         };
         let from_domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d);
@@ -233,6 +263,7 @@ impl Checker {
                 ),
                 refuse,
                 quarantine: None,
+                arc_set: None,
             };
         };
         ar = ar
@@ -250,10 +281,26 @@ impl Checker {
             }
             _ => None,
         };
+        let arc_set = match &self.sealer {
+            Some(sealer) if seal && refuse.is_none() && arc.can_be_sealed() => {
+                match sealer.seal(&parsed, &ar, &arc) {
+                    Ok(set) => Some(set.to_header()),
+                    Err(e) => {
+                        qms_common::qlog!(
+                            "status=warning reason={}",
+                            qms_common::log::quote(&format!("ARC seal: {e}"))
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Verdict {
             results: ar.to_string(),
             quarantine: refuse.is_none().then(|| self.quarantine(&dmarc)).flatten(),
             refuse,
+            arc_set,
         }
     }
 

@@ -707,7 +707,8 @@ impl<'a> Session<'a> {
         let helo = self.helo.clone().unwrap_or_default();
         let from = qms_common::address::show_sender(&job.sender);
         let from = from.trim_matches(['<', '>']);
-        let v = checks.message(&msg, spf, ip, &helo, from);
+        let seal = self.may_forward(job);
+        let v = checks.message(&msg, spf, ip, &helo, from, seal);
         drop(msg);
         if let Some(reply) = v.refuse {
             qlog!(
@@ -722,8 +723,23 @@ impl<'a> Session<'a> {
             return None;
         }
         job.auth_results = Some(v.results);
+        job.arc_seal = v.arc_set;
         job.quarantine = v.quarantine;
         Some(w)
+    }
+
+    /// With `[arc]`: whether a recipient is reached through an alias (which may forward it to
+    /// another domain): such a message is sealed. Others are only passed on as they came.
+    fn may_forward(&self, job: &Job) -> bool {
+        let cfg = &self.shared.cfg;
+        if cfg.arc.is_none() {
+            return false;
+        }
+        let aliases = self.shared.aliases.get();
+        let expander = qms_common::expand::Expander::new(cfg, &aliases);
+        job.recipients
+            .iter()
+            .any(|r| expander.direct(&r.address).is_none())
     }
 
     /// Spools the message and answers 250 only once it is durable.

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The header fields signed when present (and signed as absent when not, so that none can
-/// be added later): RFC 6376 5.4.1's list.
-const SIGNED: &[&str] = &[
+/// be added later): RFC 6376 5.4.1's list. ARC seals sign the same.
+pub const SIGNED: &[&str] = &[
     "From",
     "Sender",
     "Reply-To",

@@ -181,7 +181,9 @@ impl Router {
                                 quote(why)
                             );
                         }
-                        let signed = last.and_then(|m| self.signed(&child, m));
+                        let signed = last
+                            .and_then(|m| self.signed(&child, m))
+                            .or_else(|| last.and_then(|m| sealed(&self.cfg, &c.job, &child, m)));
                         let message = signed.as_deref().or(rewritten.as_deref());
                         match self.spool.stage_child(&c, &child, message) {
                             Ok(Some(s)) => staged.push(s),
@@ -422,4 +424,18 @@ impl Router {
             })
             .collect())
     }
+}
+
+/// The copy of `message` for `child` with the ARC set smtpd sealed `job` with, when the
+/// child carries a recipient an alias forwards to another domain (`[arc]`); else None.
+fn sealed(cfg: &Config, job: &Job, child: &Job, message: &[u8]) -> Option<Vec<u8>> {
+    let set = job.arc_seal.as_deref()?;
+    let forwarded = child.recipients.iter().any(|r| r.original.is_some());
+    if !forwarded || cfg.agent_of(&child.queue) != qms_common::config::Agent::Smtp {
+        return None;
+    }
+    let mut out = Vec::with_capacity(set.len() + message.len());
+    out.extend_from_slice(set.as_bytes());
+    out.extend_from_slice(message);
+    Some(out)
 }

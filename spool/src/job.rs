@@ -206,6 +206,10 @@ pub struct Job {
     /// `[auth_checks]`: the Authentication-Results value smtpd found; the router writes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_results: Option<String>,
+    /// `[arc]`: the ARC set smtpd sealed the message with as it arrived (three header
+    /// fields); the router adds it to the copies an alias forwards to other domains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arc_seal: Option<String>,
     /// `[auth_checks] quarantine = "hold"`: why DMARC quarantines this message; the router
     /// puts its output jobs on hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +299,7 @@ impl Job {
             dryrun: false,
             ignore_suppression: false,
             auth_results: None,
+            arc_seal: None,
             quarantine: None,
             debug: false,
             smarthost: None,

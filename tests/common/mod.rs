@@ -184,7 +184,36 @@ scan_interval = 2
     }
 
     /// Starts the instance as the last arguments of `wrapper` (`strace -f -o FILE`, say).
+    /// A port another test took between `free_port` and the bind is replaced and the start
+    /// tried again.
     pub fn start_under(&mut self, wrapper: &[&str]) {
+        for _ in 0..5 {
+            if self.try_start(wrapper) {
+                wait_for("the workers to start", Duration::from_secs(20), || {
+                    std::fs::read_to_string(self.spool().join("run/status.json"))
+                        .is_ok_and(|s| !s.contains("null"))
+                });
+                return;
+            }
+            let (smtp, submission) = (free_port(), free_port());
+            let text = std::fs::read_to_string(&self.config).unwrap();
+            let text = text
+                .replace(
+                    &format!("127.0.0.1:{}\"", self.smtp_port),
+                    &format!("127.0.0.1:{smtp}\""),
+                )
+                .replace(
+                    &format!("127.0.0.1:{}\"", self.submission_port),
+                    &format!("127.0.0.1:{submission}\""),
+                );
+            std::fs::write(&self.config, text).unwrap();
+            (self.smtp_port, self.submission_port) = (smtp, submission);
+        }
+        panic!("qms did not start: {}", self.log());
+    }
+
+    /// One start; false when qms gave up because a port of its own was taken.
+    fn try_start(&mut self, wrapper: &[&str]) -> bool {
         let log = std::fs::File::create(self.dir.join("qms.log")).unwrap();
         let mut cmd = match wrapper.split_first() {
             Some((prog, args)) => {
@@ -204,13 +233,21 @@ scan_interval = 2
             .unwrap();
         self.child = Some(child);
         let port = self.smtp_port;
+        let mut ended = false;
         wait_for("smtpd to listen", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            ended = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            ended || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        wait_for("the workers to start", Duration::from_secs(20), || {
-            std::fs::read_to_string(self.spool().join("run/status.json"))
-                .is_ok_and(|s| !s.contains("null"))
-        });
+        if ended {
+            self.child = None;
+            let log = self.log();
+            assert!(log.contains("Address already in use"), "qms ended: {log}");
+            return false;
+        }
+        true
     }
 
     /// SIGHUP to the supervisor: the config is read again and workers scaled.

@@ -2,12 +2,14 @@
 //! so a mistake is reported once, with file, line and key, before any process starts.
 
 use crate::address::Address;
+mod arc;
 mod local;
 mod queues;
 mod raw;
 mod show;
 mod sieve;
 
+pub use arc::Arc as ArcSeal;
 pub use local::{Local, Origin};
 pub use queues::{Agent, Overrides, Routing};
 pub use show::Effective;
@@ -464,6 +466,8 @@ pub struct Config {
     /// `[relay_auth."HOST"]`: the login for a relay host of the routing table, by host name.
     pub relay_auth: BTreeMap<String, RelayAuth>,
     pub auth_checks: AuthChecks,
+    /// `[arc]`: the key that seals mail forwarded to other domains.
+    pub arc: Option<ArcSeal>,
 }
 
 /// `[auth_checks]`: what smtpd checks of mail from unauthenticated clients outside
@@ -993,6 +997,13 @@ impl Config {
             .sieve
             .build(&resolve)
             .map_err(|(key, message)| err(&key, message))?;
+        let arc = match raw.arc {
+            Some(a) => Some(
+                a.build(&resolve)
+                    .map_err(|(key, message)| err(&key, message))?,
+            ),
+            None => None,
+        };
         let mut dkim = BTreeMap::new();
         for (domain, entry) in raw.dkim {
             let list = match entry {
@@ -1138,6 +1149,7 @@ impl Config {
             },
             local,
             sieve,
+            arc,
             metrics_listen,
             dkim,
             srs,

@@ -312,6 +312,7 @@ pub(super) struct Raw {
     #[serde(default)]
     pub(super) dkim: BTreeMap<String, RawDkimEntry>,
     pub(super) srs: Option<RawSrs>,
+    pub(super) arc: Option<super::arc::RawArc>,
     #[serde(default)]
     pub(super) relay_auth: BTreeMap<String, RawRelayAuth>,
     #[serde(default)]

@@ -333,6 +333,12 @@ impl Effective {
             c.srs.as_ref().map(|r| r.secret_file.as_path()),
         );
         self.push("srs", s);
+        let mut s = Section::default();
+        let a = c.arc.as_ref();
+        s.maybe("domain", a.map(|a| Value::String(a.domain.clone())))
+            .maybe("selector", a.map(|a| Value::String(a.selector.clone())))
+            .path("key", a.map(|a| a.key.as_path()));
+        self.push("arc", s);
     }
 
     fn tracking(&mut self, c: &Config) {
