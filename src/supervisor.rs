@@ -202,21 +202,13 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     );
     let has_listeners = !listeners.is_empty();
     // The listeners and the TLS files stay close-on-exec here: only smtpd gets them.
-    let (fd_spec, mut smtpd_fds) = qms_incoming::smtpd::export(listeners);
-    let pairs: Vec<String> = tls_files
-        .iter()
-        .map(|(c, k)| {
-            smtpd_fds.extend([c.as_raw_fd(), k.as_raw_fd()]);
-            format!("{},{}", c.as_raw_fd(), k.as_raw_fd())
-        })
-        .collect();
-    let tls_spec = (!pairs.is_empty()).then(|| pairs.join(";"));
+    let (fd_spec, listener_fds) = qms_incoming::smtpd::export(listeners);
     signals::install();
     let mut sup = Supervisor {
         cfg,
         fd_spec,
-        smtpd_fds,
-        tls_spec,
+        listener_fds,
+        tls_files,
         has_listeners,
         children: BTreeMap::new(),
     };
@@ -224,7 +216,6 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     let _ = std::fs::remove_file(status_file(&sup.cfg));
     let _ = std::fs::remove_file(pid_file(&sup.cfg));
     drop(lock);
-    drop(tls_files);
     qlog!("event=stop");
     ExitCode::SUCCESS
 }
@@ -260,12 +251,13 @@ fn inherit(fds: &[RawFd]) -> std::io::Result<()> {
 struct Supervisor {
     cfg: Config,
     fd_spec: String,
-    /// The listeners' and TLS files' descriptors: smtpd's alone, never another child's
-    /// (a delivery command that inherited them could take port 25's connections or read
-    /// the key).
-    smtpd_fds: Vec<RawFd>,
-    /// `CERTFD,KEYFD` for smtpd, when TLS is configured.
-    tls_spec: Option<String>,
+    /// The listeners' descriptors, and below the TLS files: smtpd's alone, never another
+    /// child's (a delivery command that inherited them could take port 25's connections or
+    /// read the key).
+    listener_fds: Vec<RawFd>,
+    /// `[tls]` certificate and key files, each pair opened together (at start as root; again
+    /// on SIGHUP when qms's user may read them, for renewed certificates).
+    tls_files: Vec<(std::fs::File, std::fs::File)>,
     has_listeners: bool,
     children: BTreeMap<Slot, Child>,
 }
@@ -290,10 +282,21 @@ impl Supervisor {
         cmd.arg("-c").arg(&self.cfg.path).args(slot.args());
         cmd.env_remove(qms_incoming::smtpd::LISTEN_FDS_ENV)
             .env_remove(qms_incoming::tls::TLS_FDS_ENV);
+        let mut fds = Vec::new();
         if slot.role == "smtpd" {
             cmd.env(qms_incoming::smtpd::LISTEN_FDS_ENV, &self.fd_spec);
-            if let Some(t) = &self.tls_spec {
-                cmd.env(qms_incoming::tls::TLS_FDS_ENV, t);
+            fds.extend(&self.listener_fds);
+            // `CERTFD,KEYFD;CERTFD,KEYFD…`, as `qms_incoming::tls::inherited` reads it.
+            let pairs: Vec<String> = self
+                .tls_files
+                .iter()
+                .map(|(c, k)| {
+                    fds.extend([c.as_raw_fd(), k.as_raw_fd()]);
+                    format!("{},{}", c.as_raw_fd(), k.as_raw_fd())
+                })
+                .collect();
+            if !pairs.is_empty() {
+                cmd.env(qms_incoming::tls::TLS_FDS_ENV, pairs.join(";"));
             }
         }
         // Only local delivery agents keep the right to change user across exec; every
@@ -302,11 +305,6 @@ impl Supervisor {
             .queue
             .as_deref()
             .is_some_and(|q| self.cfg.agent_of(q) != qms_common::config::Agent::Smtp);
-        let fds = if slot.role == "smtpd" {
-            self.smtpd_fds.clone()
-        } else {
-            Vec::new()
-        };
         // Safety: the closure makes only fcntl and capability system calls, which are
         // async-signal-safe.
         unsafe {
@@ -453,6 +451,7 @@ impl Supervisor {
                     );
                 }
                 self.cfg = new;
+                self.reopen_tls();
                 qms_common::metrics::start(&self.cfg);
                 // Roles read the config when they start: the ones that stay are recycled
                 // (a clean stop releases their jobs), extra ones stop, missing ones start.
@@ -466,6 +465,26 @@ impl Supervisor {
                 self.reconcile();
             }
             Err(e) => qlog!("event=reload status=error reason={}", quote(&e.to_string())),
+        }
+    }
+
+    /// On SIGHUP: the certificate and key files opened again, so that the smtpd about to
+    /// start serves a renewed certificate. qms's user must be able to read them (a key only
+    /// root reads stays as opened at start, and the log says so).
+    fn reopen_tls(&mut self) {
+        match open_tls(&self.cfg) {
+            Ok(files) => {
+                if !files.is_empty() {
+                    qlog!("event=reload tls=reopened pairs={}", files.len());
+                }
+                self.tls_files = files;
+            }
+            Err(e) => qlog!(
+                "event=reload status=warning reason={}",
+                quote(&format!(
+                    "TLS files not reopened ({e}); those opened at start stay until qms is restarted"
+                ))
+            ),
         }
     }
 

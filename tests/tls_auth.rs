@@ -294,3 +294,155 @@ s.quit()
     assert!(ok && out.contains("refused 454"), "{out}");
     assert!(inst.log().contains("status=auth-unavailable"));
 }
+
+/// Issue #16: a renewed certificate (new files put in place, as certbot does) is served
+/// after SIGHUP, without a restart, when qms's user may read it.
+#[test]
+fn a_renewed_certificate_is_served_after_sighup() {
+    let mut inst = tls_instance();
+    inst.start();
+    assert!(served_subject(inst.smtp_port, "").contains("mx.example.test"));
+    let new = inst.dir.join("renewed");
+    std::fs::create_dir_all(&new).unwrap();
+    make_cert(&new, "renewed.example.test");
+    inst.own();
+    // New inodes under the old names: the descriptors opened at start still show the old.
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::rename(new.join(f), inst.dir.join(f)).unwrap();
+    }
+    assert!(served_subject(inst.smtp_port, "").contains("mx.example.test"));
+    inst.reload();
+    wait_for("the renewed certificate", Duration::from_secs(30), || {
+        served_subject(inst.smtp_port, "").contains("renewed.example.test")
+    });
+    assert!(inst.log().contains("tls=reopened"), "{}", inst.log());
+}
+
+/// Makes `name.pem`/`name.key` in `dir`: a client certificate for DNS name `cn`, signed by
+/// the CA in `dir` (ca.pem, ca.key), or by itself when `self_signed`.
+fn client_cert(dir: &std::path::Path, name: &str, cn: &str, self_signed: bool) {
+    let (key, pem, csr) = (
+        format!("{name}.key"),
+        format!("{name}.pem"),
+        format!("{name}.csr"),
+    );
+    let subject = format!("/CN={cn}");
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        format!("subjectAltName=DNS:{cn}\nextendedKeyUsage=clientAuth\n"),
+    )
+    .unwrap();
+    let ext = format!("{name}.ext");
+    if self_signed {
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &subject,
+                "-keyout",
+                &key,
+                "-out",
+                &pem,
+                "-addext",
+                &format!("subjectAltName=DNS:{cn}"),
+            ],
+            dir,
+        );
+        return;
+    }
+    openssl(
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out",
+            &csr,
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ],
+        dir,
+    );
+}
+
+/// Issue #16: with `[tls] client_ca`, smtpd asks for client certificates; one that verifies
+/// for a name of `relay_clients` may relay, and its subject is logged. One that does not
+/// verify (self-signed) or names another host is still taken for TLS, and may not relay.
+#[test]
+fn a_verified_client_certificate_of_a_listed_name_may_relay() {
+    let mut inst = tls_instance();
+    let ca = inst.dir.join("clients");
+    std::fs::create_dir_all(&ca).unwrap();
+    make_ca_cert(&ca, "unused.test");
+    client_cert(&ca, "partner", "mx.partner.test", false);
+    client_cert(&ca, "other", "mx.other.test", false);
+    client_cert(&ca, "forged", "mx.partner.test", true);
+    inst.own();
+    inst.edit_config(
+        "[auth]",
+        "client_ca = \"clients/ca.pem\"\nrelay_clients = [\"mx.partner.test\"]\n[auth]",
+    );
+    inst.start();
+    let script = r#"
+import smtplib, ssl, sys
+port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+if cert:
+    ctx.load_cert_chain(cert, key)
+s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+s.starttls(context=ctx)
+s.ehlo("client.test")
+s.mail("someone@partner.test")
+code, reply = s.rcpt("x@far.test")
+print(code)
+s.quit()
+"#;
+    let rcpt = |name: &str| -> String {
+        let (cert, key) = match name {
+            "" => (String::new(), String::new()),
+            n => (
+                ca.join(format!("{n}.pem")).display().to_string(),
+                ca.join(format!("{n}.key")).display().to_string(),
+            ),
+        };
+        let (ok, out) = python(script, &[inst.smtp_port.to_string(), cert, key]);
+        assert!(ok, "{out}");
+        out.trim().to_string()
+    };
+    assert_eq!(rcpt("partner"), "250", "{}", inst.log());
+    assert_eq!(rcpt("other"), "554", "{}", inst.log());
+    assert_eq!(rcpt("forged"), "554", "{}", inst.log());
+    assert_eq!(rcpt(""), "554", "{}", inst.log());
+    let log = inst.log();
+    assert!(
+        log.contains("subject CN=mx.partner.test, issuer CN=qms test CA, client certificate verified, may relay"),
+        "{log}"
+    );
+    assert!(
+        log.contains("CN=mx.other.test, issuer CN=qms test CA, client certificate verified\""),
+        "{log}"
+    );
+    assert!(log.contains("client certificate not verified"), "{log}");
+}

@@ -21,7 +21,7 @@ pub struct Shared {
     pub spool: Spool,
     pub committer: Committer,
     pub aliases: aliases::Cache,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<crate::tls::Server>>,
     pub throttle: crate::auth::Throttle,
     /// `[auth_checks]`, when enabled.
     pub checks: Option<crate::authcheck::Checker>,
@@ -84,6 +84,8 @@ pub struct Session<'a> {
     esmtp: bool,
     auth_user: Option<String>,
     tls: Option<String>,
+    /// The certificate the client showed in the TLS handshake, as checked.
+    tls_client: Option<crate::tls::ClientCert>,
     tx: Option<Transaction>,
     errors: u32,
 }
@@ -112,14 +114,16 @@ impl<'a> Session<'a> {
             esmtp: false,
             auth_user: None,
             tls: None,
+            tls_client: None,
             tx: None,
             errors: 0,
         }
     }
 
     /// Marks the session as encrypted from the start (port 465's role).
-    pub fn with_tls(mut self, info: String) -> Session<'a> {
-        self.tls = Some(info);
+    pub fn with_tls(mut self, h: crate::tls::Handshake) -> Session<'a> {
+        self.tls = Some(h.info);
+        self.tls_client = h.client;
         self
     }
 
@@ -138,6 +142,7 @@ impl<'a> Session<'a> {
     /// Relaying to any domain is allowed for authenticated users, `mynetworks` and local users.
     fn may_relay(&self) -> bool {
         self.auth_user.is_some()
+            || self.tls_client.as_ref().is_some_and(|c| c.relay)
             || self.kind == Kind::Local
             || self
                 .peer

@@ -334,10 +334,10 @@ fn serve(
     // Port 465's role: TLS from the first byte (RFC 8314).
     let client = peer.addr.map(|a| a.to_string()).unwrap_or_default();
     match shared.tls.as_ref().map(|cfg| crate::tls::accept(cfg, stream)) {
-        Some(Ok((tls_stream, info))) => {
-            qlog!("client=[{client}] service=submissions tls={}", quote(&info));
+        Some(Ok((tls_stream, h))) => {
+            qlog!("client=[{client}] service=submissions tls={}", quote(&h.info));
             qms_common::metrics::count("qms_tls_sessions_total", &[("service", "submissions")], 1.0);
-            Session::new(shared, kind, peer, Conn::new(tls_stream).with_socket(socket)).with_tls(info).run();
+            Session::new(shared, kind, peer, Conn::new(tls_stream).with_socket(socket)).with_tls(h).run();
         }
         Some(Err(e)) => qlog!("client=[{client}] service=submissions status=tls-failed reason={}", quote(&e)),
         None => qlog!("client=[{client}] service=submissions status=refused reason=\"no [tls] certificate configured\""),

@@ -385,6 +385,10 @@ pub struct Tls {
     pub key: PathBuf,
     /// Other certificates by the name a client asks for (SNI), lower case.
     pub sni: BTreeMap<String, (PathBuf, PathBuf)>,
+    /// Client certificates are asked for, and checked against these CAs (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// Clients whose certificate verifies for one of these names may relay, lower case.
+    pub relay_clients: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -919,18 +923,36 @@ impl Config {
                 format!("{log_syslog_name:?} is not a name of letters, digits, -, _ and ."),
             ));
         }
-        let tls = raw.tls.map(|t| Tls {
-            cert: resolve(&t.cert),
-            key: resolve(&t.key),
-            sni: t
-                .sni
-                .iter()
-                .map(|(name, p)| {
-                    let name = name.trim_end_matches('.').to_ascii_lowercase();
-                    (name, (resolve(&p.cert), resolve(&p.key)))
+        let tls = match raw.tls {
+            Some(t) => {
+                if !t.relay_clients.is_empty() && t.client_ca.is_none() {
+                    return Err(err(
+                        "tls.relay_clients",
+                        "needs tls.client_ca: a client certificate is trusted only when it verifies"
+                            .into(),
+                    ));
+                }
+                Some(Tls {
+                    cert: resolve(&t.cert),
+                    key: resolve(&t.key),
+                    sni: t
+                        .sni
+                        .iter()
+                        .map(|(name, p)| {
+                            let name = name.trim_end_matches('.').to_ascii_lowercase();
+                            (name, (resolve(&p.cert), resolve(&p.key)))
+                        })
+                        .collect(),
+                    client_ca: t.client_ca.as_deref().map(&resolve),
+                    relay_clients: t
+                        .relay_clients
+                        .iter()
+                        .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                        .collect(),
                 })
-                .collect(),
-        });
+            }
+            None => None,
+        };
         let envelope = match raw.tracking.envelope.as_deref() {
             Some(a) => {
                 Some(Address::parse(a).map_err(|e| err("tracking.envelope", e.to_string()))?)

@@ -160,6 +160,9 @@ pub(super) struct RawTls {
     /// for that name.
     #[serde(default)]
     pub(super) sni: BTreeMap<String, RawCertKey>,
+    pub(super) client_ca: Option<String>,
+    #[serde(default)]
+    pub(super) relay_clients: Vec<String>,
 }
 
 #[derive(Deserialize)]

@@ -224,8 +224,11 @@ impl Effective {
         );
         self.push("dns", s);
         let mut s = Section::default();
-        s.path("cert", c.tls.as_ref().map(|t| t.cert.as_path()))
-            .path("key", c.tls.as_ref().map(|t| t.key.as_path()));
+        let t = c.tls.as_ref();
+        s.path("cert", t.map(|t| t.cert.as_path()))
+            .path("key", t.map(|t| t.key.as_path()))
+            .path("client_ca", t.and_then(|t| t.client_ca.as_deref()))
+            .maybe("relay_clients", t.map(|t| strings(&t.relay_clients)));
         self.push("tls", s);
         let a = &c.auth;
         let mut s = Section::default();

@@ -32,12 +32,13 @@ impl Session<'_> {
             return Flow::Close;
         }
         match self.conn.upgrade(|s| crate::tls::accept(&cfg, s)) {
-            Ok(info) => {
-                qlog!("client={} tls={}", client_name(&self.peer), quote(&info));
+            Ok(h) => {
+                qlog!("client={} tls={}", client_name(&self.peer), quote(&h.info));
                 let service = [("service", self.kind.protocol())];
                 qms_common::metrics::count("qms_tls_sessions_total", &service, 1.0);
                 // RFC 3207: forget everything learnt before the handshake.
-                self.tls = Some(info);
+                self.tls = Some(h.info);
+                self.tls_client = h.client;
                 self.helo = None;
                 self.esmtp = false;
                 self.tx = None;
