@@ -298,30 +298,9 @@ fn keygen(inst: &Instance, domain: &str, selector: &str, path: &std::path::Path)
 
 /// dkimpy's ARC verdict on `msg` (cv, and the reason), with the key records given by name.
 fn arc_verify(msg: &str, records: &[(&str, &str)]) -> String {
-    let script = r#"
-import sys, json, dkim
-msg = open(sys.argv[1], "rb").read()
-records = json.loads(sys.argv[2])
-def dnsfunc(name, timeout=5):
-    return records.get(name.decode().rstrip("."), "").encode()
-cv, results, reason = dkim.arc_verify(msg, dnsfunc=dnsfunc)
-print(cv.decode(), reason)
-"#;
-    let path = std::env::temp_dir().join(format!("arc-msg-{}", std::process::id()));
-    std::fs::write(&path, msg).unwrap();
-    let map: serde_json::Map<String, serde_json::Value> = records
-        .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
-        .collect();
-    let (ok, out) = python(
-        script,
-        &[
-            path.display().to_string(),
-            serde_json::Value::Object(map).to_string(),
-        ],
-    );
-    assert!(ok, "{out}");
-    out.trim().to_string()
+    let check =
+        "cv, results, reason = dkim.arc_verify(msg, dnsfunc=dnsfunc)\nprint(cv.decode(), reason)\n";
+    dkimpy(check, msg, records)
 }
 
 #[test]

@@ -80,16 +80,40 @@ impl Filtering {
         })
     }
 
-    /// Runs the filter for `d` as its plan says, queues what it sends, and says how the
-    /// recipient's delivery ended (with the kind of success report it earns).
+    /// Runs the filter for `d` as its plan says (in a child of its own), queues what it
+    /// sends, and says how the recipient's delivery ended.
     pub fn deliver(&self, cfg: &Config, spool: &Spool, plan: Plan, d: &Delivery) -> Outcome {
-        let rcpt = d.rcpt.address.to_string();
         if qms_common::privs::can_switch_user() && plan.run_as.is_none() {
             // Never run a script as qms or root: a mailbox with a script names its user.
             return Outcome::Temp(format!(
-                "4.3.5 the filter of {rcpt} has no user to run as (set user = in [mailboxes])"
+                "4.3.5 the filter of {} has no user to run as (set user = in [mailboxes])",
+                d.rcpt.address
             ));
         }
+        let result = self.with_request(cfg, &plan, d, sieve::filter);
+        self.finish(cfg, spool, d, result)
+    }
+
+    /// Runs the filter for `d` in this process, which has already become its user (a
+    /// child that delivers a batch for one user, `asuser`); its copies are staged, for the
+    /// caller to make durable with the others.
+    pub fn prepare_here(
+        &self,
+        cfg: &Config,
+        plan: &Plan,
+        d: &Delivery,
+    ) -> Result<sieve::Prepared, String> {
+        self.with_request(cfg, plan, d, sieve::prepare)
+    }
+
+    /// `run` with the request for `d` under `plan`.
+    fn with_request<R>(
+        &self,
+        cfg: &Config,
+        plan: &Plan,
+        d: &Delivery,
+        run: impl FnOnce(&Filters, &Request) -> R,
+    ) -> R {
         let sender = d
             .job
             .sender
@@ -102,6 +126,7 @@ impl Filtering {
             .as_ref()
             .unwrap_or(&d.rcpt.address)
             .to_string();
+        let rcpt = d.rcpt.address.to_string();
         let cache = self.cache.borrow();
         let filters = Filters {
             cfg: &cfg.sieve,
@@ -114,7 +139,7 @@ impl Filtering {
             account: plan.run_as.as_ref(),
             inbox: d.inbox,
             create_inbox: plan.create_inbox,
-            script: plan.script,
+            script: plan.script.clone(),
             user_owned: plan.user_owned,
             message: d.body,
             sender: &sender,
@@ -124,11 +149,22 @@ impl Filtering {
             key: d.key,
             recheck: d.recheck,
         };
-        let result = sieve::filter(&filters, &req);
-        drop(cache);
+        run(&filters, &req)
+    }
+
+    /// What the agent does with a filter's report: the cache learns, the log says what was
+    /// set aside, redirects and replies are queued, and the recipient's outcome is given
+    /// (with the kind of success report it earns).
+    pub fn finish(
+        &self,
+        cfg: &Config,
+        spool: &Spool,
+        d: &Delivery,
+        result: Result<Filtered, String>,
+    ) -> Outcome {
         let mut done = match result {
             Ok(f) => f,
-            Err(e) => return Outcome::Temp(format!("4.3.0 filter for {rcpt}: {e}")),
+            Err(e) => return Outcome::Temp(format!("4.3.0 filter for {}: {e}", d.rcpt.address)),
         };
         self.cache
             .borrow_mut()

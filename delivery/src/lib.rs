@@ -1,6 +1,7 @@
 //! Delivery on this machine (Maildir, mbox, file, pipe), error mail (RFC 3464 DSNs), and
 //! what every delivery agent does after an attempt: retry later, give up, or finish.
 
+mod asuser;
 pub mod dsn;
 pub mod dsnproc;
 mod filtering;

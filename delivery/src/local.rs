@@ -7,7 +7,7 @@
 //! fully become that user (`runas`); configured mailboxes without a `user` are written by
 //! this process, as qms's own user, and a batch of Maildir deliveries shares one disk sync.
 
-use crate::{maildir, mbox, pipe, runas, settle, Agent};
+use crate::{asuser, maildir, mbox, pipe, runas, settle, Agent};
 use qms_common::address::{logged, logged_sender};
 use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
@@ -177,12 +177,8 @@ impl LocalAgent {
         at: &Attempt,
         copy: &[u8],
     ) -> std::io::Result<Option<safeio::Staged>> {
-        maildir::ensure(dir, self.may_create(dir))?;
         let name = maildir::Name::new(at.arrival, &at.key, &self.cfg.hostname, copy.len());
-        if at.recheck && maildir::holds(dir, &name)? {
-            return Ok(None);
-        }
-        maildir::stage(dir, &name, copy, "").map(Some)
+        maildir::stage_once(dir, self.may_create(dir), &name, copy, at.recheck)
     }
 
     /// Delivers to `t` in this process, which already runs as `user`.
@@ -312,6 +308,8 @@ struct Step<'a, 'b> {
 enum Attempted {
     /// A Maildir file staged, for the batch's commit.
     Staged(safeio::Staged),
+    /// A Maildir delivery for a user, made with the batch's others for that user.
+    AsUser(Account, asuser::Item),
     Done(Outcome),
 }
 
@@ -321,7 +319,7 @@ impl LocalAgent {
         &self,
         c: &Claimed,
         ri: usize,
-        body: &[u8],
+        body: &Arc<Vec<u8>>,
         sender: &str,
         step: &mut Step,
     ) -> Attempted {
@@ -335,7 +333,6 @@ impl LocalAgent {
             Ok(x) => x,
             Err(o) => return Attempted::Done(o),
         };
-        let copy = maildir::local_copy(sender, &rcpt_s, body);
         let at = Attempt::new(c, r);
         let account = match user.as_deref().map(Account::lookup) {
             Some(Ok(a)) => Some(a),
@@ -346,6 +343,28 @@ impl LocalAgent {
             }
             None => None,
         };
+        // A user's Maildir, when qms may become users: with the batch's others for that
+        // user, in one child (`asuser`).
+        if let (Target::Maildir(dir), Some(a), true) = (&t, &account, step.privileged) {
+            let plan = self.filtering.plan(&self.cfg, dir, Some(a));
+            let message = match plan {
+                Some(_) => body.clone(),
+                None => Arc::new(maildir::local_copy(sender, &rcpt_s, body)),
+            };
+            let item = asuser::Item {
+                ji: 0,
+                ri,
+                dir: dir.clone(),
+                message,
+                plan,
+                create: self.may_create(dir),
+                arrival: at.arrival,
+                key: at.key.clone(),
+                recheck: at.recheck,
+            };
+            return Attempted::AsUser(a.clone(), item);
+        }
+        let copy = maildir::local_copy(sender, &rcpt_s, body);
         if let Target::Maildir(dir) = &t {
             if let Some(plan) = self.filtering.plan(&self.cfg, dir, account.as_ref()) {
                 if let Err(o) = step.marks.sync() {
@@ -408,10 +427,13 @@ impl Agent for LocalAgent {
         // Maildir deliveries made in this process, committed together: (job, recipient, file).
         let mut staged: Vec<(usize, usize, safeio::Staged)> = Vec::new();
         // The success report of each filtered recipient, by (job, recipient).
-        let mut reports: HashMap<(usize, usize), Option<crate::dsn::Kind>> = HashMap::new();
-        for (ji, c) in batch.iter_mut().enumerate() {
+        let mut reports = Reports::new();
+        // Deliveries to be made as their users, one child per user.
+        let mut pending = asuser::Pending::default();
+        for ji in 0..batch.len() {
+            let c = &mut batch[ji];
             let body = match self.spool.read_body(&c.job) {
-                Ok(b) => b,
+                Ok(b) => Arc::new(b),
                 Err(e) => {
                     for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
                         r.state = RcptState::Deferred;
@@ -437,15 +459,21 @@ impl Agent for LocalAgent {
                 };
                 match self.attempt(c, ri, &body, &sender, &mut step) {
                     Attempted::Staged(s) => staged.push((ji, ri, s)),
+                    Attempted::AsUser(user, mut item) => {
+                        item.ji = ji;
+                        pending.add(user, item);
+                    }
                     Attempted::Done(o) => {
-                        if let Outcome::Filtered { report, .. } = &o {
-                            reports.insert((ji, ri), *report);
-                        }
+                        note_report(&mut reports, ji, ri, &o);
                         record(c, ri, o)
                     }
                 }
             }
+            if pending.full() {
+                self.as_users(&mut batch, &mut pending, &mut marks, &mut reports);
+            }
         }
+        self.as_users(&mut batch, &mut pending, &mut marks, &mut reports);
         if !staged.is_empty() {
             let err = self.commit_staged(&staged, &mut marks);
             for (ji, ri, s) in staged {
@@ -469,6 +497,53 @@ impl Agent for LocalAgent {
             settle::report_deliveries(&self.cfg, &self.spool, &c.job, &kind);
         }
         settle::settle_all(&self.cfg, &self.spool, batch);
+    }
+}
+
+/// The success report each filtered recipient earns, by (job, recipient).
+type Reports = HashMap<(usize, usize), Option<crate::dsn::Kind>>;
+
+fn note_report(reports: &mut Reports, ji: usize, ri: usize, o: &Outcome) {
+    if let Outcome::Filtered { report, .. } = o {
+        reports.insert((ji, ri), *report);
+    }
+}
+
+impl LocalAgent {
+    /// Makes the waiting deliveries, one child per user, after the batch's attempt marks
+    /// are on disk, and records each.
+    fn as_users(
+        &self,
+        batch: &mut [Claimed],
+        pending: &mut asuser::Pending,
+        marks: &mut Marks,
+        reports: &mut Reports,
+    ) {
+        let groups = pending.take();
+        if groups.is_empty() {
+            return;
+        }
+        let ready = marks.sync().map_err(|o| match o {
+            Outcome::Temp(t) | Outcome::Perm(t) => t,
+            _ => "4.3.0 the attempt marks could not be synced".to_string(),
+        });
+        for (user, items) in groups {
+            let outcomes = match &ready {
+                Ok(()) => asuser::deliver(
+                    &self.cfg,
+                    &self.spool,
+                    &self.filtering,
+                    &user,
+                    batch,
+                    &items,
+                ),
+                Err(why) => items.iter().map(|_| Outcome::Temp(why.clone())).collect(),
+            };
+            for (it, o) in items.iter().zip(outcomes) {
+                note_report(reports, it.ji, it.ri, &o);
+                record(&mut batch[it.ji], it.ri, o);
+            }
+        }
     }
 }
 

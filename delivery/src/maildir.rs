@@ -83,6 +83,22 @@ pub fn stage(dir: &Path, name: &Name, message: &[u8], info: &str) -> io::Result<
     safeio::stage(tmp, dest, message)
 }
 
+/// Stages one delivery into `dir` (made when missing if `create`), unless `recheck` finds
+/// that an attempt a crash cut short already made it (None).
+pub fn stage_once(
+    dir: &Path,
+    create: bool,
+    name: &Name,
+    message: &[u8],
+    recheck: bool,
+) -> io::Result<Option<safeio::Staged>> {
+    ensure(dir, create)?;
+    if recheck && holds(dir, name)? {
+        return Ok(None);
+    }
+    stage(dir, name, message, "").map(Some)
+}
+
 /// True when a delivery of this name is in the Maildir: in `new/`, or in `cur/` where a
 /// reader moved it (adding `:2,` and flags). Reads `cur/`: for interrupted attempts only.
 pub fn holds(dir: &Path, name: &Name) -> io::Result<bool> {

@@ -79,7 +79,10 @@ impl Instance {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let (smtp_port, submission_port) = (free_port(), free_port());
+        let smtp_port = free_port();
+        let submission_port = std::iter::repeat_with(free_port)
+            .find(|p| *p != smtp_port)
+            .unwrap();
         let user = if is_root() { "user = \"nobody\"\n" } else { "" };
         let text = format!(
             r#"spool = "spool"
@@ -195,17 +198,23 @@ scan_interval = 2
                 });
                 return;
             }
-            let (smtp, submission) = (free_port(), free_port());
-            let text = std::fs::read_to_string(&self.config).unwrap();
-            let text = text
+            // Two new ports, different from each other and from the old ones.
+            let old = [self.smtp_port, self.submission_port];
+            let smtp = std::iter::repeat_with(free_port)
+                .find(|p| !old.contains(p))
+                .unwrap();
+            let submission = std::iter::repeat_with(free_port)
+                .find(|p| !old.contains(p) && *p != smtp)
+                .unwrap();
+            let text = std::fs::read_to_string(&self.config)
+                .unwrap()
+                .replace(&format!("127.0.0.1:{}\"", old[0]), "127.0.0.1:\u{0}smtp\"")
                 .replace(
-                    &format!("127.0.0.1:{}\"", self.smtp_port),
-                    &format!("127.0.0.1:{smtp}\""),
+                    &format!("127.0.0.1:{}\"", old[1]),
+                    "127.0.0.1:\u{0}submission\"",
                 )
-                .replace(
-                    &format!("127.0.0.1:{}\"", self.submission_port),
-                    &format!("127.0.0.1:{submission}\""),
-                );
+                .replace("\u{0}smtp", &smtp.to_string())
+                .replace("\u{0}submission", &submission.to_string());
             std::fs::write(&self.config, text).unwrap();
             (self.smtp_port, self.submission_port) = (smtp, submission);
         }
@@ -483,6 +492,32 @@ pub fn python(script: &str, args: &[String]) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Runs a dkimpy `check` (Python code that ends with a print, over `msg` and a `dnsfunc`
+/// that answers with `records`, TXT values by name) and returns what it printed.
+pub fn dkimpy(check: &str, msg: &str, records: &[(&str, &str)]) -> String {
+    let script = format!(
+        "import sys, json, dkim\nmsg = open(sys.argv[1], \"rb\").read()\nrecords = json.loads(sys.argv[2])\ndef dnsfunc(name, timeout=5):\n    return records.get(name.decode().rstrip(\".\"), \"\").encode()\n{check}"
+    );
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("dkimpy-msg-{}-{n}", std::process::id()));
+    std::fs::write(&path, msg).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = records
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    let (ok, out) = python(
+        &script,
+        &[
+            path.display().to_string(),
+            serde_json::Value::Object(map).to_string(),
+        ],
+    );
+    let _ = std::fs::remove_file(&path);
+    assert!(ok, "{out}");
+    out.trim().to_string()
 }
 
 /// Sends one message with Python's smtplib and asserts every recipient was accepted.

@@ -9,6 +9,7 @@ use crate::maildir;
 use base64::Engine;
 use qms_common::config;
 use qms_common::privs::Account;
+use qms_common::safeio;
 use serde::{Deserialize, Serialize};
 use sieve::{Compiler, Runtime, Sieve};
 use std::io::Read;
@@ -91,8 +92,38 @@ pub fn filter(f: &Filters, req: &Request) -> Result<Filtered, String> {
     }
 }
 
-/// The child's work, as the user.
-fn inside(f: &Filters, req: &Request) -> Result<Filtered, String> {
+/// A filter's run in a process that has become the user, its copies staged but not yet
+/// durable: the caller commits them (with others, one sync), then calls `complete`.
+pub struct Prepared {
+    done: Filtered,
+    pub staged: Vec<safeio::Staged>,
+    memory: store::Memory,
+    remember: Vec<(String, u64)>,
+}
+
+impl Prepared {
+    /// Once the copies are durable: the memory of replies written, and the report.
+    pub fn complete(mut self) -> Result<Filtered, String> {
+        self.memory
+            .remember(&self.remember)
+            .map_err(|e| format!("4.3.0 the filter's memory of replies: {e}"))?;
+        Ok(self.done)
+    }
+}
+
+/// The filter's work, in a process that has become the user.
+pub fn inside(f: &Filters, req: &Request) -> Result<Filtered, String> {
+    let mut p = prepare(f, req)?;
+    let staged = std::mem::take(&mut p.staged);
+    if let Err(e) = safeio::commit(&staged) {
+        staged.into_iter().for_each(safeio::Staged::abandon);
+        return Err(format!("4.3.0 Maildir {}: {e}", req.inbox.display()));
+    }
+    p.complete()
+}
+
+/// Reads and runs the scripts, and stages what the verdict keeps and files.
+pub fn prepare(f: &Filters, req: &Request) -> Result<Prepared, String> {
     let mut host = ChildHost {
         f,
         inbox: req.inbox,
@@ -123,18 +154,24 @@ fn inside(f: &Filters, req: &Request) -> Result<Filtered, String> {
         }
         Err(e) => Verdict::keep_because(e),
     };
-    let mut done = carry_out(f, req, &verdict)?;
-    host.memory
-        .remember(&verdict.remember)
-        .map_err(|e| format!("4.3.0 the filter's memory of replies: {e}"))?;
+    let (mut done, staged) = carry_out(f, req, &verdict)?;
     done.error = verdict.error;
     done.notes.extend(verdict.notes);
     done.learned = host.learned;
-    Ok(done)
+    Ok(Prepared {
+        done,
+        staged,
+        memory: host.memory,
+        remember: verdict.remember,
+    })
 }
 
-/// Stores the copies the verdict keeps and files; lists what the agent must send.
-fn carry_out(f: &Filters, req: &Request, v: &Verdict) -> Result<Filtered, String> {
+/// Stages the copies the verdict keeps and files; lists what the agent must send.
+fn carry_out(
+    f: &Filters,
+    req: &Request,
+    v: &Verdict,
+) -> Result<(Filtered, Vec<safeio::Staged>), String> {
     let mut done = Filtered::default();
     let local = |m: &Msg| match m {
         Msg::Original => maildir::local_copy(req.sender, req.recipient, req.message),
@@ -182,7 +219,7 @@ fn carry_out(f: &Filters, req: &Request, v: &Verdict) -> Result<Filtered, String
     if done.rejected.is_some() {
         // A refusal stands for the delivery: nothing is stored or sent on.
         done.outgoing.retain(|o| o.vacation);
-        return Ok(done);
+        return Ok((done, Vec::new()));
     }
     let list: Vec<Copy> = copies
         .iter()
@@ -192,12 +229,12 @@ fn carry_out(f: &Filters, req: &Request, v: &Verdict) -> Result<Filtered, String
             message: m,
         })
         .collect();
-    store::store(&list, req.inbox, req.create_inbox, req.recheck, &|c| {
+    let staged = store::stage(&list, req.inbox, req.create_inbox, req.recheck, &|c| {
         maildir::Name::new(req.arrival, req.key, f.hostname, c.message.len())
     })
     .map_err(|e| format!("4.3.0 Maildir {}: {e}", req.inbox.display()))?;
     done.stored = copies.into_iter().map(|(n, ..)| n).collect();
-    Ok(done)
+    Ok((done, staged))
 }
 
 /// The child's answers to the run: scripts read as the user, the folders, the memory.

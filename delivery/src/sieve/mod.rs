@@ -14,7 +14,7 @@ mod store;
 pub mod tool;
 
 pub use cache::{Cache, Learned};
-pub use child::{filter, Filtered, Filters, Outgoing, Request};
+pub use child::{filter, prepare, Filtered, Filters, Outgoing, Prepared, Request};
 pub use run::{evaluate, Action, Envelope, Host, Msg, Scripts, Verdict};
 
 use qms_common::config;

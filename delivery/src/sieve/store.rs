@@ -56,34 +56,40 @@ pub struct Copy<'a> {
     pub message: &'a [u8],
 }
 
-/// Stores `copies` under `name_of(copy)`, skipping those an interrupted attempt made
-/// (`recheck`), with one sync for all. The inbox is made when `create_inbox`; a folder
-/// whenever it is missing (it is marked `maildirfolder`, as Maildir++ readers expect).
-pub fn store(
+/// Stages `copies` under `name_of(copy)`, skipping those an interrupted attempt made
+/// (`recheck`); the caller makes them durable (`safeio::commit`, one sync for many). The
+/// inbox is made when `create_inbox`; a folder whenever it is missing (it is marked
+/// `maildirfolder`, as Maildir++ readers expect).
+pub fn stage(
     copies: &[Copy],
     inbox: &Path,
     create_inbox: bool,
     recheck: bool,
     name_of: &dyn Fn(&Copy) -> maildir::Name,
-) -> io::Result<()> {
+) -> io::Result<Vec<safeio::Staged>> {
     let mut staged = Vec::new();
     for c in copies {
         let is_inbox = c.dir == inbox;
-        maildir::ensure(&c.dir, !is_inbox || create_inbox)?;
-        if !is_inbox {
-            mark_folder(&c.dir)?;
+        let made = maildir::ensure(&c.dir, !is_inbox || create_inbox)
+            .and_then(|()| match is_inbox {
+                true => Ok(()),
+                false => mark_folder(&c.dir),
+            })
+            .map(|()| name_of(c))
+            .and_then(|name| match recheck && maildir::holds(&c.dir, &name)? {
+                true => Ok(None),
+                false => maildir::stage(&c.dir, &name, c.message, &c.info).map(Some),
+            });
+        match made {
+            Ok(Some(s)) => staged.push(s),
+            Ok(None) => {}
+            Err(e) => {
+                staged.into_iter().for_each(safeio::Staged::abandon);
+                return Err(e);
+            }
         }
-        let name = name_of(c);
-        if recheck && maildir::holds(&c.dir, &name)? {
-            continue;
-        }
-        staged.push(maildir::stage(&c.dir, &name, c.message, &c.info)?);
     }
-    if let Err(e) = safeio::commit(&staged) {
-        staged.into_iter().for_each(safeio::Staged::abandon);
-        return Err(e);
-    }
-    Ok(())
+    Ok(staged)
 }
 
 fn mark_folder(dir: &Path) -> io::Result<()> {
