@@ -79,9 +79,11 @@ pub fn deliver(
             })
             .collect(),
         other => {
+            // Some copies may be stored: the next attempt looks for them first.
+            let look = crate::local::LOOK_FIRST;
             let why = match other {
-                Err(e) => format!("4.3.0 delivery as {}: {e}", user.name),
-                Ok(_) => format!("4.3.0 delivery as {}: the report is incomplete", user.name),
+                Err(e) => format!("{look}delivery as {}: {e}", user.name),
+                Ok(_) => format!("{look}delivery as {}: the report is incomplete", user.name),
             };
             items.iter().map(|_| Outcome::Temp(why.clone())).collect()
         }
@@ -143,7 +145,7 @@ fn in_child(cfg: &Config, filtering: &Filtering, batch: &[Claimed], items: &[Ite
         done[i] = Some(match (&committed, prepared) {
             (Err(e), _) => Done::Failed(format!("4.3.0 Maildir write: {e}")),
             (Ok(()), None) => Done::Stored,
-            (Ok(()), Some(p)) => Done::Filtered(p.complete()),
+            (Ok(()), Some(p)) => Done::Filtered(Ok(p.complete())),
         });
     }
     done.into_iter()

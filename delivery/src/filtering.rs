@@ -164,7 +164,11 @@ impl Filtering {
     ) -> Outcome {
         let mut done = match result {
             Ok(f) => f,
-            Err(e) => return Outcome::Temp(format!("4.3.0 filter for {}: {e}", d.rcpt.address)),
+            // The filter may have stored copies before it failed: look before storing.
+            Err(e) => {
+                let look = crate::local::LOOK_FIRST;
+                return Outcome::Temp(format!("{look}filter for {}: {e}", d.rcpt.address));
+            }
         };
         self.cache
             .borrow_mut()
@@ -178,7 +182,7 @@ impl Filtering {
             return Outcome::Perm(format!("5.7.1 refused by the recipient's filter: {reason}"));
         }
         if let Err(e) = self.send_out(cfg, spool, d, &done) {
-            return Outcome::Temp(format!("{}{e}", crate::local::STORED_MARK));
+            return Outcome::Temp(format!("{}{e}", crate::local::LOOK_FIRST));
         }
         let (text, report) = summary(&done);
         Outcome::Filtered { text, report }

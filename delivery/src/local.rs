@@ -43,9 +43,10 @@ pub enum Outcome {
     Perm(String),
 }
 
-/// Starts the reply of a recipient whose filter stored its copies but could not queue what
-/// it sends: the next attempt looks before storing again.
-pub(crate) const STORED_MARK: &str = "4.3.0 stored, to be looked for again: ";
+/// Starts the reply of a recipient whose copies may be stored already (a filter that could
+/// not queue what it sends, a delivery process that ended without its report): the next
+/// attempt looks for them before storing.
+pub(crate) const LOOK_FIRST: &str = "4.3.0 (looked for before the next attempt) ";
 
 /// What makes one recipient's delivery the same at every attempt, so that an attempt after
 /// a crash can find what the one before it delivered.
@@ -77,7 +78,7 @@ impl Attempt {
             recheck: c.interrupted()
                 || r.reply
                     .as_deref()
-                    .is_some_and(|t| t.starts_with(STORED_MARK)),
+                    .is_some_and(|t| t.starts_with(LOOK_FIRST)),
         }
     }
 }

@@ -46,8 +46,10 @@ pub fn deliver(user: &Account, work: impl FnOnce() -> Outcome) -> Outcome {
                 Ok(WaitStatus::Exited(_, 0)) => Outcome::Done,
                 Ok(WaitStatus::Exited(_, 75)) => Outcome::Temp(text),
                 Ok(WaitStatus::Exited(_, _)) => Outcome::Perm(text),
+                // It may have delivered before it ended: the next attempt looks first.
                 other => Outcome::Temp(format!(
-                    "4.3.0 delivery process ended abnormally: {other:?}"
+                    "{}delivery process ended abnormally: {other:?}",
+                    crate::local::LOOK_FIRST
                 )),
             }
         }

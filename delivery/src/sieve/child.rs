@@ -102,12 +102,14 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Once the copies are durable: the memory of replies written, and the report.
-    pub fn complete(mut self) -> Result<Filtered, String> {
-        self.memory
-            .remember(&self.remember)
-            .map_err(|e| format!("4.3.0 the filter's memory of replies: {e}"))?;
-        Ok(self.done)
+    /// Once the copies are durable: the memory of replies written, and the report. The
+    /// copies stand if the memory cannot be written (a reply may then be sent again).
+    pub fn complete(mut self) -> Filtered {
+        if let Err(e) = self.memory.remember(&self.remember) {
+            let why = format!("the memory of replies was not written ({e}); a reply may repeat");
+            self.done.notes.push(why);
+        }
+        self.done
     }
 }
 
@@ -119,7 +121,7 @@ pub fn inside(f: &Filters, req: &Request) -> Result<Filtered, String> {
         staged.into_iter().for_each(safeio::Staged::abandon);
         return Err(format!("4.3.0 Maildir {}: {e}", req.inbox.display()));
     }
-    p.complete()
+    Ok(p.complete())
 }
 
 /// Reads and runs the scripts, and stages what the verdict keeps and files.
