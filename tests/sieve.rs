@@ -425,3 +425,28 @@ fn sieve_check_and_test_say_what_a_script_does() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two messages from one sender that reach the mailbox in the same delivery batch (queued
+/// before qms starts) get one vacation reply, not one each.
+#[test]
+fn one_reply_for_a_sender_whose_messages_come_in_one_batch() {
+    let u = user_with_script(
+        "b",
+        "require \"vacation\";\nvacation :days 1 :subject \"Away\" \"Back on Monday.\";\n",
+    );
+    let mut inst = Instance::new("", "");
+    let me = addr(&u);
+    for subject in ["first", "second", "third"] {
+        let msg = format!("From: alice@example.test\nTo: {me}\nSubject: {subject}\n\nhello\n");
+        let out = inst.sendmail(&["-f", "alice@example.test", &me], msg.as_bytes());
+        assert!(out.status.success(), "{out:?}");
+    }
+    inst.start();
+    wait_for(
+        "three kept and the replies delivered",
+        Duration::from_secs(60),
+        || inbox(&u).len() == 3 && settled(&inst) && !inst.read_maildir("alice").is_empty(),
+    );
+    let replies = inst.read_maildir("alice");
+    assert_eq!(replies.len(), 1, "{replies:?}\n{}", inst.log());
+}

@@ -28,6 +28,8 @@ pub struct Plan {
     script: Option<PathBuf>,
     user_owned: bool,
     run_as: Option<Account>,
+    /// qms may become users: then a script never runs without `run_as`.
+    privileged: bool,
     create_inbox: bool,
 }
 
@@ -52,9 +54,15 @@ impl Filtering {
 
     /// The filtering of a delivery into the Maildir `dir` for `account`, if any applies:
     /// the mailbox's script, else the user's own, else only `[sieve] before` and `after`.
-    /// A user's script applies when qms can run it as that user.
-    pub fn plan(&self, cfg: &Config, dir: &Path, account: Option<&Account>) -> Option<Plan> {
-        let privileged = qms_common::privs::can_switch_user();
+    /// A user's script applies when qms can run it as that user (`privileged`: qms may
+    /// become users).
+    pub fn plan(
+        &self,
+        cfg: &Config,
+        dir: &Path,
+        account: Option<&Account>,
+        privileged: bool,
+    ) -> Option<Plan> {
         let mailbox = cfg
             .mailboxes
             .values()
@@ -76,6 +84,7 @@ impl Filtering {
             script,
             user_owned,
             run_as: account.filter(|_| privileged).cloned(),
+            privileged,
             create_inbox: mailbox.is_some(),
         })
     }
@@ -83,7 +92,7 @@ impl Filtering {
     /// Runs the filter for `d` as its plan says (in a child of its own), queues what it
     /// sends, and says how the recipient's delivery ended.
     pub fn deliver(&self, cfg: &Config, spool: &Spool, plan: Plan, d: &Delivery) -> Outcome {
-        if qms_common::privs::can_switch_user() && plan.run_as.is_none() {
+        if plan.privileged && plan.run_as.is_none() {
             // Never run a script as qms or root: a mailbox with a script names its user.
             return Outcome::Temp(format!(
                 "4.3.5 the filter of {} has no user to run as (set user = in [mailboxes])",

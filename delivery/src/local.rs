@@ -347,7 +347,7 @@ impl LocalAgent {
         // A user's Maildir, when qms may become users: with the batch's others for that
         // user, in one child (`asuser`).
         if let (Target::Maildir(dir), Some(a), true) = (&t, &account, step.privileged) {
-            let plan = self.filtering.plan(&self.cfg, dir, Some(a));
+            let plan = self.filtering.plan(&self.cfg, dir, Some(a), true);
             let message = match plan {
                 Some(_) => body.clone(),
                 None => Arc::new(maildir::local_copy(sender, &rcpt_s, body)),
@@ -367,7 +367,10 @@ impl LocalAgent {
         }
         let copy = maildir::local_copy(sender, &rcpt_s, body);
         if let Target::Maildir(dir) = &t {
-            if let Some(plan) = self.filtering.plan(&self.cfg, dir, account.as_ref()) {
+            if let Some(plan) =
+                self.filtering
+                    .plan(&self.cfg, dir, account.as_ref(), step.privileged)
+            {
                 if let Err(o) = step.marks.sync() {
                     return Attempted::Done(o);
                 }

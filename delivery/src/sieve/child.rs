@@ -97,18 +97,11 @@ pub fn filter(f: &Filters, req: &Request) -> Result<Filtered, String> {
 pub struct Prepared {
     done: Filtered,
     pub staged: Vec<safeio::Staged>,
-    memory: store::Memory,
-    remember: Vec<(String, u64)>,
 }
 
 impl Prepared {
-    /// Once the copies are durable: the memory of replies written, and the report. The
-    /// copies stand if the memory cannot be written (a reply may then be sent again).
-    pub fn complete(mut self) -> Filtered {
-        if let Err(e) = self.memory.remember(&self.remember) {
-            let why = format!("the memory of replies was not written ({e}); a reply may repeat");
-            self.done.notes.push(why);
-        }
+    /// The report, once the copies are durable.
+    pub fn complete(self) -> Filtered {
         self.done
     }
 }
@@ -157,15 +150,17 @@ pub fn prepare(f: &Filters, req: &Request) -> Result<Prepared, String> {
         Err(e) => Verdict::keep_because(e),
     };
     let (mut done, staged) = carry_out(f, req, &verdict)?;
+    // Remembered now, before the next recipient's run in this process looks: two messages
+    // from one sender in one batch get one reply. A crash before the copies are durable
+    // costs a reply, never a second one.
+    if let Err(e) = host.memory.remember(&verdict.remember) {
+        let why = format!("the memory of replies was not written ({e}); a reply may repeat");
+        done.notes.push(why);
+    }
     done.error = verdict.error;
     done.notes.extend(verdict.notes);
     done.learned = host.learned;
-    Ok(Prepared {
-        done,
-        staged,
-        memory: host.memory,
-        remember: verdict.remember,
-    })
+    Ok(Prepared { done, staged })
 }
 
 /// Stages the copies the verdict keeps and files; lists what the agent must send.
