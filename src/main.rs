@@ -13,6 +13,7 @@ mod sieve;
 mod signals;
 mod supervisor;
 mod suppress;
+mod tlsreport;
 
 use clap::{Parser, Subcommand};
 use qms_common::Config;
@@ -75,6 +76,10 @@ enum Cmd {
     /// DKIM keys: `qms dkim keygen DOMAIN SELECTOR --out FILE [--ed25519]`, `qms dkim check DOMAIN`.
     #[command(subcommand)]
     Dkim(dkim::DkimCmd),
+    /// TLS reports (RFC 8460): print one day's, or `--send` them to the domains that ask.
+    TlsReport(tlsreport::TlsReportArgs),
+    /// Role: send each day's TLS reports after the day ends.
+    Tlsrpt,
     /// Sieve filters: `qms sieve check FILE`, `qms sieve test FILE MESSAGE [--from --to]`.
     #[command(subcommand)]
     Sieve(sieve::SieveCmd),
@@ -214,6 +219,8 @@ fn main() -> ExitCode {
         Cmd::Metrics => roles::metrics(cfg),
         Cmd::SetPermissions => permissions::run(&cfg),
         Cmd::Dsnproc => roles::dsnproc(cfg),
+        Cmd::TlsReport(a) => tlsreport::run(&cfg, a),
+        Cmd::Tlsrpt => roles::tlsrpt(cfg),
         Cmd::Track(a) => track(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
         Cmd::Queue(q) => queuetool::run(&cfg, q),

@@ -220,6 +220,15 @@ pub fn dsnproc(cfg: Config) -> ExitCode {
     finished(qms_delivery::dsnproc::run(&cfg, &spool, &signals::STOP), 78)
 }
 
+/// `qms tlsrpt`: sends each finished day's TLS reports.
+pub fn tlsrpt(cfg: Config) -> ExitCode {
+    let spool = match start_role_untracked(&cfg, "tlsrpt", Privs::None) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    crate::tlsreport::role(&cfg, &spool)
+}
+
 /// The exit of a role whose loop ended: 0 when asked to stop, else `code` and the reason.
 fn finished(r: Result<(), String>, code: u8) -> ExitCode {
     match r {

@@ -84,6 +84,13 @@ fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
             index: 0,
         });
     }
+    if cfg.client.tls_reports {
+        v.push(Slot {
+            role: "tlsrpt".into(),
+            queue: None,
+            index: 0,
+        });
+    }
     if cfg.tracking.envelope_maildir.is_some() {
         v.push(Slot {
             role: "dsnproc".into(),

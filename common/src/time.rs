@@ -90,6 +90,12 @@ pub fn asctime(t: i64) -> String {
     )
 }
 
+/// `2026-11-22`: the UTC day of `t`.
+pub fn day(t: i64) -> String {
+    let p = parts(t);
+    format!("{}-{:02}-{:02}", p.y, p.mo, p.d)
+}
+
 /// `2026-11-22T18:47:31Z`
 pub fn iso8601(t: i64) -> String {
     let p = parts(t);

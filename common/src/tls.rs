@@ -89,19 +89,53 @@ fn name(mut rdns: &[u8]) -> String {
 
 /// The certificates to check a server against: those in `ca_file` (PEM) when given, else
 /// the system's roots.
+/// The system's trusted certificates and those of `ca_file`: what a policy server (MTA-STS)
+/// or an MX host under an MTA-STS policy must chain to.
+pub fn trusted_certs(
+    ca_file: Option<&std::path::Path>,
+) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut certs = rustls_native_certs::load_native_certs().certs;
+    if let Some(f) = ca_file {
+        if let Ok(extra) = CertificateDer::pem_file_iter(f) {
+            certs.extend(extra.flatten());
+        }
+    }
+    certs
+}
+
+/// The system's roots and `ca_file`'s: what a server's certificate must chain to.
 pub fn roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut store = rustls::RootCertStore::empty();
-    let certs: Vec<CertificateDer<'static>> = match ca_file {
-        Some(f) => CertificateDer::pem_file_iter(f)
+    // A CA file is trusted besides the system's roots, as its documentation says.
+    let mut certs = rustls_native_certs::load_native_certs().certs;
+    if let Some(f) = ca_file {
+        let extra: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(f)
             .and_then(|i| i.collect::<Result<_, _>>())
-            .map_err(|e| format!("cannot read {}: {e}", f.display()))?,
-        None => rustls_native_certs::load_native_certs().certs,
-    };
+            .map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        certs.extend(extra);
+    }
     let (added, _) = store.add_parsable_certificates(certs);
     if added == 0 {
         return Err("no trusted certificates to check the server against".into());
+    }
+    Ok(store)
+}
+
+/// The certificates of `ca_file` alone: the CAs whose client certificates smtpd accepts.
+pub fn roots_only(ca_file: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("cannot read {}: {e}", ca_file.display()))?;
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("no certificate in {}", ca_file.display()));
     }
     Ok(store)
 }

@@ -101,7 +101,7 @@ impl ClientCerts {
         let Some(ca) = &tls.client_ca else {
             return Ok(None);
         };
-        let roots = qms_common::tls::roots(Some(ca))?;
+        let roots = qms_common::tls::roots_only(ca)?;
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()

@@ -66,8 +66,13 @@ pub struct Client {
     pub idle_since: Instant,
     /// The TLS rule the connection was made under: it is reused only for the same rule.
     pub made_for: String,
-    /// The server's certificate was checked (verify, secure, credentials) and passed.
+    /// The server's certificate was checked (verify, secure, dane, credentials) and passed.
     pub verified: bool,
+    /// What asked for the check: a level, `mta-sts`, or `credentials`.
+    pub checked_by: Option<String>,
+    /// Why the certificate would not have passed, when it was only observed (MTA-STS in
+    /// `testing` mode).
+    pub tls_problem: Option<String>,
     timeouts: (u64, u64),
     /// The queue id the dialogue is logged under, for `BX-Sending-Run-Control: debug`.
     debug: Option<String>,
@@ -121,8 +126,19 @@ pub struct Verify<'a> {
     pub ca: Option<&'a Path>,
     /// Names the certificate may carry (`secure`); empty: the name of the host connected to.
     pub names: &'a [String],
-    /// What asks for the check, said in a deferral: `verify`, `secure`, or credentials.
+    /// What asks for the check, said in a deferral: a level, `mta-sts`, or credentials.
     pub why: &'a str,
+    /// DANE: TLSA records to match instead of trusted roots.
+    pub tlsa: &'a [crate::dane::Tlsa],
+    /// Checked and reported, not required (an MTA-STS policy in `testing` mode).
+    pub report_only: bool,
+}
+
+impl Verify<'_> {
+    /// Whether a certificate that fails the check stops the connection.
+    pub fn required(&self) -> bool {
+        !self.report_only
+    }
 }
 
 fn io_fail(host: &str, peer: &Peer, what: &str, e: impl std::fmt::Display) -> Failure {
@@ -139,7 +155,7 @@ impl Client {
             // `may`: a failed handshake falls back to a plain connection.
             Err(f)
                 if s.tls == TlsPolicy::May
-                    && s.verify.is_none()
+                    && !s.verify.is_some_and(|v| v.required())
                     && f.text.contains("TLS handshake") =>
             {
                 Client::connect_once(name, peer, s, TlsPolicy::None)
@@ -173,6 +189,8 @@ impl Client {
             idle_since: Instant::now(),
             made_for: String::new(),
             verified: false,
+            checked_by: s.verify.map(|v| v.why.to_string()),
+            tls_problem: None,
             timeouts: (s.command_timeout, s.data_timeout),
             debug: s.debug.map(str::to_string),
             lmtp: s.lmtp,
@@ -180,13 +198,21 @@ impl Client {
         let server = rustls::pki_types::ServerName::try_from(name.to_string())
             .unwrap_or_else(|_| peer.server_name());
         let check = match s.verify {
+            Some(v) if v.report_only => crate::tls::Check::Observe {
+                ca: v.ca,
+                names: v.names,
+            },
+            Some(v) if !v.tlsa.is_empty() => crate::tls::Check::Dane {
+                records: v.tlsa,
+                names: v.names,
+            },
             Some(v) => crate::tls::Check::Verify {
                 ca: v.ca,
                 names: v.names,
             },
             None => crate::tls::Check::None,
         };
-        let tls = if s.verify.is_some() {
+        let tls = if s.verify.is_some_and(|v| v.required()) {
             TlsPolicy::Encrypt
         } else {
             tls
@@ -201,13 +227,14 @@ impl Client {
         if s.implicit_tls {
             let info = c
                 .conn
-                .upgrade(|stream| crate::tls::connect(server.clone(), stream, s.client_cert, check))
+                .upgrade(|stream| {
+                    crate::tls::connect(server.clone(), stream, s.client_cert, check).map(split)
+                })
                 .map_err(|e| {
                     io_fail(name, peer, "TLS handshake with", unverified(e.to_string()))
                 })?;
-            c.trace("", &format!("TLS from the start: {info}"));
-            c.tls = Some(info);
-            c.verified = s.verify.is_some();
+            c.trace("", &format!("TLS from the start: {}", info.0));
+            c.secured(info, s);
         }
         let greeting = c
             .read_reply()
@@ -248,22 +275,33 @@ impl Client {
         }
         let info = c
             .conn
-            .upgrade(|stream| crate::tls::connect(server, stream, s.client_cert, check))
+            .upgrade(|stream| crate::tls::connect(server, stream, s.client_cert, check).map(split))
             .map_err(|e| io_fail(name, peer, "TLS handshake with", unverified(e.to_string())))?;
-        c.trace("", &format!("TLS started: {info}"));
-        c.tls = Some(info);
-        c.verified = s.verify.is_some();
+        c.trace("", &format!("TLS started: {}", info.0));
+        c.secured(info, s);
         c.hello(s.helo)?;
         Ok(c)
+    }
+
+    /// Notes a finished handshake: what it was, and whether the certificate passed.
+    fn secured(&mut self, (info, observed): (String, Option<String>), s: &Settings) {
+        self.tls = Some(info);
+        self.verified = match s.verify {
+            Some(v) if v.report_only => observed.is_none(),
+            Some(_) => true,
+            None => false,
+        };
+        self.tls_problem = observed;
     }
 
     /// For the delivery line and tracking: `TLSv1.3 with cipher …, subject …, issuer …,
     /// verified` (or `not verified`); None for a plain connection.
     pub fn tls_summary(&self) -> Option<String> {
-        let how = if self.verified {
-            "verified"
-        } else {
-            "not verified"
+        let how = match (self.verified, self.checked_by.as_deref(), &self.tls_problem) {
+            (true, Some(w @ ("dane" | "dane-only" | "mta-sts")), _) => format!("verified ({w})"),
+            (true, _, _) => "verified".to_string(),
+            (false, _, Some(p)) => format!("not verified ({p})"),
+            (false, _, None) => "not verified".to_string(),
         };
         self.tls.as_ref().map(|t| format!("{t}, {how}"))
     }
@@ -520,6 +558,11 @@ impl Client {
     pub fn quit(mut self) {
         let _ = self.command("QUIT");
     }
+}
+
+/// The stream and what `Conn::upgrade` keeps of a handshake.
+fn split(d: crate::tls::Done) -> (Box<dyn qms_common::conn::Stream>, (String, Option<String>)) {
+    (d.stream, (d.info, d.observed))
 }
 
 fn parse_ehlo(text: &str) -> Extensions {

@@ -4,7 +4,6 @@
 //! destination no host of which answers is marked dead (see `dead`).
 
 use crate::client::{Client, Transaction};
-use crate::peer::Peer;
 use crate::transaction::{judge, mail_command, rcpt_command, refuse_before_sending, Verdict};
 use crate::{dns, Dest, SmtpAgent};
 use qms_spool::Job;
@@ -85,7 +84,7 @@ impl SmtpAgent {
             return;
         }
         let t0 = Instant::now();
-        let peers = self.peers(dest);
+        let route = self.route(dest);
         let dns_time = t0.elapsed().as_secs_f64();
         let queued = |ji: usize| {
             (qms_common::time::now() - jobs[ji].arrival) as f64 - start.elapsed().as_secs_f64()
@@ -104,8 +103,8 @@ impl SmtpAgent {
                 })
                 .collect()
         };
-        let peers = match peers {
-            Ok(p) => p,
+        let route = match route {
+            Ok(r) => r,
             Err(dns::Lookup::Permanent(t)) => {
                 let code = if t.contains("null MX") {
                     "5.1.10"
@@ -119,7 +118,14 @@ impl SmtpAgent {
                 let _ = results.send(all(|| Verdict::Deferred, format!("4.4.3 {t}")));
                 return;
             }
-            Err(dns::Lookup::Hosts(_)) => Vec::new(),
+            Err(dns::Lookup::Policy(t)) => {
+                let _ = results.send(all(|| Verdict::Deferred, format!("4.7.5 {t}")));
+                return;
+            }
+            Err(dns::Lookup::Hosts(_)) => crate::policy::Route {
+                hops: Vec::new(),
+                applied: Default::default(),
+            },
         };
         // One transaction per job and recipient chunk.
         let mut txs: Vec<Tx> = Vec::new();
@@ -168,7 +174,7 @@ impl SmtpAgent {
                         tx: results.clone(),
                         buf: Vec::new(),
                     };
-                    s.spawn(|| self.lane(lane, &peers, dest, jobs, bodies, start, dns_time, out))
+                    s.spawn(|| self.lane(lane, &route, dest, jobs, bodies, start, dns_time, out))
                 })
                 .collect();
             handles
@@ -199,7 +205,7 @@ impl SmtpAgent {
     fn lane(
         &self,
         txs: &[Tx],
-        peers: &[(String, Peer)],
+        route: &crate::policy::Route,
         dest: &Dest,
         jobs: &[&Job],
         bodies: &[Result<Vec<u8>, String>],
@@ -252,7 +258,7 @@ impl SmtpAgent {
             };
             let (mut c, conn_time, reused) = match client.take() {
                 Some(c) => (c, 0.0, true),
-                None => match self.client(peers, dest, retried) {
+                None => match self.client(route, dest, retried) {
                     Ok((c, t)) => {
                         reach.connected = true;
                         (c, t, t == 0.0)

@@ -26,6 +26,8 @@ pub enum Lookup {
     Permanent(String),
     /// Try again later (server failure, time-out).
     Temporary(String),
+    /// Hosts were found, but the TLS policy (DANE, MTA-STS) allows none of them now.
+    Policy(String),
 }
 
 impl Dns {
@@ -46,7 +48,10 @@ impl Dns {
         Ok(Dns { rt, resolver })
     }
 
-    fn addresses(&self, name: &str) -> Result<Vec<IpAddr>, hickory_resolver::net::NetError> {
+    pub(crate) fn addresses(
+        &self,
+        name: &str,
+    ) -> Result<Vec<IpAddr>, hickory_resolver::net::NetError> {
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         self.rt
             .block_on(self.resolver.lookup_ip(fqdn))

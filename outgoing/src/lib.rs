@@ -4,22 +4,28 @@
 //! through `delivery::settle`.
 
 mod client;
+mod dane;
 mod dead;
 mod destination;
 pub mod dns;
+mod dnssec;
 mod peer;
+mod policy;
+mod sts;
 mod tls;
+pub mod tlsreport;
+pub mod tlsrpt;
 mod transaction;
 
 use client::{Client, Failure, Settings};
 use destination::Res;
 use peer::Peer;
+use policy::{Hop, HostRule};
 use qms_common::config::{Route, TlsPolicy, TlsRule};
 use qms_common::{qlog, Config};
 use qms_delivery::dsn;
 use qms_spool::{Claimed, Job, LinkSecurity, Notify, RcptState, Smarthost, Spool};
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -45,6 +51,12 @@ pub struct SmtpAgent {
     /// Keyed by target and TLS rule: a certificate refused under one rule says nothing of
     /// the host under another.
     dead: dead::Dead<Dest>,
+    /// DNSSEC-aware lookups for DANE.
+    resolver: dnssec::Resolver,
+    /// MTA-STS policies.
+    sts: sts::Cache,
+    /// TLS reporting: sessions under a policy, counted.
+    reports: tlsrpt::Recorder,
 }
 
 /// Where a group of recipients goes, and with which TLS policy (recipients whose domains
@@ -92,6 +104,13 @@ impl SmtpAgent {
         if let Err(e) = &dns {
             qlog!("status=warning reason={}", qms_common::log::quote(e));
         }
+        let resolver = dnssec::Resolver::new(cfg.client.dns_server);
+        let sts = sts::Cache::new(
+            spool.root(),
+            cfg.client.mta_sts_port,
+            cfg.client.ca_file.clone(),
+        );
+        let reports = tlsrpt::Recorder::new(spool.root(), cfg.client.tls_reports);
         SmtpAgent {
             cfg,
             spool,
@@ -101,6 +120,9 @@ impl SmtpAgent {
             window: Mutex::new(HashMap::new()),
             connecting: (Mutex::new(HashMap::new()), std::sync::Condvar::new()),
             dead: dead::Dead::default(),
+            resolver,
+            sts,
+            reports,
         }
     }
 
@@ -147,80 +169,83 @@ impl SmtpAgent {
         rule
     }
 
-    /// The hosts to try for a destination, and the port.
-    fn hosts(&self, dest: &Dest) -> (dns::Lookup, u16) {
-        let dns = match &self.dns {
-            Ok(d) => d,
-            Err(e) => return (dns::Lookup::Temporary(e.clone()), 25),
-        };
-        match &dest.target {
-            Target::Smarthost(Smarthost { host, port, .. })
-            | Target::Relay { host, port }
-            | Target::Lmtp { host, port } => {
-                let lookup = match host.parse::<IpAddr>() {
-                    Ok(ip) => dns::Lookup::Hosts(vec![dns::Host {
-                        name: host.clone(),
-                        addrs: vec![ip],
-                    }]),
-                    Err(_) => dns.host(host),
-                };
-                (lookup, *port)
-            }
-            Target::Mx { domain } => (dns.mail_hosts(domain), self.cfg.client.port),
-            Target::LmtpUnix { .. } => (dns::Lookup::Hosts(Vec::new()), 0),
-        }
-    }
-
-    /// Where to connect for a destination, in order: a post office's socket, or each
-    /// address of each host; else the failed lookup.
-    fn peers(&self, dest: &Dest) -> Result<Vec<(String, Peer)>, dns::Lookup> {
-        if let Target::LmtpUnix { path } = &dest.target {
-            return Ok(vec![("localhost".into(), Peer::Unix(path.clone()))]);
-        }
-        match self.hosts(dest) {
-            (dns::Lookup::Hosts(hosts), port) => Ok(hosts
-                .iter()
-                .flat_map(|h| {
-                    h.addrs
-                        .iter()
-                        .map(move |ip| (h.name.clone(), Peer::Inet(SocketAddr::new(*ip, port))))
-                })
-                .collect()),
-            (failed, _) => Err(failed),
-        }
-    }
-
     /// A connection to the first host that answers: a cached one, else a new one (logged in
-    /// to a smarthost that wants credentials).
+    /// to a relay or smarthost that wants credentials).
     fn client(
         &self,
-        peers: &[(String, Peer)],
+        route: &policy::Route,
         dest: &Dest,
         fresh: bool,
     ) -> Result<(Client, f64), Failure> {
         let reuse = std::time::Duration::from_secs(self.cfg.client.connection_reuse);
-        // `[relay_auth]`: a relay host of the routing table that wants a login.
-        let login = match &dest.target {
-            Target::Relay { host, .. } => self.cfg.relay_auth.get(&host.to_ascii_lowercase()),
-            _ => None,
-        };
+        let login = self.login(dest);
         let lmtp = matches!(dest.target, Target::Lmtp { .. } | Target::LmtpUnix { .. });
-        let made_for = format!("{:?} {:?} {lmtp}", dest.tls, login.map(|l| &l.user));
+        // A connection is reused only under the same rule: one opened at `may` proves
+        // nothing to a `verify` destination or a host that DANE covers.
+        let made_for = |hop: &Hop| {
+            format!(
+                "{:?} {:?} {lmtp} {:?}",
+                dest.tls,
+                login.map(|l| &l.user),
+                hop.rule
+            )
+        };
         if let (false, Ok(mut cache)) = (fresh || dest.private(), self.cache.lock()) {
-            for (_, peer) in peers {
-                if let Some(list) = cache.get_mut(peer) {
+            for hop in &route.hops {
+                if let Some(list) = cache.get_mut(&hop.peer) {
                     list.retain(|c| c.idle_since.elapsed() < reuse);
-                    // Only a connection made under the same TLS rule: one opened at `may`
-                    // proves nothing to a `verify` destination.
-                    if let Some(i) = list.iter().rposition(|c| c.made_for == made_for) {
+                    let want = made_for(hop);
+                    if let Some(i) = list.iter().rposition(|c| c.made_for == want) {
                         return Ok((list.remove(i), 0.0));
                     }
                 }
             }
         }
-        let mut settings = self.settings();
-        settings.tls = dest.tls.level;
-        // `secure` without `match`: the certificate names the next hop.
+        let mut last = Failure {
+            text: "no host to try".into(),
+            permanent: false,
+        };
+        let start = Instant::now();
+        for hop in &route.hops {
+            let names = self.check_names(dest, hop);
+            let settings = self.settings_for(dest, hop, login.is_some(), lmtp, &names);
+            self.gate(&hop.peer, true);
+            let mut attempt = Client::connect(&hop.name, &hop.peer, &settings);
+            self.gate(&hop.peer, false);
+            self.report_session(route, hop, &attempt);
+            if let Ok(c) = &mut attempt {
+                self.log_in(c, dest, login)?;
+            }
+            match attempt {
+                Ok(mut c) => {
+                    c.made_for = made_for(hop);
+                    return Ok((c, start.elapsed().as_secs_f64()));
+                }
+                Err(f) => {
+                    qlog!(
+                        "relay={}{} status=connect-failed reason={}",
+                        hop.name,
+                        hop.peer.place(),
+                        qms_common::log::quote(&f.text)
+                    );
+                    last = f;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// `[relay_auth]`: a relay host of the routing table that wants a login.
+    fn login(&self, dest: &Dest) -> Option<&qms_common::config::RelayAuth> {
+        match &dest.target {
+            Target::Relay { host, .. } => self.cfg.relay_auth.get(&host.to_ascii_lowercase()),
+            _ => None,
+        }
+    }
+
+    /// The names a certificate may carry: for `secure`, the configured names or the next
+    /// hop; for DANE-TA, the MX host and the next-hop domain (RFC 7672 3.2.2).
+    fn check_names(&self, dest: &Dest, hop: &Hop) -> Vec<String> {
         let next_hop = match &dest.target {
             Target::Mx { domain } => vec![domain.to_ascii_lowercase()],
             Target::Relay { host, .. } | Target::Lmtp { host, .. } => {
@@ -229,91 +254,142 @@ impl SmtpAgent {
             Target::Smarthost(_) => Vec::new(),
             Target::LmtpUnix { .. } => vec!["localhost".to_string()],
         };
-        let names = match dest.tls.level {
-            TlsPolicy::Secure if dest.tls.names.is_empty() => next_hop.as_slice(),
-            TlsPolicy::Secure => dest.tls.names.as_slice(),
-            _ => &[],
-        };
-        if dest.tls.level.authenticates() {
-            settings.verify = Some(client::Verify {
-                ca: dest.tls.ca_file.as_deref(),
-                names,
-                why: dest.tls.level.as_str(),
-            });
-        } else if login.is_some() {
-            // A password goes only to a server whose certificate is verified.
-            settings.verify = Some(client::Verify {
-                ca: dest.tls.ca_file.as_deref(),
-                names: &[],
-                why: "credentials",
-            });
+        match (&hop.rule, dest.tls.level) {
+            (HostRule::Dane(_), _) => std::iter::once(hop.name.to_ascii_lowercase())
+                .chain(next_hop)
+                .collect(),
+            (_, TlsPolicy::Secure) if dest.tls.names.is_empty() => next_hop,
+            (_, TlsPolicy::Secure) => dest.tls.names.clone(),
+            _ => Vec::new(),
         }
-        settings.debug = dest.debug.as_deref();
-        settings.lmtp = lmtp;
-        let smarthost = dest.smarthost();
-        if let Some(h) = smarthost {
-            settings.implicit_tls = h.security == LinkSecurity::Ssl;
-            settings.client_cert = h.cert_file.as_deref().zip(h.key_file.as_deref());
+    }
+
+    /// How to connect to one host: the destination's level, then what DANE or MTA-STS
+    /// says of the host, then a smarthost's own TLS and client certificate.
+    fn settings_for<'a>(
+        &'a self,
+        dest: &'a Dest,
+        hop: &'a Hop,
+        login: bool,
+        lmtp: bool,
+        names: &'a [String],
+    ) -> Settings<'a> {
+        let mut s = self.settings();
+        s.tls = match dest.tls.level {
+            TlsPolicy::Dane | TlsPolicy::DaneOnly => TlsPolicy::May,
+            level => level,
+        };
+        s.debug = dest.debug.as_deref();
+        s.lmtp = lmtp;
+        let check = |why, ca, names, tlsa: &'a [dane::Tlsa], report_only| {
+            Some(client::Verify {
+                ca,
+                names,
+                why,
+                tlsa,
+                report_only,
+            })
+        };
+        let level = dest.tls.level;
+        if level.authenticates() {
+            s.verify = check(
+                level.as_str(),
+                dest.tls.ca_file.as_deref(),
+                names,
+                &[],
+                false,
+            );
+        } else if login {
+            // A password goes only to a server whose certificate is verified.
+            s.verify = check("credentials", dest.tls.ca_file.as_deref(), &[], &[], false);
+        }
+        let ca = self.cfg.client.ca_file.as_deref();
+        match &hop.rule {
+            HostRule::Level => {}
+            HostRule::Dane(records) => {
+                s.verify = check(level.as_str(), None, names, records, false)
+            }
+            HostRule::Encrypt => s.tls = TlsPolicy::Encrypt,
+            HostRule::StsEnforce => s.verify = check("mta-sts", ca, &[], &[], false),
+            HostRule::StsTesting if s.verify.is_none() => {
+                s.verify = check("mta-sts", ca, &[], &[], true)
+            }
+            HostRule::StsTesting => {}
+        }
+        if let Some(h) = dest.smarthost() {
+            s.implicit_tls = h.security == LinkSecurity::Ssl;
+            s.client_cert = h.cert_file.as_deref().zip(h.key_file.as_deref());
             if h.user.is_some() || h.password.is_some() {
                 let ca = self.cfg.msp.ca_files.get(&h.host.to_ascii_lowercase());
-                settings.verify = Some(client::Verify {
-                    ca: ca.map(|p| p.as_path()),
-                    names: &[],
-                    why: "credentials",
-                });
+                s.verify = check("credentials", ca.map(|p| p.as_path()), &[], &[], false);
             }
         }
-        let mut last = Failure {
-            text: "no host to try".into(),
-            permanent: false,
-        };
-        let start = Instant::now();
-        for (name, peer) in peers {
-            self.gate(peer, true);
-            let mut attempt = Client::connect(name, peer, &settings);
-            self.gate(peer, false);
-            let at = peer.place();
-            if let (
-                Ok(c),
+        s
+    }
+
+    /// Logs in where the destination wants it: the message's smarthost, or `[relay_auth]`.
+    fn log_in(
+        &self,
+        c: &mut Client,
+        dest: &Dest,
+        login: Option<&qms_common::config::RelayAuth>,
+    ) -> Result<(), Failure> {
+        let done = match (dest.smarthost(), login) {
+            (
                 Some(Smarthost {
                     user: Some(u),
                     password: Some(p),
                     ..
                 }),
-            ) = (&mut attempt, smarthost)
-            {
-                if let Err(f) = c.authenticate(u, p) {
-                    qlog!(
-                        "relay={name}{at} status=auth-failed reason={}",
-                        qms_common::log::quote(&f.text)
-                    );
-                    return Err(f);
-                }
-            }
-            if let (Ok(c), Some(l)) = (&mut attempt, login) {
-                if let Err(f) = relay_login(c, l) {
-                    qlog!(
-                        "relay={name}{at} status=auth-failed reason={}",
-                        qms_common::log::quote(&f.text)
-                    );
-                    return Err(f);
-                }
-            }
-            match attempt {
-                Ok(mut c) => {
-                    c.made_for = made_for;
-                    return Ok((c, start.elapsed().as_secs_f64()));
-                }
-                Err(f) => {
-                    qlog!(
-                        "relay={name}{at} status=connect-failed reason={}",
-                        qms_common::log::quote(&f.text)
-                    );
-                    last = f;
-                }
-            }
+                _,
+            ) => c.authenticate(u, p),
+            (_, Some(l)) => relay_login(c, l),
+            _ => Ok(()),
+        };
+        if let Err(f) = &done {
+            qlog!(
+                "relay={}{} status=auth-failed reason={}",
+                c.name,
+                c.peer.place(),
+                qms_common::log::quote(&f.text)
+            );
         }
-        Err(last)
+        done
+    }
+
+    /// Counts a new session under a DANE or MTA-STS policy for the TLS report.
+    fn report_session(&self, route: &policy::Route, hop: &Hop, attempt: &Result<Client, Failure>) {
+        if route.applied.kind.is_empty() || hop.rule == HostRule::Level {
+            return;
+        }
+        let dane = matches!(hop.rule, HostRule::Dane(_) | HostRule::Encrypt);
+        let result = match attempt {
+            Ok(c) if c.tls.is_none() => ("starttls-not-supported".to_string(), String::new()),
+            Ok(c) if c.verified || hop.rule == HostRule::Encrypt => {
+                ("success".to_string(), String::new())
+            }
+            Ok(c) => {
+                let why = c.tls_problem.clone().unwrap_or_default();
+                (tlsrpt::result_type(&why, dane).to_string(), why)
+            }
+            Err(f) if f.text.contains("TLS") || f.text.contains("certificate") => (
+                tlsrpt::result_type(&f.text, dane).to_string(),
+                f.text.clone(),
+            ),
+            Err(_) => return,
+        };
+        let ip = match &hop.peer {
+            Peer::Inet(a) => a.ip().to_string(),
+            Peer::Unix(_) => String::new(),
+        };
+        self.reports.record(tlsrpt::Line {
+            time: qms_common::time::now(),
+            policy: route.applied.clone(),
+            result: result.0,
+            mx_host: hop.name.clone(),
+            ip,
+            detail: result.1,
+        });
     }
 
     /// Waits for a free connection slot to `peer` (enter) or gives one back (leave).

@@ -4,6 +4,7 @@
 //! `secure`, and for a smarthost that gets credentials, the certificate must chain to a
 //! trusted root and carry the expected name, or nothing is sent.
 
+use crate::dane::Tlsa;
 use qms_common::conn::Stream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WantsClientCert;
@@ -186,6 +187,18 @@ fn verifying(
     Ok(Arc::new(cfg))
 }
 
+/// A configuration that checks the server's chain against TLSA records (DANE).
+fn dane(records: &[Tlsa], names: &[String]) -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::dane::Verifier::new(records, names)))
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
 /// How a handshake treats the server's certificate.
 #[derive(Clone, Copy)]
 pub enum Check<'a> {
@@ -197,24 +210,87 @@ pub enum Check<'a> {
         ca: Option<&'a Path>,
         names: &'a [String],
     },
+    /// Checked against TLSA records; `names` for DANE-TA.
+    Dane {
+        records: &'a [Tlsa],
+        names: &'a [String],
+    },
+    /// Not required, but checked as `Verify` would after the handshake, and the result
+    /// reported (an MTA-STS policy in `testing` mode).
+    Observe {
+        ca: Option<&'a Path>,
+        names: &'a [String],
+    },
 }
 
-/// The client handshake; returns the encrypted stream and `TLSv1.3 with cipher …`.
+/// A finished client handshake.
+pub struct Done {
+    pub stream: Box<dyn Stream>,
+    /// `TLSv1.3 with cipher …, subject …, issuer …`.
+    pub info: String,
+    /// For `Check::Observe`: why the certificate would not have passed.
+    pub observed: Option<String>,
+}
+
+/// The client handshake.
 pub fn connect(
     server: ServerName<'static>,
     mut sock: Box<dyn Stream>,
     client_cert: Option<(&Path, &Path)>,
     check: Check,
-) -> Result<(Box<dyn Stream>, String), String> {
+) -> Result<Done, String> {
     let cfg = match (check, client_cert) {
         (Check::Verify { ca, names }, cc) => verifying(ca, names, cc)?,
-        (Check::None, Some((cert, key))) => with_client_cert(cert, key)?,
-        (Check::None, None) => config()?,
+        (Check::Dane { records, names }, _) => dane(records, names)?,
+        (Check::None | Check::Observe { .. }, Some((cert, key))) => with_client_cert(cert, key)?,
+        (Check::None | Check::Observe { .. }, None) => config()?,
     };
-    let mut conn = ClientConnection::new(cfg, server).map_err(|e| e.to_string())?;
+    let mut conn = ClientConnection::new(cfg, server.clone()).map_err(|e| e.to_string())?;
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
     }
     let info = qms_common::tls::describe(&conn);
-    Ok((Box::new(StreamOwned::new(conn, sock)), info))
+    let observed = match check {
+        Check::Observe { ca, names } => would_verify(&conn, ca, names, &server).err(),
+        _ => None,
+    };
+    Ok(Done {
+        stream: Box::new(StreamOwned::new(conn, sock)),
+        info,
+        observed,
+    })
+}
+
+/// Whether the chain the server sent passes `verify` (for the name connected to, or any of
+/// `names`).
+fn would_verify(
+    conn: &ClientConnection,
+    ca: Option<&Path>,
+    names: &[String],
+    server: &ServerName<'static>,
+) -> Result<(), String> {
+    let certs = conn.peer_certificates().unwrap_or_default();
+    let (ee, rest) = certs
+        .split_first()
+        .ok_or("the server sent no certificate")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = Arc::new(qms_common::tls::roots(ca)?);
+    let pkix = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut candidates: Vec<ServerName> = names
+        .iter()
+        .filter_map(|n| ServerName::try_from(n.clone()).ok())
+        .collect();
+    if candidates.is_empty() {
+        candidates.push(server.clone());
+    }
+    let mut last = String::new();
+    for name in &candidates {
+        match pkix.verify_server_cert(ee, rest, name, &[], UnixTime::now()) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
 }

@@ -24,7 +24,7 @@ pub const PUBLIC_MODE: u32 = 0o711;
 pub const PRIVATE_MODE: u32 = 0o700;
 
 /// The top-level directories and their modes.
-pub const LAYOUT: [(&str, u32); 9] = [
+pub const LAYOUT: [(&str, u32); 10] = [
     ("tmp", PRIVATE_MODE),
     ("msg", PRIVATE_MODE),
     ("queue", PRIVATE_MODE),
@@ -32,6 +32,8 @@ pub const LAYOUT: [(&str, u32); 9] = [
     ("corrupt", PRIVATE_MODE),
     ("run", PRIVATE_MODE),
     ("track", PRIVATE_MODE),
+    // MTA-STS policies and TLS report counts.
+    ("tls", PRIVATE_MODE),
     ("maildrop", MAILDROP_MODE),
     ("public", PUBLIC_MODE),
 ];

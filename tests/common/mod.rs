@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 mod audit;
 mod client;
+mod dnssec;
 mod dovecot;
 mod sink;
 mod users;
@@ -17,6 +18,8 @@ mod users;
 pub use audit::{audit, strace_args};
 #[allow(unused_imports)]
 pub use client::SmtpClient;
+#[allow(unused_imports)]
+pub use dnssec::{cert_sha256, signed_dns, spki_sha256, SignedDns};
 #[allow(unused_imports)]
 pub use dovecot::Dovecot;
 #[allow(unused_imports)]
@@ -583,6 +586,11 @@ pub fn make_cert(dir: &Path, cn: &str) {
 /// A certificate authority (ca.pem) and a server certificate it signed (cert.pem, key.pem)
 /// for `cn`, 127.0.0.1 and localhost: what a client that verifies can be made to trust.
 pub fn make_ca_cert(dir: &Path, cn: &str) {
+    make_ca_cert_with(dir, cn, &[]);
+}
+
+/// As `make_ca_cert`, the certificate also naming `more` hosts.
+pub fn make_ca_cert_with(dir: &Path, cn: &str, more: &[&str]) {
     openssl(
         &[
             "req",
@@ -611,7 +619,10 @@ pub fn make_ca_cert(dir: &Path, cn: &str) {
     );
     std::fs::write(
         dir.join("san.ext"),
-        format!("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{cn}\n"),
+        format!(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{cn}{}\n",
+            more.iter().map(|n| format!(",DNS:{n}")).collect::<String>()
+        ),
     )
     .unwrap();
     openssl(

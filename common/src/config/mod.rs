@@ -325,6 +325,12 @@ pub struct Client {
     pub connection_reuse: u64,
     /// `[dns] server`: the resolver to ask (else the system's).
     pub dns_server: Option<SocketAddr>,
+    /// MTA-STS (RFC 8461): a domain's published policy is fetched, cached and applied.
+    pub mta_sts: bool,
+    /// The port policies are fetched from (443; tests point it elsewhere).
+    pub mta_sts_port: u16,
+    /// TLS reporting (RFC 8460): results are counted per policy domain for the daily report.
+    pub tls_reports: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -340,6 +346,10 @@ pub enum TlsPolicy {
     Verify,
     /// As verify, the certificate naming the next-hop domain or the configured names.
     Secure,
+    /// DANE (RFC 7672) where the MX hosts have DNSSEC-signed TLSA records, else `may`.
+    Dane,
+    /// DANE or nothing: a host without usable TLSA records is not used.
+    DaneOnly,
 }
 
 impl TlsPolicy {
@@ -350,6 +360,8 @@ impl TlsPolicy {
             "encrypt" => Some(TlsPolicy::Encrypt),
             "verify" => Some(TlsPolicy::Verify),
             "secure" => Some(TlsPolicy::Secure),
+            "dane" => Some(TlsPolicy::Dane),
+            "dane-only" => Some(TlsPolicy::DaneOnly),
             _ => None,
         }
     }
@@ -361,12 +373,19 @@ impl TlsPolicy {
             TlsPolicy::Encrypt => "encrypt",
             TlsPolicy::Verify => "verify",
             TlsPolicy::Secure => "secure",
+            TlsPolicy::Dane => "dane",
+            TlsPolicy::DaneOnly => "dane-only",
         }
     }
 
-    /// Whether the peer's certificate is checked.
+    /// Whether the peer's certificate is checked against trusted roots.
     pub fn authenticates(self) -> bool {
         matches!(self, TlsPolicy::Verify | TlsPolicy::Secure)
+    }
+
+    /// Whether TLSA records are looked up for the hosts.
+    pub fn dane(self) -> bool {
+        matches!(self, TlsPolicy::Dane | TlsPolicy::DaneOnly)
     }
 }
 
@@ -827,7 +846,7 @@ impl Config {
             TlsPolicy::parse(v).ok_or_else(|| {
                 err(
                     key,
-                    format!("{v:?} is not none, may, encrypt, verify or secure"),
+                    format!("{v:?} is not none, may, encrypt, verify, secure, dane or dane-only"),
                 )
             })
         };
@@ -876,6 +895,9 @@ impl Config {
             data_timeout: o.data_timeout.map(Secs::get).unwrap_or(600).max(1),
             connection_reuse: o.connection_reuse.map(Secs::get).unwrap_or(10),
             dns_server,
+            mta_sts: o.mta_sts.unwrap_or(true),
+            mta_sts_port: o.mta_sts_port.unwrap_or(443),
+            tls_reports: o.tls_reports.unwrap_or(true),
         };
         if outgoing.max_backoff < outgoing.min_backoff {
             return Err(err(

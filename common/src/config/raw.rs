@@ -109,6 +109,9 @@ pub(super) struct RawOutgoing {
     pub(super) command_timeout: Option<Secs>,
     pub(super) data_timeout: Option<Secs>,
     pub(super) connection_reuse: Option<Secs>,
+    pub(super) mta_sts: Option<bool>,
+    pub(super) mta_sts_port: Option<u16>,
+    pub(super) tls_reports: Option<bool>,
 }
 
 /// A `tls_routes` entry: a level (`"verify"`), or a table with a CA file and the names the

@@ -190,7 +190,10 @@ impl Effective {
             .secs("connect_timeout", k.connect_timeout)
             .secs("command_timeout", k.command_timeout)
             .secs("data_timeout", k.data_timeout)
-            .secs("connection_reuse", k.connection_reuse);
+            .secs("connection_reuse", k.connection_reuse)
+            .set("mta_sts", Value::Boolean(k.mta_sts))
+            .set("mta_sts_port", int(k.mta_sts_port))
+            .set("tls_reports", Value::Boolean(k.tls_reports));
         self.push("outgoing", s);
         let mut t = Section::default();
         for (dest, r) in &k.tls_routes {

@@ -1,0 +1,378 @@
+//! Issue #16, transport security between MTAs: DANE against a real DNSSEC-signed zone
+//! validated by Unbound, MTA-STS policies served over HTTPS, and the TLS reports of both.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// A peer qms taking mail for `domains` into carol's Maildir over TLS, with a certificate
+/// from a test CA naming `names`, served with the CA's certificate after it (as DANE-TA
+/// needs).
+fn tls_peer(domains: &[&str], names: &[&str]) -> Instance {
+    let mut peer = Instance::new("", "[tls]\ncert = \"chain.pem\"\nkey = \"key.pem\"\n");
+    let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    peer.edit_config(
+        "local = [\"example.test\"]",
+        &format!("local = [\"example.test\", {}]", quoted.join(", ")),
+    );
+    let boxes: String = domains
+        .iter()
+        .map(|d| format!("\"carol@{d}\" = {{ maildir = \"mail/carol\" }}\n"))
+        .collect();
+    peer.edit_config("[mailboxes]\n", &format!("[mailboxes]\n{boxes}"));
+    make_ca_cert_with(&peer.dir, names[0], &names[1..]);
+    let chain = [
+        std::fs::read(peer.dir.join("cert.pem")).unwrap(),
+        std::fs::read(peer.dir.join("ca.pem")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(peer.dir.join("chain.pem"), chain).unwrap();
+    peer.own();
+    peer.start();
+    peer
+}
+
+/// Lets the instance relay to `domains`, and gives it a mailbox for TLS reports.
+fn relay_to(inst: &Instance, domains: &[&str]) {
+    let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    inst.edit_config(
+        "local = [\"example.test\"]",
+        &format!(
+            "local = [\"example.test\"]\nrelay = [{}]",
+            quoted.join(", ")
+        ),
+    );
+    inst.edit_config(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"tlsrpt@example.test\" = { maildir = \"mail/tlsrpt\" }\n",
+    );
+}
+
+/// The reply recorded for a recipient still in the queue.
+fn reply_of(inst: &Instance, who: &str) -> Option<String> {
+    inst.queue_json().iter().find_map(|j| {
+        j["recipients"]
+            .as_array()?
+            .iter()
+            .find(|r| r["address"] == who)
+            .and_then(|r| r["reply"].as_str().map(str::to_string))
+    })
+}
+
+/// The delivery line of `to`.
+fn sent_line(inst: &Instance, to: &str) -> String {
+    let log = inst.log();
+    log.lines()
+        .find(|l| l.contains(&format!("to={to} ")) && l.contains("status=sent"))
+        .unwrap_or_else(|| panic!("no delivery of {to}: {log}"))
+        .to_string()
+}
+
+/// DANE (RFC 7672) at level `dane`: TLSA records in a signed zone that match the peer's key
+/// (DANE-EE) or its CA (DANE-TA) deliver, verified; records that match nothing defer with
+/// 4.7.5; an unsigned zone falls back to `may`; `dane-only` defers where there is no DANE.
+#[test]
+fn dane_checks_the_peer_against_signed_tlsa_records() {
+    let domains = [
+        "good.dane.test",
+        "ta.dane.test",
+        "bad.dane.test",
+        "plain.test",
+        "only.plain.test",
+    ];
+    let peer = tls_peer(&domains, &["mx-good.dane.test", "mx-ta.dane.test"]);
+    let port = peer.smtp_port;
+    let ee = spki_sha256(&peer.dir.join("cert.pem"));
+    let ta = cert_sha256(&peer.dir.join("ca.pem"));
+    let mx = |label: &str, host: &str| format!("{label} IN MX 10 {host}\n{host} IN A 127.0.0.1\n");
+    let signed = format!(
+        "{}_{port}._tcp.mx-good IN TLSA 3 1 1 {ee}\n\
+         {}_{port}._tcp.mx-ta IN TLSA 2 0 1 {ta}\n\
+         {}_{port}._tcp.mx-bad IN TLSA 3 1 1 {zeros}\n\
+         _smtp._tls.bad IN TXT \"v=TLSRPTv1; rua=mailto:tlsrpt@example.test\"\n",
+        mx("good", "mx-good"),
+        mx("ta", "mx-ta"),
+        mx("bad", "mx-bad"),
+        zeros = "00".repeat(32),
+    );
+    let unsigned = format!("{}{}", mx("@", "mx"), mx("only", "mx-only"));
+    let dir = std::env::temp_dir().join(format!("qms-dane-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let dns = signed_dns(&dir, ("dane.test", &signed), ("plain.test", &unsigned));
+    let mut inst = Instance::new(
+        "",
+        &format!(
+            "[dns]\nserver = \"127.0.0.1:{}\"\n[queues.smtp]\nworkers = 1\n\
+             [outgoing]\nport = {port}\ntls = \"dane\"\nmin_backoff = \"1h\"\n\
+             [outgoing.tls_routes]\n\"only.plain.test\" = \"dane-only\"\n",
+            dns.port
+        ),
+    );
+    relay_to(&inst, &domains);
+    inst.start();
+    let to: Vec<String> = domains.iter().map(|d| format!("carol@{d}")).collect();
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &to,
+        "Subject: dane\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for(
+        "three deliveries and two deferrals",
+        Duration::from_secs(30),
+        || {
+            peer.count_new("carol") == 3
+                && reply_of(&inst, "carol@bad.dane.test").is_some()
+                && reply_of(&inst, "carol@only.plain.test").is_some()
+        },
+    );
+    let bad = reply_of(&inst, "carol@bad.dane.test").unwrap();
+    assert!(
+        bad.contains("4.7.5 TLS level dane") && bad.contains("no TLSA record matches"),
+        "{bad}"
+    );
+    let only = reply_of(&inst, "carol@only.plain.test").unwrap();
+    assert!(
+        only.contains("4.7.5") && only.contains("dane-only"),
+        "{only}"
+    );
+    for d in ["good.dane.test", "ta.dane.test"] {
+        let line = sent_line(&inst, &format!("carol@{d}"));
+        assert!(line.contains("verified (dane)"), "{line}");
+    }
+    let plain = sent_line(&inst, "carol@plain.test");
+    assert!(plain.contains("not verified"), "{plain}");
+    // TLS reporting: bad.dane.test asks for reports by mail; today's is sent on demand.
+    let report = tls_report(&inst, "bad.dane.test");
+    assert_eq!(report["policy"]["policy-type"], "tlsa", "{report}");
+    assert!(report["policy"]["policy-string"][0]
+        .as_str()
+        .is_some_and(|s| s.starts_with("3 1 1 0000")));
+    assert!(report["summary"]["total-failure-session-count"].as_u64() >= Some(1));
+    assert_eq!(
+        report["failure-details"][0]["result-type"], "validation-failure",
+        "{report}"
+    );
+    assert_eq!(
+        report["failure-details"][0]["receiving-mx-hostname"],
+        "mx-bad.dane.test"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends today's TLS reports, waits for the one to tlsrpt@example.test, and returns the
+/// policy entry for `domain` of the report read as RFC 8460 says: a multipart/report of
+/// type tlsrpt whose application/tlsrpt+gzip part is the JSON.
+fn tls_report(inst: &Instance, domain: &str) -> serde_json::Value {
+    let out = inst.qms(&["tls-report", "--day", "today", "--send"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the TLS report", Duration::from_secs(30), || {
+        inst.count_new("tlsrpt") >= 1
+    });
+    let new = inst.maildir("tlsrpt").join("new");
+    let file = std::fs::read_dir(&new)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let script = r#"
+import sys, email, gzip, json
+m = email.message_from_binary_file(open(sys.argv[1], 'rb'))
+assert m.get_content_type() == 'multipart/report', m.get_content_type()
+assert m.get_param('report-type') == 'tlsrpt'
+assert m['TLS-Report-Domain'] == sys.argv[2], m['TLS-Report-Domain']
+assert m['Subject'].startswith('Report Domain: ' + sys.argv[2] + ' Submitter: '), m['Subject']
+part = [p for p in m.walk() if p.get_content_type() == 'application/tlsrpt+gzip'][0]
+report = json.loads(gzip.decompress(part.get_payload(decode=True)))
+for k in ('organization-name', 'date-range', 'contact-info', 'report-id', 'policies'):
+    assert k in report, k
+print(json.dumps([p for p in report['policies'] if p['policy']['policy-domain'] == sys.argv[2]][0]))
+"#;
+    let (ok, text) = python(script, &[file.display().to_string(), domain.to_string()]);
+    assert!(ok, "{text}");
+    serde_json::from_str(text.trim()).unwrap()
+}
+
+/// An HTTPS server on a loopback port serving `policies` (host, policy text) at
+/// /.well-known/mta-sts.txt with the certificate in `dir` (chain.pem, key.pem).
+struct PolicyServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PolicyServer {
+    fn start(dir: &std::path::Path, policies: &[(&str, &str)]) -> PolicyServer {
+        let port = free_port();
+        let map: serde_json::Map<String, serde_json::Value> = policies
+            .iter()
+            .map(|(h, p)| (h.to_string(), serde_json::Value::from(*p)))
+            .collect();
+        let script = r#"
+import http.server, ssl, sys, json
+policies = json.loads(sys.argv[3])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = policies.get(self.headers.get('Host', '').split(':')[0])
+        if self.path != '/.well-known/mta-sts.txt' or body is None:
+            self.send_error(404)
+            return
+        b = body.encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/plain')
+        self.send_header('Content-Length', str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[2] + '/chain.pem', sys.argv[2] + '/key.pem')
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+        let child = std::process::Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .arg(dir)
+            .arg(serde_json::Value::Object(map).to_string())
+            .spawn()
+            .unwrap();
+        wait_for("the policy server", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        PolicyServer { child, port }
+    }
+}
+
+impl Drop for PolicyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// MTA-STS (RFC 8461): an `enforce` policy whose MX matches delivers over verified TLS; one
+/// that does not list the MX defers with 4.7.5; `testing` delivers and reports the
+/// certificate that would have failed; policies stay cached across a restart with the
+/// policy server gone.
+#[test]
+fn mta_sts_policies_are_fetched_enforced_reported_and_cached() {
+    let domains = ["sts.test", "bad-sts.test", "testing.test"];
+    let peer = tls_peer(
+        &domains,
+        &[
+            "mx.sts.test",
+            "mta-sts.sts.test",
+            "mta-sts.bad-sts.test",
+            "mta-sts.testing.test",
+        ],
+    );
+    let policy = |mode: &str, mx: &str| {
+        format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n")
+    };
+    let https = PolicyServer::start(
+        &peer.dir,
+        &[
+            ("mta-sts.sts.test", &policy("enforce", "*.sts.test")),
+            ("mta-sts.bad-sts.test", &policy("enforce", "mx.other.test")),
+            (
+                "mta-sts.testing.test",
+                &policy("testing", "mx-wrong.testing.test"),
+            ),
+        ],
+    );
+    let mut records = vec![
+        "--mx-host=sts.test,mx.sts.test,10".to_string(),
+        "--mx-host=bad-sts.test,mx.sts.test,10".to_string(),
+        "--mx-host=testing.test,mx-wrong.testing.test,10".to_string(),
+        "--host-record=mx.sts.test,127.0.0.1".to_string(),
+        "--host-record=mx-wrong.testing.test,127.0.0.1".to_string(),
+        "--txt-record=_smtp._tls.testing.test,v=TLSRPTv1; rua=mailto:tlsrpt@example.test"
+            .to_string(),
+    ];
+    for d in domains {
+        records.push(format!("--txt-record=_mta-sts.{d},v=STSv1; id=20261126"));
+        records.push(format!("--host-record=mta-sts.{d},127.0.0.1"));
+    }
+    let mut inst = Instance::new(
+        "",
+        &format!(
+            "[queues.smtp]\nworkers = 1\n[outgoing]\nport = {}\nmta_sts_port = {}\n\
+             ca_file = \"{}\"\nmin_backoff = \"1h\"\n",
+            peer.smtp_port,
+            https.port,
+            peer.dir.join("ca.pem").display()
+        ),
+    );
+    let (mut dnsmasq, dns_port) = dnsmasq(&inst, &records);
+    inst.edit_config(
+        "[queues.smtp]",
+        &format!("[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[queues.smtp]"),
+    );
+    relay_to(&inst, &domains);
+    inst.start();
+    let to: Vec<String> = domains.iter().map(|d| format!("carol@{d}")).collect();
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &to,
+        "Subject: sts\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for(
+        "two deliveries and a deferral",
+        Duration::from_secs(30),
+        || peer.count_new("carol") == 2 && reply_of(&inst, "carol@bad-sts.test").is_some(),
+    );
+    let bad = reply_of(&inst, "carol@bad-sts.test").unwrap();
+    assert!(
+        bad.contains("4.7.5 MTA-STS policy of bad-sts.test does not list MX host mx.sts.test"),
+        "{bad}"
+    );
+    let line = sent_line(&inst, "carol@sts.test");
+    assert!(line.contains("verified (mta-sts)"), "{line}");
+    let line = sent_line(&inst, "carol@testing.test");
+    assert!(line.contains("not verified"), "{line}");
+    let report = tls_report(&inst, "testing.test");
+    assert_eq!(report["policy"]["policy-type"], "sts", "{report}");
+    assert_eq!(report["policy"]["mx-host"][0], "mx-wrong.testing.test");
+    assert_eq!(
+        report["failure-details"][0]["result-type"], "certificate-host-mismatch",
+        "{report}"
+    );
+    // The policies are on disk; with the policy server gone and qms restarted, they hold.
+    assert!(inst.spool().join("tls/mta-sts/bad-sts.test.json").exists());
+    drop(https);
+    inst.stop();
+    inst.start();
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &["carol@bad-sts.test", "carol@sts.test"],
+        "Subject: after the restart\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for(
+        "the delivery after the restart",
+        Duration::from_secs(30),
+        || peer.count_new("carol") == 3,
+    );
+    let line = sent_line(&inst, "carol@sts.test");
+    assert!(line.contains("verified (mta-sts)"), "{line}");
+    wait_for("the second deferral", Duration::from_secs(30), || {
+        inst.queue_json()
+            .iter()
+            .filter(|j| {
+                j["recipients"][0]["reply"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("does not list MX host"))
+            })
+            .count()
+            == 2
+    });
+    let _ = dnsmasq.kill();
+}
