@@ -14,6 +14,7 @@ mod signals;
 mod supervisor;
 mod suppress;
 mod tlsreport;
+mod track;
 
 use clap::{Parser, Subcommand};
 use qms_common::Config;
@@ -69,7 +70,7 @@ enum Cmd {
     /// Role: act on the reports that come back to `[tracking] envelope_maildir`.
     Dsnproc,
     /// Show the history of each recipient of a message (queue id or Message-ID), or of all.
-    Track(TrackArgs),
+    Track(track::TrackArgs),
     /// Delivery reports: `qms dsn classify FILE…` prints one JSON object per file.
     #[command(subcommand)]
     Dsn(DsnCmd),
@@ -115,25 +116,6 @@ enum DsnCmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-}
-
-#[derive(clap::Args)]
-struct TrackArgs {
-    /// A queue id, a Message-ID (angle brackets optional) or an X-B-CrossRef; all when absent.
-    id: Option<String>,
-    /// One JSON object per event, one per line.
-    #[arg(long)]
-    json: bool,
-    #[arg(long)]
-    recipient: Option<String>,
-    /// An event or a state reached: received, routed, relayed, delivered, deferred, failed, …
-    #[arg(long)]
-    state: Option<String>,
-    /// Unix seconds.
-    #[arg(long)]
-    since: Option<i64>,
-    #[arg(long)]
-    until: Option<i64>,
 }
 
 fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
@@ -221,7 +203,7 @@ fn main() -> ExitCode {
         Cmd::Dsnproc => roles::dsnproc(cfg),
         Cmd::TlsReport(a) => tlsreport::run(&cfg, a),
         Cmd::Tlsrpt => roles::tlsrpt(cfg),
-        Cmd::Track(a) => track(&cfg, a),
+        Cmd::Track(a) => track::run(&cfg, a),
         Cmd::Deliver { queue } => roles::deliver(cfg, &queue),
         Cmd::Queue(q) => queuetool::run(&cfg, q),
         Cmd::Dkim(d) => dkim::run(&cfg, d),
@@ -250,85 +232,6 @@ fn show_config(cfg: &Config, non_default: bool) -> ExitCode {
         Effective::of(cfg)
     };
     print!("# {}\n{}", cfg.path.display(), shown.render());
-    ExitCode::SUCCESS
-}
-
-fn track(cfg: &Config, a: TrackArgs) -> ExitCode {
-    if let Err(e) = qms_common::privs::drop_to(cfg.user.as_deref()) {
-        eprintln!("qms: {e}");
-        return ExitCode::from(71);
-    }
-    let path = qms_tracker::db_path(&cfg.spool);
-    if !path.exists() {
-        eprintln!(
-            "qms: no tracking database at {} (is `qms start` running?)",
-            path.display()
-        );
-        return ExitCode::from(1);
-    }
-    let db = match qms_tracker::Db::open(&path) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("qms: {e}");
-            return ExitCode::from(73);
-        }
-    };
-    let q = qms_tracker::Query {
-        id: a.id.clone(),
-        recipient: a.recipient,
-        state: a.state,
-        since: a.since,
-        until: a.until,
-    };
-    let events = match db.history(&q) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("qms: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    if events.is_empty() {
-        eprintln!(
-            "qms: no tracking events{}",
-            a.id.map(|i| format!(" for {i}")).unwrap_or_default()
-        );
-        return ExitCode::from(1);
-    }
-    if a.json {
-        for e in &events {
-            println!("{}", serde_json::to_string(e).unwrap_or_default());
-        }
-        return ExitCode::SUCCESS;
-    }
-    let mut last = String::new();
-    for e in &events {
-        if e.recipient != last {
-            println!("{}{}", if last.is_empty() { "" } else { "\n" }, e.recipient);
-            last = e.recipient.clone();
-        }
-        let when = qms_common::time::iso8601((e.time / 1_000_000) as i64);
-        let from = if e.from.is_empty() { "-" } else { &e.from };
-        let mut line = format!(
-            "  {when} {:<13} {from} -> {:<10} qid={}",
-            e.event, e.to, e.qid
-        );
-        if let Some(r) = &e.relay {
-            line.push_str(&format!(" relay={r}"));
-        }
-        if let Some(n) = e.attempt {
-            line.push_str(&format!(" attempt={n}"));
-        }
-        if let Some(r) = &e.reason {
-            line.push_str(&format!(" reason=\"{r}\""));
-        }
-        if !e.role.is_empty() {
-            line.push_str(&format!(" by={}", e.role));
-        }
-        if let Some(r) = &e.reply {
-            line.push_str(&format!(" ({r})"));
-        }
-        println!("{line}");
-    }
     ExitCode::SUCCESS
 }
 

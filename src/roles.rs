@@ -166,49 +166,102 @@ pub fn metrics(cfg: Config) -> ExitCode {
     }
 }
 
-/// `qms tracker`: moves tracking events from the processes' files into the database.
+/// `qms tracker`: moves tracking events from the processes' files into the database. While
+/// the database cannot be reached (a shared PostgreSQL that is down), the events wait in
+/// their files; the log and `qms status` say the tracker is behind, and why.
 pub fn tracker(cfg: Config) -> ExitCode {
     let spool = match start_role_untracked(&cfg, "tracker", Privs::None) {
         Ok(s) => s,
         Err(c) => return c,
     };
-    let mut db = match qms_tracker::Db::open(&qms_tracker::db_path(spool.root())) {
-        Ok(d) => d,
-        Err(e) => {
-            qlog!("status=fatal reason={}", quote(&e));
-            return ExitCode::from(73);
-        }
-    };
     let dir = spool.root().join("track");
+    let mut behind = Behind::new(&cfg);
+    let mut db: Option<qms_tracker::Db> = None;
     let mut pruned_at = 0;
     while !signals::stopping() {
+        let Some(d) = db.as_mut() else {
+            match qms_tracker::Db::connect(&cfg) {
+                Ok(d) => db = Some(d),
+                Err(e) => {
+                    behind.say(&e);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            continue;
+        };
         // `[tracking] keep`: old events go, at most once an hour.
         if let Some(keep) = cfg.tracking.keep {
             let now = qms_common::time::now();
             if now - pruned_at >= 3600 {
                 pruned_at = now;
-                match db.prune(now - keep as i64) {
+                match d.prune(now - keep as i64) {
                     Ok(0) => {}
                     Ok(n) => qlog!("status=pruned events={n} keep={keep}"),
                     Err(e) => qlog!("status=error reason={}", quote(&e)),
                 }
             }
         }
-        let result = db.ingest(&dir, &cfg.tracking.suppress);
-        let lag = db.oldest_ingested.map_or(0.0, |t| {
+        let result = d.ingest(&dir, &cfg.tracking.suppress);
+        let lag = d.oldest_ingested.map_or(0.0, |t| {
             qms_common::time::now_micros().saturating_sub(t) as f64 / 1e6
         });
         qms_common::metrics::gauge("qms_tracker_lag_seconds", &[], lag);
         match result {
-            Ok(0) => std::thread::sleep(Duration::from_millis(250)),
-            Ok(n) => qms_common::metrics::count("qms_tracker_events_total", &[], n as f64),
+            Ok(n) => {
+                behind.clear();
+                if n == 0 {
+                    std::thread::sleep(Duration::from_millis(250));
+                } else {
+                    qms_common::metrics::count("qms_tracker_events_total", &[], n as f64);
+                }
+            }
             Err(e) => {
-                qlog!("status=error reason={}", quote(&e));
+                behind.say(&e);
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The tracker's trouble, said once when it starts and once when it ends, and kept in
+/// `run/tracker.json` for `qms status`.
+struct Behind {
+    file: std::path::PathBuf,
+    reason: Option<String>,
+}
+
+impl Behind {
+    fn new(cfg: &Config) -> Behind {
+        let file = tracker_status_file(cfg);
+        let _ = std::fs::remove_file(&file);
+        Behind { file, reason: None }
+    }
+
+    fn say(&mut self, reason: &str) {
+        if self.reason.as_deref() == Some(reason) {
+            return;
+        }
+        qlog!(
+            "status=behind reason={}",
+            quote(&format!("tracking events wait in their files: {reason}"))
+        );
+        let doc = serde_json::json!({ "behind_since": qms_common::time::now(), "reason": reason });
+        let _ = std::fs::write(&self.file, doc.to_string());
+        self.reason = Some(reason.to_string());
+    }
+
+    fn clear(&mut self) {
+        if self.reason.take().is_some() {
+            qlog!("status=caught-up");
+            let _ = std::fs::remove_file(&self.file);
+        }
+    }
+}
+
+/// Where the tracker says it is behind.
+pub fn tracker_status_file(cfg: &Config) -> std::path::PathBuf {
+    cfg.spool.join("run/tracker.json")
 }
 
 /// `qms dsnproc`: acts on the reports that come back to the envelope mailbox.

@@ -629,10 +629,33 @@ pub fn status(cfg: &Config) -> ExitCode {
             cfg.spool.join("corrupt").display()
         );
     }
+    tracker_state(cfg);
     if running.is_some() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)
+    }
+}
+
+/// Whether the tracker keeps up: how many event files wait, and why it is behind when it is.
+fn tracker_state(cfg: &Config) {
+    let waiting = std::fs::read_dir(cfg.spool.join("track"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+                .count()
+        })
+        .unwrap_or(0);
+    let behind = std::fs::read_to_string(crate::roles::tracker_status_file(cfg))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    match behind {
+        Some(doc) => println!(
+            "tracker: behind since {} ({}); {waiting} event file(s) wait",
+            qms_common::time::iso8601(doc["behind_since"].as_i64().unwrap_or(0)),
+            doc["reason"].as_str().unwrap_or("?")
+        ),
+        None => println!("tracker: keeping up; {waiting} event file(s) open"),
     }
 }
 

@@ -30,7 +30,7 @@ pub fn run(cfg: &Config, cmd: SuppressCmd) -> ExitCode {
         eprintln!("qms: {e}");
         return ExitCode::from(71);
     }
-    let db = match qms_tracker::Db::open(&qms_tracker::db_path(&cfg.spool)) {
+    let db = match qms_tracker::Db::connect(cfg) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("qms: {e}");

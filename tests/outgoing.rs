@@ -561,21 +561,8 @@ fn starttls_to_a_tls_peer_and_encrypt_policy() {
 #[test]
 fn verify_and_secure_check_the_peers_certificate() {
     let domains = ["v.test", "nv.test", "sm.test", "s.test", "e.test"];
-    let mut peer = Instance::new("", "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
-    let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
-    peer.edit_config(
-        "local = [\"example.test\"]",
-        &format!("local = [\"example.test\", {}]", quoted.join(", ")),
-    );
-    let boxes: String = domains
-        .iter()
-        .map(|d| format!("\"carol@{d}\" = {{ maildir = \"mail/carol\" }}\n"))
-        .collect();
-    peer.edit_config("[mailboxes]\n", &format!("[mailboxes]\n{boxes}"));
     // A certificate from a test CA, for peer.test, localhost and 127.0.0.1.
-    make_ca_cert(&peer.dir, "peer.test");
-    peer.own();
-    peer.start();
+    let peer = tls_peer(&domains, &["peer.test"]);
     let ca = peer.dir.join("ca.pem").display().to_string();
     let routes: Vec<(&str, u16)> = domains.iter().map(|d| (*d, peer.smtp_port)).collect();
     let mut inst = relay_instance(

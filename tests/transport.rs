@@ -5,33 +5,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// A peer qms taking mail for `domains` into carol's Maildir over TLS, with a certificate
-/// from a test CA naming `names`, served with the CA's certificate after it (as DANE-TA
-/// needs).
-fn tls_peer(domains: &[&str], names: &[&str]) -> Instance {
-    let mut peer = Instance::new("", "[tls]\ncert = \"chain.pem\"\nkey = \"key.pem\"\n");
-    let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
-    peer.edit_config(
-        "local = [\"example.test\"]",
-        &format!("local = [\"example.test\", {}]", quoted.join(", ")),
-    );
-    let boxes: String = domains
-        .iter()
-        .map(|d| format!("\"carol@{d}\" = {{ maildir = \"mail/carol\" }}\n"))
-        .collect();
-    peer.edit_config("[mailboxes]\n", &format!("[mailboxes]\n{boxes}"));
-    make_ca_cert_with(&peer.dir, names[0], &names[1..]);
-    let chain = [
-        std::fs::read(peer.dir.join("cert.pem")).unwrap(),
-        std::fs::read(peer.dir.join("ca.pem")).unwrap(),
-    ]
-    .concat();
-    std::fs::write(peer.dir.join("chain.pem"), chain).unwrap();
-    peer.own();
-    peer.start();
-    peer
-}
-
 /// Lets the instance relay to `domains`, and gives it a mailbox for TLS reports.
 fn relay_to(inst: &Instance, domains: &[&str]) {
     let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();

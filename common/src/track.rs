@@ -42,6 +42,10 @@ pub struct Event {
     pub crossref: Option<String>,
     #[serde(default)]
     pub role: String,
+    /// The node of a fleet whose tracker stored the event (set by the tracker, not written
+    /// in the event files: every file under a spool is its own node's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
 }
 
 impl Event {

@@ -52,7 +52,7 @@ pub fn run(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), String>
         .envelope_maildir
         .clone()
         .ok_or("no [tracking] envelope_maildir in the config")?;
-    let db = qms_tracker::Db::open(&qms_tracker::db_path(spool.root()))?;
+    let db = qms_tracker::Db::connect(cfg)?;
     let mut p = DsnProc {
         cfg,
         spool,

@@ -65,17 +65,21 @@ pub(crate) struct Verifier {
     records: Vec<Tlsa>,
     names: Vec<ServerName<'static>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The handshake's signatures are checked as for any TLS session.
+    signatures: crate::tls::Opportunistic,
 }
 
 impl Verifier {
     pub(crate) fn new(records: &[Tlsa], names: &[String]) -> Verifier {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         Verifier {
             records: records.to_vec(),
             names: names
                 .iter()
                 .filter_map(|n| ServerName::try_from(n.clone()).ok())
                 .collect(),
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            signatures: crate::tls::Opportunistic(provider.clone()),
+            provider,
         }
     }
 
@@ -142,12 +146,7 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -156,18 +155,11 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 

@@ -20,6 +20,9 @@ use std::time::Duration;
 const MAX_AGE_LIMIT: i64 = 31_557_600;
 /// A policy file is small; more than this is not a policy.
 const MAX_POLICY_BYTES: u64 = 64 * 1024;
+/// After a failed fetch, the domain's policy server is left alone this long (seconds), so
+/// a dead server does not hold every delivery there for the fetch's time-out.
+const FETCH_RETRY: i64 = 300;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -107,6 +110,8 @@ pub(crate) struct Cache {
     port: u16,
     ca_file: Option<PathBuf>,
     memory: Mutex<HashMap<String, Policy>>,
+    /// When a domain's last fetch failed.
+    failed: Mutex<HashMap<String, i64>>,
 }
 
 impl Cache {
@@ -116,6 +121,7 @@ impl Cache {
             port,
             ca_file,
             memory: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -142,12 +148,16 @@ impl Cache {
         let (policy, failure) = match (announced, cached) {
             (None, cached) => (cached, None),
             (Some(id), Some(c)) if c.id == id => (Some(c), None),
+            (Some(_), cached) if self.resting(&domain, now) => (cached, None),
             (Some(id), cached) => match self.fetch(dns, &domain, &id, now) {
                 Ok(p) => {
                     self.store(&domain, &p);
                     (Some(p), None)
                 }
                 Err(e) => {
+                    if let Ok(mut f) = self.failed.lock() {
+                        f.insert(domain.clone(), now);
+                    }
                     qlog!(
                         "domain={domain} status=mta-sts-fetch-failed reason={}",
                         qms_common::log::quote(&e)
@@ -157,6 +167,15 @@ impl Cache {
             },
         };
         (policy.filter(|p| p.mode != Mode::None), failure)
+    }
+
+    /// Whether the domain's last fetch failed less than `FETCH_RETRY` ago.
+    fn resting(&self, domain: &str, now: i64) -> bool {
+        self.failed
+            .lock()
+            .ok()
+            .and_then(|f| f.get(domain).copied())
+            .is_some_and(|t| now - t < FETCH_RETRY)
     }
 
     fn cached(&self, domain: &str) -> Option<Policy> {

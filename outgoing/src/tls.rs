@@ -17,8 +17,10 @@ use rustls::{
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+/// Takes any certificate; checks only the handshake's signatures (which DANE's verifier
+/// borrows too).
 #[derive(Debug)]
-struct Opportunistic(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct Opportunistic(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for Opportunistic {
     fn verify_server_cert(

@@ -33,7 +33,7 @@ impl Router {
     /// A router for `cfg`; fails when a DKIM key cannot be read.
     pub fn new(cfg: Arc<Config>, spool: Spool) -> Result<Router, String> {
         let aliases = qms_common::aliases::Cache::new(cfg.aliases.clone());
-        let suppression = suppress::Suppression::new(spool.root());
+        let suppression = suppress::Suppression::new(cfg.clone());
         let dkim = dkim::Signers::load(&cfg)?;
         Ok(Router {
             cfg,

@@ -4,14 +4,19 @@
 
 use qms_common::log::quote;
 use qms_common::{qlog, Address};
-use std::cell::OnceCell;
-use std::path::PathBuf;
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a database that could not be reached is left alone before the next try.
+const RETRY: Duration = Duration::from_secs(30);
 
 pub struct Suppression {
-    path: PathBuf,
-    /// Opened at the first tracked message; None when it cannot be (then nothing is
-    /// suppressed: the list keeps mail from being sent, a broken list must not lose it).
-    db: OnceCell<Option<qms_tracker::Db>>,
+    cfg: Arc<qms_common::Config>,
+    /// Opened at the first tracked message. While it cannot be, nothing is suppressed: the
+    /// list keeps mail from being sent, a broken list must not lose it.
+    db: RefCell<Option<qms_tracker::Db>>,
+    failed_at: Cell<Option<Instant>>,
 }
 
 /// Why a recipient is not sent to.
@@ -23,27 +28,30 @@ pub struct Refused {
 }
 
 impl Suppression {
-    pub fn new(spool: &std::path::Path) -> Suppression {
+    pub fn new(cfg: Arc<qms_common::Config>) -> Suppression {
         Suppression {
-            path: qms_tracker::db_path(spool),
-            db: OnceCell::new(),
+            cfg,
+            db: RefCell::new(None),
+            failed_at: Cell::new(None),
         }
     }
 
     /// The refusal of `addr`, when it is suppressed.
     pub fn check(&self, addr: &Address) -> Option<Refused> {
-        let db = self
-            .db
-            .get_or_init(|| match qms_tracker::Db::open(&self.path) {
-                Ok(d) => Some(d),
+        let mut db = self.db.borrow_mut();
+        let resting = self.failed_at.get().is_some_and(|t| t.elapsed() < RETRY);
+        if db.is_none() && !resting {
+            match qms_tracker::Db::connect(&self.cfg) {
+                Ok(d) => *db = Some(d),
                 Err(e) => {
+                    self.failed_at.set(Some(Instant::now()));
                     qlog!(
                         "status=warning reason={}",
                         quote(&format!("suppression list not consulted: {e}"))
                     );
-                    None
                 }
-            });
+            }
+        }
         let entry = match db.as_ref()?.suppressed(&addr.to_string()) {
             Ok(e) => e?,
             Err(e) => {

@@ -12,6 +12,7 @@ mod audit;
 mod client;
 mod dnssec;
 mod dovecot;
+mod postgres;
 mod sink;
 mod users;
 #[allow(unused_imports)]
@@ -22,6 +23,8 @@ pub use client::SmtpClient;
 pub use dnssec::{cert_sha256, signed_dns, spki_sha256, SignedDns};
 #[allow(unused_imports)]
 pub use dovecot::Dovecot;
+#[allow(unused_imports)]
+pub use postgres::Postgres;
 #[allow(unused_imports)]
 pub use sink::{relay_instance, tracked_loop, Sink};
 #[allow(unused_imports)]
@@ -645,6 +648,33 @@ pub fn make_ca_cert_with(dir: &Path, cn: &str, more: &[&str]) {
         ],
         dir,
     );
+}
+
+/// A peer qms taking mail for `domains` into carol's Maildir over TLS, with a certificate
+/// from a test CA naming `names`, served with the CA's certificate after it (as DANE-TA
+/// needs).
+pub fn tls_peer(domains: &[&str], names: &[&str]) -> Instance {
+    let mut peer = Instance::new("", "[tls]\ncert = \"chain.pem\"\nkey = \"key.pem\"\n");
+    let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    peer.edit_config(
+        "local = [\"example.test\"]",
+        &format!("local = [\"example.test\", {}]", quoted.join(", ")),
+    );
+    let boxes: String = domains
+        .iter()
+        .map(|d| format!("\"carol@{d}\" = {{ maildir = \"mail/carol\" }}\n"))
+        .collect();
+    peer.edit_config("[mailboxes]\n", &format!("[mailboxes]\n{boxes}"));
+    make_ca_cert_with(&peer.dir, names[0], &names[1..]);
+    let chain = [
+        std::fs::read(peer.dir.join("cert.pem")).unwrap(),
+        std::fs::read(peer.dir.join("ca.pem")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(peer.dir.join("chain.pem"), chain).unwrap();
+    peer.own();
+    peer.start();
+    peer
 }
 
 /// A `[auth] users` line for `user` with `password`, made by `qms passwd`.

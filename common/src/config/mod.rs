@@ -442,6 +442,9 @@ pub struct Config {
     pub path: PathBuf,
     pub spool: PathBuf,
     pub hostname: String,
+    /// This node's name in a fleet (`node`, default the host name): part of every tracking
+    /// event and of the tracker's file keys in a shared database.
+    pub node: String,
     pub user: Option<String>,
     pub postmaster: Address,
     pub trusted_users: Vec<String>,
@@ -581,6 +584,14 @@ pub struct Tracking {
     /// Seconds of tracking events kept (`keep = "90d"`); older ones are pruned by the tracker.
     /// None: all are kept.
     pub keep: Option<u64>,
+    /// `database = "postgresql://…"`: a tracking database shared by a fleet; None: SQLite
+    /// under the spool.
+    pub database: Option<String>,
+    /// The database password, read from this file when connecting (else `PGPASSWORD`).
+    pub password_file: Option<PathBuf>,
+    /// Certificates that the database server's must chain to (besides the system's), for a
+    /// URL with `sslmode=require`.
+    pub database_ca_file: Option<PathBuf>,
 }
 
 /// A remote IMAP mailbox, reached over TLS from the first byte (IMAPS).
@@ -660,6 +671,31 @@ impl Config {
         };
         if hostname.is_empty() || hostname.contains(char::is_whitespace) {
             return Err(err("hostname", format!("{hostname:?} is not a host name")));
+        }
+        let node = match raw.node {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| hostname.clone()),
+        };
+        if node.is_empty()
+            || !node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(err(
+                "node",
+                format!("{node:?} is not a node name (letters, digits, - . _)"),
+            ));
+        }
+        if let Some(db) = &raw.tracking.database {
+            if !db.starts_with("postgresql://") && !db.starts_with("postgres://") {
+                return Err(err(
+                    "tracking.database",
+                    format!("{db:?} is not a postgresql:// URL"),
+                ));
+            }
         }
         let domain_part = raw
             .domains
@@ -1140,6 +1176,7 @@ impl Config {
             path: absolute(path),
             spool: resolve(&raw.spool),
             hostname,
+            node,
             user: raw.user,
             postmaster,
             trusted_users: raw.trusted_users.unwrap_or_else(|| vec!["root".into()]),
@@ -1179,6 +1216,9 @@ impl Config {
                         .map(String::from)
                         .to_vec()
                 }),
+                database: raw.tracking.database.clone(),
+                password_file: raw.tracking.password_file.as_deref().map(resolve),
+                database_ca_file: raw.tracking.database_ca_file.as_deref().map(resolve),
             },
             msp: Msp {
                 smarthost_users: raw.msp.smarthost_users,

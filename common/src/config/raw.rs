@@ -197,6 +197,9 @@ pub(super) struct RawTracking {
     pub(super) imap: Option<RawImap>,
     pub(super) suppress: Option<Vec<String>>,
     pub(super) keep: Option<Secs>,
+    pub(super) database: Option<String>,
+    pub(super) password_file: Option<String>,
+    pub(super) database_ca_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +276,7 @@ pub(super) struct RawMetrics {
 pub(super) struct Raw {
     pub(super) spool: String,
     pub(super) hostname: Option<String>,
+    pub(super) node: Option<String>,
     pub(super) user: Option<String>,
     pub(super) postmaster: Option<String>,
     pub(super) trusted_users: Option<Vec<String>>,

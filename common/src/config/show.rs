@@ -76,6 +76,7 @@ impl Effective {
         let mut top = Section::default();
         top.set("spool", path(&c.spool))
             .set("hostname", c.hostname.clone())
+            .set("node", c.node.clone())
             .maybe("user", c.user.clone().map(Value::String))
             .set("postmaster", c.postmaster.to_string())
             .list("trusted_users", &c.trusted_users)
@@ -363,7 +364,16 @@ impl Effective {
                 (t.key_file.is_none() && !t.key.is_empty()).then(|| Value::from(HIDDEN)),
             )
             .list("suppress", &t.suppress)
-            .maybe("keep", t.keep.map(duration));
+            .maybe("keep", t.keep.map(duration))
+            // The URL may carry a password: shown without it.
+            .maybe(
+                "database",
+                t.database
+                    .as_deref()
+                    .map(|d| Value::String(without_password(d))),
+            )
+            .path("password_file", t.password_file.as_deref())
+            .path("database_ca_file", t.database_ca_file.as_deref());
         self.push("tracking", s);
         let i = t.imap.as_ref();
         let mut s = Section::default();
@@ -467,4 +477,18 @@ fn key(k: &str) -> String {
 /// `queues.bulk` stays dotted; a part that needs quotes gets them.
 fn section_name(name: &str) -> String {
     name.split('.').map(key).collect::<Vec<_>>().join(".")
+}
+
+/// `postgresql://user:secret@host/db` shown as `postgresql://user@host/db`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((cred, host)) => {
+            let user = cred.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_string(),
+    }
 }
