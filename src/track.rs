@@ -98,7 +98,8 @@ pub fn run(cfg: &Config, a: TrackArgs) -> ExitCode {
         if !e.role.is_empty() {
             line.push_str(&format!(" by={}", e.role));
         }
-        if !e.node.is_empty() {
+        // A node is named where several share the database.
+        if cfg.tracking.database.is_some() && !e.node.is_empty() {
             line.push_str(&format!(" node={}", e.node));
         }
         if let Some(r) = &e.reply {

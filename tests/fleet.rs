@@ -187,3 +187,70 @@ fn a_node_keeps_going_while_the_database_is_down() {
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sslmode=require`: the tracker reaches the database over TLS whose certificate chains to
+/// `database_ca_file`; without that file the certificate is refused, nothing is stored, and
+/// the tracker says it is behind and why.
+#[test]
+fn the_database_is_reached_over_verified_tls() {
+    let dir = pg_dir("fleet-tls");
+    let pg = Postgres::start_tls(&dir);
+    let ca = pg.ca.clone().unwrap();
+    let ok_port = free_port();
+    let tls_pg = |ca_line: &str| {
+        format!(
+            "[tracking]\ndatabase = \"{}?sslmode=require\"\n{ca_line}",
+            pg.url
+        )
+    };
+    let mut a = relay_instance(
+        &[("ok.test", ok_port)],
+        &tls_pg(&format!("database_ca_file = \"{}\"\n", ca.display())),
+    );
+    a.edit_config("spool = \"spool\"", "spool = \"spool\"\nnode = \"node-a\"");
+    let mut b = relay_instance(&[("ok.test", ok_port)], &tls_pg(""));
+    b.edit_config("spool = \"spool\"", "spool = \"spool\"\nnode = \"node-b\"");
+    let ok = Sink::start(&a, "ok", "127.0.0.1", ok_port, &[]);
+    a.start();
+    b.start();
+    smtp_send(
+        a.smtp_port,
+        "app@example.test",
+        &["x@ok.test"],
+        "Subject: a\r\n\r\nx\r\n",
+        "",
+    );
+    smtp_send(
+        b.smtp_port,
+        "app@example.test",
+        &["y@ok.test"],
+        "Subject: b\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for("node A's events over TLS", Duration::from_secs(30), || {
+        pg.sql("SELECT count(*) FROM events WHERE node = 'node-a' AND event = 'relayed'") == "1"
+    });
+    assert_eq!(
+        pg.sql("SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'qms'"),
+        "t"
+    );
+    wait_for("both messages at the sink", Duration::from_secs(30), || {
+        ok.messages().len() == 2
+    });
+    wait_for(
+        "node B's tracker to say why it is behind",
+        Duration::from_secs(30),
+        || {
+            let log = b.log();
+            log.contains("status=behind") && log.to_ascii_lowercase().contains("certificate")
+        },
+    );
+    assert_eq!(
+        pg.sql("SELECT count(*) FROM events WHERE node = 'node-b'"),
+        "0"
+    );
+    a.stop();
+    b.stop();
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,6 +11,10 @@ pub struct Postgres {
     pub port: u16,
     /// `postgresql://qms@127.0.0.1:PORT/postgres`
     pub url: String,
+    /// With TLS: the CA that signed the server's certificate.
+    pub ca: Option<PathBuf>,
+    /// Server options besides the port and socket.
+    options: String,
 }
 
 /// The newest installed server's programs.
@@ -43,6 +47,15 @@ fn as_owner(bin: &Path, prog: &str, args: &[&str]) -> Output {
 
 impl Postgres {
     pub fn start(dir: &Path) -> Postgres {
+        Postgres::start_with(dir, false)
+    }
+
+    /// A cluster that offers TLS with a certificate for 127.0.0.1 from a test CA.
+    pub fn start_tls(dir: &Path) -> Postgres {
+        Postgres::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, tls: bool) -> Postgres {
         let bin = server_bin();
         let top = dir.join("pg");
         std::fs::create_dir_all(&top).unwrap();
@@ -54,6 +67,28 @@ impl Postgres {
                 .unwrap();
         }
         let data = top.join("data");
+        let (ca, options) = if tls {
+            let t = top.join("tls");
+            std::fs::create_dir_all(&t).unwrap();
+            make_ca_cert(&t, "127.0.0.1");
+            let key = t.join("key.pem");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if is_root() {
+                Command::new("chown")
+                    .args(["-R", "nobody:nogroup"])
+                    .arg(&t)
+                    .status()
+                    .unwrap();
+            }
+            let opts = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                t.join("cert.pem").display(),
+                key.display()
+            );
+            (Some(t.join("ca.pem")), opts)
+        } else {
+            (None, String::new())
+        };
         let out = as_owner(
             &bin,
             "initdb",
@@ -75,6 +110,8 @@ impl Postgres {
             bin,
             port,
             url: format!("postgresql://qms@127.0.0.1:{port}/postgres"),
+            ca,
+            options,
         };
         pg.run();
         pg
@@ -83,9 +120,10 @@ impl Postgres {
     /// Starts the server (again) and waits until it takes connections.
     pub fn run(&self) {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off{}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.options
         );
         let out = as_owner(
             &self.bin,

@@ -35,8 +35,16 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE events (
 /// Any key of ours, so two processes never migrate at once.
 const MIGRATION_LOCK: i64 = 0x716d_7374;
 
+/// The error with its causes ("error performing TLS handshake: invalid peer certificate:
+/// UnknownIssuer"), as the driver's own text names only the first.
 fn err(e: postgres::Error) -> String {
-    format!("tracking database (PostgreSQL): {e}")
+    let mut text = format!("tracking database (PostgreSQL): {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 pub(crate) struct Pg {
@@ -94,6 +102,11 @@ impl Pg {
                 None => std::env::var("PGPASSWORD").ok(),
             };
             if let Some(p) = password {
+                // Credentials travel only over verified TLS, unless the server is on this
+                // host.
+                if !on_this_host(&config) {
+                    config.ssl_mode(postgres::config::SslMode::Require);
+                }
                 config.password(p);
             }
             let mut client = config.connect(self.tls.clone()).map_err(err)?;
@@ -104,6 +117,19 @@ impl Pg {
             .as_mut()
             .ok_or_else(|| "no database connection".to_string())
     }
+}
+
+/// Whether every host of the URL is this machine (loopback, or a Unix socket).
+fn on_this_host(config: &postgres::Config) -> bool {
+    config.get_hosts().iter().all(|h| match h {
+        postgres::config::Host::Unix(_) => true,
+        postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    })
 }
 
 fn migrate(client: &mut Client) -> Result<(), String> {
@@ -402,6 +428,20 @@ impl Store for Pg {
             )
             .map_err(err)?;
         Ok(rows.iter().map(suppressed_row).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_to_another_host_needs_tls() {
+        let local: postgres::Config = "postgresql://qms@127.0.0.1/qms".parse().unwrap();
+        let socket: postgres::Config = "host=/run/postgresql user=qms".parse().unwrap();
+        let remote: postgres::Config = "postgresql://qms@db.example/qms".parse().unwrap();
+        assert!(on_this_host(&local) && on_this_host(&socket));
+        assert!(!on_this_host(&remote));
     }
 }
 
