@@ -431,6 +431,16 @@ impl Store for Pg {
     }
 }
 
+fn suppressed_row(r: &postgres::Row) -> Suppressed {
+    Suppressed {
+        address: r.get(0),
+        reason: r.get(1),
+        source: r.get(2),
+        qid: r.get(3),
+        time: r.get(4),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,15 +452,5 @@ mod tests {
         let remote: postgres::Config = "postgresql://qms@db.example/qms".parse().unwrap();
         assert!(on_this_host(&local) && on_this_host(&socket));
         assert!(!on_this_host(&remote));
-    }
-}
-
-fn suppressed_row(r: &postgres::Row) -> Suppressed {
-    Suppressed {
-        address: r.get(0),
-        reason: r.get(1),
-        source: r.get(2),
-        qid: r.get(3),
-        time: r.get(4),
     }
 }
