@@ -171,7 +171,8 @@ print(json.dumps([p for p in report['policies'] if p['policy']['policy-domain'] 
 }
 
 /// An HTTPS server on a loopback port serving `policies` (host, policy text) at
-/// /.well-known/mta-sts.txt with the certificate in `dir` (chain.pem, key.pem).
+/// /.well-known/mta-sts.txt with the certificate in `dir` (chain.pem, key.pem), and taking
+/// TLS reports POSTed to /tlsrpt into `dir/posted.gz`.
 struct PolicyServer {
     child: std::process::Child,
     port: u16,
@@ -199,6 +200,18 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header('Content-Length', str(len(b)))
         self.end_headers()
         self.wfile.write(b)
+    def do_POST(self):
+        if self.path != '/tlsrpt' or self.headers.get('Content-Type') != 'application/tlsrpt+gzip':
+            self.send_error(400)
+            return
+        body = self.rfile.read(int(self.headers.get('Content-Length', '0')))
+        with open(sys.argv[2] + '/posted.gz.tmp', 'wb') as f:
+            f.write(body)
+        import os
+        os.rename(sys.argv[2] + '/posted.gz.tmp', sys.argv[2] + '/posted.gz')
+        self.send_response(200)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
     def log_message(self, *a):
         pass
 srv = http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H)
@@ -265,6 +278,10 @@ fn mta_sts_policies_are_fetched_enforced_reported_and_cached() {
         "--host-record=mx-wrong.testing.test,127.0.0.1".to_string(),
         "--txt-record=_smtp._tls.testing.test,v=TLSRPTv1; rua=mailto:tlsrpt@example.test"
             .to_string(),
+        format!(
+            "--txt-record=_smtp._tls.bad-sts.test,v=TLSRPTv1; rua=https://127.0.0.1:{}/tlsrpt",
+            https.port
+        ),
     ];
     for d in domains {
         records.push(format!("--txt-record=_mta-sts.{d},v=STSv1; id=20261126"));
@@ -317,6 +334,23 @@ fn mta_sts_policies_are_fetched_enforced_reported_and_cached() {
         report["failure-details"][0]["result-type"], "certificate-host-mismatch",
         "{report}"
     );
+    // bad-sts.test asked for its report by HTTPS: the POST carries the gzipped JSON.
+    let posted = peer.dir.join("posted.gz");
+    wait_for("the POSTed report", Duration::from_secs(30), || {
+        posted.exists()
+    });
+    let script = r#"
+import sys, gzip, json
+r = json.loads(gzip.decompress(open(sys.argv[1], 'rb').read()))
+p = r['policies'][0]
+assert p['policy']['policy-domain'] == 'bad-sts.test', p
+assert p['policy']['policy-type'] == 'sts', p
+assert p['failure-details'][0]['result-type'] == 'validation-failure', p
+assert p['failure-details'][0]['receiving-mx-hostname'] == 'mx.sts.test', p
+print('ok')
+"#;
+    let (ok, text) = python(script, &[posted.display().to_string()]);
+    assert!(ok, "{text}");
     // The policies are on disk; with the policy server gone and qms restarted, they hold.
     assert!(inst.spool().join("tls/mta-sts/bad-sts.test.json").exists());
     drop(https);
