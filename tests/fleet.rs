@@ -28,6 +28,8 @@ fn pg_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("qms-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    // The cluster's owner (nobody, as root) must reach its directory whatever the umask.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     dir
 }
 
