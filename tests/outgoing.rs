@@ -577,24 +577,8 @@ fn verify_and_secure_check_the_peers_certificate() {
         ),
     );
     inst.start();
-    let to: Vec<String> = domains.iter().map(|d| format!("carol@{d}")).collect();
-    let to: Vec<&str> = to.iter().map(String::as_str).collect();
-    smtp_send(
-        inst.smtp_port,
-        "alice@example.test",
-        &to,
-        "Subject: levels\r\n\r\nx\r\n",
-        "",
-    );
-    let reply_of = |who: &str| -> Option<String> {
-        inst.queue_json().iter().find_map(|j| {
-            j["recipients"]
-                .as_array()?
-                .iter()
-                .find(|r| r["address"] == who)
-                .and_then(|r| r["reply"].as_str().map(str::to_string))
-        })
-    };
+    send_to_carols(&inst, &domains, "levels");
+    let reply_of = |who: &str| queued_reply(&inst, who);
     wait_for(
         "three deliveries and two deferrals",
         Duration::from_secs(30),

@@ -21,17 +21,6 @@ fn relay_to(inst: &Instance, domains: &[&str]) {
     );
 }
 
-/// The reply recorded for a recipient still in the queue.
-fn reply_of(inst: &Instance, who: &str) -> Option<String> {
-    inst.queue_json().iter().find_map(|j| {
-        j["recipients"]
-            .as_array()?
-            .iter()
-            .find(|r| r["address"] == who)
-            .and_then(|r| r["reply"].as_str().map(str::to_string))
-    })
-}
-
 /// The delivery line of `to`.
 fn sent_line(inst: &Instance, to: &str) -> String {
     let log = inst.log();
@@ -84,30 +73,22 @@ fn dane_checks_the_peer_against_signed_tlsa_records() {
     );
     relay_to(&inst, &domains);
     inst.start();
-    let to: Vec<String> = domains.iter().map(|d| format!("carol@{d}")).collect();
-    let to: Vec<&str> = to.iter().map(String::as_str).collect();
-    smtp_send(
-        inst.smtp_port,
-        "alice@example.test",
-        &to,
-        "Subject: dane\r\n\r\nx\r\n",
-        "",
-    );
+    send_to_carols(&inst, &domains, "dane");
     wait_for(
         "three deliveries and two deferrals",
         Duration::from_secs(30),
         || {
             peer.count_new("carol") == 3
-                && reply_of(&inst, "carol@bad.dane.test").is_some()
-                && reply_of(&inst, "carol@only.plain.test").is_some()
+                && queued_reply(&inst, "carol@bad.dane.test").is_some()
+                && queued_reply(&inst, "carol@only.plain.test").is_some()
         },
     );
-    let bad = reply_of(&inst, "carol@bad.dane.test").unwrap();
+    let bad = queued_reply(&inst, "carol@bad.dane.test").unwrap();
     assert!(
         bad.contains("4.7.5 TLS level dane") && bad.contains("no TLSA record matches"),
         "{bad}"
     );
-    let only = reply_of(&inst, "carol@only.plain.test").unwrap();
+    let only = queued_reply(&inst, "carol@only.plain.test").unwrap();
     assert!(
         only.contains("4.7.5") && only.contains("dane-only"),
         "{only}"
@@ -304,21 +285,13 @@ fn mta_sts_policies_are_fetched_enforced_reported_and_cached() {
     );
     relay_to(&inst, &domains);
     inst.start();
-    let to: Vec<String> = domains.iter().map(|d| format!("carol@{d}")).collect();
-    let to: Vec<&str> = to.iter().map(String::as_str).collect();
-    smtp_send(
-        inst.smtp_port,
-        "alice@example.test",
-        &to,
-        "Subject: sts\r\n\r\nx\r\n",
-        "",
-    );
+    send_to_carols(&inst, &domains, "sts");
     wait_for(
         "two deliveries and a deferral",
         Duration::from_secs(30),
-        || peer.count_new("carol") == 2 && reply_of(&inst, "carol@bad-sts.test").is_some(),
+        || peer.count_new("carol") == 2 && queued_reply(&inst, "carol@bad-sts.test").is_some(),
     );
-    let bad = reply_of(&inst, "carol@bad-sts.test").unwrap();
+    let bad = queued_reply(&inst, "carol@bad-sts.test").unwrap();
     assert!(
         bad.contains("4.7.5 MTA-STS policy of bad-sts.test does not list MX host mx.sts.test"),
         "{bad}"

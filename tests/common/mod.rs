@@ -677,6 +677,31 @@ pub fn tls_peer(domains: &[&str], names: &[&str]) -> Instance {
     peer
 }
 
+/// Sends one message from alice@example.test to carol at each of `domains` (the mailboxes
+/// `tls_peer` makes).
+pub fn send_to_carols(inst: &Instance, domains: &[&str], subject: &str) {
+    let to: Vec<String> = domains.iter().map(|d| format!("carol@{d}")).collect();
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &to,
+        &format!("Subject: {subject}\r\n\r\nx\r\n"),
+        "",
+    );
+}
+
+/// The reply recorded for a recipient still in the queue.
+pub fn queued_reply(inst: &Instance, who: &str) -> Option<String> {
+    inst.queue_json().iter().find_map(|j| {
+        j["recipients"]
+            .as_array()?
+            .iter()
+            .find(|r| r["address"] == who)
+            .and_then(|r| r["reply"].as_str().map(str::to_string))
+    })
+}
+
 /// A `[auth] users` line for `user` with `password`, made by `qms passwd`.
 pub fn passwd_line(user: &str, password: &str) -> Vec<u8> {
     let mut p = Command::new(BIN)
