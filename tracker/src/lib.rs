@@ -70,12 +70,17 @@ pub(crate) struct Chunk {
 pub(crate) trait Store {
     /// The offsets read so far in this node's files.
     fn offsets(&mut self, node: &str) -> Result<HashMap<String, u64>, String>;
-    /// Stores the events, the new offsets and the automatic suppressions in one
-    /// transaction; returns the number of events stored.
-    fn commit(&mut self, node: &str, chunks: &[Chunk], auto: &[String]) -> Result<usize, String>;
+    /// Stores the events, the new offsets, the automatic suppressions and the node's lag
+    /// (when events came) in one transaction; returns the number of events stored.
+    fn commit(
+        &mut self,
+        node: &str,
+        chunks: &[Chunk],
+        auto: &[String],
+        lag: Option<f64>,
+    ) -> Result<usize, String>;
     /// Forgets a file that was removed.
     fn forget(&mut self, node: &str, name: &str) -> Result<(), String>;
-    fn set_lag(&mut self, node: &str, lag: f64) -> Result<(), String>;
     fn lags(&mut self) -> Result<Vec<NodeLag>, String>;
     fn prune(&mut self, cutoff_micros: i64) -> Result<usize, String>;
     fn find_message(&mut self, key: &str) -> Result<Option<(String, Option<String>)>, String>;
@@ -145,12 +150,10 @@ impl Db {
                 chunks.push(chunk);
             }
         }
-        let stored = store.commit(&self.node, &chunks, auto)?;
-        self.oldest_ingested = chunks.iter().flat_map(|c| &c.events).map(|e| e.time).min();
-        if let Some(oldest) = self.oldest_ingested {
-            let lag = qms_common::time::now_micros().saturating_sub(oldest) as f64 / 1e6;
-            store.set_lag(&self.node, lag)?;
-        }
+        let oldest = chunks.iter().flat_map(|c| &c.events).map(|e| e.time).min();
+        let lag = oldest.map(|t| qms_common::time::now_micros().saturating_sub(t) as f64 / 1e6);
+        let stored = store.commit(&self.node, &chunks, auto, lag)?;
+        self.oldest_ingested = oldest;
         // Remove the file before forgetting its offset: the other order could read it twice.
         for name in finished {
             if std::fs::remove_file(dir.join(&name)).is_ok() {

@@ -238,7 +238,13 @@ impl Store for Pg {
             .collect())
     }
 
-    fn commit(&mut self, node: &str, chunks: &[Chunk], auto: &[String]) -> Result<usize, String> {
+    fn commit(
+        &mut self,
+        node: &str,
+        chunks: &[Chunk],
+        auto: &[String],
+        lag: Option<f64>,
+    ) -> Result<usize, String> {
         let mut cols = Columns::default();
         for ev in chunks.iter().flat_map(|c| &c.events) {
             cols.push(ev);
@@ -282,6 +288,14 @@ impl Store for Pg {
             )
             .map_err(err)?;
         }
+        if let Some(lag) = lag {
+            tx.execute(
+                "INSERT INTO nodes (node, lag, updated) VALUES ($1, $2, $3)
+                 ON CONFLICT (node) DO UPDATE SET lag = EXCLUDED.lag, updated = EXCLUDED.updated",
+                &[&node, &lag, &qms_common::time::now()],
+            )
+            .map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         Ok(cols.time.len())
     }
@@ -291,17 +305,6 @@ impl Store for Pg {
             .execute(
                 "DELETE FROM files WHERE node = $1 AND name = $2",
                 &[&node, &name],
-            )
-            .map(|_| ())
-            .map_err(err)
-    }
-
-    fn set_lag(&mut self, node: &str, lag: f64) -> Result<(), String> {
-        self.client()?
-            .execute(
-                "INSERT INTO nodes (node, lag, updated) VALUES ($1, $2, $3)
-                 ON CONFLICT (node) DO UPDATE SET lag = EXCLUDED.lag, updated = EXCLUDED.updated",
-                &[&node, &lag, &qms_common::time::now()],
             )
             .map(|_| ())
             .map_err(err)

@@ -91,7 +91,13 @@ impl Store for Sqlite {
         rows.collect::<Result<_, _>>().map_err(err)
     }
 
-    fn commit(&mut self, node: &str, chunks: &[Chunk], auto: &[String]) -> Result<usize, String> {
+    fn commit(
+        &mut self,
+        node: &str,
+        chunks: &[Chunk],
+        auto: &[String],
+        lag: Option<f64>,
+    ) -> Result<usize, String> {
         let tx = self.conn.transaction().map_err(err)?;
         let mut stored = 0;
         for c in chunks {
@@ -130,6 +136,14 @@ impl Store for Sqlite {
             )
             .map_err(err)?;
         }
+        if let Some(lag) = lag {
+            tx.execute(
+                "INSERT INTO nodes (node, lag, updated) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(node) DO UPDATE SET lag = ?2, updated = ?3",
+                params![node, lag, qms_common::time::now()],
+            )
+            .map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         Ok(stored)
     }
@@ -137,17 +151,6 @@ impl Store for Sqlite {
     fn forget(&mut self, _: &str, name: &str) -> Result<(), String> {
         self.conn
             .execute("DELETE FROM files WHERE name = ?1", params![name])
-            .map(|_| ())
-            .map_err(err)
-    }
-
-    fn set_lag(&mut self, node: &str, lag: f64) -> Result<(), String> {
-        self.conn
-            .execute(
-                "INSERT INTO nodes (node, lag, updated) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(node) DO UPDATE SET lag = ?2, updated = ?3",
-                params![node, lag, qms_common::time::now()],
-            )
             .map(|_| ())
             .map_err(err)
     }
