@@ -11,6 +11,7 @@ mod roles;
 mod showq;
 mod sieve;
 mod signals;
+mod status;
 mod supervisor;
 mod suppress;
 mod tlsreport;
@@ -192,7 +193,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Start { daemon } => supervisor::start(cfg, daemon),
         Cmd::Stop => supervisor::stop(&cfg),
-        Cmd::Status => supervisor::status(&cfg),
+        Cmd::Status => status::run(&cfg),
         Cmd::Smtpd => roles::smtpd(cfg),
         Cmd::Router => roles::router(cfg),
         Cmd::Tracker => roles::tracker(cfg),
