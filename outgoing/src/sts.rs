@@ -256,9 +256,13 @@ impl Cache {
         let mut body = String::new();
         resp.body_mut()
             .as_reader()
-            .take(MAX_POLICY_BYTES)
+            .take(MAX_POLICY_BYTES + 1)
             .read_to_string(&mut body)
             .map_err(|e| format!("{url}: {e}"))?;
+        // A longer body is not cut to fit: it is not a policy.
+        if body.len() as u64 > MAX_POLICY_BYTES {
+            return Err(format!("{url}: more than {MAX_POLICY_BYTES} bytes"));
+        }
         Policy::parse(id, &body, now).map_err(|e| format!("{url}: {e}"))
     }
 }

@@ -137,11 +137,15 @@ fn gzip(report: &Report) -> Result<Vec<u8>, String> {
 }
 
 /// Sends one report to each of the domain's destinations; returns where it went.
-pub fn send(cfg: &Config, spool: &Spool, report: &Report) -> Result<Vec<String>, String> {
-    let dns = crate::dns::Dns::new(cfg.client.dns_server)?;
+fn send(
+    cfg: &Config,
+    spool: &Spool,
+    dns: &crate::dns::Dns,
+    report: &Report,
+) -> Result<Vec<String>, String> {
     let gz = gzip(report)?;
     let mut sent = Vec::new();
-    for to in destinations(&dns, &report.domain) {
+    for to in destinations(dns, &report.domain) {
         let done = match &to {
             ReportUri::Mail(addr) => queue_mail(cfg, spool, report, addr, &gz),
             ReportUri::Http(url) => post(cfg, url, &gz),
@@ -220,7 +224,7 @@ fn queue_mail(
     let job = Job::new(
         "incoming",
         None,
-        vec![Recipient::new(address)],
+        vec![Recipient::new(address.clone())],
         Client::default(),
         PROTOCOL,
         &cfg.outgoing,
@@ -231,9 +235,7 @@ fn queue_mail(
     qlog!(
         "qid={id} domain={} status=tls-report-queued to={}",
         report.domain,
-        qms_common::address::logged(
-            &qms_common::address::Address::parse(to).map_err(|e| e.to_string())?
-        )
+        qms_common::address::logged(&address)
     );
     Ok(())
 }
@@ -276,8 +278,9 @@ pub fn send_due(cfg: &Config, spool: &Spool, today: &str) -> Vec<String> {
 /// Sends one day's reports and marks the day sent.
 pub fn send_day(cfg: &Config, spool: &Spool, day: &str) -> Result<usize, String> {
     let reports = build(cfg, day)?;
+    let dns = crate::dns::Dns::new(cfg.client.dns_server)?;
     for r in &reports {
-        let to = send(cfg, spool, r)?;
+        let to = send(cfg, spool, &dns, r)?;
         qlog!(
             "domain={} status=tls-report day={day} sent_to={}",
             r.domain,
