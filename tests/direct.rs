@@ -86,3 +86,81 @@ fn smtpd_files_plain_mail_itself_and_leaves_the_rest_to_the_router() {
     });
     assert_eq!(router_of(&inst, "x4@sink.test"), router);
 }
+
+/// One file per message: mail filed by smtpd straight into an output queue carries its
+/// message in its job's own file (job format 2), through a deferral that rewrites the job,
+/// and a delivered one leaves nothing of its text behind (issue #12).
+#[test]
+fn a_message_filed_by_smtpd_is_one_file_through_a_deferral() {
+    let port = free_port();
+    let mut inst = relay_instance(
+        &[("sink.test", port)],
+        "[outgoing]\nmin_backoff = 1\nmax_backoff = 2\n",
+    );
+    inst.start();
+    // Nothing listens yet: both are deferred. One message fits the job's first read, one
+    // does not.
+    let big: String = (0..3000)
+        .map(|i| format!("line {i:05} of the long one\r\n"))
+        .collect();
+    smtp_send(
+        inst.smtp_port,
+        "a@remote.test",
+        &["s@sink.test"],
+        "Subject: small\r\n\r\nSMALL-END\r\n",
+        "",
+    );
+    let long = format!("Subject: long\r\n\r\n{big}LONG-END\r\n");
+    smtp_send(inst.smtp_port, "a@remote.test", &["l@sink.test"], &long, "");
+    wait_for("both deferred", Duration::from_secs(30), || {
+        let jobs = inst.queue_json();
+        jobs.len() == 2
+            && jobs
+                .iter()
+                .all(|j| j["recipients"][0]["state"] == "deferred")
+    });
+    let queued = inst.files("queue/smtp");
+    assert_eq!(queued.len(), 2, "{queued:?}");
+    for name in &queued {
+        let (job, message) = read_job_file(&inst.spool().join("queue/smtp").join(name));
+        assert_eq!(job["version"], 2, "{job}");
+        assert_eq!(job["body"], "", "no message file named");
+        let message = String::from_utf8(message.expect("the message follows the job")).unwrap();
+        assert!(message.starts_with("Received: "), "{message:.200}");
+        assert!(message.ends_with("SMALL-END\r\n") || message.ends_with("LONG-END\r\n"));
+        assert_eq!(job["size"], message.len(), "the size is the message's");
+        let id = job["id"].as_str().unwrap();
+        assert!(
+            !inst.all_files("msg").iter().any(|f| f.starts_with(id)),
+            "a message file"
+        );
+    }
+    // `qms queue show` finds the message in the job's file.
+    let id = inst.queue_json()[0]["id"].as_str().unwrap().to_string();
+    let out = inst.qms(&["queue", "show", "--body", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("-END\n"));
+
+    let sink = Sink::start(&inst, "one-file", "127.0.0.1", port, &[]);
+    wait_for("both delivered", Duration::from_secs(60), || {
+        sink.messages().len() == 2 && inst.queue_json().is_empty()
+    });
+    let got = sink.messages();
+    assert!(got.iter().any(|m| m.contains("SMALL-END")));
+    let l = got
+        .iter()
+        .find(|m| m.contains("LONG-END"))
+        .expect("the long one");
+    assert!(l.contains("line 02999 of the long one") && l.contains("line 00000 of"));
+    // The files kept for reuse hold nothing of either message.
+    wait_for("the reused files emptied", Duration::from_secs(30), || {
+        inst.all_files("queue/smtp").iter().all(|f| {
+            std::fs::metadata(inst.spool().join("queue/smtp").join(f))
+                .map_or(true, |m| m.len() < 1000)
+        })
+    });
+}

@@ -346,7 +346,12 @@ s.sendall(b"EHLO client.test\r\n"); reply()
 s.sendall(b"MAIL FROM:<bob@remote.test>\r\n"); assert reply().startswith(b"250")
 s.sendall(b"RCPT TO:<alice@example.test>\r\n"); assert reply().startswith(b"250")
 def spooled():
-    return max([os.path.getsize(os.path.join(msgdir, n)) for n in os.listdir(msgdir) if not n.startswith(".")] + [0])
+    # A message file, or a one-file job being written beside its queue's jobs.
+    files = [os.path.join(msgdir, n) for n in os.listdir(msgdir) if not n.startswith(".")]
+    queues = os.path.join(os.path.dirname(msgdir), "queue")
+    for q in os.listdir(queues):
+        files += [os.path.join(queues, q, n) for n in os.listdir(os.path.join(queues, q)) if n.endswith(".tmp")]
+    return max([os.path.getsize(f) for f in files] + [0])
 def wait_spooled(least):
     end = time.time() + 30
     while spooled() < least:

@@ -224,12 +224,11 @@ fn deliveries_never_run_as_root_and_a_planted_job_runs_nothing() {
     let id = inst.queue_json()[0]["id"].as_str().unwrap().to_string();
     inst.stop();
     let job_path = inst.spool().join("queue/local").join(format!("{id}.json"));
-    let mut job: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&job_path).unwrap()).unwrap();
+    let (mut job, message) = read_job_file(&job_path);
     let planted = out.join("planted");
     job["recipients"][0]["route"] = format!("pipe:id -ru > {}", planted.display()).into();
     job["recipients"][0].as_object_mut().unwrap().remove("user");
-    std::fs::write(&job_path, job.to_string()).unwrap();
+    write_job_file(&job_path, &job, message.as_deref());
     std::os::unix::fs::chown(&job_path, Some(qmsuser.uid), Some(qmsuser.gid)).unwrap();
     inst.edit_config(
         "[queues.local]\nworkers = 0\n",

@@ -243,9 +243,7 @@ fn dsn_parameters_and_bdat_are_stored() {
                 .any(|j| j["recipients"][0]["state"] == "deferred")
     });
     let name = &inst.files("queue/pipe")[0];
-    let job: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(inst.spool().join("queue/pipe").join(name)).unwrap())
-            .unwrap();
+    let (job, _) = read_job_file(&inst.spool().join("queue/pipe").join(name));
     assert_eq!(job["ret"], "full");
     assert_eq!(job["envid"], "abc");
     assert_eq!(job["recipients"][0]["notify"], serde_json::json!(["never"]));

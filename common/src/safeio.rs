@@ -17,9 +17,32 @@ pub struct Staged {
     file: File,
     tmp: PathBuf,
     dest: PathBuf,
+    /// The rename must not replace a file at `dest` (a new name being claimed).
+    new_only: bool,
 }
 
 impl Staged {
+    /// A file the caller wrote at `tmp` itself, to be renamed over `dest` by [`commit`].
+    pub fn replacing(file: File, tmp: PathBuf, dest: PathBuf) -> Staged {
+        Staged {
+            file,
+            tmp,
+            dest,
+            new_only: false,
+        }
+    }
+
+    /// A file the caller wrote at `tmp` itself, to be renamed to `dest` (which must not
+    /// exist then) by [`commit`].
+    pub fn new_at(file: File, tmp: PathBuf, dest: PathBuf) -> Staged {
+        Staged {
+            file,
+            tmp,
+            dest,
+            new_only: true,
+        }
+    }
+
     /// The open file: callers lock it before commit so the new file is never seen unlocked.
     pub fn file(&self) -> &File {
         &self.file
@@ -36,6 +59,12 @@ impl Staged {
 
     /// Renames the file into place (after its data was synced); the directory is not synced.
     pub fn place(&self) -> io::Result<()> {
+        if self.new_only {
+            use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+            let (from, to) = (&self.tmp, &self.dest);
+            return renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
+                .map_err(io::Error::from);
+        }
         std::fs::rename(&self.tmp, &self.dest)
     }
 
@@ -85,7 +114,12 @@ pub fn stage_file(mut file: File, tmp: PathBuf, dest: PathBuf, data: &[u8]) -> i
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    Ok(Staged { file, tmp, dest })
+    Ok(Staged {
+        file,
+        tmp,
+        dest,
+        new_only: false,
+    })
 }
 
 /// Makes every staged file durable and moves it into place. On error no file of the batch

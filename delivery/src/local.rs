@@ -282,17 +282,22 @@ impl LocalAgent {
     ) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
         let spool_dev = std::fs::metadata(self.spool.root()).map(|m| m.dev()).ok();
-        let one_syncfs = staged.len() > 1
-            && staged
-                .iter()
-                .all(|(_, _, s)| s.file().metadata().ok().map(|m| m.dev()) == spool_dev);
-        if !one_syncfs {
+        let on_spool = staged
+            .iter()
+            .all(|(_, _, s)| s.file().metadata().ok().map(|m| m.dev()) == spool_dev);
+        // The marks' syncfs, when it comes now that the files are written, covers them too.
+        let covered = on_spool && !marks.synced;
+        if covered || !(on_spool && staged.len() > 1) {
             if let Err(Outcome::Temp(e)) = marks.sync() {
                 return Some(e);
             }
         }
-        let commit = safeio::sync_data(staged.iter().map(|(_, _, s)| s.file()))
-            .and_then(|_| staged.iter().try_for_each(|(_, _, s)| s.place()))
+        let data = match covered {
+            true => Ok(()),
+            false => safeio::sync_data(staged.iter().map(|(_, _, s)| s.file())).map(|_| ()),
+        };
+        let commit = data
+            .and_then(|()| staged.iter().try_for_each(|(_, _, s)| s.place()))
             .and_then(|()| safeio::sync_dirs(staged.iter().map(|(_, _, s)| s.dest())));
         commit.err().map(|e| format!("4.3.0 Maildir write: {e}"))
     }
@@ -436,7 +441,7 @@ impl Agent for LocalAgent {
         let mut pending = asuser::Pending::default();
         for ji in 0..batch.len() {
             let c = &mut batch[ji];
-            let body = match self.spool.read_body(&c.job) {
+            let body = match self.spool.message(c) {
                 Ok(b) => Arc::new(b),
                 Err(e) => {
                     for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {

@@ -252,6 +252,76 @@ impl SmtpAgent {
     }
 }
 
+/// A batch's jobs while their transactions end, and the results not yet recorded.
+struct Unsettled {
+    slots: Vec<Option<Claimed>>,
+    /// Recipients each job still waits for.
+    waiting: Vec<usize>,
+    /// Each job's recipients relayed to a server without DSN that asked for success notices.
+    relayed: Vec<Vec<qms_spool::Recipient>>,
+}
+
+/// Records results as transactions end, from any lane's thread: whichever thread gets the
+/// lock records what has been put so far (the others leave theirs to it), so each result
+/// is written as soon as it can be, and what ended together is settled in one write.
+struct Settler<'a> {
+    agent: &'a SmtpAgent,
+    queue: Mutex<Vec<Res>>,
+    state: Mutex<Unsettled>,
+}
+
+impl Settler<'_> {
+    fn put(&self, res: Vec<Res>) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(res);
+        loop {
+            let mut state = match self.state.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                // The holder takes ours before it lets go (it looks again after).
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            loop {
+                let batch =
+                    std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+                if batch.is_empty() {
+                    break;
+                }
+                self.settle(&mut state, batch);
+            }
+            drop(state);
+            // Put while this thread was letting go: take them, unless another thread does.
+            if self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                return;
+            }
+        }
+    }
+
+    fn settle(&self, state: &mut Unsettled, batch: Vec<Res>) {
+        let mut done = Vec::new();
+        for res in batch {
+            let ji = res.ji;
+            if let Some(c) = state.slots[ji].as_mut() {
+                self.agent.record(c, res, &mut state.relayed[ji]);
+            }
+            state.waiting[ji] -= 1;
+            if state.waiting[ji] == 0 {
+                if let Some(c) = state.slots[ji].take() {
+                    done.push((c, std::mem::take(&mut state.relayed[ji])));
+                }
+            }
+        }
+        self.agent.finish(done);
+    }
+}
+
 impl qms_delivery::Agent for SmtpAgent {
     /// Destinations are served in parallel; each job is settled as soon as all of its own
     /// destinations have answered, so a slow host delays only the jobs that go to it.
@@ -259,7 +329,7 @@ impl qms_delivery::Agent for SmtpAgent {
         let start = Instant::now();
         let bodies: Vec<Result<Vec<u8>, String>> = batch
             .iter()
-            .map(|c| self.spool.read_body(&c.job).map_err(|e| e.to_string()))
+            .map(|c| self.spool.message(c).map_err(|e| e.to_string()))
             .collect();
         let mut groups: BTreeMap<Dest, Vec<(usize, usize)>> = BTreeMap::new();
         let post_office = |target| Dest {
@@ -329,7 +399,6 @@ impl qms_delivery::Agent for SmtpAgent {
         }
         let jobs: Vec<Job> = batch.iter().map(|c| c.job.clone()).collect();
         let mut slots: Vec<Option<Claimed>> = batch.into_iter().map(Some).collect();
-        let mut relayed: Vec<Vec<qms_spool::Recipient>> = vec![Vec::new(); slots.len()];
         let idle: Vec<Claimed> = waiting
             .iter()
             .enumerate()
@@ -337,36 +406,40 @@ impl qms_delivery::Agent for SmtpAgent {
             .filter_map(|(ji, _)| slots[ji].take())
             .collect();
         self.finish(idle.into_iter().map(|c| (c, Vec::new())).collect());
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<Res>>();
+        let relayed = vec![Vec::new(); slots.len()];
+        let settler = Settler {
+            agent: self,
+            queue: Mutex::new(Vec::new()),
+            state: Mutex::new(Unsettled {
+                slots,
+                waiting,
+                relayed,
+            }),
+        };
         let refs: Vec<&Job> = jobs.iter().collect();
         let (refs, bodies, this) = (&refs, &bodies, &*self);
+        let results = |res: Vec<Res>| settler.put(res);
+        let results: destination::Results = &results;
+        // One destination's delivery runs on this thread, the others' on threads of their
+        // own: a thread made and ended per batch cost more CPU than the TCP sends.
         std::thread::scope(|s| {
-            for (dest, items) in &groups {
-                let tx = tx.clone();
-                s.spawn(move || this.deliver_dest(dest, items, refs, bodies, start, &tx));
+            let mut dests = groups.iter();
+            let first = dests.next();
+            for (dest, items) in dests {
+                s.spawn(move || this.deliver_dest(dest, items, refs, bodies, start, results));
             }
-            drop(tx);
-            while let Ok(first) = rx.recv() {
-                // What else has ended meanwhile is settled in the same write.
-                let mut done = Vec::new();
-                for res in std::iter::once(first).chain(rx.try_iter()).flatten() {
-                    let ji = res.ji;
-                    if let Some(c) = slots[ji].as_mut() {
-                        this.record(c, res, &mut relayed[ji]);
-                    }
-                    waiting[ji] -= 1;
-                    if waiting[ji] == 0 {
-                        if let Some(c) = slots[ji].take() {
-                            done.push((c, std::mem::take(&mut relayed[ji])));
-                        }
-                    }
-                }
-                this.finish(done);
+            if let Some((dest, items)) = first {
+                this.deliver_dest(dest, items, refs, bodies, start, results);
             }
         });
+        settler.put(Vec::new());
         // A destination thread that died (it should not) leaves its jobs here: retry later.
+        let left = settler
+            .state
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
         self.finish(
-            slots
+            left.slots
                 .into_iter()
                 .flatten()
                 .map(|c| (c, Vec::new()))

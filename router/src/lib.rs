@@ -76,7 +76,7 @@ impl Router {
             let original = c.job.clone();
             // Tracked-sending fields first: they can change the sender and the DSN requests.
             let mut body = None;
-            let (rewritten, refusal) = match self.spool.read_body(&c.job) {
+            let (rewritten, refusal) = match self.spool.message(&c) {
                 Ok(msg) => {
                     let applied = msp::apply(&self.cfg, &mut c.job, &msg);
                     let mut message = applied.message;

@@ -95,14 +95,17 @@ impl Spool {
     pub fn update_many(&self, jobs: &mut [Claimed]) -> Result<(), SpoolError> {
         let mut staged = Vec::with_capacity(jobs.len());
         for c in jobs.iter() {
-            match self.stage_job_at(&c.job, c.path.clone()) {
+            match self.stage_update(c) {
                 Ok(s) => staged.push(s),
                 Err(e) => {
-                    staged.into_iter().for_each(safeio::Staged::abandon);
+                    staged
+                        .into_iter()
+                        .for_each(|(s, _): (safeio::Staged, u64)| s.abandon());
                     return Err(e);
                 }
             }
         }
+        let (staged, at): (Vec<safeio::Staged>, Vec<u64>) = staged.into_iter().unzip();
         if let Err(err) = safeio::commit(&staged) {
             // Some may be in place (whole files); the rest are dropped and tried again.
             staged.into_iter().for_each(safeio::Staged::abandon);
@@ -112,8 +115,9 @@ impl Spool {
                 err,
             });
         }
-        for (c, s) in jobs.iter_mut().zip(staged) {
+        for ((c, s), at) in jobs.iter_mut().zip(staged).zip(at) {
             c.file = s.into_file();
+            c.job.message_at = at;
             c.mode &= !crate::attempt::MARK;
             c.marked = false;
         }

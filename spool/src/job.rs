@@ -5,7 +5,10 @@ use crate::id::QueueId;
 use qms_common::address::{reverse_path, Address};
 use serde::{Deserialize, Serialize};
 
-pub const JOB_VERSION: u32 = 1;
+pub const JOB_VERSION: u32 = 2;
+/// The version of a job that carries its message in its own file (see `message_at`); a
+/// job whose message is a file under `msg/` is written as version 1, as before.
+pub const INLINE_VERSION: u32 = 2;
 
 /// Where a message came from, for Received: headers, logs and policy.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -170,8 +173,13 @@ pub struct Job {
     pub id: QueueId,
     /// The queue this job belongs to (kept while it sits in hold).
     pub queue: String,
-    /// The name of this job's link to the message file, under `msg/`.
+    /// The name of this job's link to the message file, under `msg/`; empty when the
+    /// message is in the job's own file (`message_at`).
     pub body: String,
+    /// Where the message starts in this job's own file, after the JSON and its padding; 0
+    /// when it is a file under `msg/` (`body`). One file per message: smtpd's direct route.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub message_at: u64,
     /// Size of the message in bytes.
     pub size: u64,
     pub arrival: i64,
@@ -266,6 +274,10 @@ impl Job {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Job {
     /// A new job for `queue` with the times of the config's retry policy; the spool gives it
     /// its id and message file when it is staged.
@@ -279,10 +291,11 @@ impl Job {
     ) -> Job {
         let now = qms_common::time::now();
         Job {
-            version: JOB_VERSION,
+            version: 1,
             id: QueueId::generate(),
             queue: queue.to_string(),
             body: String::new(),
+            message_at: 0,
             size: 0,
             arrival: now,
             warn_at: now + timing.delay_warning,

@@ -8,6 +8,7 @@ mod attempt;
 mod commit;
 mod free;
 mod id;
+mod inline;
 mod job;
 pub mod maildrop;
 pub mod perms;

@@ -3,7 +3,9 @@
 //! ```text
 //! SPOOL/tmp/                 the supervisor's status file being written
 //! SPOOL/msg/ID.QUEUE         message files: one hard link per job, removed with the job
-//! SPOOL/queue/QUEUE/ID.json  jobs waiting in QUEUE (incoming, local, smtp, pipe, …)
+//! SPOOL/queue/QUEUE/ID.json  jobs waiting in QUEUE (incoming, local, smtp, pipe, …); a job
+//!                            written straight into an output queue carries its message
+//!                            after its JSON (see `inline`)
 //! SPOOL/queue/QUEUE/.ID.PID.tmp  a job being written; left at start, it is debris
 //! SPOOL/*/.free.PID.N        finished files kept for reuse (see `free`); never read
 //! SPOOL/hold/QUEUE/ID.json   jobs put on hold, kept until released
@@ -16,7 +18,8 @@
 
 use crate::free::Pool;
 use crate::id::QueueId;
-use crate::job::{Job, JOB_VERSION};
+use crate::inline;
+use crate::job::{Job, INLINE_VERSION};
 use fs2::FileExt;
 use qms_common::{qlog, safeio};
 use std::collections::HashMap;
@@ -75,6 +78,10 @@ fn io_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
 
 type Result<T> = std::result::Result<T, SpoolError>;
 
+/// A message being written goes through a buffer of this size. Under 64 KiB: freeing a
+/// larger block makes glibc's malloc consolidate its free lists, once per message.
+const WRITE_BUFFER: usize = 32 * 1024;
+
 #[derive(Clone, Debug)]
 pub struct Spool {
     root: PathBuf,
@@ -87,6 +94,8 @@ pub struct Staged {
     pub id: QueueId,
     /// The message file, for a new message; a child job reuses its parent's.
     body: Option<(File, PathBuf)>,
+    /// The message is in the job's own file: nothing changed in `msg/`.
+    inline: bool,
     pub(crate) job: safeio::Staged,
 }
 
@@ -97,6 +106,11 @@ pub struct Writer {
     out: std::io::BufWriter<File>,
     path: PathBuf,
     size: u64,
+    /// Where the message starts in the file: 0 for a message file under `msg/`, else the
+    /// room left for its job (a one-file job being written beside its queue's jobs).
+    at: u64,
+    /// The queue whose directory the one-file job is being written in.
+    queue: String,
 }
 
 impl Writer {
@@ -110,7 +124,7 @@ impl Writer {
     pub fn map(&mut self) -> std::io::Result<Mapped> {
         use std::io::Write;
         self.out.flush()?;
-        Mapped::of(self.out.get_ref())
+        Mapped::of(self.out.get_ref(), self.at)
     }
 
     /// Bytes written so far.
@@ -140,6 +154,8 @@ pub struct Claimed {
     pub(crate) mode: u32,
     /// This process set the attempt mark (see `attempt`).
     pub(crate) marked: bool,
+    /// A one-file job's message, when it came whole with the job's first read.
+    message: Option<Vec<u8>>,
 }
 
 impl Claimed {
@@ -204,9 +220,45 @@ impl Spool {
         self.root.join("msg").join(&job.body)
     }
 
+    /// The message of a job: its file under `msg/`, or the rest of the job's own file (in
+    /// its queue or on hold). For a claimed job, [`Spool::message`] saves the opening.
     pub fn read_body(&self, job: &Job) -> Result<Vec<u8>> {
-        let p = self.body_path(job);
-        safeio::read_path(&p).map_err(io_err("read message", &p))
+        if job.message_at == 0 {
+            let p = self.body_path(job);
+            return safeio::read_path(&p).map_err(io_err("read message", &p));
+        }
+        for area in ["queue", "hold"] {
+            let p = self.job_path(area, &job.queue, &job.id);
+            let file = match File::open(&p) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("read message", &p)(e)),
+            };
+            let (head, _) =
+                inline::read_head(&file, inline::LOOK_READ).map_err(io_err("read message", &p))?;
+            // The same job still (a finished job's file may be serving another by now).
+            match inline::parse(&head) {
+                Ok(j) if j.id == job.id && j.message_at == job.message_at => {
+                    return inline::message(&file, j.message_at)
+                        .map_err(io_err("read message", &p));
+                }
+                _ => continue,
+            }
+        }
+        Err(SpoolError::NotFound(job.id.to_string()))
+    }
+
+    /// The message of a job this process holds.
+    pub fn message(&self, c: &Claimed) -> Result<Vec<u8>> {
+        if c.job.message_at == 0 {
+            return self.read_body(&c.job);
+        }
+        match &c.message {
+            Some(m) => Ok(m.clone()),
+            None => {
+                inline::message(&c.file, c.job.message_at).map_err(io_err("read message", &c.path))
+            }
+        }
     }
 
     /// The queues that have a directory, in name order.
@@ -239,15 +291,18 @@ impl Spool {
     /// Reads a job without locking it: a snapshot for listings.
     pub fn load(&self, area: &str, queue: &str, id: &QueueId) -> Result<Job> {
         let p = self.job_path(area, queue, id);
-        let data = safeio::read_path(&p).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-            _ => SpoolError::Io {
-                what: "read".into(),
-                path: p.clone(),
-                err: e,
-            },
-        })?;
-        match parse_job(&data) {
+        let data = File::open(&p)
+            .and_then(|f| inline::read_head(&f, inline::LOOK_READ))
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+                _ => SpoolError::Io {
+                    what: "read".into(),
+                    path: p.clone(),
+                    err: e,
+                },
+            })?
+            .0;
+        match inline::parse(&data) {
             // A file reused (see `free`) between our open and read: this job is gone.
             Ok(job) if job.id != *id => Err(SpoolError::NotFound(id.to_string())),
             Ok(job) => Ok(job),
@@ -260,7 +315,13 @@ impl Spool {
     /// Starts a new message file in `msg/` for `queue`: the exclusive create (or a free file
     /// renamed into place) claims the id. What is written goes through a buffer, so a
     /// message of any size is written as it arrives; [`Spool::stage_written`] ends it.
+    /// For an output queue, the message is written into its job's own file instead, beside
+    /// the queue's jobs (see `inline`); the id is then claimed when the job is renamed into
+    /// place, which never replaces a file.
     pub fn writer(&self, queue: &str) -> Result<Writer> {
+        if queue != "incoming" {
+            return self.inline_writer(queue);
+        }
         for _ in 0..8 {
             let id = QueueId::generate();
             let body_name = format!("{id}.{queue}");
@@ -276,9 +337,11 @@ impl Spool {
             return Ok(Writer {
                 id,
                 body_name,
-                out: std::io::BufWriter::with_capacity(64 * 1024, file),
+                out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
                 path,
                 size: 0,
+                at: 0,
+                queue: queue.to_string(),
             });
         }
         Err(SpoolError::Io {
@@ -288,15 +351,49 @@ impl Spool {
         })
     }
 
+    fn inline_writer(&self, queue: &str) -> Result<Writer> {
+        use std::io::{Seek, SeekFrom};
+        let id = QueueId::generate();
+        let tmp = self
+            .queue_dir(queue)
+            .join(format!(".{id}.{}.tmp", qms_common::pid()));
+        let mut file = self
+            .pool(&tmp)
+            .create(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        // Locked while written, so start-up clean-up can tell debris from work; waits for a
+        // recycled file whose last holder is letting go.
+        let ready = file
+            .lock_exclusive()
+            .and_then(|()| file.seek(SeekFrom::Start(inline::SPACE)));
+        if let Err(e) = ready {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("write", &tmp)(e));
+        }
+        Ok(Writer {
+            id,
+            body_name: String::new(),
+            out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+            path: tmp,
+            size: 0,
+            at: inline::SPACE,
+            queue: queue.to_string(),
+        })
+    }
+
     /// Ends a message written with [`Spool::writer`] and stages its job (invisible until
     /// [`Spool::commit`]). On an error the message file is removed.
     pub fn stage_written(&self, mut job: Job, w: Writer) -> Result<Staged> {
+        if w.at > 0 {
+            return self.stage_inline(job, w);
+        }
         let Writer {
             id,
             body_name,
             out,
             path,
             size,
+            ..
         } = w;
         let file = match out.into_inner() {
             Ok(f) => f,
@@ -312,6 +409,7 @@ impl Spool {
             Ok(staged) => Ok(Staged {
                 id,
                 body: Some((file, path)),
+                inline: false,
                 job: staged,
             }),
             Err(e) => {
@@ -321,10 +419,63 @@ impl Spool {
         }
     }
 
+    /// Writes the job of a one-file message over the room left before the message (moving
+    /// the message on when the job needs more) and stages it beside its queue's jobs.
+    fn stage_inline(&self, mut job: Job, w: Writer) -> Result<Staged> {
+        use std::os::unix::fs::FileExt;
+        let Writer {
+            id,
+            out,
+            path,
+            size,
+            at,
+            queue,
+            ..
+        } = w;
+        let done = (|| {
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            if job.queue != queue {
+                return Err(io::Error::other(format!(
+                    "a message started for queue {queue} cannot go to {}",
+                    job.queue
+                )));
+            }
+            job.id = id.clone();
+            job.version = INLINE_VERSION;
+            job.body = String::new();
+            job.size = size;
+            let (to, head) = inline::fit(&job).map_err(io::Error::other)?;
+            if to != at {
+                inline::copy(&file, at, &file, to)?;
+            }
+            file.write_all_at(&head, 0)?;
+            Ok(file)
+        })();
+        match done {
+            Ok(file) => {
+                let dest = self.job_path("queue", &job.queue, &id);
+                Ok(Staged {
+                    id,
+                    body: None,
+                    inline: true,
+                    job: safeio::Staged::new_at(file, path, dest),
+                })
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(io_err("write", &path)(e))
+            }
+        }
+    }
+
     /// Names a message being written for another queue than the one it was started for
     /// (`msg/ID.QUEUE`): smtpd's direct route, when the router must see the message after all.
+    /// A one-file message is copied to a message file of its own (the router links it).
     pub fn refile(&self, w: &mut Writer, queue: &str) -> Result<()> {
         use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        if w.at > 0 {
+            return self.refile_inline(w, queue);
+        }
         let body_name = format!("{}.{queue}", w.id);
         let path = self.root.join("msg").join(&body_name);
         renameat2(
@@ -337,6 +488,38 @@ impl Spool {
         .map_err(|e| io_err("rename", &path)(io::Error::from(e)))?;
         w.body_name = body_name;
         w.path = path;
+        Ok(())
+    }
+
+    fn refile_inline(&self, w: &mut Writer, queue: &str) -> Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let body_name = format!("{}.{queue}", w.id);
+        let path = self.root.join("msg").join(&body_name);
+        let mut file = self
+            .pool(&path)
+            .create(&path)
+            .map_err(io_err("create", &path))?;
+        let _ = file.try_lock_exclusive();
+        let copied = w
+            .out
+            .flush()
+            .and_then(|()| inline::copy(w.out.get_ref(), w.at, &file, 0))
+            .and_then(|n| file.seek(SeekFrom::Start(n)));
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&path);
+            return Err(io_err("write", &path)(e));
+        }
+        let old = std::mem::replace(
+            &mut w.out,
+            std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+        );
+        drop(old);
+        let _ = fs::remove_file(&w.path);
+        w.out.flush().map_err(io_err("write", &path))?;
+        w.body_name = body_name;
+        w.path = path;
+        w.at = 0;
+        w.queue = queue.to_string();
         Ok(())
     }
 
@@ -379,7 +562,7 @@ impl Spool {
         let res = safeio::sync_data(files.into_iter())
             // A syncfs made the new message files' directory entries durable too.
             .and_then(|whole_fs| {
-                if whole_fs {
+                if whole_fs || batch.iter().all(|s| s.inline) {
                     Ok(())
                 } else {
                     safeio::sync_dir(&self.root.join("msg"))
@@ -478,6 +661,7 @@ impl Spool {
             return Ok(Some(Staged {
                 id: child.id.clone(),
                 body: Some((file, link)),
+                inline: false,
                 job: self.stage_job_at(child, dest.clone())?,
             }));
         }
@@ -495,6 +679,7 @@ impl Spool {
         Ok(Some(Staged {
             id: child.id.clone(),
             body: None,
+            inline: false,
             job: self.stage_job_at(child, dest.clone())?,
         }))
     }
@@ -549,15 +734,32 @@ impl Spool {
                 (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Gone),
                 _ => continue,
             };
-            let data = safeio::read_all(&file).map_err(io_err("read", &path))?;
-            return match parse_job(&data) {
-                Ok(job) => Ok(Claim::Got(Box::new(Claimed {
-                    job,
-                    file,
-                    path,
-                    mode,
-                    marked: false,
-                }))),
+            let (mut data, whole) =
+                inline::read_head(&file, inline::CLAIM_READ).map_err(io_err("read", &path))?;
+            let parsed = inline::parse(&data).and_then(|job| {
+                if whole && job.message_at > data.len() as u64 {
+                    return Err(format!(
+                        "its message should start at byte {} of a file of {}",
+                        job.message_at,
+                        data.len()
+                    ));
+                }
+                Ok(job)
+            });
+            return match parsed {
+                Ok(job) => {
+                    let at = usize::try_from(job.message_at).unwrap_or(usize::MAX);
+                    let message = (job.message_at > 0 && whole && at <= data.len())
+                        .then(|| data.split_off(at));
+                    Ok(Claim::Got(Box::new(Claimed {
+                        job,
+                        file,
+                        path,
+                        mode,
+                        marked: false,
+                        message,
+                    })))
+                }
                 Err(reason) if !tool || area == "queue" => {
                     let dest = self
                         .root
@@ -581,7 +783,7 @@ impl Spool {
 
     /// Writes the claimed job's new state durably, keeping the claim.
     pub fn update(&self, c: &mut Claimed) -> Result<()> {
-        let s = self.stage_job_at(&c.job, c.path.clone())?;
+        let (s, at) = self.stage_update(c)?;
         if let Err(e) = safeio::commit(std::slice::from_ref(&s)) {
             s.abandon();
             return Err(SpoolError::Io {
@@ -593,9 +795,45 @@ impl Spool {
         // The new file was locked before it became visible; dropping the old one unlocks it.
         // It is a new file: no attempt mark (see `attempt`).
         c.file = s.into_file();
+        c.job.message_at = at;
         c.mode &= !crate::attempt::MARK;
         c.marked = false;
         Ok(())
+    }
+
+    /// Stages the new version of a claimed job over it; a one-file job's message is copied
+    /// into the new file. Returns where its message starts now (0 for a version-1 job).
+    pub(crate) fn stage_update(&self, c: &Claimed) -> Result<(safeio::Staged, u64)> {
+        use std::os::unix::fs::FileExt;
+        if c.job.message_at == 0 {
+            return Ok((self.stage_job_at(&c.job, c.path.clone())?, 0));
+        }
+        let tmp = c
+            .path
+            .with_file_name(format!(".{}.{}.tmp", c.job.id, qms_common::pid()));
+        let file = self
+            .pool(&tmp)
+            .overwrite(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        let written = (|| {
+            let (to, head) = inline::fit(&c.job).map_err(io::Error::other)?;
+            let len = inline::copy(&c.file, c.job.message_at, &file, to)?;
+            file.write_all_at(&head, 0)?;
+            file.set_len(to + len)?;
+            Ok::<u64, io::Error>(to)
+        })();
+        match written {
+            Ok(to) => {
+                let s = safeio::Staged::replacing(file, tmp, c.path.clone());
+                let mut job = c.job.clone();
+                job.message_at = to;
+                Ok((self.ready(s, &job)?, to))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(io_err("write", &tmp)(e))
+            }
+        }
     }
 
     pub(crate) fn stage_job_at(&self, job: &Job, dest: PathBuf) -> Result<safeio::Staged> {
@@ -616,6 +854,12 @@ impl Spool {
         s.file()
             .set_len(data.len() as u64)
             .map_err(io_err("write", &tmp))?;
+        self.ready(s, job)
+    }
+
+    /// The last of staging a job: its next attempt as its time, and its lock.
+    fn ready(&self, s: safeio::Staged, job: &Job) -> Result<safeio::Staged> {
+        let path = s.dest().to_path_buf();
         // A job that waits carries its next attempt as its modification time (as Postfix's
         // deferred queue does), so a worker learns when it is due from a stat, not a read.
         if job.next_attempt > qms_common::time::now() {
@@ -623,10 +867,10 @@ impl Spool {
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(job.next_attempt as u64);
             s.file()
                 .set_modified(at)
-                .map_err(io_err("set the time of", &tmp))?;
+                .map_err(io_err("set the time of", &path))?;
         }
         // Waits, rather than fails, for a recycled file whose last holder is letting go.
-        s.file().lock_exclusive().map_err(io_err("lock", &tmp))?;
+        s.file().lock_exclusive().map_err(io_err("lock", &path))?;
         Ok(s)
     }
 
@@ -638,11 +882,16 @@ impl Spool {
         let done = if c.job.smarthost.is_some() {
             fs::remove_file(&c.path) // it held credentials: gone for good
         } else {
+            // A one-file job held its message: emptied as it goes (see `free`).
+            let meta = c.file.metadata().ok();
             self.pool(&c.path)
-                .retire(&c.path, c.file.metadata().ok().as_ref(), false)
+                .retire(&c.path, meta.as_ref(), c.job.message_at > 0)
         };
         done.map_err(io_err("remove", &c.path))?;
         drop(c.file);
+        if c.job.message_at > 0 {
+            return Ok(());
+        }
         // Links are only added while the incoming job exists, so a count of one is final.
         let body = self.body_path(&c.job);
         match fs::metadata(&body) {
@@ -666,32 +915,20 @@ impl Spool {
     }
 }
 
-fn parse_job(data: &[u8]) -> std::result::Result<Job, String> {
-    #[derive(serde::Deserialize)]
-    struct Version {
-        version: u32,
-    }
-    let v: Version = serde_json::from_slice(data).map_err(|e| e.to_string())?;
-    if v.version > JOB_VERSION {
-        return Err(format!(
-            "job format version {} is newer than this qms ({JOB_VERSION})",
-            v.version
-        ));
-    }
-    serde_json::from_slice(data).map_err(|e| e.to_string())
-}
-
 /// A read-only mapping of a whole file, unmapped when dropped.
 pub struct Mapped {
     ptr: Option<(std::ptr::NonNull<std::ffi::c_void>, std::num::NonZeroUsize)>,
+    /// Bytes of the file before the message (a one-file job's room for its JSON).
+    skip: usize,
 }
 
 impl Mapped {
-    fn of(f: &File) -> io::Result<Mapped> {
+    fn of(f: &File, skip: u64) -> io::Result<Mapped> {
         use nix::sys::mman::{mmap, MapFlags, ProtFlags};
         let len = usize::try_from(f.metadata()?.len()).map_err(io::Error::other)?;
+        let skip = usize::try_from(skip).map_err(io::Error::other)?.min(len);
         let Some(len) = std::num::NonZeroUsize::new(len) else {
-            return Ok(Mapped { ptr: None });
+            return Ok(Mapped { ptr: None, skip });
         };
         // Safety: a private read-only mapping of a file this process alone writes, which
         // nothing changes while the mapping lives (the session holds it until it answers).
@@ -699,6 +936,7 @@ impl Mapped {
             .map_err(io::Error::from)?;
         Ok(Mapped {
             ptr: Some((p, len)),
+            skip,
         })
     }
 }
@@ -709,7 +947,7 @@ impl std::ops::Deref for Mapped {
         match self.ptr {
             // Safety: the mapping is `len` readable bytes for as long as `self` lives.
             Some((p, len)) => unsafe {
-                std::slice::from_raw_parts(p.as_ptr() as *const u8, len.get())
+                &std::slice::from_raw_parts(p.as_ptr() as *const u8, len.get())[self.skip..]
             },
             None => &[],
         }

@@ -443,6 +443,36 @@ impl Drop for Instance {
 }
 
 /// Each of the messages `tok-0-` … `tok-{n-1}-` (as `send_many` makes them) is there once.
+/// A job file read as JSON, and its message when the job carries it in its own file
+/// (`message_at`: one file per message, smtpd's direct route).
+pub fn read_job_file(path: &Path) -> (serde_json::Value, Option<Vec<u8>>) {
+    let data = std::fs::read(path).unwrap();
+    let job: serde_json::Value = serde_json::Deserializer::from_slice(&data)
+        .into_iter()
+        .next()
+        .expect("a job file starts with a job")
+        .expect("the job is whole JSON");
+    let message = job["message_at"]
+        .as_u64()
+        .map(|at| data[at as usize..].to_vec());
+    (job, message)
+}
+
+/// Writes a job file back, changed: a one-file job's message stays where its job says.
+pub fn write_job_file(path: &Path, job: &serde_json::Value, message: Option<&[u8]>) {
+    let mut data = job.to_string().into_bytes();
+    if let (Some(m), Some(at)) = (message, job["message_at"].as_u64()) {
+        assert!(
+            data.len() < at as usize,
+            "the changed job fits before its message"
+        );
+        data.resize(at as usize - 1, b' ');
+        data.push(b'\n');
+        data.extend_from_slice(m);
+    }
+    std::fs::write(path, data).unwrap();
+}
+
 pub fn assert_each_once(msgs: &[String], n: usize) {
     for i in 0..n {
         let tok = format!("tok-{i}-");
