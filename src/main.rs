@@ -190,7 +190,7 @@ fn main() -> ExitCode {
             qms_common::log::give_file_to(a.uid.as_raw(), a.gid.as_raw());
         }
     }
-    match cli.cmd {
+    let code = match cli.cmd {
         Cmd::Start { daemon } => supervisor::start(cfg, daemon),
         Cmd::Stop => supervisor::stop(&cfg),
         Cmd::Status => status::run(&cfg),
@@ -215,7 +215,11 @@ fn main() -> ExitCode {
         Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) | Cmd::Sieve(_) => {
             ExitCode::SUCCESS
         }
-    }
+    };
+    // Nothing of a message finished here (a role stopping, `qms queue delete`) stays in
+    // the spool's reuse pool.
+    qms_spool::empty_pending();
+    code
 }
 
 /// `qms config [-n]`: TOML that `check-config` reads back into the same configuration.

@@ -106,8 +106,9 @@ impl Pool {
         r.names.pop()
     }
 
-    /// An empty file at `path`, open for reading and writing: a free one renamed there, or a
-    /// new one. Fails with `AlreadyExists` when `path` exists (ids are claimed this way).
+    /// An empty file at `path`, open for reading and writing and locked: a free one renamed
+    /// there, or a new one. Fails with `AlreadyExists` when `path` exists (ids are claimed
+    /// this way).
     pub fn create(&self, path: &Path) -> io::Result<File> {
         self.take(path, true)
     }
@@ -137,7 +138,9 @@ impl Pool {
                         .truncate(truncate)
                         .open(path)
                     {
-                        Ok(f) => return Ok(f),
+                        // Locked before anything is written: the emptier truncates only
+                        // what it can lock (waits for a last holder letting go, too).
+                        Ok(f) => return fs2::FileExt::lock_exclusive(&f).map(|()| f),
                         // Not ours to write (another user's): drop it, make a new one.
                         Err(_) => {
                             let _ = fs::remove_file(path);
@@ -152,12 +155,14 @@ impl Pool {
                 Err(_) => break,
             }
         }
-        OpenOptions::new()
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o640)
-            .open(path)
+            .open(path)?;
+        fs2::FileExt::lock_exclusive(&f)?;
+        Ok(f)
     }
 
     /// Takes `path`, a file nothing refers to any more, out of its directory: into the pool,
@@ -211,34 +216,97 @@ impl Pool {
     }
 }
 
-/// Truncates a retired file on a thread of its own: freeing a message's blocks costs the
-/// file system more than the rest of a retire, and the worker need not wait for it. A file
-/// taken for reuse first is truncated by its taker (and this one then finds no file).
-fn empty_soon(path: PathBuf) {
-    use crossbeam_channel::{unbounded, Sender};
-    use std::sync::OnceLock;
-    static EMPTIER: OnceLock<Option<Sender<PathBuf>>> = OnceLock::new();
-    let tx = EMPTIER.get_or_init(|| {
-        let (tx, rx) = unbounded::<PathBuf>();
-        std::thread::Builder::new()
+/// A retired file is emptied this long after it entered the pool, if no one took it
+/// meanwhile: under load a file is taken again within milliseconds and written over (a
+/// block kept is a block neither freed nor allocated again, and on a file system mounted
+/// with `discard` freeing one waits for the device); idle, a delivered message's text is
+/// gone from the disk a second after delivery.
+const EMPTY_AFTER: Duration = Duration::from_secs(1);
+
+/// Retired files waiting for the emptier, oldest first.
+struct Pending {
+    files: Mutex<std::collections::VecDeque<(Instant, PathBuf)>>,
+    added: std::sync::Condvar,
+}
+
+static PENDING: std::sync::OnceLock<Pending> = std::sync::OnceLock::new();
+
+fn pending() -> &'static Pending {
+    PENDING.get_or_init(|| {
+        // Truncates on a thread of its own: freeing a message's blocks costs the file
+        // system more than the rest of a retire, and the worker need not wait for it.
+        let _ = std::thread::Builder::new()
             .name("emptier".into())
-            .spawn(move || {
-                for p in rx {
-                    let _ = nix::unistd::truncate(&p, 0);
+            .spawn(|| loop {
+                let p = pending();
+                let mut files = p.files.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(&(at, _)) = files.front() else {
+                    drop(p.added.wait(files));
+                    continue;
+                };
+                let wait = (at + EMPTY_AFTER).saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    drop(p.added.wait_timeout(files, wait));
+                    continue;
                 }
-            })
-            .ok()
-            .map(|_| tx)
-    });
-    match tx {
-        Some(tx) => {
-            if let Err(e) = tx.send(path) {
-                let _ = nix::unistd::truncate(&e.0, 0);
-            }
+                let next = files.pop_front();
+                drop(files);
+                if let Some((_, path)) = next {
+                    empty_if_free(&path);
+                }
+            });
+        Pending {
+            files: Mutex::new(Default::default()),
+            added: std::sync::Condvar::new(),
         }
-        None => {
-            let _ = nix::unistd::truncate(&path, 0);
-        }
+    })
+}
+
+/// Has a retired file emptied [`EMPTY_AFTER`] from now, unless it was taken by then.
+fn empty_soon(path: PathBuf) {
+    let p = pending();
+    p.files
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back((Instant::now(), path));
+    p.added.notify_one();
+}
+
+/// Empties now every retired file still waiting: a role calls it as it stops, so nothing of
+/// a delivered message stays in the pool after it.
+pub fn empty_pending() {
+    let Some(p) = PENDING.get() else {
+        return;
+    };
+    let waiting: Vec<_> = p
+        .files
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain(..)
+        .collect();
+    for (_, path) in waiting {
+        empty_if_free(&path);
+    }
+}
+
+/// Empties the file at `path` if it is still a free file nobody holds. A taker renames a
+/// free file away and then locks it before it writes: so a file this holds locked at its
+/// free name is no one's, and one locked by a taker (or gone) is left alone.
+fn empty_if_free(path: &Path) {
+    use fs2::FileExt;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(f) = OpenOptions::new().write(true).open(path) else {
+        return;
+    };
+    if f.try_lock_exclusive().is_err() {
+        return;
+    }
+    let same = match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    };
+    if same {
+        let _ = f.set_len(0);
     }
 }
 

@@ -135,11 +135,10 @@ pub(crate) fn message(file: &File, at: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Copies `src` from `from` to its end into `dst` at `to`, a block at a time (a message of
-/// any size, in bounded memory). Backwards, so that it may move a message further on in its
-/// own file. Returns the bytes copied.
-pub(crate) fn copy(src: &File, from: u64, dst: &File, to: u64) -> io::Result<u64> {
-    let len = src.metadata()?.len().saturating_sub(from);
+/// Copies `len` bytes of `src` from `from` into `dst` at `to`, a block at a time (a message
+/// of any size, in bounded memory). Backwards, so that it may move a message further on in
+/// its own file. Returns the bytes copied.
+pub(crate) fn copy(src: &File, from: u64, len: u64, dst: &File, to: u64) -> io::Result<u64> {
     let mut buf = vec![0u8; BLOCK];
     let mut end = len;
     while end > 0 {
@@ -212,7 +211,7 @@ mod tests {
         }
         let (at, head) = fit(&big).unwrap();
         assert!(at > SPACE && head.len() as u64 == at);
-        copy(&f, SPACE, &f, at).unwrap();
+        copy(&f, SPACE, msg.len() as u64, &f, at).unwrap();
         f.write_all_at(&head, 0).unwrap();
         f.set_len(at + msg.len() as u64).unwrap();
         let (data, _) = read_head(&f, LOOK_READ).unwrap();

@@ -18,6 +18,7 @@ mod store;
 mod watch;
 
 pub use commit::Committer;
+pub use free::empty_pending;
 pub use id::QueueId;
 pub use job::{
     Client, DsnRet, Job, LinkSecurity, Notify, RcptState, Recipient, Smarthost, JOB_VERSION,

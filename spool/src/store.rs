@@ -124,7 +124,7 @@ impl Writer {
     pub fn map(&mut self) -> std::io::Result<Mapped> {
         use std::io::Write;
         self.out.flush()?;
-        Mapped::of(self.out.get_ref(), self.at)
+        Mapped::of(self.out.get_ref(), self.at, self.size)
     }
 
     /// Bytes written so far.
@@ -357,15 +357,13 @@ impl Spool {
         let tmp = self
             .queue_dir(queue)
             .join(format!(".{id}.{}.tmp", qms_common::pid()));
+        // A free file keeps its blocks (written over, then cut to length at the end); it
+        // comes locked, so start-up clean-up can tell debris from work.
         let mut file = self
             .pool(&tmp)
-            .create(&tmp)
+            .overwrite(&tmp)
             .map_err(io_err("create", &tmp))?;
-        // Locked while written, so start-up clean-up can tell debris from work; waits for a
-        // recycled file whose last holder is letting go.
-        let ready = file
-            .lock_exclusive()
-            .and_then(|()| file.seek(SeekFrom::Start(inline::SPACE)));
+        let ready = file.seek(SeekFrom::Start(inline::SPACE));
         if let Err(e) = ready {
             let _ = fs::remove_file(&tmp);
             return Err(io_err("write", &tmp)(e));
@@ -446,9 +444,11 @@ impl Spool {
             job.size = size;
             let (to, head) = inline::fit(&job).map_err(io::Error::other)?;
             if to != at {
-                inline::copy(&file, at, &file, to)?;
+                inline::copy(&file, at, size, &file, to)?;
             }
             file.write_all_at(&head, 0)?;
+            // What a reused file held past the end of this message goes before the sync.
+            file.set_len(to + size)?;
             Ok(file)
         })();
         match done {
@@ -503,7 +503,7 @@ impl Spool {
         let copied = w
             .out
             .flush()
-            .and_then(|()| inline::copy(w.out.get_ref(), w.at, &file, 0))
+            .and_then(|()| inline::copy(w.out.get_ref(), w.at, w.size, &file, 0))
             .and_then(|n| file.seek(SeekFrom::Start(n)));
         if let Err(e) = copied {
             let _ = fs::remove_file(&path);
@@ -817,7 +817,8 @@ impl Spool {
             .map_err(io_err("create", &tmp))?;
         let written = (|| {
             let (to, head) = inline::fit(&c.job).map_err(io::Error::other)?;
-            let len = inline::copy(&c.file, c.job.message_at, &file, to)?;
+            let len = c.file.metadata()?.len().saturating_sub(c.job.message_at);
+            inline::copy(&c.file, c.job.message_at, len, &file, to)?;
             file.write_all_at(&head, 0)?;
             file.set_len(to + len)?;
             Ok::<u64, io::Error>(to)
@@ -923,9 +924,11 @@ pub struct Mapped {
 }
 
 impl Mapped {
-    fn of(f: &File, skip: u64) -> io::Result<Mapped> {
+    /// `size` bytes from `skip` on (a reused file may hold more after them).
+    fn of(f: &File, skip: u64, size: u64) -> io::Result<Mapped> {
         use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let len = usize::try_from(f.metadata()?.len()).map_err(io::Error::other)?;
+        let len = f.metadata()?.len().min(skip.saturating_add(size));
+        let len = usize::try_from(len).map_err(io::Error::other)?;
         let skip = usize::try_from(skip).map_err(io::Error::other)?.min(len);
         let Some(len) = std::num::NonZeroUsize::new(len) else {
             return Ok(Mapped { ptr: None, skip });
