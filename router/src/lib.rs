@@ -212,6 +212,8 @@ impl Router {
                 qlog!("qid={} status=bounce-error reason={}", c.job.id, quote(&e));
             }
         }
+        // The router's jobs replace nothing and are never refused one by one: only the whole
+        // commit can fail.
         if let Err(e) = self.spool.commit(staged) {
             // The incoming jobs stay; the periodic scan brings them back for another try.
             qlog!("status=error reason={}", quote(&e.to_string()));

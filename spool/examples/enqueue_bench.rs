@@ -80,7 +80,9 @@ fn prefill(spool: &Spool, n: usize, body: &[u8]) {
             .map(|_| spool.stage(job(), &|_| body.to_vec()).expect("stage"))
             .collect();
         left -= batch.len();
-        spool.commit(batch).expect("commit");
+        for r in spool.commit(batch).expect("commit") {
+            r.expect("commit");
+        }
     }
 }
 

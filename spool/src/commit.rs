@@ -60,7 +60,7 @@ fn run(spool: Spool, rx: Receiver<(Staged, Reply)>) {
         match spool.commit(staged) {
             Ok(ids) => {
                 for (id, reply) in ids.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(id));
+                    let _ = reply.send(id);
                 }
             }
             Err(e) => {

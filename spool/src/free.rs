@@ -5,11 +5,12 @@
 //! freed in the last minutes (the kernel avoids handing them out again soon); under mail
 //! churn that scan costs more than writing the file. So a finished job or message file is
 //! renamed to a free name, and a new one is made by renaming a free one into place and
-//! truncating it. Renames allocate no inode, and within one directory they also avoid the
-//! file system's single lock for renames between directories. A message file is emptied as it
-//! enters the pool, so nothing of a delivered message stays on disk or holds its space (job
-//! files, a block of envelope each, are written over when reused); each pool has a cap; files that
-//! held credentials are deleted, never kept.
+//! truncating it or writing over it. Renames allocate no inode, and within one directory they
+//! also avoid the file system's single lock for renames between directories. A file that held
+//! a message is emptied a second after it enters the pool unless it was taken again by then
+//! (see `EMPTY_AFTER`), so nothing of a delivered message stays on disk for long (job files, a
+//! block of envelope each, are written over when reused); each pool has a cap; files that held
+//! credentials are deleted, never kept.
 
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 use std::ffi::OsString;

@@ -61,27 +61,34 @@ impl QueueId {
 }
 
 fn random_bits() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
     static STATE: AtomicU64 = AtomicU64::new(0);
-    let mut x = STATE.load(Ordering::Relaxed);
-    if x == 0 {
+    if STATE.load(SeqCst) == 0 {
         let mut b = [0u8; 8];
         let seeded = std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut b))
             .is_ok();
-        x = if seeded {
+        let mut x = if seeded {
             u64::from_le_bytes(b)
         } else {
             qms_common::time::now_micros()
         } | 1;
         x ^= u64::from(std::process::id()) << 32;
+        let _ = STATE.compare_exchange(0, x, SeqCst, SeqCst);
     }
     // xorshift64*: cheap, and the exclusive create catches the rare collision.
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    STATE.store(x, Ordering::Relaxed);
-    x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 20
+    let step = |mut x: u64| {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x
+    };
+    // Each caller takes a step of its own, even when threads call at once: two sessions that
+    // read the same state made the same id in the same microsecond.
+    let prev = STATE
+        .fetch_update(SeqCst, SeqCst, |x| Some(step(x)))
+        .unwrap_or_else(|x| x);
+    step(prev).wrapping_mul(0x2545_F491_4F6C_DD1D) >> 20
 }
 
 impl fmt::Display for QueueId {
@@ -129,5 +136,22 @@ mod tests {
         assert!(QueueId::parse(a.as_str()).is_some());
         let set: std::collections::HashSet<_> = (0..10_000).map(|_| QueueId::generate()).collect();
         assert_eq!(set.len(), 10_000);
+    }
+
+    /// Sessions of one process made ids at once from one generator state: two could read
+    /// the same state in the same microsecond and make the same id (issue #12, seen as
+    /// `entity already exists` refusals under load).
+    #[test]
+    fn threads_making_ids_at_once_never_make_the_same_one() {
+        let make = || (0..50_000).map(|_| QueueId::generate()).collect::<Vec<_>>();
+        let threads: Vec<_> = (0..8).map(|_| std::thread::spawn(make)).collect();
+        let mut all: Vec<QueueId> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "{} ids made twice", n - all.len());
     }
 }

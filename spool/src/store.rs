@@ -353,16 +353,21 @@ impl Spool {
 
     fn inline_writer(&self, queue: &str) -> Result<Writer> {
         use std::io::{Seek, SeekFrom};
-        let id = QueueId::generate();
-        let tmp = self
-            .queue_dir(queue)
-            .join(format!(".{id}.{}.tmp", qms_common::pid()));
+        let (mut id, mut tmp);
         // A free file keeps its blocks (written over, then cut to length at the end); it
         // comes locked, so start-up clean-up can tell debris from work.
-        let mut file = self
-            .pool(&tmp)
-            .overwrite(&tmp)
-            .map_err(io_err("create", &tmp))?;
+        let mut tries = 0;
+        let mut file = loop {
+            id = QueueId::generate();
+            tmp = self
+                .queue_dir(queue)
+                .join(format!(".{id}.{}.tmp", qms_common::pid()));
+            match self.pool(&tmp).overwrite(&tmp) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(io_err("create", &tmp)(e)),
+            }
+        };
         let ready = file.seek(SeekFrom::Start(inline::SPACE));
         if let Err(e) = ready {
             let _ = fs::remove_file(&tmp);
@@ -548,8 +553,9 @@ impl Spool {
     }
 
     /// Makes staged messages durable and visible: one data sync for the batch, the renames,
-    /// and one fsync per directory. Only after this returns may a message be acknowledged.
-    pub fn commit(&self, batch: Vec<Staged>) -> Result<Vec<QueueId>> {
+    /// and one fsync per directory. Only after this returns may a message be acknowledged,
+    /// each by its own result (a one-file job can lose its id to another process's).
+    pub fn commit(&self, batch: Vec<Staged>) -> Result<Vec<Result<QueueId>>> {
         let files: Vec<&File> = batch
             .iter()
             .flat_map(|s| {
@@ -581,13 +587,28 @@ impl Spool {
         }
         // The data is on disk: make the jobs visible (renames, then one fsync per directory).
         // A new job is unlocked first, so the worker woken by the rename can claim it at once.
-        for j in &jobs {
+        let mut placed = Vec::with_capacity(jobs.len());
+        let mut dests = Vec::with_capacity(jobs.len());
+        for (j, id) in jobs.into_iter().zip(ids) {
             let _ = FileExt::unlock(j.file());
-            j.place().map_err(io_err("rename", j.dest()))?;
+            match j.place() {
+                Ok(()) => {
+                    dests.push(j.dest().to_path_buf());
+                    placed.push(Ok(id));
+                }
+                // A one-file job whose id another process took in that queue at the same
+                // microsecond: this one is refused (the client sends it again).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let err = io_err("claim the queue id of", j.dest())(e);
+                    j.abandon();
+                    placed.push(Err(err));
+                }
+                Err(e) => return Err(io_err("rename", j.dest())(e)),
+            }
         }
-        safeio::sync_dirs(jobs.iter().map(|j| j.dest()))
+        safeio::sync_dirs(dests.iter().map(|d| d.as_path()))
             .map_err(io_err("sync", &self.root.join("queue")))?;
-        Ok(ids)
+        Ok(placed)
     }
 
     /// Drops staged messages that will not be committed.
@@ -603,7 +624,7 @@ impl Spool {
     /// Stages and commits one message: the path `sendmail` takes.
     pub fn enqueue(&self, job: Job, message: &dyn Fn(&QueueId) -> Vec<u8>) -> Result<QueueId> {
         let s = self.stage(job, message)?;
-        Ok(self.commit(vec![s])?.remove(0))
+        self.commit(vec![s])?.remove(0)
     }
 
     /// Stages a job for another queue that shares `parent`'s message file (the router's
