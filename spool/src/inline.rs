@@ -43,7 +43,7 @@ pub(crate) fn header(job: &Job, at: u64) -> Result<Option<Vec<u8>>, serde_json::
 }
 
 /// The smallest offset from `SPACE` up (doubling) that the job fits before, and the header
-/// written there.
+/// written there: for a message written before its job was known.
 pub(crate) fn fit(job: &Job) -> Result<(u64, Vec<u8>), serde_json::Error> {
     let mut at = SPACE;
     loop {
@@ -54,40 +54,44 @@ pub(crate) fn fit(job: &Job) -> Result<(u64, Vec<u8>), serde_json::Error> {
     }
 }
 
+/// The header of a job written together with a copy of its message (a new version of the
+/// job): the message follows the JSON closely, so a deferral rewrites little more than the
+/// job and its message.
+pub(crate) fn fit_tight(job: &Job) -> Result<(u64, Vec<u8>), serde_json::Error> {
+    let mut probe = job.clone();
+    probe.message_at = SPACE;
+    let mut at = serde_json::to_vec(&probe)?.len() as u64 + 1;
+    loop {
+        if let Some(h) = header(job, at)? {
+            return Ok((at, h));
+        }
+        at += 16;
+    }
+}
+
 /// The start of a job file: all of it when it is shorter than `first`, else at least its
 /// whole JSON. Returns the bytes and whether they are the whole file.
 pub(crate) fn read_head(file: &File, first: usize) -> io::Result<(Vec<u8>, bool)> {
     let mut buf = vec![0u8; first.max(1)];
     let mut len = 0;
-    while len < buf.len() {
-        match file.read_at(&mut buf[len..], len as u64) {
-            Ok(0) => {
-                buf.truncate(len);
-                return Ok((buf, true));
-            }
-            Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    // A long file: the JSON ends at its first newline (serde_json escapes those in strings).
     loop {
-        if buf[..len].contains(&b'\n') {
-            buf.truncate(len);
+        while len < buf.len() {
+            match file.read_at(&mut buf[len..], len as u64) {
+                Ok(0) => {
+                    buf.truncate(len);
+                    return Ok((buf, true));
+                }
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // A long file: the JSON ends at its first newline (serde_json escapes those in
+        // strings); a version-1 job has none, and is read whole.
+        if buf.contains(&b'\n') {
             return Ok((buf, false));
         }
-        if len == buf.len() {
-            buf.resize(len * 2, 0);
-        }
-        match file.read_at(&mut buf[len..], len as u64) {
-            Ok(0) => {
-                buf.truncate(len);
-                return Ok((buf, true));
-            }
-            Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        buf.resize(len * 2, 0);
     }
 }
 
@@ -217,6 +221,9 @@ mod tests {
         let (data, _) = read_head(&f, LOOK_READ).unwrap();
         let j = parse(&data).unwrap();
         assert_eq!(j.recipients.len(), 101);
+        // A new version of a job leaves no more room than it needs.
+        let (tight, head) = fit_tight(&j).unwrap();
+        assert!(tight < at && head.len() as u64 == tight && head.ends_with(b"}\n"));
         assert_eq!(message(&f, j.message_at).unwrap(), msg);
         let _ = std::fs::remove_dir_all(&dir);
     }

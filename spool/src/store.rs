@@ -837,7 +837,7 @@ impl Spool {
             .overwrite(&tmp)
             .map_err(io_err("create", &tmp))?;
         let written = (|| {
-            let (to, head) = inline::fit(&c.job).map_err(io::Error::other)?;
+            let (to, head) = inline::fit_tight(&c.job).map_err(io::Error::other)?;
             let len = c.file.metadata()?.len().saturating_sub(c.job.message_at);
             inline::copy(&c.file, c.job.message_at, len, &file, to)?;
             file.write_all_at(&head, 0)?;
