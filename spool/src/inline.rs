@@ -10,9 +10,18 @@
 //! ends), then the job's JSON over the space left before it. `head -1` shows the job; a
 //! version-1 job's message is the file `msg/BODY` instead. Against two files, this saves the
 //! message file's rename into place, its removal, and a file to open at each delivery.
+//!
+//! Here are the format (the header, reading a job's start, copying a message) and the
+//! spool's operations on one-file jobs: the writer, staging, refiling for the router, and a
+//! new version with a copy of the message. `store` calls them where the two kinds differ.
 
-use crate::job::Job;
-use std::fs::File;
+use crate::id::QueueId;
+use crate::job::{Job, INLINE_VERSION};
+use crate::store::{io_err, Claimed, Spool, Staged, Writer, WRITE_BUFFER};
+
+type SpoolResult<T> = crate::store::Result<T>;
+use qms_common::safeio;
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 
@@ -154,6 +163,157 @@ pub(crate) fn copy(src: &File, from: u64, len: u64, dst: &File, to: u64) -> io::
         end = start;
     }
     Ok(len)
+}
+
+// ---- the spool's side: writing, refiling and rewriting one-file jobs ----------------------
+
+impl Spool {
+    pub(crate) fn inline_writer(&self, queue: &str) -> SpoolResult<Writer> {
+        use std::io::{Seek, SeekFrom};
+        let (mut id, mut tmp);
+        // A free file keeps its blocks (written over, then cut to length at the end); it
+        // comes locked, so start-up clean-up can tell debris from work.
+        let mut tries = 0;
+        let mut file = loop {
+            id = QueueId::generate();
+            tmp = self
+                .queue_dir(queue)
+                .join(format!(".{id}.{}.tmp", qms_common::pid()));
+            match self.pool(&tmp).overwrite(&tmp) {
+                Ok(f) => break f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(io_err("create", &tmp)(e)),
+            }
+        };
+        let ready = file.seek(SeekFrom::Start(SPACE));
+        if let Err(e) = ready {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("write", &tmp)(e));
+        }
+        Ok(Writer {
+            id,
+            body_name: String::new(),
+            out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+            path: tmp,
+            size: 0,
+            at: SPACE,
+            queue: queue.to_string(),
+        })
+    }
+
+    /// Writes the job of a one-file message over the room left before the message (moving
+    /// the message on when the job needs more) and stages it beside its queue's jobs.
+    pub(crate) fn stage_inline(&self, mut job: Job, w: Writer) -> SpoolResult<Staged> {
+        use std::os::unix::fs::FileExt;
+        let Writer {
+            id,
+            out,
+            path,
+            size,
+            at,
+            queue,
+            ..
+        } = w;
+        let done = (|| {
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            if job.queue != queue {
+                return Err(io::Error::other(format!(
+                    "a message started for queue {queue} cannot go to {}",
+                    job.queue
+                )));
+            }
+            job.id = id.clone();
+            job.version = INLINE_VERSION;
+            job.body = String::new();
+            job.size = size;
+            let (to, head) = fit(&job).map_err(io::Error::other)?;
+            if to != at {
+                copy(&file, at, size, &file, to)?;
+            }
+            file.write_all_at(&head, 0)?;
+            // What a reused file held past the end of this message goes before the sync.
+            file.set_len(to + size)?;
+            Ok(file)
+        })();
+        match done {
+            Ok(file) => {
+                let dest = self.job_path("queue", &job.queue, &id);
+                Ok(Staged {
+                    id,
+                    body: None,
+                    inline: true,
+                    job: safeio::Staged::new_at(file, path, dest),
+                })
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(io_err("write", &path)(e))
+            }
+        }
+    }
+
+    pub(crate) fn refile_inline(&self, w: &mut Writer, queue: &str) -> SpoolResult<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let body_name = format!("{}.{queue}", w.id);
+        let path = self.root().join("msg").join(&body_name);
+        let mut file = self
+            .pool(&path)
+            .create(&path)
+            .map_err(io_err("create", &path))?;
+        let copied = w
+            .out
+            .flush()
+            .and_then(|()| copy(w.out.get_ref(), w.at, w.size, &file, 0))
+            .and_then(|n| file.seek(SeekFrom::Start(n)));
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&path);
+            return Err(io_err("write", &path)(e));
+        }
+        let old = std::mem::replace(
+            &mut w.out,
+            std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+        );
+        drop(old);
+        let _ = fs::remove_file(&w.path);
+        w.out.flush().map_err(io_err("write", &path))?;
+        w.body_name = body_name;
+        w.path = path;
+        w.at = 0;
+        w.queue = queue.to_string();
+        Ok(())
+    }
+
+    /// A one-file job's new version, with a copy of its message right after the JSON.
+    pub(crate) fn stage_update_inline(&self, c: &Claimed) -> SpoolResult<(safeio::Staged, u64)> {
+        use std::os::unix::fs::FileExt;
+        let tmp = c
+            .path
+            .with_file_name(format!(".{}.{}.tmp", c.job.id, qms_common::pid()));
+        let file = self
+            .pool(&tmp)
+            .overwrite(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        let written = (|| {
+            let (to, head) = fit_tight(&c.job).map_err(io::Error::other)?;
+            let len = c.file.metadata()?.len().saturating_sub(c.job.message_at);
+            copy(&c.file, c.job.message_at, len, &file, to)?;
+            file.write_all_at(&head, 0)?;
+            file.set_len(to + len)?;
+            Ok::<u64, io::Error>(to)
+        })();
+        match written {
+            Ok(to) => {
+                let s = safeio::Staged::replacing(file, tmp, c.path.clone());
+                let mut job = c.job.clone();
+                job.message_at = to;
+                Ok((self.ready(s, &job)?, to))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(io_err("write", &tmp)(e))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 use crate::free::Pool;
 use crate::id::QueueId;
 use crate::inline;
-use crate::job::{Job, INLINE_VERSION};
+use crate::job::Job;
 use fs2::FileExt;
 use qms_common::{qlog, safeio};
 use std::collections::HashMap;
@@ -71,16 +71,16 @@ impl SpoolError {
     }
 }
 
-fn io_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
+pub(crate) fn io_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
     let (what, path) = (what.to_string(), path.to_path_buf());
     move |err| SpoolError::Io { what, path, err }
 }
 
-type Result<T> = std::result::Result<T, SpoolError>;
+pub(crate) type Result<T> = std::result::Result<T, SpoolError>;
 
 /// A message being written goes through a buffer of this size. Under 64 KiB: freeing a
 /// larger block makes glibc's malloc consolidate its free lists, once per message.
-const WRITE_BUFFER: usize = 32 * 1024;
+pub(crate) const WRITE_BUFFER: usize = 32 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct Spool {
@@ -93,24 +93,24 @@ pub struct Spool {
 pub struct Staged {
     pub id: QueueId,
     /// The message file, for a new message; a child job reuses its parent's.
-    body: Option<(File, PathBuf)>,
+    pub(crate) body: Option<(File, PathBuf)>,
     /// The message is in the job's own file: nothing changed in `msg/`.
-    inline: bool,
+    pub(crate) inline: bool,
     pub(crate) job: safeio::Staged,
 }
 
 /// A message file being written as its text arrives (see [`Spool::writer`]).
 pub struct Writer {
-    id: QueueId,
-    body_name: String,
-    out: std::io::BufWriter<File>,
-    path: PathBuf,
-    size: u64,
+    pub(crate) id: QueueId,
+    pub(crate) body_name: String,
+    pub(crate) out: std::io::BufWriter<File>,
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
     /// Where the message starts in the file: 0 for a message file under `msg/`, else the
     /// room left for its job (a one-file job being written beside its queue's jobs).
-    at: u64,
+    pub(crate) at: u64,
     /// The queue whose directory the one-file job is being written in.
-    queue: String,
+    pub(crate) queue: String,
 }
 
 impl Writer {
@@ -155,7 +155,7 @@ pub struct Claimed {
     /// This process set the attempt mark (see `attempt`).
     pub(crate) marked: bool,
     /// A one-file job's message, when it came whole with the job's first read.
-    message: Option<Vec<u8>>,
+    pub(crate) message: Option<Vec<u8>>,
 }
 
 impl Claimed {
@@ -199,7 +199,7 @@ impl Spool {
     }
 
     /// The reuse pool of the directory `path` is in.
-    fn pool(&self, path: &Path) -> Arc<Pool> {
+    pub(crate) fn pool(&self, path: &Path) -> Arc<Pool> {
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
@@ -351,39 +351,6 @@ impl Spool {
         })
     }
 
-    fn inline_writer(&self, queue: &str) -> Result<Writer> {
-        use std::io::{Seek, SeekFrom};
-        let (mut id, mut tmp);
-        // A free file keeps its blocks (written over, then cut to length at the end); it
-        // comes locked, so start-up clean-up can tell debris from work.
-        let mut tries = 0;
-        let mut file = loop {
-            id = QueueId::generate();
-            tmp = self
-                .queue_dir(queue)
-                .join(format!(".{id}.{}.tmp", qms_common::pid()));
-            match self.pool(&tmp).overwrite(&tmp) {
-                Ok(f) => break f,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
-                Err(e) => return Err(io_err("create", &tmp)(e)),
-            }
-        };
-        let ready = file.seek(SeekFrom::Start(inline::SPACE));
-        if let Err(e) = ready {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err("write", &tmp)(e));
-        }
-        Ok(Writer {
-            id,
-            body_name: String::new(),
-            out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
-            path: tmp,
-            size: 0,
-            at: inline::SPACE,
-            queue: queue.to_string(),
-        })
-    }
-
     /// Ends a message written with [`Spool::writer`] and stages its job (invisible until
     /// [`Spool::commit`]). On an error the message file is removed.
     pub fn stage_written(&self, mut job: Job, w: Writer) -> Result<Staged> {
@@ -422,57 +389,6 @@ impl Spool {
         }
     }
 
-    /// Writes the job of a one-file message over the room left before the message (moving
-    /// the message on when the job needs more) and stages it beside its queue's jobs.
-    fn stage_inline(&self, mut job: Job, w: Writer) -> Result<Staged> {
-        use std::os::unix::fs::FileExt;
-        let Writer {
-            id,
-            out,
-            path,
-            size,
-            at,
-            queue,
-            ..
-        } = w;
-        let done = (|| {
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            if job.queue != queue {
-                return Err(io::Error::other(format!(
-                    "a message started for queue {queue} cannot go to {}",
-                    job.queue
-                )));
-            }
-            job.id = id.clone();
-            job.version = INLINE_VERSION;
-            job.body = String::new();
-            job.size = size;
-            let (to, head) = inline::fit(&job).map_err(io::Error::other)?;
-            if to != at {
-                inline::copy(&file, at, size, &file, to)?;
-            }
-            file.write_all_at(&head, 0)?;
-            // What a reused file held past the end of this message goes before the sync.
-            file.set_len(to + size)?;
-            Ok(file)
-        })();
-        match done {
-            Ok(file) => {
-                let dest = self.job_path("queue", &job.queue, &id);
-                Ok(Staged {
-                    id,
-                    body: None,
-                    inline: true,
-                    job: safeio::Staged::new_at(file, path, dest),
-                })
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&path);
-                Err(io_err("write", &path)(e))
-            }
-        }
-    }
-
     /// Names a message being written for another queue than the one it was started for
     /// (`msg/ID.QUEUE`): smtpd's direct route, when the router must see the message after all.
     /// A one-file message is copied to a message file of its own (the router links it).
@@ -493,38 +409,6 @@ impl Spool {
         .map_err(|e| io_err("rename", &path)(io::Error::from(e)))?;
         w.body_name = body_name;
         w.path = path;
-        Ok(())
-    }
-
-    fn refile_inline(&self, w: &mut Writer, queue: &str) -> Result<()> {
-        use std::io::{Seek, SeekFrom, Write};
-        let body_name = format!("{}.{queue}", w.id);
-        let path = self.root.join("msg").join(&body_name);
-        let mut file = self
-            .pool(&path)
-            .create(&path)
-            .map_err(io_err("create", &path))?;
-        let _ = file.try_lock_exclusive();
-        let copied = w
-            .out
-            .flush()
-            .and_then(|()| inline::copy(w.out.get_ref(), w.at, w.size, &file, 0))
-            .and_then(|n| file.seek(SeekFrom::Start(n)));
-        if let Err(e) = copied {
-            let _ = fs::remove_file(&path);
-            return Err(io_err("write", &path)(e));
-        }
-        let old = std::mem::replace(
-            &mut w.out,
-            std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
-        );
-        drop(old);
-        let _ = fs::remove_file(&w.path);
-        w.out.flush().map_err(io_err("write", &path))?;
-        w.body_name = body_name;
-        w.path = path;
-        w.at = 0;
-        w.queue = queue.to_string();
         Ok(())
     }
 
@@ -825,37 +709,10 @@ impl Spool {
     /// Stages the new version of a claimed job over it; a one-file job's message is copied
     /// into the new file. Returns where its message starts now (0 for a version-1 job).
     pub(crate) fn stage_update(&self, c: &Claimed) -> Result<(safeio::Staged, u64)> {
-        use std::os::unix::fs::FileExt;
         if c.job.message_at == 0 {
             return Ok((self.stage_job_at(&c.job, c.path.clone())?, 0));
         }
-        let tmp = c
-            .path
-            .with_file_name(format!(".{}.{}.tmp", c.job.id, qms_common::pid()));
-        let file = self
-            .pool(&tmp)
-            .overwrite(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        let written = (|| {
-            let (to, head) = inline::fit_tight(&c.job).map_err(io::Error::other)?;
-            let len = c.file.metadata()?.len().saturating_sub(c.job.message_at);
-            inline::copy(&c.file, c.job.message_at, len, &file, to)?;
-            file.write_all_at(&head, 0)?;
-            file.set_len(to + len)?;
-            Ok::<u64, io::Error>(to)
-        })();
-        match written {
-            Ok(to) => {
-                let s = safeio::Staged::replacing(file, tmp, c.path.clone());
-                let mut job = c.job.clone();
-                job.message_at = to;
-                Ok((self.ready(s, &job)?, to))
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                Err(io_err("write", &tmp)(e))
-            }
-        }
+        self.stage_update_inline(c)
     }
 
     pub(crate) fn stage_job_at(&self, job: &Job, dest: PathBuf) -> Result<safeio::Staged> {
@@ -880,7 +737,7 @@ impl Spool {
     }
 
     /// The last of staging a job: its next attempt as its time, and its lock.
-    fn ready(&self, s: safeio::Staged, job: &Job) -> Result<safeio::Staged> {
+    pub(crate) fn ready(&self, s: safeio::Staged, job: &Job) -> Result<safeio::Staged> {
         let path = s.dest().to_path_buf();
         // A job that waits carries its next attempt as its modification time (as Postfix's
         // deferred queue does), so a worker learns when it is due from a stat, not a read.
