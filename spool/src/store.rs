@@ -331,9 +331,8 @@ impl Spool {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err("create", &path)(e)),
             };
-            // Locked while the message is written, so start-up clean-up can tell debris
-            // from work.
-            let _ = file.try_lock_exclusive();
+            // The pool hands it over locked, and it stays locked while the message is
+            // written, so start-up clean-up can tell debris from work.
             return Ok(Writer {
                 id,
                 body_name,
@@ -736,7 +735,7 @@ impl Spool {
         self.ready(s, job)
     }
 
-    /// The last of staging a job: its next attempt as its time, and its lock.
+    /// The last of staging a job: its next attempt as its modification time.
     pub(crate) fn ready(&self, s: safeio::Staged, job: &Job) -> Result<safeio::Staged> {
         let path = s.dest().to_path_buf();
         // A job that waits carries its next attempt as its modification time (as Postfix's
@@ -748,8 +747,7 @@ impl Spool {
                 .set_modified(at)
                 .map_err(io_err("set the time of", &path))?;
         }
-        // Waits, rather than fails, for a recycled file whose last holder is letting go.
-        s.file().lock_exclusive().map_err(io_err("lock", &path))?;
+        // Already locked: the pool locks every file it hands out (see `free`).
         Ok(s)
     }
 
