@@ -75,16 +75,22 @@ X-B-Envelope-Addr: bounces@b.test\nBX-Non-Delivery-Notification-Req-To: bounces@
 X-B-Non-Delivery-Notification-Actions: notify-co-recipients\nX-B-CrossRef: fleet-1\nSubject: Your offer\n\nWelcome aboard.\n";
     assert!(a.sendmail(&["-t"], msg.as_bytes()).status.success());
     let cur = b.maildir("bounces").join("cur");
-    wait_for(
+    wait_showing(
         "node B's dsnproc to read the bounce",
         Duration::from_secs(60),
+        &[&a, &b],
         || std::fs::read_dir(&cur).map(|d| d.count()).unwrap_or(0) >= 1,
     );
-    wait_for("the notice at a@ok.test", Duration::from_secs(60), || {
-        ok.messages()
-            .iter()
-            .any(|m| m.contains("Not delivered to b@bad.test"))
-    });
+    wait_showing(
+        "the notice at a@ok.test",
+        Duration::from_secs(60),
+        &[&a, &b],
+        || {
+            ok.messages()
+                .iter()
+                .any(|m| m.contains("Not delivered to b@bad.test"))
+        },
+    );
     for inst in [&a, &b] {
         wait_for("both fates in qms track", Duration::from_secs(30), || {
             let out = String::from_utf8_lossy(&inst.qms(&["track", "fleet-1"]).stdout).into_owned();

@@ -41,11 +41,77 @@ pub fn test_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(BIN))
 }
 
+/// A loopback port nothing listens on, never one this test process was given before: the
+/// tests of one file run at once, and a port chosen by one but not yet bound must not be
+/// chosen by another (a sink would then listen nowhere and the mail go to a stranger).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Whether process `pid` or one of its descendants holds the socket listening on `ip`:`port`
+/// (not merely whether something listens there): read from /proc/net/tcp and the processes'
+/// descriptors.
+pub fn listens(pid: u32, ip: std::net::Ipv4Addr, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // Fields: sl local_address rem_address st ... inode (the tenth); 0A is LISTEN.
+    let local = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip.octets()));
+    let Some(inode) = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_string())
+    }) else {
+        return false;
+    };
+    let socket = format!("socket:[{inode}]");
+    family(pid).into_iter().any(|p| {
+        std::fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == socket.as_str())
+            })
+        })
+    })
+}
+
+/// `pid` and its descendants.
+fn family(pid: u32) -> Vec<u32> {
+    // Each process's parent: the second field after the name's ')' in /proc/PID/stat.
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let p: u32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    Some((p, after.split_whitespace().nth(1)?.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut family = vec![pid];
+    let mut i = 0;
+    while i < family.len() {
+        let parent = family[i];
+        family.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    family
 }
 
 pub fn is_root() -> bool {
@@ -53,13 +119,30 @@ pub fn is_root() -> bool {
 }
 
 /// Waits for `cond` to hold, up to `limit`; panics with `what` if it never does.
-pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+    wait_showing(what, limit, &[], cond);
+}
+
+/// [`wait_for`], and on a timeout the end of each instance's log in the message (what CI
+/// shows of a failure is all there is to read).
+pub fn wait_showing(
+    what: &str,
+    limit: Duration,
+    logs: &[&Instance],
+    mut cond: impl FnMut() -> bool,
+) {
     let end = Instant::now() + limit;
     while !cond() {
-        assert!(
-            Instant::now() < end,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        if Instant::now() >= end {
+            let mut tails = String::new();
+            for inst in logs {
+                let log = inst.log();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                tails.push_str(&format!("\n--- {}:\n{tail}", inst.dir.display()));
+            }
+            panic!("timed out after {limit:?} waiting for {what}{tails}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -249,12 +332,15 @@ scan_interval = 2
         self.child = Some(child);
         let port = self.smtp_port;
         let mut ended = false;
+        // Listening by this instance, not by whatever else took the port meanwhile.
         wait_for("smtpd to listen", Duration::from_secs(20), || {
-            ended = self
-                .child
-                .as_mut()
-                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-            ended || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            let child = self.child.as_mut();
+            ended = child.is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            ended
+                || self
+                    .child
+                    .as_ref()
+                    .is_some_and(|c| listens(c.id(), std::net::Ipv4Addr::LOCALHOST, port))
         });
         if ended {
             self.child = None;

@@ -22,7 +22,7 @@ impl Sink {
         if is_root() {
             cmd.args(["-u", "nobody"]);
         }
-        let child = cmd
+        let mut child = cmd
             .args(opts)
             .arg("-v")
             .arg("-d")
@@ -33,8 +33,17 @@ impl Sink {
             .stderr(log)
             .spawn()
             .unwrap();
+        // This sink, not whatever else took the port meanwhile (a test's mail would go to
+        // that stranger instead).
         wait_for("smtp-sink to listen", Duration::from_secs(10), || {
-            std::net::TcpStream::connect((ip, port)).is_ok()
+            let ended = child.try_wait().ok().flatten();
+            assert!(
+                ended.is_none(),
+                "smtp-sink on {ip}:{port} ended ({ended:?}): {}",
+                std::fs::read_to_string(inst.dir.join(format!("sink-{name}.log")))
+                    .unwrap_or_default()
+            );
+            listens(child.id(), ip.parse().expect("an IPv4 address"), port)
         });
         Sink { child, dir }
     }
