@@ -6,36 +6,105 @@
 
 use crate::id::QueueId;
 use crate::store::{Claimed, Spool, SpoolError, Staged};
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use qms_common::safeio;
 use std::io;
-
-type Reply = Sender<Result<QueueId, SpoolError>>;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 #[derive(Clone)]
 pub struct Committer {
-    tx: Sender<(Staged, Reply)>,
+    inbox: Arc<Inbox>,
+}
+
+/// What waits for the next round. The committer sleeps on it only when it is empty, and is
+/// woken only then: a channel's receive spins and yields first, and a wake-up a message
+/// would cost a system call each while the committer is busy anyway.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<Waiting>,
+    more: Condvar,
+}
+
+#[derive(Default)]
+struct Waiting {
+    staged: Vec<(Staged, Reply)>,
+    asleep: bool,
 }
 
 /// The most messages one round commits; bounds the latency of the last one in a round.
 const MAX_BATCH: usize = 512;
 
+/// Where a round's result for one message goes. A session sleeps on it without spinning (a
+/// channel's receive spins and yields the CPU a few times first: with a session thread per
+/// client waiting on every round, that was the most of smtpd's system calls). Dropped unsent,
+/// as when the committer thread dies, it answers with an error, so no session waits forever.
+struct Reply(Option<Arc<Slot>>);
+
+#[derive(Default)]
+struct Slot {
+    result: Mutex<Option<Result<QueueId, SpoolError>>>,
+    done: Condvar,
+}
+
+impl Reply {
+    fn send(mut self, r: Result<QueueId, SpoolError>) {
+        if let Some(slot) = self.0.take() {
+            slot.put(r);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.put(Err(gone()));
+        }
+    }
+}
+
+impl Slot {
+    fn put(&self, r: Result<QueueId, SpoolError>) {
+        *self.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+        self.done.notify_one();
+    }
+
+    fn wait(&self) -> Result<QueueId, SpoolError> {
+        let mut slot = self.result.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(r) = slot.take() {
+                return r;
+            }
+            slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
 impl Committer {
     pub fn start(spool: Spool) -> Committer {
-        let (tx, rx) = unbounded::<(Staged, Reply)>();
+        let inbox = Arc::new(Inbox::default());
+        let theirs = Arc::downgrade(&inbox);
         std::thread::Builder::new()
             .name("committer".into())
-            .spawn(move || run(spool, rx))
+            .spawn(move || run(spool, theirs))
             .map(|_| ())
             .unwrap_or_else(|e| panic!("cannot start the committer thread: {e}"));
-        Committer { tx }
+        Committer { inbox }
     }
 
     /// Commits one staged message, sharing the disk flush with whoever else is waiting.
     pub fn commit(&self, staged: Staged) -> Result<QueueId, SpoolError> {
-        let (rtx, rrx) = bounded(1);
-        self.tx.send((staged, rtx)).map_err(|_| gone())?;
-        rrx.recv().map_err(|_| gone())?
+        let slot = Arc::new(Slot::default());
+        {
+            let mut w = self
+                .inbox
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            w.staged.push((staged, Reply(Some(slot.clone()))));
+            if w.asleep {
+                self.inbox.more.notify_one();
+            }
+        }
+        slot.wait()
     }
 }
 
@@ -47,20 +116,32 @@ fn gone() -> SpoolError {
     }
 }
 
-fn run(spool: Spool, rx: Receiver<(Staged, Reply)>) {
-    while let Ok(first) = rx.recv() {
-        let mut round = vec![first];
-        while round.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(more) => round.push(more),
-                Err(_) => break,
-            }
+/// Takes what waits, up to a round's worth; None once every `Committer` is gone.
+fn next_round(inbox: &std::sync::Weak<Inbox>) -> Option<Vec<(Staged, Reply)>> {
+    loop {
+        let inbox = inbox.upgrade()?;
+        let mut w = inbox.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if !w.staged.is_empty() {
+            let n = w.staged.len().min(MAX_BATCH);
+            return Some(w.staged.drain(..n).collect());
         }
+        w.asleep = true;
+        // Woken by a commit; the timeout only notices that the committers are gone.
+        let (mut w, _) = inbox
+            .more
+            .wait_timeout(w, std::time::Duration::from_secs(1))
+            .unwrap_or_else(PoisonError::into_inner);
+        w.asleep = false;
+    }
+}
+
+fn run(spool: Spool, inbox: std::sync::Weak<Inbox>) {
+    while let Some(round) = next_round(&inbox) {
         let (staged, replies): (Vec<Staged>, Vec<Reply>) = round.into_iter().unzip();
         match spool.commit(staged) {
             Ok(ids) => {
                 for (id, reply) in ids.into_iter().zip(replies) {
-                    let _ = reply.send(id);
+                    reply.send(id);
                 }
             }
             Err(e) => {
@@ -77,7 +158,7 @@ fn run(spool: Spool, rx: Receiver<(Staged, Reply)>) {
                         Some(code) => io::Error::from_raw_os_error(code),
                         None => io::Error::new(kind, text.clone()),
                     };
-                    let _ = reply.send(Err(SpoolError::Io {
+                    reply.send(Err(SpoolError::Io {
                         what: "commit".into(),
                         path: spool.root().to_path_buf(),
                         err,
