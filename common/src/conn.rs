@@ -14,7 +14,12 @@ pub struct Conn {
     buf: Vec<u8>,
     pos: usize,
     out: Vec<u8>,
+    /// What one read takes from the socket: zeroed once per connection, not once a read.
+    chunk: Box<[u8]>,
 }
+
+/// The most one read takes from the socket.
+const READ_SIZE: usize = 8192;
 
 /// One line as read from the client, without its line end.
 pub enum Line {
@@ -41,6 +46,7 @@ impl Conn {
             buf: Vec::with_capacity(4096),
             pos: 0,
             out: Vec::with_capacity(512),
+            chunk: vec![0; READ_SIZE].into_boxed_slice(),
         }
     }
 
@@ -70,14 +76,13 @@ impl Conn {
         if !self.out.is_empty() {
             self.flush()?;
         }
-        let mut chunk = [0u8; 8192];
         let n = loop {
-            match self.stream.read(&mut chunk) {
+            match self.stream.read(&mut self.chunk) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => break r?,
             }
         };
-        self.buf.extend_from_slice(&chunk[..n]);
+        self.buf.extend_from_slice(&self.chunk[..n]);
         Ok(n)
     }
 

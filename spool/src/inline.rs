@@ -81,6 +81,32 @@ pub(crate) fn fit_tight(job: &Job) -> Result<(u64, Vec<u8>), serde_json::Error> 
 /// The start of a job file: all of it when it is shorter than `first`, else at least its
 /// whole JSON. Returns the bytes and whether they are the whole file.
 pub(crate) fn read_head(file: &File, first: usize) -> io::Result<(Vec<u8>, bool)> {
+    read_head_of(file, first, None)
+}
+
+/// [`read_head`] of a file whose length is known and cannot change (a job held locked: a
+/// job is rewritten into a new file, never in place): a file shorter than `first` is read
+/// in one call into a buffer of its size.
+pub(crate) fn read_head_of(
+    file: &File,
+    first: usize,
+    len: Option<u64>,
+) -> io::Result<(Vec<u8>, bool)> {
+    let known = len.and_then(|l| usize::try_from(l).ok());
+    if let Some(l) = known.filter(|&l| l < first) {
+        let mut buf = vec![0u8; l];
+        let mut at = 0;
+        while at < l {
+            match file.read_at(&mut buf[at..], at as u64) {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(at);
+        return Ok((buf, true));
+    }
     let mut buf = vec![0u8; first.max(1)];
     let mut len = 0;
     loop {

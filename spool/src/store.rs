@@ -633,13 +633,13 @@ impl Spool {
             }
             // The file may have been replaced or removed between open and lock.
             let (fmeta, pmeta) = (file.metadata(), fs::metadata(&path));
-            let mode = match (fmeta, pmeta) {
-                (Ok(f), Ok(p)) if f.ino() == p.ino() && f.dev() == p.dev() => f.mode(),
+            let (mode, len) = match (fmeta, pmeta) {
+                (Ok(f), Ok(p)) if f.ino() == p.ino() && f.dev() == p.dev() => (f.mode(), f.len()),
                 (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Gone),
                 _ => continue,
             };
-            let (mut data, whole) =
-                inline::read_head(&file, inline::CLAIM_READ).map_err(io_err("read", &path))?;
+            let (mut data, whole) = inline::read_head_of(&file, inline::CLAIM_READ, Some(len))
+                .map_err(io_err("read", &path))?;
             let parsed = inline::parse(&data).and_then(|job| {
                 if whole && job.message_at > data.len() as u64 {
                     return Err(format!(
