@@ -21,6 +21,7 @@ fn watch_options(cfg: &Config, batch: usize) -> WatchOptions {
         scan_interval: Duration::from_secs(cfg.scheduler.scan_interval),
         busy_retry: Duration::from_secs(cfg.scheduler.busy_retry),
         batch,
+        share: qms_spool::Share::from_env(),
     }
 }
 

@@ -288,7 +288,19 @@ impl Supervisor {
         let mut cmd = Command::new(exe);
         cmd.arg("-c").arg(&self.cfg.path).args(slot.args());
         cmd.env_remove(qms_incoming::smtpd::LISTEN_FDS_ENV)
-            .env_remove(qms_incoming::tls::TLS_FDS_ENV);
+            .env_remove(qms_incoming::tls::TLS_FDS_ENV)
+            .env_remove(qms_spool::SHARE_ENV);
+        // Workers of one queue share its new jobs (`qms_spool::Share`).
+        let serves = match (slot.role.as_str(), slot.queue.as_deref()) {
+            ("router", _) => Some("incoming"),
+            (_, Some(q)) => Some(q),
+            _ => None,
+        };
+        if let Some(workers) = serves.and_then(|q| self.cfg.queues.get(q)) {
+            if *workers > 1 {
+                cmd.env(qms_spool::SHARE_ENV, format!("{}/{workers}", slot.index));
+            }
+        }
         let mut fds = Vec::new();
         if slot.role == "smtpd" {
             cmd.env(qms_incoming::smtpd::LISTEN_FDS_ENV, &self.fd_spec);

@@ -24,4 +24,4 @@ pub use job::{
     Client, DsnRet, Job, LinkSecurity, Notify, RcptState, Recipient, Smarthost, JOB_VERSION,
 };
 pub use store::{Claim, Claimed, Mapped, Spool, SpoolError, Staged, Writer};
-pub use watch::{WatchOptions, Watcher};
+pub use watch::{Share, WatchOptions, Watcher, SHARE_ENV};

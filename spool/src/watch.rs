@@ -26,6 +26,44 @@ pub struct WatchOptions {
     pub busy_retry: Duration,
     /// The most jobs one call to [`Watcher::next_batch`] hands out.
     pub batch: usize,
+    /// This worker's share of the queue's new jobs, when several serve it (see [`Share`]).
+    pub share: Option<Share>,
+}
+
+/// Worker `index` of `of` serving one queue. Every worker hears of every new job; each
+/// takes at once only the jobs whose id hashes to it, and the others' a moment later if
+/// they are still there (their worker busy with a long batch, or gone). Without shares,
+/// every worker tried to claim every new job, and all but one found it taken: an open, a
+/// lock and a stat each, and again at the busy retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub index: usize,
+    pub of: usize,
+}
+
+/// How long a worker leaves another's new job to it.
+const OTHERS_AFTER: Duration = Duration::from_secs(2);
+
+/// The environment variable by which the supervisor tells a worker its share: `INDEX/OF`.
+pub const SHARE_ENV: &str = "QMS_WORKER_SHARE";
+
+impl Share {
+    /// The share in [`SHARE_ENV`], if it is set and sound.
+    pub fn from_env() -> Option<Share> {
+        let v = std::env::var(SHARE_ENV).ok()?;
+        let (i, n) = v.split_once('/')?;
+        let (index, of) = (i.parse().ok()?, n.parse().ok()?);
+        (index < of).then_some(Share { index, of })
+    }
+
+    /// Whether this worker takes `id` at once. FNV-1a of the id: ids are random enough, and
+    /// every worker must agree.
+    fn mine(&self, id: &QueueId) -> bool {
+        let h = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        (h % self.of as u64) as usize == self.index
+    }
 }
 
 pub struct Watcher {
@@ -127,9 +165,18 @@ impl Watcher {
                             continue;
                         };
                         if let Some(id) = name.strip_suffix(".json").and_then(QueueId::parse) {
-                            // A rewrite (retry, release) may move a job's time: look again now.
-                            self.due.remove(&id);
-                            self.fresh.push_back(id);
+                            match self.opts.share {
+                                Some(share) if !share.mine(&id) => {
+                                    let at = now_ms() + OTHERS_AFTER.as_millis() as u64;
+                                    self.schedule(id, at);
+                                }
+                                // A rewrite (retry, release) may move a job's time: look
+                                // again now.
+                                _ => {
+                                    self.due.remove(&id);
+                                    self.fresh.push_back(id);
+                                }
+                            }
                         }
                     }
                 }
@@ -138,13 +185,21 @@ impl Watcher {
         }
     }
 
-    /// When a job waits for a later attempt, by its file's time: None when it is due (or
-    /// gone, or unreadable: the claim will tell).
-    fn waits_until(&self, id: &QueueId, now: u64) -> Option<u64> {
+    /// When a job waits for a later attempt, by its file's time: `Some(None)` when it is
+    /// due (or unreadable: the claim will tell), None when it is gone.
+    fn waits_until(&self, id: &QueueId, now: u64) -> Option<Option<u64>> {
         let path = self.spool.queue_dir(&self.queue).join(format!("{id}.json"));
-        let t = std::fs::metadata(path).ok()?.modified().ok()?;
-        let at = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
-        (at > now).then_some(at)
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(_) => return Some(None),
+        };
+        let at = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        Some((at > now).then_some(at))
     }
 
     /// Waits until jobs are due and returns them claimed, or returns an empty batch once
@@ -173,9 +228,17 @@ impl Watcher {
                 let Some(id) = self.fresh.pop_front().or_else(|| self.ready.pop_front()) else {
                     break;
                 };
-                if let Some(at) = self.waits_until(&id, now) {
-                    self.schedule(id, at);
-                    continue;
+                match self.waits_until(&id, now) {
+                    None => {
+                        // Taken by another worker, or delivered and gone.
+                        self.due.remove(&id);
+                        continue;
+                    }
+                    Some(Some(at)) => {
+                        self.schedule(id, at);
+                        continue;
+                    }
+                    Some(None) => {}
                 }
                 match self.spool.claim(&self.queue, &id) {
                     Ok(Claim::Got(c)) => {
@@ -219,5 +282,119 @@ impl Watcher {
             let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(ms));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spool(tag: &str) -> (std::path::PathBuf, Spool) {
+        let dir = std::env::temp_dir().join(format!("qms-watch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spool = Spool::open(&dir, &["smtp".to_string()]).unwrap();
+        (dir, spool)
+    }
+
+    fn enqueue(spool: &Spool) -> QueueId {
+        let cfg = qms_common::config::Outgoing {
+            min_backoff: 60,
+            max_backoff: 600,
+            delay_warning: 3600,
+            max_queue_lifetime: 86400,
+        };
+        let r = crate::job::Recipient::new("a@example.test".parse().unwrap());
+        let job = crate::job::Job::new(
+            "smtp",
+            None,
+            vec![r],
+            crate::job::Client::default(),
+            "smtp",
+            &cfg,
+        );
+        spool
+            .enqueue(job, &|_| b"Subject: x\r\n\r\nbody\r\n".to_vec())
+            .unwrap()
+    }
+
+    fn options(share: Option<Share>) -> WatchOptions {
+        WatchOptions {
+            scan_interval: Duration::from_secs(3600),
+            busy_retry: Duration::from_secs(10),
+            batch: 8,
+            share,
+        }
+    }
+
+    /// Claims what `w` hands out within `limit`, and lets it go again.
+    fn claimed_within(w: &mut Watcher, limit: Duration) -> Vec<QueueId> {
+        let stop = AtomicBool::new(false);
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            let stopper = std::thread::scope(|s| {
+                let t = s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(200));
+                    stop.store(true, Ordering::Relaxed);
+                });
+                let got = w.next_batch(&stop);
+                let _ = t.join();
+                got
+            });
+            stop.store(false, Ordering::Relaxed);
+            if !stopper.is_empty() {
+                return stopper.into_iter().map(|c| c.job.id).collect();
+            }
+        }
+        Vec::new()
+    }
+
+    #[test]
+    fn every_id_belongs_to_exactly_one_share() {
+        let shares: Vec<Share> = (0..3).map(|index| Share { index, of: 3 }).collect();
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            let id = QueueId::generate();
+            let owners: Vec<usize> = shares
+                .iter()
+                .filter(|s| s.mine(&id))
+                .map(|s| s.index)
+                .collect();
+            assert_eq!(owners.len(), 1, "{id}: {owners:?}");
+            counts[owners[0]] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 50), "{counts:?}");
+    }
+
+    /// A new job that is another worker's is left to it for a moment, then taken if it is
+    /// still there (its worker busy or gone); one that is this worker's is taken at once.
+    #[test]
+    fn a_worker_takes_its_own_new_jobs_at_once_and_the_others_later() {
+        let (dir, spool) = spool("share");
+        let a = Share { index: 0, of: 2 };
+        let mut b = Watcher::new(
+            spool.clone(),
+            "smtp",
+            options(Some(Share { index: 1, of: 2 })),
+        )
+        .unwrap();
+        let (mut for_a, mut for_b) = (None, None);
+        while for_a.is_none() || for_b.is_none() {
+            let id = enqueue(&spool);
+            let slot = if a.mine(&id) { &mut for_a } else { &mut for_b };
+            if slot.is_none() {
+                *slot = Some(id);
+            } else {
+                let _ = std::fs::remove_file(spool.job_path("queue", "smtp", &id));
+            }
+        }
+        let (for_a, for_b) = (for_a.unwrap(), for_b.unwrap());
+        // Only b runs: its own job at once, a's not yet.
+        let got = claimed_within(&mut b, Duration::from_millis(600));
+        assert_eq!(got, vec![for_b.clone()]);
+        let _ = std::fs::remove_file(spool.job_path("queue", "smtp", &for_b));
+        // a's job is still there after a while: b takes it.
+        let got = claimed_within(&mut b, OTHERS_AFTER * 3);
+        assert_eq!(got, vec![for_a.clone()]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
