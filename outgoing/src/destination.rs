@@ -8,6 +8,7 @@ use crate::transaction::{judge, mail_command, rcpt_command, refuse_before_sendin
 use crate::{dns, Dest, SmtpAgent};
 use qms_spool::Job;
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// What happened to one recipient, with what the log line needs.
@@ -171,25 +172,33 @@ impl SmtpAgent {
             tx: results,
             buf: Vec::new(),
         };
-        // The first lane runs on this thread: a thread made and ended per lane and batch
-        // cost the smtp agent more CPU than its TCP sends.
-        let reached: Vec<Reach> = std::thread::scope(|s| {
-            let (first, rest): (&[Tx], &[Vec<Tx>]) = match per_lane.split_first() {
-                Some((f, r)) => (f, r),
-                None => (&[], &[]),
-            };
-            let handles: Vec<_> = rest
-                .iter()
-                .map(|lane| {
-                    let out = out();
-                    s.spawn(|| self.lane(lane, &route, dest, jobs, bodies, start, dns_time, out))
-                })
-                .collect();
-            let here = self.lane(first, &route, dest, jobs, bodies, start, dns_time, out());
-            std::iter::once(here)
-                .chain(handles.into_iter().map(|h| h.join().unwrap_or_default()))
-                .collect()
+        // The first lane runs on this thread, the others on the agent's kept threads (see
+        // `threads`); a lane that panics (it should not) counts as one that reached nothing.
+        let (first, rest): (&[Tx], &[Vec<Tx>]) = match per_lane.split_first() {
+            Some((f, r)) => (f, r),
+            None => (&[], &[]),
+        };
+        let others: Vec<Mutex<Reach>> = rest.iter().map(|_| Default::default()).collect();
+        let route = &route;
+        let here = self.threads.scope(|s| {
+            for (lane, slot) in rest.iter().zip(&others) {
+                let out = out();
+                s.spawn(move || {
+                    let r = self.lane(lane, route, dest, jobs, bodies, start, dns_time, out);
+                    if let Ok(mut slot) = slot.lock() {
+                        *slot = r;
+                    }
+                });
+            }
+            self.lane(first, route, dest, jobs, bodies, start, dns_time, out())
         });
+        let reached: Vec<Reach> = std::iter::once(here)
+            .chain(
+                others
+                    .into_iter()
+                    .map(|m| m.into_inner().unwrap_or_default()),
+            )
+            .collect();
         let connected = reached.iter().all(|r| r.failure.is_none());
         if !reached.iter().any(|r| r.connected) {
             if let Some(why) = reached.iter().find_map(|r| r.failure.clone()) {

@@ -13,6 +13,7 @@ mod dnssec;
 mod peer;
 mod policy;
 mod sts;
+mod threads;
 mod tls;
 pub mod tlsreport;
 pub mod tlsrpt;
@@ -57,6 +58,8 @@ pub struct SmtpAgent {
     sts: sts::Cache,
     /// TLS reporting: sessions under a policy, counted.
     reports: tlsrpt::Recorder,
+    /// The threads destinations and lanes run on, kept from batch to batch.
+    threads: threads::Threads,
 }
 
 /// Where a group of recipients goes, and with which TLS policy (recipients whose domains
@@ -123,6 +126,7 @@ impl SmtpAgent {
             resolver,
             sts,
             reports,
+            threads: Default::default(),
         }
     }
 
@@ -420,9 +424,9 @@ impl qms_delivery::Agent for SmtpAgent {
         let (refs, bodies, this) = (&refs, &bodies, &*self);
         let results = |res: Vec<Res>| settler.put(res);
         let results: destination::Results = &results;
-        // One destination's delivery runs on this thread, the others' on threads of their
-        // own: a thread made and ended per batch cost more CPU than the TCP sends.
-        std::thread::scope(|s| {
+        // One destination's delivery runs on this thread, the others' on the agent's kept
+        // threads (see `threads`).
+        this.threads.scope(|s| {
             let mut dests = groups.iter();
             let first = dests.next();
             for (dest, items) in dests {
