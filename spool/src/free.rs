@@ -7,9 +7,8 @@
 //! renamed to a free name, and a new one is made by renaming a free one into place and
 //! truncating it or writing over it. Renames allocate no inode, and within one directory they
 //! also avoid the file system's single lock for renames between directories. A file that held
-//! a message is emptied (written over with zeros, see `KEEP`) a second after it enters the
-//! pool unless it was taken again by then (see `EMPTY_AFTER`), so nothing of a delivered
-//! message stays on disk for long (job files, a
+//! a message is emptied a second after it enters the pool unless it was taken again by then
+//! (see `EMPTY_AFTER`), so nothing of a delivered message stays on disk for long (job files, a
 //! block of envelope each, are written over when reused); each pool has a cap; files that held
 //! credentials are deleted, never kept.
 
@@ -174,7 +173,7 @@ impl Pool {
                         .truncate(truncate)
                         .open(path)
                     {
-                        // Locked before anything is written: the emptier empties only
+                        // Locked before anything is written: the emptier truncates only
                         // what it can lock (waits for a last holder letting go, too).
                         Ok(f) => return fs2::FileExt::lock_exclusive(&f).map(|()| f),
                         // Not ours to write (another user's): drop it, make a new one.
@@ -203,8 +202,8 @@ impl Pool {
 
     /// Takes `path`, a file nothing refers to any more, out of its directory: into the pool,
     /// or deleted when the pool is full. `meta` is its metadata, if the caller has it.
-    /// `empty`: have it emptied soon (message files: their text must not stay on disk; a
-    /// job file is written over when it is reused).
+    /// `empty`: truncate it on the way in (message files: their text must not stay on disk;
+    /// a job file is emptied when it is reused).
     pub fn retire(&self, path: &Path, meta: Option<&fs::Metadata>, empty: bool) -> io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let owner = match meta {
@@ -328,18 +327,9 @@ pub fn empty_pending() {
     }
 }
 
-/// How much of a retired file the emptier keeps, written over with zeros; the rest is cut
-/// off. Zeros keep the file's blocks: the next message written there reuses them instead of
-/// the file system freeing them now (with `discard`, waiting for the device) and allocating
-/// them again at the next write. Freeing and allocating made a file's round through the pool
-/// three times as long (0.29 ms against 0.09 ms, `bench/empty_cost.py`). The cap bounds what
-/// a full pool keeps of the disk: 32,768 files of 16 KiB are 512 MiB at most.
-const KEEP: u64 = 16 * 1024;
-
-/// Empties the file at `path` if it is still a free file nobody holds: its text is written
-/// over with zeros (up to [`KEEP`]) and the rest cut off. A taker renames a free file away
-/// and then locks it before it writes: so a file this holds locked at its free name is no
-/// one's, and one locked by a taker (or gone) is left alone.
+/// Empties the file at `path` if it is still a free file nobody holds. A taker renames a
+/// free file away and then locks it before it writes: so a file this holds locked at its
+/// free name is no one's, and one locked by a taker (or gone) is left alone.
 fn empty_if_free(path: &Path) {
     use fs2::FileExt;
     use std::os::unix::fs::MetadataExt;
@@ -349,33 +339,13 @@ fn empty_if_free(path: &Path) {
     if f.try_lock_exclusive().is_err() {
         return;
     }
-    let (Ok(held), Ok(named)) = (f.metadata(), fs::metadata(path)) else {
-        return;
+    let same = match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
     };
-    if held.ino() != named.ino() || held.dev() != named.dev() {
-        return;
-    }
-    let keep = held.len().min(KEEP);
-    if held.len() > keep && f.set_len(keep).is_err() {
-        return;
-    }
-    if zeroed(&f, keep).is_err() {
-        // Never leave text behind: what cannot be written over is cut off.
+    if same {
         let _ = f.set_len(0);
     }
-}
-
-/// Writes zeros over the first `len` bytes of `f`.
-fn zeroed(f: &File, len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    const ZEROS: [u8; 4096] = [0; 4096];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(ZEROS.len() as u64) as usize;
-        f.write_all_at(&ZEROS[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -440,33 +410,6 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    /// A large message's file keeps no more than [`KEEP`] of its blocks in the pool, and
-    /// none of its text.
-    #[test]
-    fn a_large_retired_file_is_cut_to_what_the_pool_keeps_and_zeroed() {
-        let dir = scratch("keep");
-        let pool = Pool::new(dir.clone());
-        let a = dir.join("a");
-        let text = b"message text ".repeat(10_000);
-        pool.create(&a).unwrap().write_all(&text).unwrap();
-        pool.retire(&a, None, true).unwrap();
-        let free = fs::read_dir(&dir).unwrap().flatten().next().unwrap().path();
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let data = fs::read(&free).unwrap();
-            if data.len() as u64 <= KEEP && data.iter().all(|&b| b == 0) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < end,
-                "still {} bytes",
-                data.len()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = fs::remove_dir_all(&dir);
-    }
-
     #[test]
     fn a_retired_file_comes_back_empty_under_its_new_name() {
         let dir = std::env::temp_dir().join(format!("qms-free-{}", std::process::id()));
@@ -482,7 +425,7 @@ mod tests {
         // messages' text).
         let end = std::time::Instant::now() + Duration::from_secs(10);
         for e in fs::read_dir(&dir).unwrap().flatten() {
-            while fs::read(e.path()).unwrap().iter().any(|&b| b != 0) {
+            while e.metadata().unwrap().len() != 0 {
                 assert!(
                     std::time::Instant::now() < end,
                     "{:?} still holds data",
