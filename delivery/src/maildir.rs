@@ -72,15 +72,18 @@ impl Name {
 /// written by an attempt that a crash cut short is replaced.
 pub fn stage(dir: &Path, name: &Name, message: &[u8], info: &str) -> io::Result<safeio::Staged> {
     let tmp = dir.join("tmp").join(&name.full);
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
     let dest = match info {
         "" => dir.join("new").join(&name.full),
         i => dir.join("cur").join(format!("{}:{i}", name.full)),
     };
-    safeio::stage(tmp, dest, message)
+    match safeio::stage(tmp.clone(), dest.clone(), message) {
+        // What an attempt a crash cut short left: removed, and written again.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&tmp)?;
+            safeio::stage(tmp, dest, message)
+        }
+        r => r,
+    }
 }
 
 /// Stages one delivery into `dir` (made when missing if `create`), unless `recheck` finds

@@ -5,7 +5,8 @@
 //! freed in the last minutes (the kernel avoids handing them out again soon); under mail
 //! churn that scan costs more than writing the file. So a finished job or message file is
 //! renamed to a free name, and a new one is made by renaming a free one into place and
-//! truncating it or writing over it. Renames allocate no inode, and within one directory they
+//! truncating it or writing over it, or by writing over a free one where it lies, locked,
+//! and renaming it into place once written (`Pool::take_in_place`). Renames allocate no inode, and within one directory they
 //! also avoid the file system's single lock for renames between directories. A file that held
 //! a message is emptied a second after it enters the pool unless it was taken again by then
 //! (see `EMPTY_AFTER`), so nothing of a delivered message stays on disk for long (job files, a
@@ -154,6 +155,35 @@ impl Pool {
     /// file system freeing it and allocating another.
     pub fn overwrite(&self, path: &Path) -> io::Result<File> {
         self.take(path, false)
+    }
+
+    /// A free file taken where it lies, open for reading and writing and locked, with its
+    /// path: the caller writes over it and renames it into place itself, and lets go of the
+    /// lock only after that rename (before it, the emptier or another taker could take the
+    /// file back). This saves the rename that [`Pool::overwrite`] makes. None when the pool
+    /// has no free file to give.
+    pub fn take_in_place(&self) -> Option<(File, PathBuf)> {
+        use std::os::unix::fs::MetadataExt;
+        while let Some(name) = self.take_name() {
+            let path = self.dir.join(&name);
+            // Gone (taken by another process), or not ours to write: the next one.
+            let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) else {
+                continue;
+            };
+            // Held by another taker or the emptier.
+            if fs2::FileExt::try_lock_exclusive(&f).is_err() {
+                continue;
+            }
+            // Still free under that name once locked: a taker that opened it earlier may
+            // have renamed it into place and let go since.
+            match (f.metadata(), fs::metadata(&path)) {
+                (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => {
+                    return Some((f, path))
+                }
+                _ => continue,
+            }
+        }
+        None
     }
 
     fn take(&self, path: &Path, truncate: bool) -> io::Result<File> {
@@ -328,8 +358,9 @@ pub fn empty_pending() {
 }
 
 /// Empties the file at `path` if it is still a free file nobody holds. A taker renames a
-/// free file away and then locks it before it writes: so a file this holds locked at its
-/// free name is no one's, and one locked by a taker (or gone) is left alone.
+/// free file away and then locks it before it writes, or locks it where it lies and keeps
+/// the lock until it has renamed it away: so a file this holds locked at its free name is
+/// no one's, and one locked by a taker (or gone) is left alone.
 fn empty_if_free(path: &Path) {
     use fs2::FileExt;
     use std::os::unix::fs::MetadataExt;
@@ -407,6 +438,36 @@ mod tests {
         assert!(pool.refill(&mut r) <= 20);
         assert!(r.names.is_empty());
         drop(r);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A file taken where it lies stays its taker's until renamed into place: no other
+    /// taker (another process's pool) gets it, and the emptier leaves what is written in it.
+    #[test]
+    fn a_file_taken_in_place_is_nobody_elses_until_renamed() {
+        let dir = scratch("inplace");
+        let pool = Pool::new(dir.clone());
+        let a = dir.join("a");
+        pool.create(&a).unwrap().write_all(b"old message").unwrap();
+        pool.retire(&a, None, true).unwrap();
+        let (mut f, free) = pool.take_in_place().expect("the retired file");
+        assert!(free
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(PREFIX));
+        f.write_all(b"new message").unwrap();
+        // Another process reading the same directory finds nothing it may take.
+        let other = Pool::new(dir.clone());
+        assert!(other.take_in_place().is_none());
+        // The emptier's time for the retired file comes and goes: the new text stays.
+        std::thread::sleep(EMPTY_AFTER + Duration::from_millis(500));
+        assert_eq!(fs::read(&free).unwrap(), b"new message");
+        let job = dir.join("ID.json");
+        fs::rename(&free, &job).unwrap();
+        drop(f);
+        assert_eq!(fs::read(&job).unwrap(), b"new message");
+        assert!(other.take_in_place().is_none(), "a job is not free");
         let _ = fs::remove_dir_all(&dir);
     }
 

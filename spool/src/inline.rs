@@ -196,9 +196,29 @@ pub(crate) fn copy(src: &File, from: u64, len: u64, dst: &File, to: u64) -> io::
 impl Spool {
     pub(crate) fn inline_writer(&self, queue: &str) -> SpoolResult<Writer> {
         use std::io::{Seek, SeekFrom};
+        // A free file keeps its blocks (written over, then cut to length at the end), and
+        // is written where it lies, under its free name, locked until the commit has renamed
+        // it into place: one rename a message, not two.
+        let dir = self.queue_dir(queue);
+        if let Some((mut file, path)) = self.pool(&dir.join(crate::free::PREFIX)).take_in_place() {
+            if let Err(e) = file.seek(SeekFrom::Start(SPACE)) {
+                let _ = fs::remove_file(&path);
+                return Err(io_err("write", &path)(e));
+            }
+            return Ok(Writer {
+                id: QueueId::generate(),
+                body_name: String::new(),
+                out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+                path,
+                size: 0,
+                at: SPACE,
+                queue: queue.to_string(),
+                in_place: true,
+            });
+        }
+        // None free: a new file beside the queue's jobs, locked, so start-up clean-up can
+        // tell debris from work.
         let (mut id, mut tmp);
-        // A free file keeps its blocks (written over, then cut to length at the end); it
-        // comes locked, so start-up clean-up can tell debris from work.
         let mut tries = 0;
         let mut file = loop {
             id = QueueId::generate();
@@ -224,6 +244,7 @@ impl Spool {
             size: 0,
             at: SPACE,
             queue: queue.to_string(),
+            in_place: false,
         })
     }
 
@@ -238,6 +259,7 @@ impl Spool {
             size,
             at,
             queue,
+            in_place,
             ..
         } = w;
         let done = (|| {
@@ -268,6 +290,7 @@ impl Spool {
                     id,
                     body: None,
                     inline: true,
+                    in_place,
                     job: safeio::Staged::new_at(file, path, dest),
                 })
             }
@@ -306,6 +329,7 @@ impl Spool {
         w.path = path;
         w.at = 0;
         w.queue = queue.to_string();
+        w.in_place = false;
         Ok(())
     }
 

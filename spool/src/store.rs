@@ -96,6 +96,9 @@ pub struct Staged {
     pub(crate) body: Option<(File, PathBuf)>,
     /// The message is in the job's own file: nothing changed in `msg/`.
     pub(crate) inline: bool,
+    /// The job's file was taken from the pool where it lay (see `Pool::take_in_place`): it
+    /// stays locked until it is renamed into place.
+    pub(crate) in_place: bool,
     pub(crate) job: safeio::Staged,
 }
 
@@ -111,6 +114,8 @@ pub struct Writer {
     pub(crate) at: u64,
     /// The queue whose directory the one-file job is being written in.
     pub(crate) queue: String,
+    /// The file is a free one taken where it lay, at `path` (see `Pool::take_in_place`).
+    pub(crate) in_place: bool,
 }
 
 impl Writer {
@@ -341,6 +346,7 @@ impl Spool {
                 size: 0,
                 at: 0,
                 queue: queue.to_string(),
+                in_place: false,
             });
         }
         Err(SpoolError::Io {
@@ -379,6 +385,7 @@ impl Spool {
                 id,
                 body: Some((file, path)),
                 inline: false,
+                in_place: false,
                 job: staged,
             }),
             Err(e) => {
@@ -464,17 +471,27 @@ impl Spool {
         }
         let mut jobs = Vec::with_capacity(batch.len());
         let mut ids = Vec::with_capacity(batch.len());
+        let mut in_place = Vec::with_capacity(batch.len());
         for s in batch {
             ids.push(s.id);
             jobs.push(s.job);
+            in_place.push(s.in_place);
         }
         // The data is on disk: make the jobs visible (renames, then one fsync per directory).
-        // A new job is unlocked first, so the worker woken by the rename can claim it at once.
+        // A new job is unlocked first, so the worker woken by the rename can claim it at once;
+        // one whose file was taken from the pool where it lay, right after (under its free
+        // name, unlocked, the emptier or another taker could take it back).
         let mut placed = Vec::with_capacity(jobs.len());
         let mut dests = Vec::with_capacity(jobs.len());
-        for (j, id) in jobs.into_iter().zip(ids) {
-            let _ = FileExt::unlock(j.file());
-            match j.place() {
+        for ((j, id), in_place) in jobs.into_iter().zip(ids).zip(in_place) {
+            if !in_place {
+                let _ = FileExt::unlock(j.file());
+            }
+            let done = j.place();
+            if in_place {
+                let _ = FileExt::unlock(j.file());
+            }
+            match done {
                 Ok(()) => {
                     dests.push(j.dest().to_path_buf());
                     placed.push(Ok(id));
@@ -566,6 +583,7 @@ impl Spool {
                 id: child.id.clone(),
                 body: Some((file, link)),
                 inline: false,
+                in_place: false,
                 job: self.stage_job_at(child, dest.clone())?,
             }));
         }
@@ -584,6 +602,7 @@ impl Spool {
             id: child.id.clone(),
             body: None,
             inline: false,
+            in_place: false,
             job: self.stage_job_at(child, dest.clone())?,
         }))
     }

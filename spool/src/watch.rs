@@ -15,7 +15,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use qms_common::qlog;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,6 +40,10 @@ pub struct Share {
     pub index: usize,
     pub of: usize,
 }
+
+/// When a new job was found locked (its file taken from the pool where it lay is let go
+/// just after its rename), how soon to look again, once, before the busy retry.
+const RELOOK: Duration = Duration::from_millis(20);
 
 /// How long a worker leaves another's new job to it.
 const OTHERS_AFTER: Duration = Duration::from_secs(2);
@@ -78,6 +82,8 @@ pub struct Watcher {
     fresh: VecDeque<QueueId>,
     /// Jobs the scan found or the heap made due.
     ready: VecDeque<QueueId>,
+    /// New jobs found locked once, looked at again after [`RELOOK`].
+    relooked: HashSet<QueueId>,
     next_scan: Instant,
 }
 
@@ -112,6 +118,7 @@ impl Watcher {
             due: HashMap::new(),
             fresh: VecDeque::new(),
             ready: VecDeque::new(),
+            relooked: HashSet::new(),
             next_scan: Instant::now(),
         };
         w.scan();
@@ -225,8 +232,12 @@ impl Watcher {
                     break;
                 }
                 looked += 1;
-                let Some(id) = self.fresh.pop_front().or_else(|| self.ready.pop_front()) else {
-                    break;
+                let (id, fresh) = match self.fresh.pop_front() {
+                    Some(id) => (id, true),
+                    None => match self.ready.pop_front() {
+                        Some(id) => (id, false),
+                        None => break,
+                    },
                 };
                 match self.waits_until(&id, now) {
                     None => {
@@ -242,6 +253,7 @@ impl Watcher {
                 }
                 match self.spool.claim(&self.queue, &id) {
                     Ok(Claim::Got(c)) => {
+                        self.relooked.remove(&id);
                         let at = (c.job.next_attempt.max(0) as u64).saturating_mul(1000);
                         if at > now {
                             self.schedule(id, at);
@@ -249,10 +261,17 @@ impl Watcher {
                             out.push(*c);
                         }
                     }
+                    // A new job is locked for a moment after its rename (see
+                    // `Pool::take_in_place`): look again very soon, once.
+                    Ok(Claim::Busy) if fresh && self.relooked.insert(id.clone()) => {
+                        self.schedule(id, now + RELOOK.as_millis() as u64)
+                    }
                     Ok(Claim::Busy) => {
+                        self.relooked.remove(&id);
                         self.schedule(id, now + self.opts.busy_retry.as_millis() as u64)
                     }
                     Ok(Claim::Gone) | Err(SpoolError::Corrupt { .. }) => {
+                        self.relooked.remove(&id);
                         self.due.remove(&id);
                     }
                     Err(e) => {
