@@ -346,12 +346,20 @@ s.sendall(b"EHLO client.test\r\n"); reply()
 s.sendall(b"MAIL FROM:<bob@remote.test>\r\n"); assert reply().startswith(b"250")
 s.sendall(b"RCPT TO:<alice@example.test>\r\n"); assert reply().startswith(b"250")
 def spooled():
-    # A message file, or a one-file job being written beside its queue's jobs.
+    # A message file, or a one-file job being written beside its queue's jobs: in a new
+    # file, or in a free one of the queue's pool where it lies (emptied before we start).
     files = [os.path.join(msgdir, n) for n in os.listdir(msgdir) if not n.startswith(".")]
     queues = os.path.join(os.path.dirname(msgdir), "queue")
     for q in os.listdir(queues):
-        files += [os.path.join(queues, q, n) for n in os.listdir(os.path.join(queues, q)) if n.endswith(".tmp")]
-    return max([os.path.getsize(f) for f in files] + [0])
+        files += [os.path.join(queues, q, n) for n in os.listdir(os.path.join(queues, q))
+                  if n.endswith(".tmp") or n.startswith(".free.")]
+    sizes = [0]
+    for f in files:
+        try:
+            sizes.append(os.path.getsize(f))
+        except FileNotFoundError:
+            pass
+    return max(sizes)
 def wait_spooled(least):
     end = time.time() + 30
     while spooled() < least:
@@ -380,6 +388,17 @@ s.sendall(b"QUIT\r\n")
 print(hashlib.sha256(body.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")).hexdigest())
 "#;
     for (i, mode) in ["data", "bdat"].iter().enumerate() {
+        // The pool's files hold nothing of the message before (a second after delivery they
+        // are emptied): what grows in one now is this message being written.
+        wait_for("the pool emptied", Duration::from_secs(30), || {
+            let queues = inst.spool().join("queue");
+            std::fs::read_dir(&queues).unwrap().flatten().all(|q| {
+                std::fs::read_dir(q.path()).unwrap().flatten().all(|e| {
+                    !e.file_name().to_string_lossy().starts_with(".free.")
+                        || e.metadata().map_or(true, |m| m.len() < 1 << 16)
+                })
+            })
+        });
         let (ok, out) = python(
             script,
             &[

@@ -367,10 +367,11 @@ impl Spool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn job() -> Job {
+    /// A job for one recipient at example.test in the smtp queue.
+    pub(crate) fn job() -> Job {
         let cfg = qms_common::config::Outgoing {
             min_backoff: 60,
             max_backoff: 600,

@@ -316,23 +316,10 @@ mod tests {
     }
 
     fn enqueue(spool: &Spool) -> QueueId {
-        let cfg = qms_common::config::Outgoing {
-            min_backoff: 60,
-            max_backoff: 600,
-            delay_warning: 3600,
-            max_queue_lifetime: 86400,
-        };
-        let r = crate::job::Recipient::new("a@example.test".parse().unwrap());
-        let job = crate::job::Job::new(
-            "smtp",
-            None,
-            vec![r],
-            crate::job::Client::default(),
-            "smtp",
-            &cfg,
-        );
         spool
-            .enqueue(job, &|_| b"Subject: x\r\n\r\nbody\r\n".to_vec())
+            .enqueue(crate::inline::tests::job(), &|_| {
+                b"Subject: x\r\n\r\nbody\r\n".to_vec()
+            })
             .unwrap()
     }
 
