@@ -166,9 +166,15 @@ impl Pool {
         use std::os::unix::fs::MetadataExt;
         while let Some(name) = self.take_name() {
             let path = self.dir.join(&name);
-            // Gone (taken by another process), or not ours to write: the next one.
-            let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) else {
-                continue;
+            let f = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => f,
+                // Not ours to write (another user's): out of the pool.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+                // Gone (taken by another process): the next one.
+                Err(_) => continue,
             };
             // Held by another taker or the emptier.
             if fs2::FileExt::try_lock_exclusive(&f).is_err() {
@@ -187,8 +193,9 @@ impl Pool {
     }
 
     fn take(&self, path: &Path, truncate: bool) -> io::Result<File> {
-        while let Some(name) = self.take_name() {
-            let from = self.dir.join(&name);
+        // Taken as every taker takes a free file: locked under its free name first (a file
+        // written where it lies is held that way until its writer renames it), then renamed.
+        if let Some((f, from)) = self.take_in_place() {
             match renameat2(
                 AT_FDCWD,
                 &from,
@@ -196,28 +203,12 @@ impl Pool {
                 path,
                 RenameFlags::RENAME_NOREPLACE,
             ) {
-                Ok(()) => {
-                    match OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .truncate(truncate)
-                        .open(path)
-                    {
-                        // Locked before anything is written: the emptier truncates only
-                        // what it can lock (waits for a last holder letting go, too).
-                        Ok(f) => return fs2::FileExt::lock_exclusive(&f).map(|()| f),
-                        // Not ours to write (another user's): drop it, make a new one.
-                        Err(_) => {
-                            let _ = fs::remove_file(path);
-                            break;
-                        }
-                    }
-                }
-                // Taken by another process first.
-                Err(nix::errno::Errno::ENOENT) => continue,
+                Ok(()) if truncate => return f.set_len(0).map(|()| f),
+                Ok(()) => return Ok(f),
+                // `path` exists (ids are claimed this way); the free file stays free.
                 Err(nix::errno::Errno::EEXIST) => return Err(io::ErrorKind::AlreadyExists.into()),
-                // Not allowed here (a set-group-id sendmail): a new file will do.
-                Err(_) => break,
+                // Not allowed here: a new file will do.
+                Err(_) => {}
             }
         }
         let f = OpenOptions::new()
@@ -357,10 +348,10 @@ pub fn empty_pending() {
     }
 }
 
-/// Empties the file at `path` if it is still a free file nobody holds. A taker renames a
-/// free file away and then locks it before it writes, or locks it where it lies and keeps
-/// the lock until it has renamed it away: so a file this holds locked at its free name is
-/// no one's, and one locked by a taker (or gone) is left alone.
+/// Empties the file at `path` if it is still a free file nobody holds. A taker locks a free
+/// file where it lies, checks that it is still there under that name, and keeps the lock
+/// until it has renamed it away: so a file this holds locked at its free name is no one's,
+/// and one locked by a taker (or gone) is left alone.
 fn empty_if_free(path: &Path) {
     use fs2::FileExt;
     use std::os::unix::fs::MetadataExt;
@@ -468,6 +459,42 @@ mod tests {
         drop(f);
         assert_eq!(fs::read(&job).unwrap(), b"new message");
         assert!(other.take_in_place().is_none(), "a job is not free");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// The backlog bench's failure: smtpd wrote a message in a free file where it lay while
+    /// a worker deferring a job took the same file for the job's new version by renaming
+    /// it away; smtpd's commit found its file gone ("cannot commit: No such file or
+    /// directory") and refused the message. A taker that renames takes only what it could
+    /// lock under the free name.
+    #[test]
+    fn a_file_held_where_it_lies_is_not_renamed_away_by_another_taker() {
+        let dir = scratch("steal");
+        let smtpd = Pool::new(dir.clone());
+        let a = dir.join("a");
+        smtpd.create(&a).unwrap().write_all(b"old").unwrap();
+        smtpd.retire(&a, None, false).unwrap();
+        let (mut f, free) = smtpd.take_in_place().expect("the retired file");
+        f.write_all(b"a message being written").unwrap();
+        // Another process's taker, on a thread: before the fix it renamed the file away and
+        // then waited for the writer's lock.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (d, tmp) = (dir.clone(), dir.join(".new-version.tmp"));
+        let other = std::thread::spawn(move || {
+            let mut g = Pool::new(d).overwrite(&tmp).unwrap();
+            g.write_all(b"a job's new version").unwrap();
+            let _ = tx.send(g.metadata().unwrap().ino());
+        });
+        let theirs = rx.recv_timeout(Duration::from_secs(5));
+        let still = free.exists() && fs::read(&free).unwrap() == b"a message being written";
+        drop(f);
+        let _ = other.join();
+        assert!(
+            still,
+            "the file being written was taken from under its writer"
+        );
+        let ino = fs::metadata(&free).unwrap().ino();
+        assert_ne!(theirs.expect("the other taker got a file at once"), ino);
         let _ = fs::remove_dir_all(&dir);
     }
 
