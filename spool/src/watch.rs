@@ -60,13 +60,50 @@ impl Share {
         (index < of).then_some(Share { index, of })
     }
 
-    /// Whether this worker takes `id` at once. FNV-1a of the id: ids are random enough, and
+    /// The worker whose share `id` is in. FNV-1a of the id: ids are random enough, and
     /// every worker must agree.
-    fn mine(&self, id: &QueueId) -> bool {
+    fn owner(&self, id: &QueueId) -> usize {
         let h = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-        (h % self.of as u64) as usize == self.index
+        (h % self.of as u64) as usize
+    }
+
+    /// Whether this worker takes `id` at once.
+    fn mine(&self, id: &QueueId) -> bool {
+        self.owner(id) == self.index
+    }
+}
+
+/// The file a worker holds locked while it lives, so the others can tell whether its share
+/// of what a scan finds is looked after: `run/QUEUE.worker.INDEX`.
+fn life_file(spool: &Spool, queue: &str, index: usize) -> std::path::PathBuf {
+    spool
+        .root()
+        .join("run")
+        .join(format!("{queue}.worker.{index}"))
+}
+
+/// Locks this worker's life file for as long as it is kept open; None when it cannot (an
+/// older worker of the same index still ending: the others will see that one).
+fn hold_life(spool: &Spool, queue: &str, index: usize) -> Option<std::fs::File> {
+    use fs2::FileExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(life_file(spool, queue, index))
+        .ok()?;
+    f.try_lock_exclusive().ok().map(|()| f)
+}
+
+/// Whether worker `index` of `queue` lives (holds its life file).
+fn lives(spool: &Spool, queue: &str, index: usize) -> bool {
+    match std::fs::File::open(life_file(spool, queue, index)) {
+        Ok(f) => f.try_lock_shared().is_err(),
+        Err(_) => false,
     }
 }
 
@@ -84,6 +121,12 @@ pub struct Watcher {
     ready: VecDeque<QueueId>,
     /// New jobs found locked once, looked at again after [`RELOOK`].
     relooked: HashSet<QueueId>,
+    /// What the last scan found in other workers' shares, by worker, and when to take it
+    /// over from those that do not live (see [`Watcher::take_over`]).
+    theirs: HashMap<usize, Vec<QueueId>>,
+    theirs_at: Option<Instant>,
+    /// This worker's life file, held locked (see [`lives`]).
+    _life: Option<std::fs::File>,
     next_scan: Instant,
 }
 
@@ -119,8 +162,14 @@ impl Watcher {
             fresh: VecDeque::new(),
             ready: VecDeque::new(),
             relooked: HashSet::new(),
+            theirs: HashMap::new(),
+            theirs_at: None,
+            _life: None,
             next_scan: Instant::now(),
         };
+        if let Some(share) = w.opts.share {
+            w._life = hold_life(&w.spool, &w.queue, share.index);
+        }
         w.scan();
         Ok(w)
     }
@@ -135,13 +184,39 @@ impl Watcher {
         self.heap.push(Reverse((at_ms, id)));
     }
 
+    /// Lists the queue: what is this worker's and not yet known goes to be looked at; what
+    /// is another's waits [`OTHERS_AFTER`] and is then taken over only if that worker does
+    /// not live. After a restart with a large backlog, each worker so reads the files of its
+    /// own share only, while new mail comes in, not every worker every file.
     fn scan(&mut self) {
+        let share = self.opts.share;
         for id in self.spool.list("queue", &self.queue) {
-            if !self.due.contains_key(&id) {
-                self.ready.push_back(id);
+            if self.due.contains_key(&id) {
+                continue;
+            }
+            match share {
+                Some(s) if !s.mine(&id) => self.theirs.entry(s.owner(&id)).or_default().push(id),
+                _ => self.ready.push_back(id),
             }
         }
+        if !self.theirs.is_empty() {
+            self.theirs_at = Some(Instant::now() + OTHERS_AFTER);
+        }
         self.next_scan = Instant::now() + self.opts.scan_interval;
+    }
+
+    /// Takes over what the last scan found in the shares of workers that do not live (dead,
+    /// or never started): they will not look at it.
+    fn take_over(&mut self) {
+        if self.theirs_at.is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        self.theirs_at = None;
+        for (owner, ids) in std::mem::take(&mut self.theirs) {
+            if !lives(&self.spool, &self.queue, owner) {
+                self.ready.extend(ids);
+            }
+        }
     }
 
     fn collect_due(&mut self) {
@@ -221,6 +296,7 @@ impl Watcher {
             if Instant::now() >= self.next_scan {
                 self.scan();
             }
+            self.take_over();
             self.collect_due();
             let now = now_ms();
             let mut looked = 0;
@@ -297,6 +373,9 @@ impl Watcher {
             if let Some(Reverse((at, _))) = self.heap.peek() {
                 wait = wait.min(Duration::from_millis(at.saturating_sub(now_ms())));
             }
+            if let Some(t) = self.theirs_at {
+                wait = wait.min(t.saturating_duration_since(Instant::now()));
+            }
             let ms = u16::try_from(wait.as_millis()).unwrap_or(1000);
             let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(ms));
@@ -352,6 +431,40 @@ mod tests {
             }
         }
         Vec::new()
+    }
+
+    /// After a restart with a backlog, a worker leaves what the scan finds in a living
+    /// worker's share to it, and takes over the share of one that does not live.
+    #[test]
+    fn a_scan_leaves_a_living_workers_share_to_it_and_takes_over_a_dead_ones() {
+        let (dir, spool) = spool("scan");
+        let a = Share { index: 0, of: 2 };
+        let mut theirs = Vec::new();
+        while theirs.len() < 3 {
+            let id = enqueue(&spool);
+            if a.mine(&id) {
+                theirs.push(id);
+            } else {
+                let _ = std::fs::remove_file(spool.job_path("queue", "smtp", &id));
+            }
+        }
+        theirs.sort();
+        // a lives: b's scan leaves a's jobs alone.
+        let life = hold_life(&spool, "smtp", 0).unwrap();
+        let mut b = Watcher::new(
+            spool.clone(),
+            "smtp",
+            options(Some(Share { index: 1, of: 2 })),
+        )
+        .unwrap();
+        assert!(claimed_within(&mut b, OTHERS_AFTER * 2).is_empty());
+        // a is gone: the next scan's finds are b's after a moment.
+        drop(life);
+        b.next_scan = Instant::now();
+        let mut got = claimed_within(&mut b, OTHERS_AFTER * 3);
+        got.sort();
+        assert_eq!(got, theirs);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
