@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """New mail behind a backlog for a dead host (issue #12).
 
-  backlog.py --qms target/release/qms [-n 100000] [-m 3000] [-s 20]
+  backlog.py --qms target/release/qms [-n 100000] [-m 3000] [-s 20] [-r 3]
 
 Starts qms in a new directory (as `nobody` when run as root) with `dead.test` routed to a
 port where nothing listens and `bench.test` to a sink, then measures relayed new mail with
-../shared/bench/bench.py three times: with an empty queue, right after N messages for the
-dead host were accepted, and right after a restart with that backlog. Prints each figure,
-the ratios to the empty queue, the smtp workers' memory, and how long `queue list` takes.
+../shared/bench/bench.py in three states, R times each: with an empty queue, right after N
+messages for the dead host were accepted, and right after a restart with that backlog (a
+restart before each of those runs). Prints each figure, the ratios of the medians to the
+empty queue's, the smtp workers' memory, and how long `queue list` takes. One run of each
+state swung by a fifth between sittings on this machine; medians of three do less so.
 """
-import argparse, os, shutil, socket, subprocess, sys, tempfile, time
+import argparse, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared", "bench")
@@ -49,6 +51,8 @@ def main():
     p.add_argument("-m", type=int, default=3000)
     p.add_argument("-s", type=int, default=20)
     p.add_argument("--keep", action="store_true", help="keep the directory (its qms.log) for a look")
+    p.add_argument("-r", "--repeat", type=int, default=3,
+                   help="runs in each state (a restart before each run after a restart); medians are compared")
     a = p.parse_args()
     qms = os.path.realpath(a.qms)
     d = tempfile.mkdtemp(prefix="qms-backlog-")
@@ -107,26 +111,32 @@ workers = 2
     proc = start()
     try:
         bench(port, sink, a.m, a.s)  # warm-up: the first run also fills the spool's reuse pools
-        empty = bench(port, sink, a.m, a.s)
-        print("empty queue:  ", empty[2], flush=True)
+        empties = [bench(port, sink, a.m, a.s) for _ in range(a.repeat)]
+        for r in empties:
+            print("empty queue:  ", r[2], flush=True)
         t0 = time.monotonic()
         subprocess.run(["smtp-source", "-s", str(a.s), "-m", str(a.n), "-l", "2048", "-f", "sender@bench.test",
                         "-t", "rcpt@dead.test", "127.0.0.1:%d" % port], check=True, capture_output=True)
         print("backlog of %d for dead.test accepted in %.1f s; in queue/smtp now: %d"
               % (a.n, time.monotonic() - t0, queued(d, "smtp")), flush=True)
-        behind = bench(port, sink, a.m, a.s)
-        print("behind it:    ", behind[2], flush=True)
+        behinds = [bench(port, sink, a.m, a.s) for _ in range(a.repeat)]
+        for r in behinds:
+            print("behind it:    ", r[2], flush=True)
         print("smtp workers' RSS (MB):", rss_mb("deliver --queue smtp"), flush=True)
         t0 = time.monotonic()
         subprocess.run([qms, "-c", cfg, "queue", "list", "--json"], capture_output=True)
         print("queue list --json: %.1f s" % (time.monotonic() - t0), flush=True)
-        stop(proc)
-        proc = start()
-        restarted = bench(port, sink, a.m, a.s)
-        print("restarted:    ", restarted[2], flush=True)
+        restarts = []
+        for _ in range(a.repeat):
+            stop(proc)
+            proc = start()
+            restarts.append(bench(port, sink, a.m, a.s))
+            print("restarted:    ", restarts[-1][2], flush=True)
         print("in queue/smtp: %d" % queued(d, "smtp"))
-        for name, r in (("behind", behind), ("restarted", restarted)):
-            print("%s/empty: accept %.2f, e2e %.2f" % (name, r[0] / empty[0], r[1] / empty[1]))
+        med = lambda runs, i: statistics.median(r[i] for r in runs)
+        for name, runs in (("behind", behinds), ("restarted", restarts)):
+            print("%s/empty (medians of %d): accept %.2f, e2e %.2f"
+                  % (name, a.repeat, med(runs, 0) / med(empties, 0), med(runs, 1) / med(empties, 1)))
     finally:
         stop(proc)
         if a.keep:
