@@ -28,6 +28,23 @@ struct Inbox {
 struct Waiting {
     staged: Vec<(Staged, Reply)>,
     asleep: bool,
+    /// The committer thread has ended (it should not): commits fail at once.
+    closed: bool,
+}
+
+/// Held by the committer thread: however it ends, even by a panic, what waits is answered
+/// with an error and later commits fail at once, instead of waiting for no one.
+struct Closing(std::sync::Weak<Inbox>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(inbox) = self.0.upgrade() {
+            let mut w = inbox.state.lock().unwrap_or_else(PoisonError::into_inner);
+            w.closed = true;
+            // Dropped replies answer with an error.
+            w.staged.clear();
+        }
+    }
 }
 
 /// The most messages one round commits; bounds the latency of the last one in a round.
@@ -99,6 +116,9 @@ impl Committer {
                 .state
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            if w.closed {
+                return Err(gone());
+            }
             w.staged.push((staged, Reply(Some(slot.clone()))));
             if w.asleep {
                 self.inbox.more.notify_one();
@@ -136,6 +156,7 @@ fn next_round(inbox: &std::sync::Weak<Inbox>) -> Option<Vec<(Staged, Reply)>> {
 }
 
 fn run(spool: Spool, inbox: std::sync::Weak<Inbox>) {
+    let _closing = Closing(inbox.clone());
     while let Some(round) = next_round(&inbox) {
         let (staged, replies): (Vec<Staged>, Vec<Reply>) = round.into_iter().unzip();
         match spool.commit(staged) {
@@ -203,5 +224,46 @@ impl Spool {
             c.marked = false;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once the committer thread has ended, a session waiting for its round and one that
+    /// comes later both get an error, instead of waiting for no one.
+    #[test]
+    fn commits_fail_at_once_when_the_committer_is_gone() {
+        let inbox = Arc::new(Inbox::default());
+        let committer = Committer {
+            inbox: inbox.clone(),
+        };
+        let slot = Arc::new(Slot::default());
+        inbox
+            .state
+            .lock()
+            .unwrap()
+            .staged
+            .push((staged_nothing(), Reply(Some(slot.clone()))));
+        drop(Closing(Arc::downgrade(&inbox)));
+        assert!(slot.wait().is_err(), "the waiting session is answered");
+        assert!(inbox.state.lock().unwrap().closed);
+        assert!(committer.commit(staged_nothing()).is_err());
+    }
+
+    /// A staged message with no files: enough for the inbox.
+    fn staged_nothing() -> Staged {
+        let dir = std::env::temp_dir().join(format!("qms-commit-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let tmp = dir.join("job");
+        let file = std::fs::File::create(&tmp).unwrap();
+        Staged {
+            id: QueueId::generate(),
+            body: None,
+            inline: true,
+            in_place: false,
+            job: safeio::Staged::new_at(file, tmp, dir.join("dest")),
+        }
     }
 }

@@ -6,8 +6,9 @@
 //! churn that scan costs more than writing the file. So a finished job or message file is
 //! renamed to a free name, and a new one is made by renaming a free one into place and
 //! truncating it or writing over it, or by writing over a free one where it lies, locked,
-//! and renaming it into place once written (`Pool::take_in_place`). Renames allocate no inode, and within one directory they
-//! also avoid the file system's single lock for renames between directories. A file that held
+//! and renaming it into place once written (`Pool::take_in_place`). Renames allocate no
+//! inode, and within one directory they also avoid the file system's single lock for
+//! renames between directories. A file that held
 //! a message is emptied a second after it enters the pool unless it was taken again by then
 //! (see `EMPTY_AFTER`), so nothing of a delivered message stays on disk for long (job files, a
 //! block of envelope each, are written over when reused); each pool has a cap; files that held
@@ -163,7 +164,6 @@ impl Pool {
     /// file back). This saves the rename that [`Pool::overwrite`] makes. None when the pool
     /// has no free file to give.
     pub fn take_in_place(&self) -> Option<(File, PathBuf)> {
-        use std::os::unix::fs::MetadataExt;
         while let Some(name) = self.take_name() {
             let path = self.dir.join(&name);
             let f = match OpenOptions::new().read(true).write(true).open(&path) {
@@ -176,17 +176,8 @@ impl Pool {
                 // Gone (taken by another process): the next one.
                 Err(_) => continue,
             };
-            // Held by another taker or the emptier.
-            if fs2::FileExt::try_lock_exclusive(&f).is_err() {
-                continue;
-            }
-            // Still free under that name once locked: a taker that opened it earlier may
-            // have renamed it into place and let go since.
-            match (f.metadata(), fs::metadata(&path)) {
-                (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => {
-                    return Some((f, path))
-                }
-                _ => continue,
+            if let Some(f) = hold_if_free(f, &path) {
+                return Some((f, path));
             }
         }
         None
@@ -308,7 +299,7 @@ fn pending() -> &'static Pending {
                 let next = files.pop_front();
                 drop(files);
                 if let Some((_, path)) = next {
-                    empty_if_free(&path);
+                    let _ = empty_if_free(&path);
                 }
             });
         Pending {
@@ -344,29 +335,32 @@ pub fn empty_pending() {
         .drain(..)
         .collect();
     for (_, path) in waiting {
-        empty_if_free(&path);
+        let _ = empty_if_free(&path);
     }
 }
 
 /// Empties the file at `path` if it is still a free file nobody holds. A taker locks a free
 /// file where it lies, checks that it is still there under that name, and keeps the lock
 /// until it has renamed it away: so a file this holds locked at its free name is no one's,
-/// and one locked by a taker (or gone) is left alone.
-fn empty_if_free(path: &Path) {
-    use fs2::FileExt;
+/// and one locked by a taker (or gone) is left alone. Returns whether it emptied it.
+pub(crate) fn empty_if_free(path: &Path) -> bool {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .ok()
+        .and_then(|f| hold_if_free(f, path))
+        .is_some_and(|f| f.set_len(0).is_ok())
+}
+
+/// `f`, opened at `path`, locked, if no one else holds it and it is still there under that
+/// name once locked (a taker that opened it earlier may have renamed it into place and let
+/// go since): how every taker, the emptier and start-up make a free file theirs.
+fn hold_if_free(f: File, path: &Path) -> Option<File> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(f) = OpenOptions::new().write(true).open(path) else {
-        return;
-    };
-    if f.try_lock_exclusive().is_err() {
-        return;
-    }
-    let same = match (f.metadata(), fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-        _ => false,
-    };
-    if same {
-        let _ = f.set_len(0);
+    fs2::FileExt::try_lock_exclusive(&f).ok()?;
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => Some(f),
+        _ => None,
     }
 }
 

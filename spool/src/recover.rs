@@ -29,7 +29,9 @@ impl Spool {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(crate::free::PREFIX) {
-                    if e.metadata().is_ok_and(|m| m.len() > 0) && empty_free(&e.path()) {
+                    if e.metadata().is_ok_and(|m| m.len() > 0)
+                        && crate::free::empty_if_free(&e.path())
+                    {
                         removed += 1;
                     }
                     continue;
@@ -62,21 +64,6 @@ impl Spool {
             }
         }
         removed
-    }
-}
-
-/// Cuts a free file to nothing, if nobody holds it and it is still free under its name.
-fn empty_free(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(f) = fs::OpenOptions::new().write(true).open(path) else {
-        return false;
-    };
-    if f.try_lock_exclusive().is_err() {
-        return false;
-    }
-    match (f.metadata(), fs::metadata(path)) {
-        (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => f.set_len(0).is_ok(),
-        _ => false,
     }
 }
 

@@ -130,6 +130,16 @@ pub struct Watcher {
     next_scan: Instant,
 }
 
+/// When a job is due, as its file's time tells.
+enum Due {
+    /// Now (or the file could not be read: the claim will tell).
+    Now,
+    /// At this time, in milliseconds.
+    At(u64),
+    /// Never: the file is gone.
+    Gone,
+}
+
 fn now_ms() -> u64 {
     qms_common::time::now_micros() / 1000
 }
@@ -267,21 +277,24 @@ impl Watcher {
         }
     }
 
-    /// When a job waits for a later attempt, by its file's time: `Some(None)` when it is
-    /// due (or unreadable: the claim will tell), None when it is gone.
-    fn waits_until(&self, id: &QueueId, now: u64) -> Option<Option<u64>> {
+    /// Whether a job waits for a later attempt, by its file's time.
+    fn waits_until(&self, id: &QueueId, now: u64) -> Due {
         let path = self.spool.queue_dir(&self.queue).join(format!("{id}.json"));
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(_) => return Some(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Due::Gone,
+            Err(_) => return Due::Now,
         };
         let at = meta
             .modified()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as u64);
-        Some((at > now).then_some(at))
+        if at > now {
+            Due::At(at)
+        } else {
+            Due::Now
+        }
     }
 
     /// Waits until jobs are due and returns them claimed, or returns an empty batch once
@@ -316,16 +329,16 @@ impl Watcher {
                     },
                 };
                 match self.waits_until(&id, now) {
-                    None => {
+                    Due::Gone => {
                         // Taken by another worker, or delivered and gone.
                         self.due.remove(&id);
                         continue;
                     }
-                    Some(Some(at)) => {
+                    Due::At(at) => {
                         self.schedule(id, at);
                         continue;
                     }
-                    Some(None) => {}
+                    Due::Now => {}
                 }
                 match self.spool.claim(&self.queue, &id) {
                     Ok(Claim::Got(c)) => {
