@@ -3,14 +3,37 @@
 //! the peer waits for it (PIPELINING).
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
 
 pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
+/// A TCP socket read and written through a shared handle, so the session, its timeouts and
+/// the lifetime watcher hold one descriptor instead of a duplicate each (two `dup`s and two
+/// `close`s a connection).
+pub struct SharedSocket(pub Arc<TcpStream>);
+
+impl Read for SharedSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl Write for SharedSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
 pub struct Conn {
     stream: Box<dyn Stream>,
     /// The socket under the stream (TLS or not), to change its read timeout.
-    socket: Option<std::net::TcpStream>,
+    socket: Option<Arc<TcpStream>>,
     buf: Vec<u8>,
     pos: usize,
     out: Vec<u8>,
@@ -51,7 +74,7 @@ impl Conn {
     }
 
     /// Keeps a handle on the TCP socket so timeouts can follow the protocol phase.
-    pub fn with_socket(mut self, socket: Option<std::net::TcpStream>) -> Conn {
+    pub fn with_socket(mut self, socket: Option<Arc<TcpStream>>) -> Conn {
         self.socket = socket;
         self
     }

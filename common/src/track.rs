@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Event {
@@ -93,12 +93,15 @@ pub fn is_trouble(event: &str) -> bool {
     )
 }
 
+/// This process's event file and role. Shared by its threads without a lock: every
+/// message's events are one write to a file opened with O_APPEND, which another thread's
+/// write cannot cut.
 struct Writer {
     file: File,
     role: String,
 }
 
-static WRITER: OnceLock<Mutex<Writer>> = OnceLock::new();
+static WRITER: OnceLock<Writer> = OnceLock::new();
 
 /// Opens this process's event file; until then [`emit`] writes nothing.
 pub fn open(spool: &Path, role: &str) -> std::io::Result<()> {
@@ -114,7 +117,7 @@ pub fn open(spool: &Path, role: &str) -> std::io::Result<()> {
         .open(&tmp)?;
     fs2::FileExt::try_lock_exclusive(&file)?;
     std::fs::rename(&tmp, dir.join(format!("{name}.jsonl")))?;
-    let _ = WRITER.set(Mutex::new(Writer { file, role }));
+    let _ = WRITER.set(Writer { file, role });
     Ok(())
 }
 
@@ -126,26 +129,66 @@ pub fn emit(ev: Event) {
 /// Appends events in one write (a message's events as one, and one system call).
 pub fn emit_all(events: impl IntoIterator<Item = Event>) {
     let Some(w) = WRITER.get() else { return };
-    let Ok(mut w) = w.lock() else { return };
     let mut lines = Vec::new();
     for mut ev in events {
-        ev.role = w.role.clone();
+        ev.role.clone_from(&w.role);
         if ev.reason.is_none() && is_trouble(&ev.event) {
             let reply = ev.reply.as_deref();
             ev.reason = reply.map(|r| crate::reason::of(None, Some(r)).as_str().to_string());
         }
-        if let Ok(line) = serde_json::to_vec(&ev) {
-            lines.extend_from_slice(&line);
-            lines.push(b'\n');
+        let start = lines.len();
+        match serde_json::to_writer(&mut lines, &ev) {
+            Ok(()) => lines.push(b'\n'),
+            Err(_) => lines.truncate(start),
         }
     }
     if lines.is_empty() {
         return;
     }
-    if let Err(e) = w.file.write_all(&lines) {
+    if let Err(e) = (&w.file).write_all(&lines) {
         crate::qlog!(
             "status=warning reason={}",
             crate::log::quote(&format!("cannot write tracking event: {e}"))
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_writing_events_at_once_leave_every_line_whole() {
+        let spool = std::env::temp_dir().join(format!("qms-track-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&spool);
+        std::fs::create_dir_all(spool.join("track")).unwrap();
+        open(&spool, "smtpd").unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                s.spawn(move || {
+                    for i in 0..500 {
+                        let rcpt = format!("{}@example.test", "r".repeat(200 + t * 50 + i % 7));
+                        let ev =
+                            Event::new(&format!("Q{t}N{i}"), None, &rcpt, "received", "", "queued");
+                        emit_all([ev.clone(), ev]);
+                    }
+                });
+            }
+        });
+        let mut files = std::fs::read_dir(spool.join("track")).unwrap();
+        let path = files.next().unwrap().unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut seen = std::collections::HashMap::new();
+        for line in text.lines() {
+            let ev: Event = serde_json::from_str(line).expect("a whole event on every line");
+            assert_eq!(ev.role, "smtpd");
+            *seen.entry(ev.qid).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 8 * 500);
+        assert!(
+            seen.values().all(|&n| n == 2),
+            "each message's two events once each"
+        );
+        let _ = std::fs::remove_dir_all(&spool);
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::session::{Kind, Peer, Session, Shared};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use qms_common::conn::Conn;
+use qms_common::conn::{Conn, SharedSocket};
 use qms_common::log::quote;
 use qms_common::qlog;
 use std::collections::HashMap;
@@ -181,12 +181,12 @@ impl Counts {
 /// next read or write however slowly the client trickles bytes.
 #[derive(Default)]
 struct Lifetimes {
-    open: Mutex<HashMap<u64, (std::time::Instant, TcpStream, IpAddr)>>,
+    open: Mutex<HashMap<u64, (std::time::Instant, Arc<TcpStream>, IpAddr)>>,
     next: std::sync::atomic::AtomicU64,
 }
 
 impl Lifetimes {
-    fn add(&self, until: std::time::Instant, s: TcpStream, ip: IpAddr) -> u64 {
+    fn add(&self, until: std::time::Instant, s: Arc<TcpStream>, ip: IpAddr) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut m) = self.open.lock() {
             m.insert(id, (until, s, ip));
@@ -284,7 +284,8 @@ fn accept(
     ip: IpAddr,
 ) {
     let limits = &shared.cfg.limits;
-    let _ = stream.set_nonblocking(false);
+    // No set_nonblocking(false): on Linux an accepted socket does not inherit the
+    // listener's O_NONBLOCK.
     if let Err(reply) = counts.enter(ip, limits) {
         qlog!("event=refused client=[{ip}] reply={}", quote(reply));
         let _ = stream.write_all(format!("{reply}\r\n").as_bytes());
@@ -303,12 +304,11 @@ fn accept(
             local_user: None,
             forced_sender: None,
         };
-        let socket = stream.try_clone().ok();
-        let watched = stream.try_clone().ok().map(|s| lifetimes.add(until, s, ip));
-        serve(&shared, kind, peer, Box::new(stream), socket);
-        if let Some(id) = watched {
-            lifetimes.remove(id);
-        }
+        let stream = Arc::new(stream);
+        let watched = lifetimes.add(until, stream.clone(), ip);
+        let conn = Box::new(SharedSocket(stream.clone()));
+        serve(&shared, kind, peer, conn, Some(stream));
+        lifetimes.remove(watched);
         counts.leave(ip);
     }));
     if let Err(e) = spawned {
@@ -325,7 +325,7 @@ fn serve(
     kind: Kind,
     peer: Peer,
     stream: Box<dyn qms_common::conn::Stream>,
-    socket: Option<TcpStream>,
+    socket: Option<Arc<TcpStream>>,
 ) {
     if kind != Kind::Submissions {
         Session::new(shared, kind, peer, Conn::new(stream).with_socket(socket)).run();
