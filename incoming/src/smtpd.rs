@@ -177,11 +177,14 @@ impl Counts {
     }
 }
 
+/// A session's end of life, its socket and its client.
+type Watched = (std::time::Instant, Arc<TcpStream>, IpAddr);
+
 /// Sessions past their lifetime: their sockets are shut down, which ends the session at its
 /// next read or write however slowly the client trickles bytes.
 #[derive(Default)]
 struct Lifetimes {
-    open: Mutex<HashMap<u64, (std::time::Instant, Arc<TcpStream>, IpAddr)>>,
+    open: Mutex<HashMap<u64, Watched>>,
     next: std::sync::atomic::AtomicU64,
 }
 
