@@ -208,12 +208,12 @@ pub fn show_sender(a: &Option<Address>) -> String {
 
 /// An address as a log value: quoted when its local part holds a space, `=` or `"`.
 pub fn logged(a: &Address) -> String {
-    crate::log::quote(&a.to_string())
+    crate::log::quote_owned(a.to_string())
 }
 
 /// The envelope sender as a log value (`<>` for none).
 pub fn logged_sender(a: &Option<Address>) -> String {
-    crate::log::quote(&show_sender(a))
+    crate::log::quote_owned(show_sender(a))
 }
 
 #[cfg(test)]

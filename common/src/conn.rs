@@ -58,6 +58,15 @@ pub enum Line {
     Eof,
 }
 
+/// How a line read by [`Conn::read_line_into`] ended (see [`Line`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineEnd {
+    Crlf,
+    BareLf,
+    TooLong { crlf: bool },
+    Eof,
+}
+
 /// Where the bytes of a BDAT chunk go as they arrive.
 pub type ChunkSink<'a> = dyn FnMut(&[u8]) + 'a;
 
@@ -111,8 +120,20 @@ impl Conn {
 
     /// Reads up to and including the next LF; lines over `limit` bytes come back as TooLong.
     pub fn read_line(&mut self, limit: usize) -> io::Result<Line> {
-        let mut skipping = false;
         let mut line = Vec::new();
+        Ok(match self.read_line_into(limit, &mut line)? {
+            LineEnd::Crlf => Line::Crlf(line),
+            LineEnd::BareLf => Line::BareLf(line),
+            LineEnd::TooLong { crlf } => Line::TooLong { crlf },
+            LineEnd::Eof => Line::Eof,
+        })
+    }
+
+    /// [`Conn::read_line`] into the caller's buffer (cleared first, its line end left off),
+    /// so a loop over a message's lines allocates nothing per line.
+    pub fn read_line_into(&mut self, limit: usize, line: &mut Vec<u8>) -> io::Result<LineEnd> {
+        line.clear();
+        let mut skipping = false;
         let mut last = 0u8;
         loop {
             if let Some(i) = self.buf[self.pos..].iter().position(|&b| b == b'\n') {
@@ -124,15 +145,16 @@ impl Conn {
                         last == b'\r'
                     };
                     self.pos = end + 1;
-                    return Ok(Line::TooLong { crlf });
+                    line.clear();
+                    return Ok(LineEnd::TooLong { crlf });
                 }
                 line.extend_from_slice(&self.buf[self.pos..end]);
                 self.pos = end + 1;
                 return Ok(if line.last() == Some(&b'\r') {
                     line.pop();
-                    Line::Crlf(line)
+                    LineEnd::Crlf
                 } else {
-                    Line::BareLf(line)
+                    LineEnd::BareLf
                 });
             }
             if let Some(&b) = self.buf.last() {
@@ -142,15 +164,17 @@ impl Conn {
                 line.extend_from_slice(&self.buf[self.pos..]);
                 if line.len() > limit + 1 {
                     skipping = true;
-                    line = Vec::new();
+                    line.clear();
                 }
             }
             self.pos = self.buf.len();
             if self.fill()? == 0 {
-                return Ok(if skipping || !line.is_empty() {
-                    Line::TooLong { crlf: false }
+                let cut = skipping || !line.is_empty();
+                line.clear();
+                return Ok(if cut {
+                    LineEnd::TooLong { crlf: false }
                 } else {
-                    Line::Eof
+                    LineEnd::Eof
                 });
             }
         }

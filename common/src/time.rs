@@ -98,11 +98,21 @@ pub fn day(t: i64) -> String {
 
 /// `2026-11-22T18:47:31Z`
 pub fn iso8601(t: i64) -> String {
-    let p = parts(t);
-    format!(
-        "{}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        p.y, p.mo, p.d, p.h, p.mi, p.s
-    )
+    Iso8601(t).to_string()
+}
+
+/// A Unix time written as [`iso8601`] does, straight into what is being formatted.
+pub struct Iso8601(pub i64);
+
+impl std::fmt::Display for Iso8601 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = parts(self.0);
+        write!(
+            f,
+            "{}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            p.y, p.mo, p.d, p.h, p.mi, p.s
+        )
+    }
 }
 
 /// A duration in the short form mailq shows: `45s`, `12m`, `3h`, `2d`.

@@ -2,7 +2,7 @@
 //! bare CR is never taken for a line end, so a message cannot smuggle a second one past us
 //! (the CVE-2023-51764 class). Text after a refused line is read and dropped up to the real end.
 
-use qms_common::conn::{Conn, Line};
+use qms_common::conn::{Conn, LineEnd};
 use std::io;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,13 +48,14 @@ pub fn read_data(
     let mut size = 0u64;
     let mut error = None;
     let mut prev_crlf = true;
-    let mut out = Vec::with_capacity(max_line.min(8192) + 2);
+    // One buffer for every line: it is handed to the sink with its CRLF put back.
+    let mut line = Vec::with_capacity(max_line.min(8192) + 2);
     loop {
-        let (line, crlf) = match conn.read_line(max_line)? {
-            Line::Eof => return Ok(Data::Eof),
-            Line::Crlf(l) => (l, true),
-            Line::BareLf(l) => (l, false),
-            Line::TooLong { crlf } => {
+        let crlf = match conn.read_line_into(max_line, &mut line)? {
+            LineEnd::Eof => return Ok(Data::Eof),
+            LineEnd::Crlf => true,
+            LineEnd::BareLf => false,
+            LineEnd::TooLong { crlf } => {
                 error.get_or_insert(DataError::LineTooLong);
                 prev_crlf = crlf;
                 continue;
@@ -71,16 +72,14 @@ pub fn read_data(
             error = Some(DataError::BareLineEnd);
             continue;
         }
-        let text = line.strip_prefix(b".").unwrap_or(&line);
-        size += text.len() as u64 + 2;
+        let stuffed = usize::from(line.first() == Some(&b'.'));
+        size += (line.len() - stuffed) as u64 + 2;
         if size > max_size {
             error = Some(DataError::TooBig);
             continue;
         }
-        out.clear();
-        out.extend_from_slice(text);
-        out.extend_from_slice(b"\r\n");
-        sink(&out);
+        line.extend_from_slice(b"\r\n");
+        sink(&line[stuffed..]);
     }
     Ok(match error {
         Some(e) => Data::Refused(e),
@@ -147,6 +146,7 @@ pub fn check_chunked(msg: &[u8], max_line: usize) -> Result<(), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qms_common::conn::Line;
 
     fn run(input: &[u8]) -> (Option<Vec<u8>>, Option<DataError>, Vec<u8>) {
         let mut conn = Conn::new(Box::new(io::Cursor::new(input.to_vec())));

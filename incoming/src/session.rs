@@ -5,7 +5,7 @@ use crate::data::{self, Data};
 use crate::policy;
 use crate::receive::Receiver;
 use qms_common::aliases;
-use qms_common::conn::{Conn, Line};
+use qms_common::conn::{Conn, LineEnd};
 use qms_common::headers;
 use qms_common::log::quote;
 use qms_common::{qlog, Address, Config};
@@ -160,10 +160,12 @@ impl<'a> Session<'a> {
         qms_common::metrics::count("qms_connections_total", &service, 1.0);
         let banner = format!("220 {} ESMTP qms", self.cfg().hostname);
         self.conn.reply(&banner);
+        // One buffer for every command line of the session.
+        let mut line = Vec::new();
         loop {
             let limit = self.cfg().limits.command_line;
-            let line = match self.conn.read_line(limit) {
-                Ok(l) => l,
+            let end = match self.conn.read_line_into(limit, &mut line) {
+                Ok(end) => end,
                 Err(e) => {
                     qlog!(
                         "event=disconnect client={client} reason={}",
@@ -172,12 +174,12 @@ impl<'a> Session<'a> {
                     return;
                 }
             };
-            let flow = match line {
-                Line::Eof => break,
-                Line::TooLong { .. } => self.error("500 5.5.2 Line too long"),
-                Line::BareLf(_) => self.error("500 5.5.2 Bare LF in command: lines end with CRLF"),
-                Line::Crlf(l) => match String::from_utf8(l) {
-                    Ok(cmd) => self.command(&cmd),
+            let flow = match end {
+                LineEnd::Eof => break,
+                LineEnd::TooLong { .. } => self.error("500 5.5.2 Line too long"),
+                LineEnd::BareLf => self.error("500 5.5.2 Bare LF in command: lines end with CRLF"),
+                LineEnd::Crlf => match std::str::from_utf8(&line) {
+                    Ok(cmd) => self.command(cmd),
                     Err(_) => self.error("500 5.5.2 Command is not UTF-8"),
                 },
             };
@@ -208,40 +210,50 @@ impl<'a> Session<'a> {
             Some(i) => (&line[..i], line[i + 1..].trim()),
             None => (line, ""),
         };
-        match verb.to_ascii_uppercase().as_str() {
-            "EHLO" => self.hello(arg, true),
-            "HELO" => self.hello(arg, false),
-            "MAIL" => self.mail(arg),
-            "RCPT" => self.rcpt(arg),
-            "DATA" => self.data(arg),
-            "BDAT" => self.bdat(arg),
-            "RSET" => {
+        // The verb in capitals on the stack: no verb we know is longer than eight letters.
+        let mut upper = [0u8; 8];
+        let verb: &[u8] = match upper.get_mut(..verb.len()) {
+            Some(up) => {
+                up.copy_from_slice(verb.as_bytes());
+                up.make_ascii_uppercase();
+                up
+            }
+            None => b"?",
+        };
+        match verb {
+            b"EHLO" => self.hello(arg, true),
+            b"HELO" => self.hello(arg, false),
+            b"MAIL" => self.mail(arg),
+            b"RCPT" => self.rcpt(arg),
+            b"DATA" => self.data(arg),
+            b"BDAT" => self.bdat(arg),
+            b"RSET" => {
                 self.tx = None;
                 self.conn.reply("250 2.0.0 Ok");
                 Flow::Continue
             }
-            "NOOP" => {
+            b"NOOP" => {
                 self.conn.reply("250 2.0.0 Ok");
                 Flow::Continue
             }
-            "QUIT" => {
+            b"QUIT" => {
                 self.conn.reply("221 2.0.0 Bye");
                 Flow::Close
             }
-            "VRFY" => {
+            b"VRFY" => {
                 self.conn.reply(
                     "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery",
                 );
                 Flow::Continue
             }
-            "EXPN" => self.error("502 5.5.1 EXPN is disabled"),
-            "HELP" => {
+            b"EXPN" => self.error("502 5.5.1 EXPN is disabled"),
+            b"HELP" => {
                 self.conn.reply("214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
                 Flow::Continue
             }
-            "STARTTLS" => self.starttls(arg),
-            "AUTH" => self.auth(arg),
-            "" => self.error("500 5.5.2 Error: empty command"),
+            b"STARTTLS" => self.starttls(arg),
+            b"AUTH" => self.auth(arg),
+            b"" => self.error("500 5.5.2 Error: empty command"),
             _ => self.error("500 5.5.2 Error: command not recognized"),
         }
     }

@@ -7,6 +7,7 @@
 
 mod postfix;
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -216,15 +217,17 @@ fn out(prog: &str, text: &str) {
         }
         return;
     }
-    let mut stamp = String::new();
+    // Built in one string: a line is one allocation and one write.
+    let mut line = String::with_capacity(text.len() + 96);
     if *STAMP.get().unwrap_or(&true) {
-        stamp = format!("{} ", crate::time::iso8601(crate::time::now()));
+        let _ = write!(line, "{} ", crate::time::Iso8601(crate::time::now()));
         if format() == Format::Postfix {
-            stamp.push_str(HOST.get().map(String::as_str).unwrap_or("localhost"));
-            stamp.push(' ');
+            line.push_str(HOST.get().map(String::as_str).unwrap_or("localhost"));
+            line.push(' ');
         }
     }
-    emit(format!("{stamp}{name}/{prog}[{pid}]: {text}\n"));
+    let _ = writeln!(line, "{name}/{prog}[{pid}]: {text}");
+    emit(line);
 }
 
 /// One write() per line: processes share the log file, and a line written in pieces could
@@ -255,14 +258,22 @@ fn write_unlocked(fd: std::os::fd::BorrowedFd<'_>, mut buf: &[u8]) -> nix::Resul
     Ok(())
 }
 
+/// The value quoted, keeping the String it came in when it needs no quotes.
+pub fn quote_owned(v: String) -> String {
+    match quote(&v) {
+        std::borrow::Cow::Owned(q) => q,
+        std::borrow::Cow::Borrowed(_) => v,
+    }
+}
+
 /// Quotes a value for a key=value line when it holds a space, `=`, `"` or any control
 /// character; inside quotes `"` and `\\` are escaped and control characters written as
 /// `\n`, `\r`, `\t` or `\xNN`, so no value from a peer can end a line, start a field or
 /// send a terminal escape.
-pub fn quote(v: &str) -> String {
+pub fn quote(v: &str) -> std::borrow::Cow<'_, str> {
     let plain = |c: char| !(c == ' ' || c == '"' || c == '=' || c == '\\' || c.is_control());
     if !v.is_empty() && v.chars().all(plain) {
-        return v.to_string();
+        return std::borrow::Cow::Borrowed(v);
     }
     let mut s = String::from("\"");
     for c in v.chars() {
@@ -277,7 +288,7 @@ pub fn quote(v: &str) -> String {
         }
     }
     s.push('"');
-    s
+    std::borrow::Cow::Owned(s)
 }
 
 /// The last line of defence: any control character left in a finished line (a value that
