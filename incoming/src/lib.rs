@@ -9,6 +9,7 @@ pub mod dovecot;
 pub mod pickup;
 pub mod policy;
 mod receive;
+mod seats;
 pub mod sendmail;
 mod session;
 pub mod smtpd;

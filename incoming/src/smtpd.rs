@@ -3,6 +3,7 @@
 //! waits a while for the next connection: with one message per connection, creating threads
 //! was a tenth of smtpd's CPU.
 
+use crate::seats::Threads;
 use crate::session::{Kind, Peer, Session, Shared};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use qms_common::conn::{Conn, SharedSocket};
@@ -83,42 +84,8 @@ pub fn export(listeners: Vec<(Kind, TcpListener)>) -> (String, Vec<RawFd>) {
     (spec, fds)
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// How long a session thread waits for another connection before it exits.
+/// How long a session thread waits for another connection before it ends.
 const IDLE: Duration = Duration::from_secs(30);
-
-/// Session threads: a new connection goes to a thread that waits for one, else to a new one.
-struct Threads {
-    /// Rendezvous: a send succeeds only if a thread is waiting in `recv` right now, so no
-    /// connection ever queues behind a busy session.
-    tx: crossbeam_channel::Sender<Job>,
-    rx: crossbeam_channel::Receiver<Job>,
-}
-
-impl Threads {
-    fn new() -> Threads {
-        let (tx, rx) = crossbeam_channel::bounded(0);
-        Threads { tx, rx }
-    }
-
-    fn run(&self, job: Job) -> std::io::Result<()> {
-        let job = match self.tx.try_send(job) {
-            Ok(()) => return Ok(()),
-            Err(e) => e.into_inner(),
-        };
-        let rx = self.rx.clone();
-        std::thread::Builder::new()
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                job();
-                while let Ok(next) = rx.recv_timeout(IDLE) {
-                    next();
-                }
-            })
-            .map(|_| ())
-    }
-}
 
 /// Connections open now, in all, per address and per network, as Postfix's anvil keeps
 /// them: a few clients cannot take every slot.
@@ -233,7 +200,7 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &Atom
         per_network: Mutex::new(HashMap::new()),
     });
     let lifetimes = Arc::new(Lifetimes::default());
-    let threads = Threads::new();
+    let threads = Threads::new(IDLE);
     let mut reaped = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if reaped.elapsed() >= Duration::from_secs(1) {
