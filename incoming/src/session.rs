@@ -836,38 +836,18 @@ impl<'a> Session<'a> {
             .and_then(|staged| self.shared.committer.commit(staged));
         match result {
             Ok(id) => {
-                qlog!(
-                    "qid={id} client={} helo={} from={sender} to={} size={size} nrcpt={} msgid={} tls={} sasl_user={} {}status=queued",
-                    client_name(&self.peer),
-                    quote(self.helo.as_deref().unwrap_or("")),
-                    quote(&rcpts.join(",")),
-                    rcpts.len(),
-                    quote(tracked.message_id.as_deref().unwrap_or("")),
-                    quote(self.tls.as_deref().unwrap_or("none")),
-                    quote(self.auth_user.as_deref().unwrap_or("-")),
-                    // One line per message, so log readers count it once.
-                    checked.as_ref().map(|c| format!("{} ", c.line())).unwrap_or_default()
+                self.log_queued(
+                    &id,
+                    &Queued {
+                        sender: &sender,
+                        rcpts: &rcpts,
+                        size,
+                        job: &tracked,
+                        checked: checked.as_ref(),
+                        received_at,
+                        direct: direct.as_ref(),
+                    },
                 );
-                if let Some(c) = &checked {
-                    c.count();
-                }
-                let protocol = [("protocol", self.kind.protocol())];
-                qms_common::metrics::count("qms_messages_received_total", &protocol, 1.0);
-                let mut events: Vec<_> = tracked
-                    .recipients
-                    .iter()
-                    .map(|r| {
-                        let mut ev = tracked.track(&r.address, "received", "", "queued");
-                        ev.qid = id.to_string();
-                        ev.time = received_at;
-                        ev.reply = checked.as_ref().map(|c| c.line());
-                        ev
-                    })
-                    .collect();
-                if let Some(plan) = &direct {
-                    events.extend(plan.announce(id.as_str(), &tracked, received_at + 1));
-                }
-                qms_common::track::emit_all(events);
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
             Err(e) => {
@@ -883,6 +863,64 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+}
+
+/// What the log line and tracking events of a message just queued say.
+struct Queued<'a> {
+    /// The envelope sender as a log value.
+    sender: &'a str,
+    rcpts: &'a [String],
+    size: u64,
+    /// The job as it was before the direct route or the checks changed it.
+    job: &'a Job,
+    checked: Option<&'a crate::authcheck::Summary>,
+    /// When the message was received (µs), stamped before its job could be seen.
+    received_at: u64,
+    direct: Option<&'a qms_router::direct::Plan>,
+}
+
+impl Session<'_> {
+    /// Logs and tracks a message queued as `id`: the `queued` line and, by the direct route,
+    /// the `routed` line go out in one write.
+    fn log_queued(&self, id: &QueueId, q: &Queued) {
+        qms_common::log::together(|| {
+            qlog!(
+                "qid={id} client={} helo={} from={} to={} size={} nrcpt={} msgid={} tls={} sasl_user={} {}status=queued",
+                client_name(&self.peer),
+                quote(self.helo.as_deref().unwrap_or("")),
+                q.sender,
+                quote(&q.rcpts.join(",")),
+                q.size,
+                q.rcpts.len(),
+                quote(q.job.message_id.as_deref().unwrap_or("")),
+                quote(self.tls.as_deref().unwrap_or("none")),
+                quote(self.auth_user.as_deref().unwrap_or("-")),
+                // One line per message, so log readers count it once.
+                q.checked.map(|c| format!("{} ", c.line())).unwrap_or_default()
+            );
+            if let Some(c) = q.checked {
+                c.count();
+            }
+            let protocol = [("protocol", self.kind.protocol())];
+            qms_common::metrics::count("qms_messages_received_total", &protocol, 1.0);
+            let mut events: Vec<_> = q
+                .job
+                .recipients
+                .iter()
+                .map(|r| {
+                    let mut ev = q.job.track(&r.address, "received", "", "queued");
+                    ev.qid = id.to_string();
+                    ev.time = q.received_at;
+                    ev.reply = q.checked.map(|c| c.line());
+                    ev
+                })
+                .collect();
+            if let Some(plan) = q.direct {
+                events.extend(plan.announce(id.as_str(), q.job, q.received_at + 1));
+            }
+            qms_common::track::emit_all(events);
+        });
     }
 }
 

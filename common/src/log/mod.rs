@@ -235,6 +235,59 @@ fn out(prog: &str, text: &str) {
 /// by another thread's (O_APPEND files, pipes up to 4 KiB), and stderr's lock made smtpd's
 /// sessions sleep and wake each other at every line (seven futex calls a message).
 fn emit(line: String) {
+    let held = HELD.with(|h| match h.borrow_mut().as_mut() {
+        Some(lines) => {
+            lines.push_str(&line);
+            true
+        }
+        None => false,
+    });
+    if !held {
+        write_out(&line);
+    }
+}
+
+thread_local! {
+    /// Lines held by [`together`] on this thread, to be written at its end.
+    static HELD: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A pipe keeps one write whole only up to this size (PIPE_BUF).
+const WHOLE_WRITE: usize = 4096;
+
+/// Runs `f` with this thread's lines held, and writes them when it ends in one write (as one
+/// write per line when together they are too long to stay whole in a pipe): smtpd's two
+/// lines for a message, `queued` and `routed`, cost one system call. Lines to syslog go one
+/// datagram each, as before.
+pub fn together<T>(f: impl FnOnce() -> T) -> T {
+    struct Release(bool);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            if !self.0 {
+                return;
+            }
+            let Some(lines) = HELD.with(|h| h.borrow_mut().take()) else {
+                return;
+            };
+            if lines.len() <= WHOLE_WRITE {
+                write_out(&lines);
+            } else {
+                lines.split_inclusive('\n').for_each(write_out);
+            }
+        }
+    }
+    let outermost = HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        let first = h.is_none();
+        h.get_or_insert_with(String::new);
+        first
+    });
+    let _release = Release(outermost);
+    f()
+}
+
+/// Writes one line, or several lines of one caller, in one write.
+fn write_out(line: &str) {
     match FILE.get() {
         Some(mut f) => {
             let _ = f.write_all(line.as_bytes());
@@ -362,6 +415,31 @@ macro_rules! qlog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn held() -> Option<String> {
+        HELD.with(|h| h.borrow().clone())
+    }
+
+    #[test]
+    fn lines_of_together_are_held_until_its_outermost_call_ends_even_by_a_panic() {
+        together(|| {
+            emit("one\n".into());
+            together(|| emit("two\n".into()));
+            assert_eq!(
+                held().as_deref(),
+                Some("one\ntwo\n"),
+                "held past the inner call"
+            );
+        });
+        assert_eq!(held(), None, "written at the end");
+        let r = std::panic::catch_unwind(|| together(|| panic!("in the middle")));
+        assert!(r.is_err());
+        assert_eq!(
+            held(),
+            None,
+            "a panic does not leave the thread holding its lines"
+        );
+    }
 
     #[test]
     fn lines_written_by_threads_at_once_into_a_pipe_come_out_whole() {
