@@ -8,8 +8,12 @@ port where nothing listens and `bench.test` to a sink, then measures relayed new
 ../shared/bench/bench.py in three states, R times each: with an empty queue, right after N
 messages for the dead host were accepted, and right after a restart with that backlog (a
 restart before each of those runs). Prints each figure, the ratios of the medians to the
-empty queue's, the smtp workers' memory, and how long `queue list` takes. One run of each
-state swung by a fifth between sittings on this machine; medians of three do less so.
+empty queue's, the smtp workers' memory, and how long `queue list` takes.
+
+The empty queue is a second instance, started alongside with the same configuration and
+never given the backlog; it is measured next to every run of the first, in turn, so the
+machine's drift through the sitting (a fifth between runs minutes apart on this machine)
+falls on both sides of each ratio.
 """
 import argparse, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
@@ -44,28 +48,22 @@ def rss_mb(pattern):
     return [int(l.split()[0]) // 1024 for l in out.splitlines() if pattern in l]
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--qms", required=True)
-    p.add_argument("-n", type=int, default=100000)
-    p.add_argument("-m", type=int, default=3000)
-    p.add_argument("-s", type=int, default=20)
-    p.add_argument("--keep", action="store_true", help="keep the directory (its qms.log) for a look")
-    p.add_argument("-r", "--repeat", type=int, default=3,
-                   help="runs in each state (a restart before each run after a restart); medians are compared")
-    a = p.parse_args()
-    qms = os.path.realpath(a.qms)
-    d = tempfile.mkdtemp(prefix="qms-backlog-")
-    os.chmod(d, 0o755)
-    port, sink, dead = free_port(), free_port(), free_port()
-    user = 'user = "nobody"\n' if os.geteuid() == 0 else ""
-    cfg = os.path.join(d, "qms.toml")
-    with open(cfg, "w") as f:
-        f.write(f'''spool = "spool"
+class Instance:
+    """One qms in a directory of its own, relaying bench.test to `sink`, dead.test to `dead`."""
+
+    def __init__(self, qms, sink, dead):
+        self.qms = qms
+        self.dir = tempfile.mkdtemp(prefix="qms-backlog-")
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        self.cfg = os.path.join(self.dir, "qms.toml")
+        user = 'user = "nobody"\n' if os.geteuid() == 0 else ""
+        with open(self.cfg, "w") as f:
+            f.write(f'''spool = "spool"
 hostname = "mx.bench.test"
 postmaster = "alice@local.test"
 {user}[smtp]
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:{self.port}"]
 mynetworks = ["127.0.0.0/8"]
 [domains]
 local = ["local.test"]
@@ -81,20 +79,22 @@ connections_per_network = 400
 [queues.smtp]
 workers = 2
 ''')
-    if os.geteuid() == 0:
-        subprocess.run(["chown", "-R", "nobody:nogroup", d], check=True)
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "nobody:nogroup", self.dir], check=True)
+        self.proc = None
 
-    def start():
-        proc = subprocess.Popen([qms, "-c", cfg, "start"], stdout=open(os.path.join(d, "qms.log"), "ab"),
-                                stderr=subprocess.STDOUT)
+    def start(self):
+        self.proc = subprocess.Popen([self.qms, "-c", self.cfg, "start"],
+                                     stdout=open(os.path.join(self.dir, "qms.log"), "ab"),
+                                     stderr=subprocess.STDOUT)
         end = time.time() + 30
         while time.time() < end:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.05)
-        status = os.path.join(d, "spool", "run", "status.json")
+        status = os.path.join(self.dir, "spool", "run", "status.json")
         while time.time() < end:
             try:
                 if "null" not in open(status).read():
@@ -102,47 +102,76 @@ workers = 2
             except OSError:
                 pass
             time.sleep(0.05)
-        return proc
 
-    def stop(proc):
-        subprocess.run([qms, "-c", cfg, "stop"], capture_output=True)
-        proc.wait()
+    def stop(self):
+        if self.proc:
+            subprocess.run([self.qms, "-c", self.cfg, "stop"], capture_output=True)
+            self.proc.wait()
+            self.proc = None
 
-    proc = start()
+    def remove(self, keep):
+        self.stop()
+        if keep:
+            print("kept", self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--qms", required=True)
+    p.add_argument("-n", type=int, default=100000)
+    p.add_argument("-m", type=int, default=3000)
+    p.add_argument("-s", type=int, default=20)
+    p.add_argument("--keep", action="store_true", help="keep the directories (their qms.log) for a look")
+    p.add_argument("-r", "--repeat", type=int, default=3,
+                   help="runs in each state (a restart before each run after a restart); medians are compared")
+    a = p.parse_args()
+    qms = os.path.realpath(a.qms)
+    sink, dead = free_port(), free_port()
+    ref, q = Instance(qms, sink, dead), Instance(qms, sink, dead)
+    run = lambda i: bench(i.port, sink, a.m, a.s)
     try:
-        bench(port, sink, a.m, a.s)  # warm-up: the first run also fills the spool's reuse pools
-        empties = [bench(port, sink, a.m, a.s) for _ in range(a.repeat)]
-        for r in empties:
-            print("empty queue:  ", r[2], flush=True)
+        for i in (ref, q):
+            i.start()
+            run(i)  # warm-up: the first run also fills the spool's reuse pools
+        # Before the backlog both are empty: their ratio says how alike two instances are.
+        empties, sames, behinds, refs_b, restarts, refs_r = [], [], [], [], [], []
+        for _ in range(a.repeat):
+            empties.append(run(ref))
+            print("empty queue:  ", empties[-1][2], flush=True)
+            sames.append(run(q))
+            print("this one, empty:", sames[-1][2], flush=True)
         t0 = time.monotonic()
         subprocess.run(["smtp-source", "-s", str(a.s), "-m", str(a.n), "-l", "2048", "-f", "sender@bench.test",
-                        "-t", "rcpt@dead.test", "127.0.0.1:%d" % port], check=True, capture_output=True)
+                        "-t", "rcpt@dead.test", "127.0.0.1:%d" % q.port], check=True, capture_output=True)
         print("backlog of %d for dead.test accepted in %.1f s; in queue/smtp now: %d"
-              % (a.n, time.monotonic() - t0, queued(d, "smtp")), flush=True)
-        behinds = [bench(port, sink, a.m, a.s) for _ in range(a.repeat)]
-        for r in behinds:
-            print("behind it:    ", r[2], flush=True)
-        print("smtp workers' RSS (MB):", rss_mb("deliver --queue smtp"), flush=True)
-        t0 = time.monotonic()
-        subprocess.run([qms, "-c", cfg, "queue", "list", "--json"], capture_output=True)
-        print("queue list --json: %.1f s" % (time.monotonic() - t0), flush=True)
-        restarts = []
+              % (a.n, time.monotonic() - t0, queued(q.dir, "smtp")), flush=True)
         for _ in range(a.repeat):
-            stop(proc)
-            proc = start()
-            restarts.append(bench(port, sink, a.m, a.s))
+            refs_b.append(run(ref))
+            print("empty queue:  ", refs_b[-1][2], flush=True)
+            behinds.append(run(q))
+            print("behind it:    ", behinds[-1][2], flush=True)
+        print("smtp workers' RSS (MB):", rss_mb(q.cfg + " deliver --queue smtp"), flush=True)
+        t0 = time.monotonic()
+        subprocess.run([qms, "-c", q.cfg, "queue", "list", "--json"], capture_output=True)
+        print("queue list --json: %.1f s" % (time.monotonic() - t0), flush=True)
+        for _ in range(a.repeat):
+            refs_r.append(run(ref))
+            print("empty queue:  ", refs_r[-1][2], flush=True)
+            q.stop()
+            q.start()
+            restarts.append(run(q))
             print("restarted:    ", restarts[-1][2], flush=True)
-        print("in queue/smtp: %d" % queued(d, "smtp"))
+        print("in queue/smtp: %d" % queued(q.dir, "smtp"))
         med = lambda runs, i: statistics.median(r[i] for r in runs)
-        for name, runs in (("behind", behinds), ("restarted", restarts)):
-            print("%s/empty (medians of %d): accept %.2f, e2e %.2f"
-                  % (name, a.repeat, med(runs, 0) / med(empties, 0), med(runs, 1) / med(empties, 1)))
+        for name, runs, refs in (("both empty", sames, empties), ("behind", behinds, refs_b),
+                                 ("restarted", restarts, refs_r)):
+            print("%s/empty (medians of %d, each run next to one of the empty instance): accept %.2f, e2e %.2f"
+                  % (name, len(runs), med(runs, 0) / med(refs, 0), med(runs, 1) / med(refs, 1)))
     finally:
-        stop(proc)
-        if a.keep:
-            print("kept", d)
-        else:
-            shutil.rmtree(d, ignore_errors=True)
+        ref.remove(a.keep)
+        q.remove(a.keep)
 
 
 if __name__ == "__main__":
