@@ -36,12 +36,15 @@ impl Threads {
     /// Runs `job` on an idle thread at once, or on a new one; never queues it behind another.
     pub fn run(&self, job: Job) -> std::io::Result<()> {
         let seat = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        // A seat that cannot be handed the job (its lock poisoned) is dropped, and the job
+        // goes to a new thread: a job dropped unrun would leave its connection counted.
         if let Some(seat) = seat {
             if let Ok(mut slot) = seat.job.lock() {
                 *slot = Some(job);
+                drop(slot);
+                seat.handed.notify_one();
+                return Ok(());
             }
-            seat.handed.notify_one();
-            return Ok(());
         }
         let idle = self.idle.clone();
         let idle_for = self.idle_for;
