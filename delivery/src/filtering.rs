@@ -67,10 +67,9 @@ impl Filtering {
             .mailboxes
             .values()
             .find(|m| matches!(&m.mailbox, Mailbox::Maildir(p) if p == dir));
-        let me = nix::unistd::getuid();
         let (script, user_owned) = match (mailbox, account, &cfg.sieve.user_script) {
             (Some(m), _, _) => (m.sieve.clone(), false),
-            (None, Some(a), Some(rel)) if privileged || a.uid == me => {
+            (None, Some(a), Some(rel)) if privileged || a.uid == nix::unistd::getuid() => {
                 (Some(a.home.join(rel)), true)
             }
             _ => (None, false),

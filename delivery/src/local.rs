@@ -15,6 +15,7 @@ use qms_common::privs::{self, Account};
 use qms_common::{qlog, safeio, Config};
 use qms_spool::{Claimed, RcptState, Recipient, Spool};
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,8 @@ pub struct LocalAgent {
     /// This process's own account: whom deliveries run as when qms runs unprivileged.
     me: Option<Account>,
     filtering: crate::filtering::Filtering,
+    /// The spool's file system: a `syncfs` of it covers Maildirs on the same one.
+    spool_dev: Option<u64>,
 }
 
 /// The result of one delivery attempt.
@@ -112,7 +115,9 @@ impl LocalAgent {
     pub fn new(cfg: Arc<Config>, spool: Spool) -> LocalAgent {
         let aliases = qms_common::aliases::Cache::new(cfg.aliases.clone());
         let filtering = crate::filtering::Filtering::new(&cfg);
+        let spool_dev = std::fs::metadata(spool.root()).map(|m| m.dev()).ok();
         LocalAgent {
+            spool_dev,
             cfg,
             spool,
             aliases,
@@ -280,11 +285,9 @@ impl LocalAgent {
         staged: &[(usize, usize, safeio::Staged)],
         marks: &mut Marks,
     ) -> Option<String> {
-        use std::os::unix::fs::MetadataExt;
-        let spool_dev = std::fs::metadata(self.spool.root()).map(|m| m.dev()).ok();
         let on_spool = staged
             .iter()
-            .all(|(_, _, s)| s.file().metadata().ok().map(|m| m.dev()) == spool_dev);
+            .all(|(_, _, s)| s.file().metadata().ok().map(|m| m.dev()) == self.spool_dev);
         // The marks' syncfs, when it comes now that the files are written, covers them too.
         let covered = on_spool && !marks.synced;
         if covered || !(on_spool && staged.len() > 1) {

@@ -95,11 +95,22 @@ pub fn stage_once(
     message: &[u8],
     recheck: bool,
 ) -> io::Result<Option<safeio::Staged>> {
-    ensure(dir, create)?;
+    // One look at `new/` (the commit's rename needs it) instead of three a delivery: a
+    // missing `tmp/` shows when the file is made there, and the whole Maildir is seen to then.
+    if !dir.join("new").is_dir() {
+        ensure(dir, create)?;
+    }
     if recheck && holds(dir, name)? {
         return Ok(None);
     }
-    stage(dir, name, message, "").map(Some)
+    match stage(dir, name, message, "") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            ensure(dir, create)?;
+            stage(dir, name, message, "")
+        }
+        r => r,
+    }
+    .map(Some)
 }
 
 /// True when a delivery of this name is in the Maildir: in `new/`, or in `cur/` where a
@@ -109,7 +120,13 @@ pub fn holds(dir: &Path, name: &Name) -> io::Result<bool> {
         return Ok(true);
     }
     for sub in ["new", "cur"] {
-        for e in std::fs::read_dir(dir.join(sub))? {
+        let entries = match std::fs::read_dir(dir.join(sub)) {
+            Ok(rd) => rd,
+            // Not there, so nothing in it: the delivery makes what it needs.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
             if e?
                 .file_name()
                 .as_encoded_bytes()
@@ -138,4 +155,69 @@ pub fn local_copy(sender: &str, recipient: &str, body: &[u8]) -> Vec<u8> {
         i += 1;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("qms-maildir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn deliver(dir: &Path, create: bool) -> io::Result<()> {
+        let name = Name::new(1, "Qtest", "host", 5);
+        let staged = stage_once(dir, create, &name, b"hello", false)?;
+        safeio::commit(std::slice::from_ref(&staged.expect("staged")))?;
+        assert!(dir.join("new").join(&name.full).is_file());
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_maildir_is_made_whole_when_allowed_and_refused_otherwise() {
+        let d = scratch("missing");
+        let err = deliver(&d.join("box"), false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(!d.join("box").exists());
+        deliver(&d.join("box"), true).unwrap();
+        for sub in ["tmp", "new", "cur"] {
+            assert!(d.join("box").join(sub).is_dir(), "{sub} made");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_recheck_finds_a_delivery_made_and_copes_without_cur() {
+        let d = scratch("recheck");
+        ensure(&d, true).unwrap();
+        std::fs::remove_dir(d.join("cur")).unwrap();
+        let name = Name::new(1, "Qtest", "host", 5);
+        let staged = stage_once(&d, true, &name, b"hello", true).unwrap();
+        safeio::commit(std::slice::from_ref(&staged.expect("not there yet"))).unwrap();
+        assert!(stage_once(&d, true, &name, b"hello", true).unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_maildir_missing_one_part_gets_it_back() {
+        for (part, create) in [("tmp", true), ("new", true), ("cur", true), ("tmp", false)] {
+            let d = scratch(&format!("part-{part}-{create}"));
+            ensure(&d, true).unwrap();
+            std::fs::remove_dir(d.join(part)).unwrap();
+            let r = deliver(&d, create);
+            match create {
+                true => {
+                    r.unwrap();
+                    // `cur/` alone missing is seen only when something else is.
+                    if part != "cur" {
+                        assert!(d.join(part).is_dir(), "{part} made again");
+                    }
+                }
+                false => assert_eq!(r.unwrap_err().kind(), io::ErrorKind::NotFound),
+            }
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
 }

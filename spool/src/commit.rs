@@ -222,6 +222,7 @@ impl Spool {
             c.job.message_at = at;
             c.mode &= !crate::attempt::MARK;
             c.marked = false;
+            c.uid = nix::unistd::geteuid().as_raw(); // a file of this process now
         }
         Ok(())
     }

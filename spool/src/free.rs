@@ -213,15 +213,12 @@ impl Pool {
     }
 
     /// Takes `path`, a file nothing refers to any more, out of its directory: into the pool,
-    /// or deleted when the pool is full. `meta` is its metadata, if the caller has it.
+    /// or deleted when the pool is full. `owner` is its owner's uid, if the caller knows it.
     /// `empty`: truncate it on the way in (message files: their text must not stay on disk;
     /// a job file is emptied when it is reused).
-    pub fn retire(&self, path: &Path, meta: Option<&fs::Metadata>, empty: bool) -> io::Result<()> {
+    pub fn retire(&self, path: &Path, owner: Option<u32>, empty: bool) -> io::Result<()> {
         use std::os::unix::fs::MetadataExt;
-        let owner = match meta {
-            Some(m) => Some(m.uid()),
-            None => fs::metadata(path).ok().map(|m| m.uid()),
-        };
+        let owner = owner.or_else(|| fs::metadata(path).ok().map(|m| m.uid()));
         // Only files this user may write again are worth keeping.
         if owner != Some(self.euid) {
             return fs::remove_file(path);

@@ -155,8 +155,9 @@ pub struct Claimed {
     pub job: Job,
     pub(crate) file: File,
     pub(crate) path: PathBuf,
-    /// The job file's mode when claimed.
+    /// The job file's mode and owner when claimed.
     pub(crate) mode: u32,
+    pub(crate) uid: u32,
     /// This process set the attempt mark (see `attempt`).
     pub(crate) marked: bool,
     /// A one-file job's message, when it came whole with the job's first read.
@@ -652,8 +653,10 @@ impl Spool {
             }
             // The file may have been replaced or removed between open and lock.
             let (fmeta, pmeta) = (file.metadata(), fs::metadata(&path));
-            let (mode, len) = match (fmeta, pmeta) {
-                (Ok(f), Ok(p)) if f.ino() == p.ino() && f.dev() == p.dev() => (f.mode(), f.len()),
+            let (mode, uid, len) = match (fmeta, pmeta) {
+                (Ok(f), Ok(p)) if f.ino() == p.ino() && f.dev() == p.dev() => {
+                    (f.mode(), f.uid(), f.len())
+                }
                 (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Gone),
                 _ => continue,
             };
@@ -679,6 +682,7 @@ impl Spool {
                         file,
                         path,
                         mode,
+                        uid,
                         marked: false,
                         message,
                     })))
@@ -721,6 +725,7 @@ impl Spool {
         c.job.message_at = at;
         c.mode &= !crate::attempt::MARK;
         c.marked = false;
+        c.uid = nix::unistd::geteuid().as_raw(); // a file of this process now
         Ok(())
     }
 
@@ -779,9 +784,8 @@ impl Spool {
             fs::remove_file(&c.path) // it held credentials: gone for good
         } else {
             // A one-file job held its message: emptied as it goes (see `free`).
-            let meta = c.file.metadata().ok();
             self.pool(&c.path)
-                .retire(&c.path, meta.as_ref(), c.job.message_at > 0)
+                .retire(&c.path, Some(c.uid), c.job.message_at > 0)
         };
         done.map_err(io_err("remove", &c.path))?;
         drop(c.file);
@@ -792,7 +796,7 @@ impl Spool {
         let body = self.body_path(&c.job);
         match fs::metadata(&body) {
             Ok(m) if m.nlink() == 1 => {
-                let _ = self.pool(&body).retire(&body, Some(&m), true);
+                let _ = self.pool(&body).retire(&body, Some(m.uid()), true);
             }
             _ => {
                 let _ = fs::remove_file(&body);
