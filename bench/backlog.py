@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """New mail behind a backlog for a dead host (issue #12).
 
-  backlog.py --qms target/release/qms [-n 100000] [-m 3000] [-s 20] [-r 3]
+  backlog.py --qms target/release/qms [-n 100000] [-m 3000] [-s 20] [-r 3] [--dead-queue NAME]
 
 Starts qms in a new directory (as `nobody` when run as root) with `dead.test` routed to a
 port where nothing listens and `bench.test` to a sink, then measures relayed new mail with
@@ -9,6 +9,10 @@ port where nothing listens and `bench.test` to a sink, then measures relayed new
 messages for the dead host were accepted, and right after a restart with that backlog (a
 restart before each of those runs). Prints each figure, the ratios of the medians to the
 empty queue's, the smtp workers' memory, and how long `queue list` takes.
+
+With --dead-queue NAME, dead.test goes through a named queue of its own (`smtp@NAME`, one
+worker), so its backlog waits in `queue/NAME/` instead of in the directory new mail passes
+through (`queue/smtp/`): what a sysadmin can do today for a destination known to pile up.
 
 The empty queue is a second instance, started alongside with the same configuration and
 never given the backlog; it is measured next to every run of the first, in turn, so the
@@ -51,13 +55,15 @@ def rss_mb(pattern):
 class Instance:
     """One qms in a directory of its own, relaying bench.test to `sink`, dead.test to `dead`."""
 
-    def __init__(self, qms, sink, dead):
+    def __init__(self, qms, sink, dead, dead_queue=None):
         self.qms = qms
         self.dir = tempfile.mkdtemp(prefix="qms-backlog-")
         os.chmod(self.dir, 0o755)
         self.port = free_port()
         self.cfg = os.path.join(self.dir, "qms.toml")
         user = 'user = "nobody"\n' if os.geteuid() == 0 else ""
+        via = f"@{dead_queue}" if dead_queue else ""
+        own = f"[queues.{dead_queue}]\nworkers = 1\n" if dead_queue else ""
         with open(self.cfg, "w") as f:
             f.write(f'''spool = "spool"
 hostname = "mx.bench.test"
@@ -70,7 +76,7 @@ local = ["local.test"]
 relay = ["bench.test", "dead.test"]
 [routes]
 "bench.test" = "smtp:[127.0.0.1]:{sink}"
-"dead.test" = "smtp:[127.0.0.1]:{dead}"
+"dead.test" = "smtp:[127.0.0.1]:{dead}{via}"
 [mailboxes]
 "alice@local.test" = {{ maildir = "mail/alice" }}
 [limits]
@@ -78,7 +84,7 @@ connections_per_client = 200
 connections_per_network = 400
 [queues.smtp]
 workers = 2
-''')
+{own}''')
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", "nobody:nogroup", self.dir], check=True)
         self.proc = None
@@ -124,12 +130,15 @@ def main():
     p.add_argument("-m", type=int, default=3000)
     p.add_argument("-s", type=int, default=20)
     p.add_argument("--keep", action="store_true", help="keep the directories (their qms.log) for a look")
+    p.add_argument("--dead-queue", metavar="NAME",
+                   help="route dead.test through the named queue NAME (its backlog in queue/NAME/)")
     p.add_argument("-r", "--repeat", type=int, default=3,
                    help="runs in each state (a restart before each run after a restart); medians are compared")
     a = p.parse_args()
     qms = os.path.realpath(a.qms)
     sink, dead = free_port(), free_port()
-    ref, q = Instance(qms, sink, dead), Instance(qms, sink, dead)
+    ref, q = Instance(qms, sink, dead, a.dead_queue), Instance(qms, sink, dead, a.dead_queue)
+    backlog_q = a.dead_queue or "smtp"
     run = lambda i: bench(i.port, sink, a.m, a.s)
     try:
         for i in (ref, q):
@@ -145,8 +154,8 @@ def main():
         t0 = time.monotonic()
         subprocess.run(["smtp-source", "-s", str(a.s), "-m", str(a.n), "-l", "2048", "-f", "sender@bench.test",
                         "-t", "rcpt@dead.test", "127.0.0.1:%d" % q.port], check=True, capture_output=True)
-        print("backlog of %d for dead.test accepted in %.1f s; in queue/smtp now: %d"
-              % (a.n, time.monotonic() - t0, queued(q.dir, "smtp")), flush=True)
+        print("backlog of %d for dead.test accepted in %.1f s; in queue/%s now: %d"
+              % (a.n, time.monotonic() - t0, backlog_q, queued(q.dir, backlog_q)), flush=True)
         for _ in range(a.repeat):
             refs_b.append(run(ref))
             print("empty queue:  ", refs_b[-1][2], flush=True)
@@ -163,7 +172,7 @@ def main():
             q.start()
             restarts.append(run(q))
             print("restarted:    ", restarts[-1][2], flush=True)
-        print("in queue/smtp: %d" % queued(q.dir, "smtp"))
+        print("in queue/%s: %d" % (backlog_q, queued(q.dir, backlog_q)))
         med = lambda runs, i: statistics.median(r[i] for r in runs)
         for name, runs, refs in (("both empty", sames, empties), ("behind", behinds, refs_b),
                                  ("restarted", restarts, refs_r)):
