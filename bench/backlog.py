@@ -11,8 +11,8 @@ restart before each of those runs). Prints each figure, the ratios of the median
 empty queue's, the smtp workers' memory, and how long `queue list` takes.
 
 With --dead-queue NAME, dead.test goes through a named queue of its own (`smtp@NAME`, one
-worker), so its backlog waits in `queue/NAME/` instead of in the directory new mail passes
-through (`queue/smtp/`): what a sysadmin can do today for a destination known to pile up.
+worker), so its backlog is served by workers of its own as well as kept out of the
+directory new mail passes through (which deferred/QUEUE/ does by itself).
 
 The empty queue is a second instance, started alongside with the same configuration and
 never given the backlog; it is measured next to every run of the first, in turn, so the
@@ -43,8 +43,9 @@ def bench(port, sink, m, sessions):
 
 
 def queued(d, queue):
-    q = os.path.join(d, "spool", "queue", queue)
-    return sum(1 for n in os.listdir(q) if n.endswith(".json"))
+    """Jobs of `queue`: new ones in queue/QUEUE/, waiting ones in deferred/QUEUE/."""
+    dirs = [os.path.join(d, "spool", area, queue) for area in ("queue", "deferred")]
+    return sum(1 for q in dirs if os.path.isdir(q) for n in os.listdir(q) if n.endswith(".json"))
 
 
 def rss_mb(pattern):
@@ -154,7 +155,7 @@ def main():
         t0 = time.monotonic()
         subprocess.run(["smtp-source", "-s", str(a.s), "-m", str(a.n), "-l", "2048", "-f", "sender@bench.test",
                         "-t", "rcpt@dead.test", "127.0.0.1:%d" % q.port], check=True, capture_output=True)
-        print("backlog of %d for dead.test accepted in %.1f s; in queue/%s now: %d"
+        print("backlog of %d for dead.test accepted in %.1f s; jobs of queue %s now: %d"
               % (a.n, time.monotonic() - t0, backlog_q, queued(q.dir, backlog_q)), flush=True)
         for _ in range(a.repeat):
             refs_b.append(run(ref))
@@ -172,7 +173,7 @@ def main():
             q.start()
             restarts.append(run(q))
             print("restarted:    ", restarts[-1][2], flush=True)
-        print("in queue/%s: %d" % (backlog_q, queued(q.dir, backlog_q)))
+        print("jobs of queue %s: %d" % (backlog_q, queued(q.dir, backlog_q)))
         med = lambda runs, i: statistics.median(r[i] for r in runs)
         for name, runs, refs in (("both empty", sames, empties), ("behind", behinds, refs_b),
                                  ("restarted", restarts, refs_r)):

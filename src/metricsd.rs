@@ -359,9 +359,11 @@ fn queue_series(state: &State) -> String {
     let now = qms_common::time::now_micros();
     let mut text = String::new();
     for q in &state.queues {
-        for (area, st) in [("queue", "waiting"), ("hold", "held")] {
+        let areas: [(&[&str], &str); 2] =
+            [(&["queue", "deferred"], "waiting"), (&["hold"], "held")];
+        for (names, st) in areas {
             let mut n = [0u64; AGES.len()];
-            for id in state.spool.list(area, q) {
+            for id in names.iter().flat_map(|a| state.spool.list(a, q)) {
                 let age = now.saturating_sub(id.arrival_micros()) / 1_000_000;
                 let i = AGES
                     .iter()

@@ -92,7 +92,7 @@ fn all_jobs(spool: &Spool, queue: Option<&str>) -> Vec<Found> {
         if queue.is_some_and(|want| want != q) {
             continue;
         }
-        for area in ["queue", "hold"] {
+        for area in ["queue", "deferred", "hold"] {
             for id in spool.list(area, &q) {
                 match spool.load(area, &q, &id) {
                     Ok(job) => out.push(Found { area, job }),
@@ -477,10 +477,10 @@ fn act(spool: &Spool, sel: &Select, action: Action, by: &str) -> ExitCode {
         if sel.queue.as_ref().is_some_and(|want| want != &q) {
             continue;
         }
-        let areas: &[&str] = if action == Action::Delete {
-            &["queue", "hold"]
-        } else {
-            &[from]
+        let areas: &[&str] = match (action, from) {
+            (Action::Delete, _) => &["queue", "deferred", "hold"],
+            (_, "queue") => &["queue", "deferred"],
+            _ => &[from],
         };
         for area in areas {
             for id in spool.list(area, &q) {
@@ -619,7 +619,7 @@ fn shape(spool: &Spool, queue: Option<&str>, how: Shape) -> ExitCode {
     let mut totals = [0usize; 10];
     let mut held = 0;
     for f in all_jobs(spool, queue) {
-        if f.area != "queue" {
+        if f.area == "hold" {
             held += 1;
             continue;
         }

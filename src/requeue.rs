@@ -34,12 +34,12 @@ pub fn run(spool: &Spool, sel: &Select, by: &str) -> ExitCode {
         if q == "incoming" || sel.queue.as_ref().is_some_and(|want| *want != q) {
             continue;
         }
-        for id in spool.list("queue", &q) {
+        for (area, id) in areas_jobs(spool, &q) {
             if !sel.all && !wanted.contains(&id) {
                 continue;
             }
             seen.push(id.clone());
-            match one(spool, &q, &id, by) {
+            match one(spool, area, &q, &id, by) {
                 Ok(true) => done += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -61,9 +61,24 @@ pub fn run(spool: &Spool, sel: &Select, by: &str) -> ExitCode {
     }
 }
 
-fn one(spool: &Spool, queue: &str, id: &QueueId, by: &str) -> Result<bool, String> {
+/// A queue's routed jobs: new ones, and those waiting in `deferred/`.
+fn areas_jobs(spool: &Spool, queue: &str) -> Vec<(&'static str, QueueId)> {
+    let new = spool
+        .list("queue", queue)
+        .into_iter()
+        .map(|id| ("queue", id));
+    new.chain(
+        spool
+            .list("deferred", queue)
+            .into_iter()
+            .map(|id| ("deferred", id)),
+    )
+    .collect()
+}
+
+fn one(spool: &Spool, area: &str, queue: &str, id: &QueueId, by: &str) -> Result<bool, String> {
     let c = match spool
-        .claim_wait("queue", queue, id, Duration::from_secs(30))
+        .claim_wait(area, queue, id, Duration::from_secs(30))
         .map_err(|e| e.to_string())?
     {
         Claim::Got(c) => c,

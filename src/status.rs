@@ -40,7 +40,7 @@ pub fn run(cfg: &Config) -> ExitCode {
         println!(
             "{:<24} {:>8} {:>8}",
             q,
-            spool.list("queue", &q).len(),
+            spool.list("queue", &q).len() + spool.list("deferred", &q).len(),
             spool.list("hold", &q).len()
         );
     }

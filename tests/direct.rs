@@ -119,10 +119,13 @@ fn a_message_filed_by_smtpd_is_one_file_through_a_deferral() {
                 .iter()
                 .all(|j| j["recipients"][0]["state"] == "deferred")
     });
-    let queued = inst.files("queue/smtp");
+    // Deferred, they wait in deferred/smtp, out of the directory new mail passes through.
+    let new: Vec<String> = inst.files("queue/smtp");
+    assert!(new.iter().all(|n| !n.ends_with(".json")), "{new:?}");
+    let queued = inst.files("deferred/smtp");
     assert_eq!(queued.len(), 2, "{queued:?}");
     for name in &queued {
-        let (job, message) = read_job_file(&inst.spool().join("queue/smtp").join(name));
+        let (job, message) = read_job_file(&inst.spool().join("deferred/smtp").join(name));
         assert_eq!(job["version"], 2, "{job}");
         assert_eq!(job["body"], "", "no message file named");
         let message = String::from_utf8(message.expect("the message follows the job")).unwrap();
@@ -158,9 +161,10 @@ fn a_message_filed_by_smtpd_is_one_file_through_a_deferral() {
     assert!(l.contains("line 02999 of the long one") && l.contains("line 00000 of"));
     // The files kept for reuse hold nothing of either message.
     wait_for("the reused files emptied", Duration::from_secs(30), || {
-        inst.all_files("queue/smtp").iter().all(|f| {
-            std::fs::metadata(inst.spool().join("queue/smtp").join(f))
-                .map_or(true, |m| m.len() < 1000)
+        ["queue/smtp", "deferred/smtp"].iter().all(|d| {
+            inst.all_files(d).iter().all(|f| {
+                std::fs::metadata(inst.spool().join(d).join(f)).map_or(true, |m| m.len() < 1000)
+            })
         })
     });
 }

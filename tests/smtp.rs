@@ -236,14 +236,14 @@ fn dsn_parameters_and_bdat_are_stored() {
     let out = talk(inst.smtp_port, input, 6);
     assert!(out.contains("queued as"), "{out}");
     wait_for("the deferral", Duration::from_secs(30), || {
-        !inst.files("queue/pipe").is_empty()
+        !inst.files("deferred/pipe").is_empty()
             && inst
                 .queue_json()
                 .iter()
                 .any(|j| j["recipients"][0]["state"] == "deferred")
     });
-    let name = &inst.files("queue/pipe")[0];
-    let (job, _) = read_job_file(&inst.spool().join("queue/pipe").join(name));
+    let name = &inst.files("deferred/pipe")[0];
+    let (job, _) = read_job_file(&inst.spool().join("deferred/pipe").join(name));
     assert_eq!(job["ret"], "full");
     assert_eq!(job["envid"], "abc");
     assert_eq!(job["recipients"][0]["notify"], serde_json::json!(["never"]));

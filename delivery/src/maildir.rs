@@ -196,7 +196,9 @@ mod tests {
         let name = Name::new(1, "Qtest", "host", 5);
         let staged = stage_once(&d, true, &name, b"hello", true).unwrap();
         safeio::commit(std::slice::from_ref(&staged.expect("not there yet"))).unwrap();
-        assert!(stage_once(&d, true, &name, b"hello", true).unwrap().is_none());
+        assert!(stage_once(&d, true, &name, b"hello", true)
+            .unwrap()
+            .is_none());
         let _ = std::fs::remove_dir_all(&d);
     }
 

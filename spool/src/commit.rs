@@ -195,6 +195,7 @@ impl Spool {
     /// with one sync for them all (a worker that defers a batch to a dead host writes it in
     /// one go, not one flush a job).
     pub fn update_many(&self, jobs: &mut [Claimed]) -> Result<(), SpoolError> {
+        self.park(jobs)?;
         let mut staged = Vec::with_capacity(jobs.len());
         for c in jobs.iter() {
             match self.stage_update(c) {

@@ -24,10 +24,12 @@ pub const PUBLIC_MODE: u32 = 0o711;
 pub const PRIVATE_MODE: u32 = 0o700;
 
 /// The top-level directories and their modes.
-pub const LAYOUT: [(&str, u32); 10] = [
+pub const LAYOUT: [(&str, u32); 11] = [
     ("tmp", PRIVATE_MODE),
     ("msg", PRIVATE_MODE),
     ("queue", PRIVATE_MODE),
+    // Jobs waiting for a later attempt, out of the way of new mail.
+    ("deferred", PRIVATE_MODE),
     ("hold", PRIVATE_MODE),
     ("corrupt", PRIVATE_MODE),
     ("run", PRIVATE_MODE),
@@ -121,7 +123,7 @@ pub fn fix_spool(root: &Path, queues: &[String], uid: Uid, gid: Gid) -> Result<R
         match name {
             // Files in the drop directory keep their owner: it says who submitted them.
             "maildrop" | "public" => {}
-            "queue" | "hold" | "corrupt" => {
+            "queue" | "deferred" | "hold" | "corrupt" => {
                 for q in queues.iter().map(String::as_str).chain(["incoming"]) {
                     ensure_dir(&fd, q, &path.join(q), &mut r)?;
                 }

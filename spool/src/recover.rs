@@ -19,7 +19,7 @@ impl Spool {
         // Staged jobs that were never renamed into place: `.ID.PID.tmp` beside their queue's
         // jobs (and anything in tmp/, where older versions staged them).
         let mut dirs = vec![self.root().join("tmp")];
-        for area in ["queue", "hold"] {
+        for area in ["queue", "deferred", "hold"] {
             if let Ok(rd) = fs::read_dir(self.root().join(area)) {
                 dirs.extend(rd.flatten().map(|e| e.path()));
             }
@@ -55,7 +55,7 @@ impl Spool {
                 let Some(id) = QueueId::parse(id) else {
                     continue;
                 };
-                let referenced = ["queue", "hold", "corrupt"]
+                let referenced = ["queue", "deferred", "hold", "corrupt"]
                     .iter()
                     .any(|a| self.job_path(a, queue, &id).exists());
                 if !referenced && unlocked(&e.path()) && fs::remove_file(e.path()).is_ok() {

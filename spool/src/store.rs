@@ -192,7 +192,7 @@ impl Spool {
         let corrupt_drop = root.join("corrupt/maildrop");
         fs::create_dir_all(&corrupt_drop).map_err(io_err("create", &corrupt_drop))?;
         for q in queues.iter().map(String::as_str).chain(["incoming"]) {
-            for area in ["queue", "hold", "corrupt"] {
+            for area in ["queue", "deferred", "hold", "corrupt"] {
                 let p = root.join(area).join(q);
                 fs::create_dir_all(&p).map_err(io_err("create", &p))?;
             }
@@ -233,7 +233,7 @@ impl Spool {
             let p = self.body_path(job);
             return safeio::read_path(&p).map_err(io_err("read message", &p));
         }
-        for area in ["queue", "hold"] {
+        for area in ["queue", "deferred", "hold"] {
             let p = self.job_path(area, &job.queue, &job.id);
             let file = match File::open(&p) {
                 Ok(f) => f,
@@ -560,8 +560,11 @@ impl Spool {
             "queue"
         };
         let dest = self.job_path(area, &child.queue, &child.id);
-        let queued = self.job_path("queue", &child.queue, &child.id);
-        if queued.exists() || self.job_path("hold", &child.queue, &child.id).exists() {
+        // Already dispatched (a dispatch redone after a crash), and perhaps waiting since.
+        if ["queue", "deferred", "hold"]
+            .iter()
+            .any(|a| self.job_path(a, &child.queue, &child.id).exists())
+        {
             return Ok(None);
         }
         let link = self.body_path(child);
@@ -610,9 +613,13 @@ impl Spool {
 
     // ---- claiming and changing jobs -------------------------------------------------------
 
-    /// Takes the lock of a job in `queue`, if nobody else has it.
+    /// Takes the lock of a job in `queue` (new, or waiting in `deferred/`), if nobody else
+    /// has it.
     pub fn claim(&self, queue: &str, id: &QueueId) -> Result<Claim> {
-        self.claim_in("queue", queue, id, false)
+        match self.claim_in("queue", queue, id, false)? {
+            Claim::Gone => self.claim_in("deferred", queue, id, false),
+            other => Ok(other),
+        }
     }
 
     /// Like [`Spool::claim`] for the tools: waits up to `wait` for a busy job.
@@ -710,6 +717,7 @@ impl Spool {
 
     /// Writes the claimed job's new state durably, keeping the claim.
     pub fn update(&self, c: &mut Claimed) -> Result<()> {
+        self.park(std::slice::from_mut(c))?;
         let (s, at) = self.stage_update(c)?;
         if let Err(e) = safeio::commit(std::slice::from_ref(&s)) {
             s.abandon();
@@ -773,6 +781,47 @@ impl Spool {
         }
         // Already locked: the pool locks every file it hands out (see `free`).
         Ok(s)
+    }
+
+    /// Moves the jobs that now wait for a later attempt out of `queue/QUEUE/`, the directory
+    /// new mail passes through, into `deferred/QUEUE/` (as Postfix's deferred queue): a
+    /// backlog there does not make every new job's rename and directory sync dearer. Each
+    /// move is one rename of the locked file, then both directories are synced, before the
+    /// new state is written over it where it now lies. A job that cannot move stays.
+    pub(crate) fn park(&self, jobs: &mut [Claimed]) -> Result<()> {
+        let now = qms_common::time::now();
+        let queue_root = self.root.join("queue");
+        let mut moved = Vec::new();
+        for c in jobs.iter_mut() {
+            let dir = c.path.parent();
+            let in_queue = dir.and_then(Path::parent) == Some(queue_root.as_path());
+            let (Some(queue), Some(name)) = (dir.and_then(Path::file_name), c.path.file_name())
+            else {
+                continue;
+            };
+            if c.job.next_attempt <= now || !in_queue {
+                continue;
+            }
+            let dest = self.root.join("deferred").join(queue).join(name);
+            // Its time first, so a worker woken by the move leaves it be (see `ready`).
+            let secs = std::time::Duration::from_secs(c.job.next_attempt as u64);
+            let _ = c.file.set_modified(std::time::UNIX_EPOCH + secs);
+            let (cwd, flags) = (
+                nix::fcntl::AT_FDCWD,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            );
+            if nix::fcntl::renameat2(cwd, &c.path, cwd, &dest, flags).is_ok() {
+                let from = std::mem::replace(&mut c.path, dest.clone());
+                moved.push(from);
+                moved.push(dest);
+            }
+        }
+        match moved.first() {
+            Some(first) => {
+                safeio::sync_dirs(moved.iter().map(PathBuf::as_path)).map_err(io_err("sync", first))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Removes a finished job and its link to the message file (the files go to `free/`).

@@ -155,13 +155,25 @@ impl Watcher {
                     err: e.into(),
                 }
             })?;
-        inotify
-            .add_watch(&dir, AddWatchFlags::IN_MOVED_TO)
-            .map_err(|e| SpoolError::Io {
-                what: "watch".into(),
-                path: dir.clone(),
-                err: e.into(),
-            })?;
+        // New jobs arrive in the queue's directory; rewritten waiting ones in `deferred/`
+        // (made here if a spool from before it lacks it).
+        let waiting = spool.root().join("deferred").join(queue);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&waiting);
+        }
+        for dir in [dir, waiting] {
+            inotify
+                .add_watch(&dir, AddWatchFlags::IN_MOVED_TO)
+                .map_err(|e| SpoolError::Io {
+                    what: "watch".into(),
+                    path: dir.clone(),
+                    err: e.into(),
+                })?;
+        }
         let mut w = Watcher {
             spool,
             queue: queue.to_string(),
@@ -200,7 +212,13 @@ impl Watcher {
     /// own share only, while new mail comes in, not every worker every file.
     fn scan(&mut self) {
         let share = self.opts.share;
-        for id in self.spool.list("queue", &self.queue) {
+        let waiting = self.spool.list("deferred", &self.queue);
+        for id in self
+            .spool
+            .list("queue", &self.queue)
+            .into_iter()
+            .chain(waiting)
+        {
             if self.due.contains_key(&id) {
                 continue;
             }
@@ -279,8 +297,13 @@ impl Watcher {
 
     /// Whether a job waits for a later attempt, by its file's time.
     fn waits_until(&self, id: &QueueId, now: u64) -> Due {
-        let path = self.spool.queue_dir(&self.queue).join(format!("{id}.json"));
-        let meta = match std::fs::metadata(path) {
+        let name = format!("{id}.json");
+        let new = self.spool.queue_dir(&self.queue).join(&name);
+        let waiting = || {
+            let dir = self.spool.root().join("deferred").join(&self.queue);
+            std::fs::metadata(dir.join(&name))
+        };
+        let meta = match std::fs::metadata(new).or_else(|_| waiting()) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Due::Gone,
             Err(_) => return Due::Now,
@@ -444,6 +467,87 @@ mod tests {
             }
         }
         Vec::new()
+    }
+
+    /// A job deferred to later leaves the directory new mail passes through for
+    /// `deferred/`, is not handed out before its time, and is handed out from there once a
+    /// rewrite makes it due (as `queue retry` does); finished, it is gone from there.
+    #[test]
+    fn a_deferred_job_waits_in_its_own_directory_and_comes_back_when_due() {
+        let (dir, spool) = spool("deferred");
+        let id = enqueue(&spool);
+        let new = dir.join("queue/smtp").join(format!("{id}.json"));
+        let waiting = dir.join("deferred/smtp").join(format!("{id}.json"));
+        let mut w = Watcher::new(spool.clone(), "smtp", options(None)).unwrap();
+        assert_eq!(
+            claimed_within(&mut w, Duration::from_secs(5)),
+            vec![id.clone()]
+        );
+
+        let claim = |spool: &Spool| match spool.claim("smtp", &id).unwrap() {
+            Claim::Got(c) => c,
+            _ => panic!("{id} is not there to claim"),
+        };
+        let mut c = claim(&spool);
+        let later = qms_common::time::now() + 3600;
+        c.job.next_attempt = later;
+        spool.update(&mut c).unwrap();
+        assert!(!new.exists() && waiting.exists(), "moved to deferred/");
+        let mtime = std::fs::metadata(&waiting).unwrap().modified().unwrap();
+        let secs = mtime
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(secs, later as u64, "its time is its next attempt");
+        drop(c);
+        assert!(claimed_within(&mut w, Duration::from_millis(600)).is_empty());
+
+        let mut c = claim(&spool);
+        c.job.next_attempt = qms_common::time::now();
+        spool.update(&mut c).unwrap();
+        assert!(
+            !new.exists() && waiting.exists(),
+            "a due job stays where it waits"
+        );
+        drop(c);
+        assert_eq!(
+            claimed_within(&mut w, Duration::from_secs(5)),
+            vec![id.clone()]
+        );
+
+        spool.finish(*claim(&spool)).unwrap();
+        assert!(!new.exists() && !waiting.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The crash window of the move: a worker that dies after moving a job to `deferred/`
+    /// and before writing its new state leaves the old state there, under the later time;
+    /// the job is found there and handed out when that time comes, not before.
+    #[test]
+    fn a_job_moved_but_not_rewritten_waits_for_its_time_where_it_lies() {
+        let (dir, spool) = spool("moved");
+        let id = enqueue(&spool);
+        let mut c = match spool.claim("smtp", &id).unwrap() {
+            Claim::Got(c) => *c,
+            _ => panic!("not claimed"),
+        };
+        let later = qms_common::time::now() + 2;
+        c.job.next_attempt = later;
+        spool.park(std::slice::from_mut(&mut c)).unwrap();
+        drop(c); // the worker dies here
+        let waiting = dir.join("deferred/smtp").join(format!("{id}.json"));
+        assert!(waiting.exists() && !dir.join("queue/smtp").join(format!("{id}.json")).exists());
+        let mut w = Watcher::new(spool.clone(), "smtp", options(None)).unwrap();
+        assert!(claimed_within(&mut w, Duration::from_millis(600)).is_empty());
+        assert_eq!(
+            claimed_within(&mut w, Duration::from_secs(6)),
+            vec![id.clone()]
+        );
+        match spool.claim("smtp", &id).unwrap() {
+            Claim::Got(c) => assert!(c.job.next_attempt < later, "the old state, whole"),
+            _ => panic!("not there"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// After a restart with a backlog, a worker leaves what the scan finds in a living
