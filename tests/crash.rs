@@ -199,6 +199,72 @@ fn killed_roles_repeat_no_local_delivery() {
     c.assert_within(smtp_kills);
 }
 
+/// Remote mail waits while its host is down: each job moves to `deferred/smtp/` at its first
+/// deferral and is rewritten there at every retry (one a second here), while the smtp agent
+/// and the router are killed. Once the host is back, every acknowledged message arrives,
+/// an SMTP copy is repeated at most for a transaction on the wire at a kill, and nothing is
+/// left waiting.
+#[test]
+fn mail_deferred_while_roles_are_killed_arrives_once_its_host_is_back() {
+    let port = free_port();
+    let mut inst = storm_instance(port);
+    inst.start();
+    let roles = ["deliver --queue smtp", "router", "deliver --queue local"];
+    let mut kills: HashMap<&str, usize> = HashMap::new();
+    let mut kill = |k: usize| {
+        let role = roles[k % roles.len()];
+        // At most four kills a role: the supervisor's restart backoff doubles each time.
+        if kills.get(role).copied().unwrap_or(0) < 4 && kill_role(&inst, role) > 0 {
+            *kills.entry(role).or_insert(0) += 1;
+        }
+    };
+    let done = AtomicBool::new(false);
+    let mut k = 0;
+    let accepted = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            let v = send_all(inst.smtp_port, 0, 400, 16);
+            done.store(true, Ordering::SeqCst);
+            v
+        });
+        while !done.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(150));
+            kill(k);
+            k += 1;
+        }
+        sender.join().unwrap()
+    });
+    // Kills go on while the deferred mail is retried where it waits.
+    wait_for(
+        "remote mail waiting in deferred/",
+        Duration::from_secs(60),
+        || inst.files("deferred/smtp").len() >= 20,
+    );
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(400));
+        kill(k);
+        k += 1;
+    }
+    assert!(
+        inst.files("queue/smtp").len() < inst.files("deferred/smtp").len(),
+        "the waiting mail is out of the way of new mail"
+    );
+    let sink = Sink::start(&inst, "back", "127.0.0.1", port, &[]);
+    wait_drained(&inst, &sink, &accepted);
+    let c = tally(&inst, &sink, &accepted);
+    eprintln!(
+        "kills {kills:?}: accepted {}, extra local copies {}, extra smtp copies {}",
+        accepted.len(),
+        c.local_extra,
+        c.smtp_extra
+    );
+    assert!(
+        kills.values().sum::<usize>() >= 6,
+        "too few kills: {kills:?}"
+    );
+    c.assert_within(kills.get("deliver --queue smtp").copied().unwrap_or(0));
+    assert!(inst.files("deferred/smtp").is_empty() && inst.files("queue/smtp").is_empty());
+}
+
 #[test]
 fn whole_instance_kills_lose_nothing_and_repeat_no_local_delivery() {
     let port = free_port();
