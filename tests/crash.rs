@@ -134,6 +134,27 @@ fn wait_drained(inst: &Instance, sink: &Sink, accepted: &[usize]) {
     );
 }
 
+/// Waits until every acknowledged message arrived, then counts the copies and says so.
+fn drain_and_tally(inst: &Instance, sink: &Sink, accepted: &[usize], what: &str) -> Counts {
+    wait_drained(inst, sink, accepted);
+    let c = tally(inst, sink, accepted);
+    eprintln!(
+        "{what}: accepted {}, extra local copies {}, extra smtp copies {}",
+        accepted.len(),
+        c.local_extra,
+        c.smtp_extra
+    );
+    c
+}
+
+/// Kills `role` unless it was killed four times already (the supervisor's restart backoff
+/// doubles each time), counting the kills.
+fn kill_counted(inst: &Instance, role: &'static str, kills: &mut HashMap<&'static str, usize>) {
+    if kills.get(role).copied().unwrap_or(0) < 4 && kill_role(inst, role) > 0 {
+        *kills.entry(role).or_insert(0) += 1;
+    }
+}
+
 #[test]
 fn killed_roles_repeat_no_local_delivery() {
     let port = free_port();
@@ -142,7 +163,7 @@ fn killed_roles_repeat_no_local_delivery() {
     inst.start();
     let done = AtomicBool::new(false);
     let roles = ["deliver --queue local", "deliver --queue smtp", "router"];
-    let mut kills: HashMap<&str, usize> = HashMap::new();
+    let mut kills = HashMap::new();
     let accepted = std::thread::scope(|s| {
         let sender = s.spawn(|| {
             let mut all = Vec::new();
@@ -171,11 +192,7 @@ fn killed_roles_repeat_no_local_delivery() {
         let mut k = 0;
         while !done.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(150));
-            let role = roles[k % roles.len()];
-            // At most four kills a role: the supervisor's restart backoff doubles each time.
-            if kills.get(role).copied().unwrap_or(0) < 4 && kill_role(&inst, role) > 0 {
-                *kills.entry(role).or_insert(0) += 1;
-            }
+            kill_counted(&inst, roles[k % roles.len()], &mut kills);
             k += 1;
         }
         sender.join().unwrap()
@@ -210,14 +227,8 @@ fn mail_deferred_while_roles_are_killed_arrives_once_its_host_is_back() {
     let mut inst = storm_instance(port);
     inst.start();
     let roles = ["deliver --queue smtp", "router", "deliver --queue local"];
-    let mut kills: HashMap<&str, usize> = HashMap::new();
-    let mut kill = |k: usize| {
-        let role = roles[k % roles.len()];
-        // At most four kills a role: the supervisor's restart backoff doubles each time.
-        if kills.get(role).copied().unwrap_or(0) < 4 && kill_role(&inst, role) > 0 {
-            *kills.entry(role).or_insert(0) += 1;
-        }
-    };
+    let mut kills = HashMap::new();
+    let mut kill = |k: usize| kill_counted(&inst, roles[k % roles.len()], &mut kills);
     let done = AtomicBool::new(false);
     let mut k = 0;
     let accepted = std::thread::scope(|s| {
@@ -249,14 +260,7 @@ fn mail_deferred_while_roles_are_killed_arrives_once_its_host_is_back() {
         "the waiting mail is out of the way of new mail"
     );
     let sink = Sink::start(&inst, "back", "127.0.0.1", port, &[]);
-    wait_drained(&inst, &sink, &accepted);
-    let c = tally(&inst, &sink, &accepted);
-    eprintln!(
-        "kills {kills:?}: accepted {}, extra local copies {}, extra smtp copies {}",
-        accepted.len(),
-        c.local_extra,
-        c.smtp_extra
-    );
+    let c = drain_and_tally(&inst, &sink, &accepted, &format!("kills {kills:?}"));
     assert!(
         kills.values().sum::<usize>() >= 6,
         "too few kills: {kills:?}"
@@ -292,13 +296,11 @@ fn whole_instance_kills_lose_nothing_and_repeat_no_local_delivery() {
         });
     }
     inst.start();
-    wait_drained(&inst, &sink, &accepted);
-    let c = tally(&inst, &sink, &accepted);
-    eprintln!(
-        "{rounds} whole-instance kills: accepted {}, extra local copies {}, extra smtp copies {}",
-        accepted.len(),
-        c.local_extra,
-        c.smtp_extra
+    let c = drain_and_tally(
+        &inst,
+        &sink,
+        &accepted,
+        &format!("{rounds} whole-instance kills"),
     );
     c.assert_within(rounds);
 }
