@@ -8,6 +8,8 @@
 //!                            after its JSON (see `inline`)
 //! SPOOL/queue/QUEUE/.ID.PID.tmp  a job being written; left at start, it is debris
 //! SPOOL/*/.free.PID.N        finished files kept for reuse (see `free`); never read
+//! SPOOL/deferred/QUEUE/ID.json  jobs of QUEUE waiting for a later attempt, moved out of
+//!                            queue/QUEUE/ by their first deferral (see `Spool::park`)
 //! SPOOL/hold/QUEUE/ID.json   jobs put on hold, kept until released
 //! SPOOL/corrupt/QUEUE/ID.json unreadable jobs, moved aside for a human
 //! ```

@@ -1,7 +1,8 @@
 //! Watching a queue: which jobs are due now, which later, and which another worker holds.
 //!
-//! New jobs arrive by rename, so inotify's IN_MOVED_TO on the queue directory wakes the worker
-//! within milliseconds; a periodic scan is the safety net. Deferred jobs wait in a heap in
+//! New jobs arrive by rename, so inotify's IN_MOVED_TO on the queue directory (and on its
+//! `deferred/` one, where waiting jobs are rewritten) wakes the worker within milliseconds;
+//! a periodic scan of both is the safety net. Deferred jobs wait in a heap in
 //! memory ordered by their next attempt, so the queue directory is read once, not every pass.
 //!
 //! What arrives goes first: jobs named by inotify are taken before those the scan or the heap
