@@ -92,7 +92,7 @@ fn all_jobs(spool: &Spool, queue: Option<&str>) -> Vec<Found> {
         if queue.is_some_and(|want| want != q) {
             continue;
         }
-        for area in ["queue", "deferred", "hold"] {
+        for area in qms_spool::JOB_AREAS {
             for id in spool.list(area, &q) {
                 match spool.load(area, &q, &id) {
                     Ok(job) => out.push(Found { area, job }),
@@ -478,7 +478,7 @@ fn act(spool: &Spool, sel: &Select, action: Action, by: &str) -> ExitCode {
             continue;
         }
         let areas: &[&str] = match (action, from) {
-            (Action::Delete, _) => &["queue", "deferred", "hold"],
+            (Action::Delete, _) => &qms_spool::JOB_AREAS,
             (_, "queue") => &["queue", "deferred"],
             _ => &[from],
         };

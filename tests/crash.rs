@@ -250,8 +250,15 @@ fn mail_deferred_while_roles_are_killed_arrives_once_its_host_is_back() {
         Duration::from_secs(60),
         || inst.files("deferred/smtp").len() >= 20,
     );
+    // Each kill comes after the waiting mail was tried again since the one before.
+    let deferrals = || inst.log().matches("status=deferred").count();
     for _ in 0..6 {
-        std::thread::sleep(Duration::from_millis(400));
+        let before = deferrals();
+        wait_for(
+            "a retry of the waiting mail",
+            Duration::from_secs(30),
+            || deferrals() > before,
+        );
         kill(k);
         k += 1;
     }

@@ -23,5 +23,5 @@ pub use id::QueueId;
 pub use job::{
     Client, DsnRet, Job, LinkSecurity, Notify, RcptState, Recipient, Smarthost, JOB_VERSION,
 };
-pub use store::{Claim, Claimed, Mapped, Spool, SpoolError, Staged, Writer};
+pub use store::{Claim, Claimed, Mapped, Spool, SpoolError, Staged, Writer, JOB_AREAS};
 pub use watch::{Share, WatchOptions, Watcher, SHARE_ENV};

@@ -19,7 +19,7 @@ impl Spool {
         // Staged jobs that were never renamed into place: `.ID.PID.tmp` beside their queue's
         // jobs (and anything in tmp/, where older versions staged them).
         let mut dirs = vec![self.root().join("tmp")];
-        for area in ["queue", "deferred", "hold"] {
+        for area in crate::store::JOB_AREAS {
             if let Ok(rd) = fs::read_dir(self.root().join(area)) {
                 dirs.extend(rd.flatten().map(|e| e.path()));
             }

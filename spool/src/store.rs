@@ -32,6 +32,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// The areas where a job lives until it is finished: new (`queue/`), waiting for a later
+/// attempt (`deferred/`), on hold (`hold/`); `corrupt/` is for a human.
+pub const JOB_AREAS: [&str; 3] = ["queue", "deferred", "hold"];
+
 #[derive(Debug)]
 pub enum SpoolError {
     Io {
@@ -235,7 +239,7 @@ impl Spool {
             let p = self.body_path(job);
             return safeio::read_path(&p).map_err(io_err("read message", &p));
         }
-        for area in ["queue", "deferred", "hold"] {
+        for area in JOB_AREAS {
             let p = self.job_path(area, &job.queue, &job.id);
             let file = match File::open(&p) {
                 Ok(f) => f,
@@ -563,7 +567,7 @@ impl Spool {
         };
         let dest = self.job_path(area, &child.queue, &child.id);
         // Already dispatched (a dispatch redone after a crash), and perhaps waiting since.
-        if ["queue", "deferred", "hold"]
+        if JOB_AREAS
             .iter()
             .any(|a| self.job_path(a, &child.queue, &child.id).exists())
         {
