@@ -3,19 +3,22 @@
 
 use crate::address::Address;
 mod arc;
+mod build;
 mod local;
 mod queues;
 mod raw;
+mod route;
 mod show;
 mod sieve;
 
 pub use arc::Arc as ArcSeal;
 pub use local::{Local, Origin};
 pub use queues::{Agent, Overrides, Routing};
+pub use route::{network_of, Cidr, Route};
 pub use show::Effective;
 pub use sieve::Sieve;
 
-use raw::{OneOrMany, Raw, RawListener, Secs};
+use raw::{Raw, Secs};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -56,201 +59,6 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-/// How mail for an address or domain leaves the router.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
-    Local,
-    /// MX lookup for the recipient's domain.
-    Smtp,
-    /// A fixed next hop, no MX lookup: `smtp:[host]:port`.
-    Relay {
-        host: String,
-        port: u16,
-    },
-    Pipe(String),
-    /// LMTP (RFC 2033) to a post office such as Dovecot: `lmtp:[host]:port` (port 24 unless
-    /// given), delivered by the smtp agent with one reply per recipient after the data.
-    Lmtp {
-        host: String,
-        port: u16,
-    },
-    /// LMTP on a local socket: `lmtp:unix:/run/dovecot/lmtp` (Dovecot's default).
-    LmtpUnix(PathBuf),
-    Discard,
-    Error(String),
-}
-
-impl Route {
-    pub fn parse(s: &str) -> Result<Route, String> {
-        let s = s.trim();
-        match s {
-            "local" => return Ok(Route::Local),
-            "smtp" => return Ok(Route::Smtp),
-            "discard" => return Ok(Route::Discard),
-            _ => {}
-        }
-        if let Some(cmd) = s.strip_prefix("pipe:") {
-            if cmd.trim().is_empty() {
-                return Err("pipe: needs a command".into());
-            }
-            return Ok(Route::Pipe(cmd.trim().to_string()));
-        }
-        if let Some(text) = s.strip_prefix("error:") {
-            return Ok(Route::Error(text.trim().to_string()));
-        }
-        if let Some(hop) = s.strip_prefix("smtp:") {
-            let (host, port) = parse_hop(hop, 25)?;
-            return Ok(Route::Relay { host, port });
-        }
-        if let Some(path) = s.strip_prefix("lmtp:unix:") {
-            if !path.starts_with('/') {
-                return Err(format!("lmtp:unix: needs an absolute path, not {path:?}"));
-            }
-            return Ok(Route::LmtpUnix(PathBuf::from(path)));
-        }
-        if let Some(hop) = s.strip_prefix("lmtp:") {
-            let (host, port) = parse_hop(hop, 24)?;
-            return Ok(Route::Lmtp { host, port });
-        }
-        Err(format!(
-            "unknown route {s:?} (expected local, smtp, smtp:[host]:port, lmtp:[host]:port, lmtp:unix:PATH, pipe:COMMAND, discard or error:TEXT)"
-        ))
-    }
-
-    /// The output queue that carries mail on this route, if it leaves the router at all.
-    pub fn queue(&self) -> Option<&'static str> {
-        match self {
-            Route::Local => Some("local"),
-            Route::Smtp | Route::Relay { .. } | Route::Lmtp { .. } | Route::LmtpUnix(_) => {
-                Some("smtp")
-            }
-            Route::Pipe(_) => Some("pipe"),
-            Route::Discard | Route::Error(_) => None,
-        }
-    }
-}
-
-impl fmt::Display for Route {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        match self {
-            Route::Local => write!(f, "local"),
-            Route::Smtp => write!(f, "smtp"),
-            Route::Relay { host, port } => write!(f, "smtp:[{host}]:{port}"),
-            Route::Lmtp { host, port } => write!(f, "lmtp:[{host}]:{port}"),
-            Route::LmtpUnix(p) => write!(f, "lmtp:unix:{}", p.display()),
-            Route::Pipe(c) => write!(f, "pipe:{c}"),
-            Route::Discard => write!(f, "discard"),
-            Route::Error(t) => write!(f, "error:{t}"),
-        }
-    }
-}
-
-/// `[host]:port`, `host:port`, `[host]` or `host`; the port defaults to `default`.
-fn parse_hop(hop: &str, default: u16) -> Result<(String, u16), String> {
-    let (host, rest) = if let Some(h) = hop.strip_prefix('[') {
-        let end = h
-            .find(']')
-            .ok_or_else(|| format!("unclosed [ in {hop:?}"))?;
-        (&h[..end], &h[end + 1..])
-    } else {
-        match hop.rfind(':') {
-            Some(i) => (&hop[..i], &hop[i..]),
-            None => (hop, ""),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("no host in {hop:?}"));
-    }
-    let port = match rest.strip_prefix(':') {
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| format!("bad port in {hop:?}"))?,
-        None if rest.is_empty() => default,
-        None => return Err(format!("unexpected {rest:?} in {hop:?}")),
-    };
-    Ok((host.to_string(), port))
-}
-
-/// The network an address counts in for limits on clients: its /24 (IPv4) or /64 (IPv6).
-pub fn network_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0))
-        }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => network_of(IpAddr::V4(v4)),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
-        },
-    }
-}
-
-/// An IP network such as `127.0.0.0/8` or `::1/128`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    bits: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (ip, bits) = match s.split_once('/') {
-            Some((ip, b)) => (ip, Some(b)),
-            None => (s, None),
-        };
-        let net: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| format!("bad network {s:?}"))?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let bits = match bits {
-            Some(b) => b
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|b| *b <= max)
-                .ok_or_else(|| format!("bad prefix in {s:?}"))?,
-            None => max,
-        };
-        Ok(Cidr { net, bits })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        match (self.net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.bits == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.bits)
-                };
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.bits == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.bits)
-                };
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{}/{}", self.net, self.bits)
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mailbox {
@@ -631,557 +439,56 @@ impl Config {
             key: e.span().and_then(|s| key_at(text, s.start)),
             message: e.message().trim().to_string(),
         })?;
-        let err = |key: &str, message: String| ConfigError {
-            file: path.to_path_buf(),
-            line: find_key_line(text, key),
-            key: Some(key.to_string()),
-            message,
+        let cx = build::Cx {
+            path,
+            text,
+            base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let resolve = |p: &str| -> PathBuf {
-            let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                absolute(&base.join(p))
-            }
-        };
-
-        if let Some(bad) = raw.tracking.suppress.iter().flatten().find(|r| {
-            !r.eq_ignore_ascii_case("complaint") && crate::reason::Reason::parse(r).is_none()
-        }) {
-            let words: Vec<&str> = crate::reason::Reason::ALL
-                .iter()
-                .map(|r| r.as_str())
-                .collect();
-            return Err(err(
-                "tracking.suppress",
-                format!(
-                    "{bad:?} is not \"complaint\" or a reason: {}",
-                    words.join(", ")
-                ),
-            ));
-        }
-        let hostname = match raw.hostname {
-            Some(h) => h,
-            None => nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "localhost".into()),
-        };
-        if hostname.is_empty() || hostname.contains(char::is_whitespace) {
-            return Err(err("hostname", format!("{hostname:?} is not a host name")));
-        }
-        let node = match raw.node {
-            Some(n) => n,
-            None => nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| hostname.clone()),
-        };
-        if node.is_empty()
-            || !node
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-        {
-            return Err(err(
-                "node",
-                format!("{node:?} is not a node name (letters, digits, - . _)"),
-            ));
-        }
-        if let Some(db) = &raw.tracking.database {
-            if !db.starts_with("postgresql://") && !db.starts_with("postgres://") {
-                return Err(err(
-                    "tracking.database",
-                    format!("{db:?} is not a postgresql:// URL"),
-                ));
-            }
-        }
-        let domain_part = raw
-            .domains
-            .local
-            .first()
-            .cloned()
-            .unwrap_or_else(|| hostname.clone());
-        let postmaster = match raw.postmaster {
-            Some(p) => Address::parse(&p).map_err(|e| err("postmaster", e.to_string()))?,
-            None => Address::new("postmaster", &domain_part)
-                .map_err(|e| err("hostname", e.to_string()))?,
-        };
-        let recipient_delimiter = match raw.recipient_delimiter.as_deref() {
-            None => Some('+'),
-            Some("") => None,
-            Some(s) if s.chars().count() == 1 => s.chars().next(),
-            Some(s) => {
-                return Err(err(
-                    "recipient_delimiter",
-                    format!("{s:?} must be one character"),
-                ))
-            }
-        };
-
-        let listeners =
-            |raw: RawListener, key: &str| -> Result<(Listener, Vec<Cidr>), ConfigError> {
-                let mut listen = Vec::new();
-                for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
-                    let sa = a.parse::<SocketAddr>().map_err(|_| {
-                        err(
-                            &format!("{key}.listen"),
-                            format!("{a:?} is not an address:port such as 127.0.0.1:25"),
-                        )
-                    })?;
-                    listen.push(sa);
-                }
-                if key != "smtp" && raw.mynetworks.is_some() {
-                    return Err(err(
-                    &format!("{key}.mynetworks"),
-                    "mynetworks belongs in [smtp]: submission relays for authenticated users only"
-                        .into(),
-                ));
-                }
-                let mut nets = Vec::new();
-                for n in raw.mynetworks.unwrap_or_default() {
-                    nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
-                }
-                Ok((Listener { listen }, nets))
-            };
-        let (smtp, mynetworks) = listeners(raw.smtp, "smtp")?;
-        let (submission, _) = listeners(raw.submission.into(), "submission")?;
-        let (submissions, _) = listeners(raw.submissions.into(), "submissions")?;
-
-        let domain_list = |v: Vec<String>, key: &str| -> Result<Vec<String>, ConfigError> {
-            v.into_iter()
-                .map(|d| {
-                    let d = d.trim().to_ascii_lowercase();
-                    Address::new("x", &d)
-                        .map(|_| d.clone())
-                        .map_err(|_| err(key, format!("{d:?} is not a domain")))
-                })
-                .collect()
-        };
-        let local_domains = domain_list(raw.domains.local, "domains.local")?;
-        let relay_domains = domain_list(raw.domains.relay, "domains.relay")?;
-
-        let mut routes = BTreeMap::new();
-        let mut route_queues = BTreeMap::new();
-        for (k, v) in raw.routes {
-            let (spec, queue) = queues::split(&v);
-            let route = Route::parse(spec).map_err(|e| err(&format!("routes.{k:?}"), e))?;
-            let key = normalise_route_key(&k).map_err(|e| err(&format!("routes.{k:?}"), e))?;
-            if let Some(q) = queue {
-                route_queues.insert(key.clone(), q.to_string());
-            }
-            routes.insert(key, route);
-        }
-
-        let mut mailboxes = BTreeMap::new();
-        for (k, v) in raw.mailboxes {
-            let key = format!("mailboxes.{k:?}");
-            let addr = Address::parse(&k).map_err(|e| err(&key, e.to_string()))?;
-            let mailbox = match (v.maildir, v.mbox) {
-                (Some(m), None) => Mailbox::Maildir(resolve(&m)),
-                (None, Some(m)) => Mailbox::Mbox(resolve(&m)),
-                _ => {
-                    return Err(err(
-                        &key,
-                        "a mailbox needs exactly one of maildir = PATH or mbox = PATH".into(),
-                    ))
-                }
-            };
-            mailboxes.insert(
-                addr.lookup_key(),
-                MailboxEntry {
-                    sieve: match (&mailbox, v.sieve) {
-                        (_, None) => None,
-                        (Mailbox::Maildir(_), Some(p)) => Some(resolve(&p)),
-                        (Mailbox::Mbox(_), Some(_)) => {
-                            return Err(err(
-                                &key,
-                                "a Sieve script needs a maildir (fileinto files into its folders)"
-                                    .into(),
-                            ))
-                        }
-                    },
-                    mailbox,
-                    user: v.user,
-                },
-            );
-        }
-
-        let mut queues: BTreeMap<String, usize> = STANDARD_QUEUES
-            .iter()
-            .map(|(q, n)| (q.to_string(), *n))
-            .collect();
-        let mut queue_overrides = BTreeMap::new();
-        for (name, q) in raw.queues {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(err(
-                    &format!("queues.{name}"),
-                    "a queue name is letters, digits, - and _".into(),
-                ));
-            }
-            if q.workers > 64 {
-                return Err(err(
-                    &format!("queues.{name}.workers"),
-                    format!("{} workers is more than 64", q.workers),
-                ));
-            }
-            if let (Some(min), Some(max)) = (q.min_backoff, q.max_backoff) {
-                if max.get() < min.get() {
-                    return Err(err(
-                        &format!("queues.{name}.max_backoff"),
-                        "max_backoff must be at least min_backoff".into(),
-                    ));
-                }
-            }
-            queue_overrides.insert(
-                name.clone(),
-                Overrides {
-                    destination_concurrency: q.destination_concurrency,
-                    recipient_limit: q.recipient_limit,
-                    min_backoff: q.min_backoff.map(Secs::signed),
-                    max_backoff: q.max_backoff.map(Secs::signed),
-                },
-            );
-            queues.insert(name, q.workers);
-        }
+        let mut raw = raw;
+        build::tracking_checks(&raw.tracking, &cx)?;
+        let id = build::identity(&mut raw, &cx)?;
+        let (smtp, mynetworks) = build::listeners(raw.smtp, "smtp", &cx)?;
+        let (submission, _) = build::listeners(raw.submission.into(), "submission", &cx)?;
+        let (submissions, _) = build::listeners(raw.submissions.into(), "submissions", &cx)?;
+        let local_domains = build::domain_list(raw.domains.local, "domains.local", &cx)?;
+        let relay_domains = build::domain_list(raw.domains.relay, "domains.relay", &cx)?;
+        let (routes, route_queues) = build::routes(raw.routes, &cx)?;
+        let mailboxes = build::mailboxes(raw.mailboxes, &cx)?;
+        let (queues, queue_overrides) = build::queues(raw.queues, &cx)?;
         let queue_agents = queues::agents(&queues, &routes, &route_queues)
-            .map_err(|(key, message)| err(&key, message))?;
-
-        let l = raw.limits;
-        let limits = Limits {
-            message_size: l.message_size.unwrap_or(50 * 1024 * 1024),
-            recipients: l.recipients.unwrap_or(1000),
-            // RFC 5321 4.5.3.1: at least 512 octets for a command line, 1000 for a text line.
-            command_line: l.command_line.unwrap_or(2048).max(512),
-            text_line: l.text_line.unwrap_or(64 * 1024).max(1000),
-            connections: l.connections.unwrap_or(2000),
-            connections_per_client: l.connections_per_client.unwrap_or(50),
-            connections_per_network: l.connections_per_network.unwrap_or(100),
-            session_lifetime: l.session_lifetime.map(Secs::get).unwrap_or(1800).max(1),
-            command_timeout: l.command_timeout.map(Secs::get).unwrap_or(300),
-            data_timeout: l.data_timeout.map(Secs::get).unwrap_or(600),
-            errors: l.errors.unwrap_or(20),
-            hops: l.hops.unwrap_or(50),
-            pipe_timeout: l.pipe_timeout.map(Secs::get).unwrap_or(600).max(1),
-            spool_min_free: l.spool_min_free,
-            spool_min_free_inodes: l.spool_min_free_inodes,
-        };
-        let o = raw.outgoing;
-        let outgoing = Outgoing {
-            min_backoff: o.min_backoff.map(Secs::signed).unwrap_or(300),
-            max_backoff: o.max_backoff.map(Secs::signed).unwrap_or(4000),
-            delay_warning: o.delay_warning.map(Secs::signed).unwrap_or(4 * 3600),
-            max_queue_lifetime: o.max_queue_lifetime.map(Secs::signed).unwrap_or(5 * 86_400),
-        };
-        let policy = |v: &str, key: &str| {
-            TlsPolicy::parse(v).ok_or_else(|| {
-                err(
-                    key,
-                    format!("{v:?} is not none, may, encrypt, verify, secure, dane or dane-only"),
-                )
-            })
-        };
-        let mut tls_routes = BTreeMap::new();
-        for (k, v) in o.tls_routes {
-            let key = format!("outgoing.tls_routes.{k:?}");
-            let rule = match v {
-                raw::RawTlsRoute::Level(l) => TlsRule {
-                    level: policy(&l, &key)?,
-                    ca_file: None,
-                    names: Vec::new(),
-                },
-                raw::RawTlsRoute::Rule(r) => TlsRule {
-                    level: policy(&r.level, &key)?,
-                    ca_file: r.ca_file.as_deref().map(resolve),
-                    names: r.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
-                },
-            };
-            tls_routes.insert(k.to_ascii_lowercase(), rule);
-        }
-        let dns_server = match raw.dns.server.as_deref() {
-            None => None,
-            Some(s) => {
-                let with_port = if s.parse::<IpAddr>().is_ok() {
-                    format!("{s}:53")
-                } else {
-                    s.to_string()
-                };
-                Some(with_port.parse::<SocketAddr>().map_err(|_| {
-                    err(
-                        "dns.server",
-                        format!("{s:?} is not an IP address (with an optional :port)"),
-                    )
-                })?)
-            }
-        };
-        let client = Client {
-            port: o.port.unwrap_or(25),
-            tls: policy(o.tls.as_deref().unwrap_or("may"), "outgoing.tls")?,
-            tls_routes,
-            ca_file: o.ca_file.as_deref().map(resolve),
-            recipient_limit: o.recipient_limit.unwrap_or(50).max(1),
-            destination_concurrency: o.destination_concurrency.unwrap_or(20).max(1),
-            connect_timeout: o.connect_timeout.map(Secs::get).unwrap_or(30).max(1),
-            command_timeout: o.command_timeout.map(Secs::get).unwrap_or(300).max(1),
-            data_timeout: o.data_timeout.map(Secs::get).unwrap_or(600).max(1),
-            connection_reuse: o.connection_reuse.map(Secs::get).unwrap_or(10),
-            dns_server,
-            mta_sts: o.mta_sts.unwrap_or(true),
-            mta_sts_port: o.mta_sts_port.unwrap_or(443),
-            tls_reports: o.tls_reports.unwrap_or(true),
-        };
-        if outgoing.max_backoff < outgoing.min_backoff {
-            return Err(err(
-                "outgoing.max_backoff",
-                "max_backoff must be at least min_backoff".into(),
-            ));
-        }
-        let scheduler = Scheduler {
-            scan_interval: raw
-                .scheduler
-                .scan_interval
-                .map(Secs::get)
-                .unwrap_or(60)
-                .max(1),
-            busy_retry: raw.scheduler.busy_retry.map(Secs::get).unwrap_or(10).max(1),
-            direct_routing: raw.scheduler.direct_routing.unwrap_or(true),
-        };
-
-        let log_target = match raw.log.target.as_deref() {
-            None | Some("stderr") => crate::log::Target::Stderr,
-            Some("syslog") => crate::log::Target::Syslog,
-            Some(p) if p.starts_with('/') || p.starts_with('.') || p.contains('/') => {
-                crate::log::Target::File(resolve(p))
-            }
-            Some(other) => {
-                return Err(err(
-                    "log.target",
-                    format!("{other:?} is not stderr, syslog or a file path"),
-                ))
-            }
-        };
-        let log_format = match raw.log.format.as_deref() {
-            None => crate::log::Format::Text,
-            Some(f) => crate::log::Format::parse(f)
-                .ok_or_else(|| err("log.format", format!("{f:?} is not text, json or postfix")))?,
-        };
-        let log_syslog_name = raw.log.syslog_name.unwrap_or_else(|| "qms".into());
-        if log_syslog_name.is_empty()
-            || !log_syslog_name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
-            return Err(err(
-                "log.syslog_name",
-                format!("{log_syslog_name:?} is not a name of letters, digits, -, _ and ."),
-            ));
-        }
-        let tls = match raw.tls {
-            Some(t) => {
-                if !t.relay_clients.is_empty() && t.client_ca.is_none() {
-                    return Err(err(
-                        "tls.relay_clients",
-                        "needs tls.client_ca: a client certificate is trusted only when it verifies"
-                            .into(),
-                    ));
-                }
-                Some(Tls {
-                    cert: resolve(&t.cert),
-                    key: resolve(&t.key),
-                    sni: t
-                        .sni
-                        .iter()
-                        .map(|(name, p)| {
-                            let name = name.trim_end_matches('.').to_ascii_lowercase();
-                            (name, (resolve(&p.cert), resolve(&p.key)))
-                        })
-                        .collect(),
-                    client_ca: t.client_ca.as_deref().map(&resolve),
-                    relay_clients: t
-                        .relay_clients
-                        .iter()
-                        .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-                        .collect(),
-                })
-            }
-            None => None,
-        };
-        let envelope = match raw.tracking.envelope.as_deref() {
-            Some(a) => {
-                Some(Address::parse(a).map_err(|e| err("tracking.envelope", e.to_string()))?)
-            }
-            None => None,
-        };
-        let key = match (&raw.tracking.key, &raw.tracking.key_file) {
-            (_, Some(f)) => std::fs::read(resolve(f))
-                .map_err(|e| err("tracking.key_file", format!("cannot read {f}: {e}")))?,
-            (Some(k), None) => k.as_bytes().to_vec(),
-            (None, None) => Vec::new(),
-        };
-        if envelope.is_some() && key.len() < 16 {
-            return Err(err(
-                "tracking.key",
-                "a VERP envelope needs a key (key or key_file) of at least 16 bytes".into(),
-            ));
-        }
-        let imap = match raw.tracking.imap {
-            Some(i) => {
-                // IMAPS: port 993 unless the server names another.
-                let has_port = i
-                    .server
-                    .rsplit_once(':')
-                    .is_some_and(|(_, p)| !p.contains(']'));
-                let server = if has_port {
-                    i.server.clone()
-                } else {
-                    format!("{}:993", i.server)
-                };
-                let (host, port) =
-                    parse_hop(&server, 993).map_err(|e| err("tracking.imap.server", e))?;
-                if raw.tracking.envelope_maildir.is_none() {
-                    return Err(err(
-                        "tracking.imap",
-                        "IMAP polling fetches into envelope_maildir, which is not set".into(),
-                    ));
-                }
-                Some(Imap {
-                    host,
-                    port,
-                    user: i.user,
-                    password_file: resolve(&i.password_file),
-                    mailbox: i.mailbox.unwrap_or_else(|| "INBOX".into()),
-                    ca_file: i.ca_file.as_deref().map(resolve),
-                    interval: i.interval.map(Secs::get).unwrap_or(60).max(1),
-                })
-            }
-            None => None,
-        };
-        let auth = Auth {
-            users: raw.auth.users.as_deref().map(resolve),
-            dovecot: raw.auth.dovecot.as_deref().map(resolve),
-            plaintext_loopback: raw.auth.plaintext_loopback.unwrap_or(false),
-            max_failures: raw.auth.max_failures.unwrap_or(5).max(1),
-            senders: raw.auth.senders,
-        };
-
-        let local = raw
-            .local
-            .build(&resolve)
-            .map_err(|(key, message)| err(&key, message))?;
-        let sieve = raw
-            .sieve
-            .build(&resolve)
-            .map_err(|(key, message)| err(&key, message))?;
+            .map_err(|(key, message)| cx.err(&key, message))?;
+        let limits = build::limits(raw.limits);
+        let (outgoing, client) = build::outgoing(raw.outgoing, raw.dns, &cx)?;
+        let (log_target, log_format, log_syslog_name) = build::log(raw.log, &cx)?;
+        let tls = build::tls(raw.tls, &cx)?;
+        let tracking = build::tracking(raw.tracking, &cx)?;
+        let resolve = |p: &str| cx.resolve(p);
+        let section = |(key, message): (String, String)| cx.err(&key, message);
+        let local = raw.local.build(&resolve).map_err(section)?;
+        let sieve = raw.sieve.build(&resolve).map_err(section)?;
         let arc = match raw.arc {
-            Some(a) => Some(
-                a.build(&resolve)
-                    .map_err(|(key, message)| err(&key, message))?,
-            ),
+            Some(a) => Some(a.build(&resolve).map_err(section)?),
             None => None,
         };
-        let mut dkim = BTreeMap::new();
-        for (domain, entry) in raw.dkim {
-            let list = match entry {
-                raw::RawDkimEntry::One(d) => vec![d],
-                raw::RawDkimEntry::Many(v) => v,
-            };
-            let d = domain.to_ascii_lowercase();
-            if Address::new("x", &d).is_err() {
-                return Err(err(
-                    &format!("dkim.{domain:?}"),
-                    format!("{domain:?} is not a domain"),
-                ));
-            }
-            let mut selectors = Vec::new();
-            for s in list {
-                let ok = !s.selector.is_empty()
-                    && s.selector.split('.').all(|l| {
-                        !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    });
-                if !ok {
-                    return Err(err(
-                        &format!("dkim.{domain:?}.selector"),
-                        format!(
-                            "{:?} is not a selector (letters, digits, - and dots)",
-                            s.selector
-                        ),
-                    ));
-                }
-                selectors.push(DkimSelector {
-                    selector: s.selector,
-                    key: resolve(&s.key),
-                });
-            }
-            dkim.insert(d, selectors);
-        }
-        let dmarc_reject = match raw.auth_checks.dmarc_reject.as_deref() {
-            None | Some("honour") | Some("honor") => DmarcReject::Honour,
-            Some("quarantine") => DmarcReject::Quarantine,
-            Some("ignore") => DmarcReject::Ignore,
-            Some(o) => {
-                return Err(err(
-                    "auth_checks.dmarc_reject",
-                    format!("{o:?} is not honour, quarantine or ignore"),
-                ))
-            }
-        };
+        let dkim = build::dkim(raw.dkim, &cx)?;
+        let auth_checks = build::auth_checks(raw.auth_checks, &cx)?;
         let srs = match &raw.srs {
             Some(s) => Some(
                 crate::srs::Srs::load(&s.domain, &resolve(&s.secret_file))
-                    .map_err(|e| err("srs.secret_file", e))?,
+                    .map_err(|e| cx.err("srs.secret_file", e))?,
             ),
             None => None,
-        };
-        let quarantine_hold = match raw.auth_checks.quarantine.as_deref() {
-            None | Some("mark") => false,
-            Some("hold") => true,
-            Some(o) => {
-                return Err(err(
-                    "auth_checks.quarantine",
-                    format!("{o:?} is not mark or hold"),
-                ))
-            }
-        };
-        let auth_checks = AuthChecks {
-            enabled: raw.auth_checks.enabled.unwrap_or(false),
-            dmarc_reject,
-            spf_reject: raw.auth_checks.spf_reject.unwrap_or(false),
-            quarantine_hold,
-        };
-        let metrics_listen = match raw.metrics.listen.as_deref() {
-            None => None,
-            Some(a) => {
-                let sa = a.parse::<SocketAddr>().map_err(|_| {
-                    err(
-                        "metrics.listen",
-                        format!("{a:?} is not an address:port such as 127.0.0.1:9725"),
-                    )
-                })?;
-                // The metrics role binds it as the mail system's user, never as root.
-                if sa.port() < 1024 {
-                    return Err(err(
-                        "metrics.listen",
-                        format!("port {} is privileged: use 1024 or more", sa.port()),
-                    ));
-                }
-                Some(sa)
-            }
         };
         Ok(Config {
             path: absolute(path),
             spool: resolve(&raw.spool),
-            hostname,
-            node,
+            hostname: id.hostname,
+            node: id.node,
             user: raw.user,
-            postmaster,
+            postmaster: id.postmaster,
             trusted_users: raw.trusted_users.unwrap_or_else(|| vec!["root".into()]),
             aliases: raw.aliases.as_deref().map(resolve),
-            recipient_delimiter,
+            recipient_delimiter: id.recipient_delimiter,
             smtp,
             mynetworks,
             submission,
@@ -1197,29 +504,19 @@ impl Config {
             limits,
             outgoing,
             client,
-            scheduler,
+            scheduler: build::scheduler(raw.scheduler),
             tls,
-            auth,
+            auth: Auth {
+                users: raw.auth.users.as_deref().map(resolve),
+                dovecot: raw.auth.dovecot.as_deref().map(resolve),
+                plaintext_loopback: raw.auth.plaintext_loopback.unwrap_or(false),
+                max_failures: raw.auth.max_failures.unwrap_or(5).max(1),
+                senders: raw.auth.senders,
+            },
             log_format,
             log_syslog_name,
             log_target,
-            tracking: Tracking {
-                envelope_maildir: raw.tracking.envelope_maildir.as_deref().map(resolve),
-                co_recipient_notices: raw.tracking.co_recipient_notices.unwrap_or(false),
-                envelope,
-                key,
-                key_file: raw.tracking.key_file.as_deref().map(resolve),
-                imap,
-                keep: raw.tracking.keep.map(Secs::get).filter(|k| *k > 0),
-                suppress: raw.tracking.suppress.unwrap_or_else(|| {
-                    ["user unknown", "has moved", "complaint"]
-                        .map(String::from)
-                        .to_vec()
-                }),
-                database: raw.tracking.database.clone(),
-                password_file: raw.tracking.password_file.as_deref().map(resolve),
-                database_ca_file: raw.tracking.database_ca_file.as_deref().map(resolve),
-            },
+            tracking,
             msp: Msp {
                 smarthost_users: raw.msp.smarthost_users,
                 plugin_dir: raw.msp.plugin_dir.as_deref().map(resolve),
@@ -1234,7 +531,7 @@ impl Config {
             local,
             sieve,
             arc,
-            metrics_listen,
+            metrics_listen: build::metrics_listen(raw.metrics, &cx)?,
             dkim,
             srs,
             auth_checks,

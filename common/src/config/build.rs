@@ -1,0 +1,649 @@
+//! Turns the raw TOML sections into checked settings: one function a section, each reporting
+//! a mistake with the key it is under (`Cx::err`) and reading paths relative to the file.
+
+use super::raw::{self, OneOrMany, Raw, RawListener, Secs};
+use super::route::parse_hop;
+use super::*;
+
+/// What every section needs: where the file is and its text, to name a mistake's line.
+pub(super) struct Cx<'a> {
+    pub(super) path: &'a Path,
+    pub(super) text: &'a str,
+    pub(super) base: PathBuf,
+}
+
+impl Cx<'_> {
+    pub(super) fn err(&self, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: find_key_line(self.text, key),
+            key: Some(key.to_string()),
+            message,
+        }
+    }
+
+    /// A path of the config, relative to the config file's directory.
+    pub(super) fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            absolute(&self.base.join(p))
+        }
+    }
+}
+
+/// The names the system goes by: host, node, postmaster, and the recipient delimiter.
+pub(super) struct Identity {
+    pub(super) hostname: String,
+    pub(super) node: String,
+    pub(super) postmaster: Address,
+    pub(super) recipient_delimiter: Option<char>,
+}
+
+pub(super) fn identity(raw: &mut Raw, cx: &Cx) -> Result<Identity, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let hostname = match raw.hostname.take() {
+        Some(h) => h,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into()),
+    };
+    if hostname.is_empty() || hostname.contains(char::is_whitespace) {
+        return Err(err("hostname", format!("{hostname:?} is not a host name")));
+    }
+    let node = match raw.node.take() {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| hostname.clone()),
+    };
+    if node.is_empty()
+        || !node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    {
+        return Err(err(
+            "node",
+            format!("{node:?} is not a node name (letters, digits, - . _)"),
+        ));
+    }
+    let domain_part = raw
+        .domains
+        .local
+        .first()
+        .cloned()
+        .unwrap_or_else(|| hostname.clone());
+    let postmaster = match raw.postmaster.take() {
+        Some(p) => Address::parse(&p).map_err(|e| err("postmaster", e.to_string()))?,
+        None => {
+            Address::new("postmaster", &domain_part).map_err(|e| err("hostname", e.to_string()))?
+        }
+    };
+    let recipient_delimiter = match raw.recipient_delimiter.as_deref() {
+        None => Some('+'),
+        Some("") => None,
+        Some(s) if s.chars().count() == 1 => s.chars().next(),
+        Some(s) => {
+            return Err(err(
+                "recipient_delimiter",
+                format!("{s:?} must be one character"),
+            ))
+        }
+    };
+
+    Ok(Identity {
+        hostname,
+        node,
+        postmaster,
+        recipient_delimiter,
+    })
+}
+
+/// `[tracking]`'s checks that come before anything else is read.
+pub(super) fn tracking_checks(t: &raw::RawTracking, cx: &Cx) -> Result<(), ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    if let Some(bad) =
+        t.suppress.iter().flatten().find(|r| {
+            !r.eq_ignore_ascii_case("complaint") && crate::reason::Reason::parse(r).is_none()
+        })
+    {
+        let words: Vec<&str> = crate::reason::Reason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .collect();
+        return Err(err(
+            "tracking.suppress",
+            format!(
+                "{bad:?} is not \"complaint\" or a reason: {}",
+                words.join(", ")
+            ),
+        ));
+    }
+    if let Some(db) = &t.database {
+        if !db.starts_with("postgresql://") && !db.starts_with("postgres://") {
+            return Err(err(
+                "tracking.database",
+                format!("{db:?} is not a postgresql:// URL"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A listener's addresses, and for `[smtp]` the networks that may relay.
+pub(super) fn listeners(
+    raw: RawListener,
+    key: &str,
+    cx: &Cx,
+) -> Result<(Listener, Vec<Cidr>), ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let mut listen = Vec::new();
+    for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
+        let sa = a.parse::<SocketAddr>().map_err(|_| {
+            err(
+                &format!("{key}.listen"),
+                format!("{a:?} is not an address:port such as 127.0.0.1:25"),
+            )
+        })?;
+        listen.push(sa);
+    }
+    if key != "smtp" && raw.mynetworks.is_some() {
+        return Err(err(
+            &format!("{key}.mynetworks"),
+            "mynetworks belongs in [smtp]: submission relays for authenticated users only".into(),
+        ));
+    }
+    let mut nets = Vec::new();
+    for n in raw.mynetworks.unwrap_or_default() {
+        nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
+    }
+    Ok((Listener { listen }, nets))
+}
+
+pub(super) fn domain_list(v: Vec<String>, key: &str, cx: &Cx) -> Result<Vec<String>, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    v.into_iter()
+        .map(|d| {
+            let d = d.trim().to_ascii_lowercase();
+            Address::new("x", &d)
+                .map(|_| d.clone())
+                .map_err(|_| err(key, format!("{d:?} is not a domain")))
+        })
+        .collect()
+}
+
+/// `[routes]`: each destination's route, and the named queue of those that give one.
+pub(super) fn routes(
+    raw: BTreeMap<String, String>,
+    cx: &Cx,
+) -> Result<(BTreeMap<String, Route>, BTreeMap<String, String>), ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let mut routes = BTreeMap::new();
+    let mut route_queues = BTreeMap::new();
+    for (k, v) in raw {
+        let (spec, queue) = queues::split(&v);
+        let route = Route::parse(spec).map_err(|e| err(&format!("routes.{k:?}"), e))?;
+        let key = normalise_route_key(&k).map_err(|e| err(&format!("routes.{k:?}"), e))?;
+        if let Some(q) = queue {
+            route_queues.insert(key.clone(), q.to_string());
+        }
+        routes.insert(key, route);
+    }
+
+    Ok((routes, route_queues))
+}
+
+pub(super) fn mailboxes(
+    raw: BTreeMap<String, raw::RawMailbox>,
+    cx: &Cx,
+) -> Result<BTreeMap<String, MailboxEntry>, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let resolve = |p: &str| cx.resolve(p);
+    let mut mailboxes = BTreeMap::new();
+    for (k, v) in raw {
+        let key = format!("mailboxes.{k:?}");
+        let addr = Address::parse(&k).map_err(|e| err(&key, e.to_string()))?;
+        let mailbox = match (v.maildir, v.mbox) {
+            (Some(m), None) => Mailbox::Maildir(resolve(&m)),
+            (None, Some(m)) => Mailbox::Mbox(resolve(&m)),
+            _ => {
+                return Err(err(
+                    &key,
+                    "a mailbox needs exactly one of maildir = PATH or mbox = PATH".into(),
+                ))
+            }
+        };
+        mailboxes.insert(
+            addr.lookup_key(),
+            MailboxEntry {
+                sieve: match (&mailbox, v.sieve) {
+                    (_, None) => None,
+                    (Mailbox::Maildir(_), Some(p)) => Some(resolve(&p)),
+                    (Mailbox::Mbox(_), Some(_)) => {
+                        return Err(err(
+                            &key,
+                            "a Sieve script needs a maildir (fileinto files into its folders)"
+                                .into(),
+                        ))
+                    }
+                },
+                mailbox,
+                user: v.user,
+            },
+        );
+    }
+
+    Ok(mailboxes)
+}
+
+/// `[queues.NAME]`: workers a queue, and its overrides of `[outgoing]`.
+pub(super) fn queues(
+    raw: BTreeMap<String, raw::RawQueue>,
+    cx: &Cx,
+) -> Result<(BTreeMap<String, usize>, BTreeMap<String, Overrides>), ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let mut queues: BTreeMap<String, usize> = STANDARD_QUEUES
+        .iter()
+        .map(|(q, n)| (q.to_string(), *n))
+        .collect();
+    let mut queue_overrides = BTreeMap::new();
+    for (name, q) in raw {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(err(
+                &format!("queues.{name}"),
+                "a queue name is letters, digits, - and _".into(),
+            ));
+        }
+        if q.workers > 64 {
+            return Err(err(
+                &format!("queues.{name}.workers"),
+                format!("{} workers is more than 64", q.workers),
+            ));
+        }
+        if let (Some(min), Some(max)) = (q.min_backoff, q.max_backoff) {
+            if max.get() < min.get() {
+                return Err(err(
+                    &format!("queues.{name}.max_backoff"),
+                    "max_backoff must be at least min_backoff".into(),
+                ));
+            }
+        }
+        queue_overrides.insert(
+            name.clone(),
+            Overrides {
+                destination_concurrency: q.destination_concurrency,
+                recipient_limit: q.recipient_limit,
+                min_backoff: q.min_backoff.map(Secs::signed),
+                max_backoff: q.max_backoff.map(Secs::signed),
+            },
+        );
+        queues.insert(name, q.workers);
+    }
+    Ok((queues, queue_overrides))
+}
+
+pub(super) fn limits(l: raw::RawLimits) -> Limits {
+    Limits {
+        message_size: l.message_size.unwrap_or(50 * 1024 * 1024),
+        recipients: l.recipients.unwrap_or(1000),
+        // RFC 5321 4.5.3.1: at least 512 octets for a command line, 1000 for a text line.
+        command_line: l.command_line.unwrap_or(2048).max(512),
+        text_line: l.text_line.unwrap_or(64 * 1024).max(1000),
+        connections: l.connections.unwrap_or(2000),
+        connections_per_client: l.connections_per_client.unwrap_or(50),
+        connections_per_network: l.connections_per_network.unwrap_or(100),
+        session_lifetime: l.session_lifetime.map(Secs::get).unwrap_or(1800).max(1),
+        command_timeout: l.command_timeout.map(Secs::get).unwrap_or(300),
+        data_timeout: l.data_timeout.map(Secs::get).unwrap_or(600),
+        errors: l.errors.unwrap_or(20),
+        hops: l.hops.unwrap_or(50),
+        pipe_timeout: l.pipe_timeout.map(Secs::get).unwrap_or(600).max(1),
+        spool_min_free: l.spool_min_free,
+        spool_min_free_inodes: l.spool_min_free_inodes,
+    }
+}
+
+/// `[outgoing]` and `[dns]`: retry timing, and how the SMTP client connects.
+pub(super) fn outgoing(
+    o: raw::RawOutgoing,
+    dns: raw::RawDns,
+    cx: &Cx,
+) -> Result<(Outgoing, Client), ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let resolve = |p: &str| cx.resolve(p);
+    let outgoing = Outgoing {
+        min_backoff: o.min_backoff.map(Secs::signed).unwrap_or(300),
+        max_backoff: o.max_backoff.map(Secs::signed).unwrap_or(4000),
+        delay_warning: o.delay_warning.map(Secs::signed).unwrap_or(4 * 3600),
+        max_queue_lifetime: o.max_queue_lifetime.map(Secs::signed).unwrap_or(5 * 86_400),
+    };
+    let policy = |v: &str, key: &str| {
+        TlsPolicy::parse(v).ok_or_else(|| {
+            err(
+                key,
+                format!("{v:?} is not none, may, encrypt, verify, secure, dane or dane-only"),
+            )
+        })
+    };
+    let mut tls_routes = BTreeMap::new();
+    for (k, v) in o.tls_routes {
+        let key = format!("outgoing.tls_routes.{k:?}");
+        let rule = match v {
+            raw::RawTlsRoute::Level(l) => TlsRule {
+                level: policy(&l, &key)?,
+                ca_file: None,
+                names: Vec::new(),
+            },
+            raw::RawTlsRoute::Rule(r) => TlsRule {
+                level: policy(&r.level, &key)?,
+                ca_file: r.ca_file.as_deref().map(resolve),
+                names: r.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            },
+        };
+        tls_routes.insert(k.to_ascii_lowercase(), rule);
+    }
+    let dns_server = match dns.server.as_deref() {
+        None => None,
+        Some(s) => {
+            let with_port = if s.parse::<IpAddr>().is_ok() {
+                format!("{s}:53")
+            } else {
+                s.to_string()
+            };
+            Some(with_port.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "dns.server",
+                    format!("{s:?} is not an IP address (with an optional :port)"),
+                )
+            })?)
+        }
+    };
+    let client = Client {
+        port: o.port.unwrap_or(25),
+        tls: policy(o.tls.as_deref().unwrap_or("may"), "outgoing.tls")?,
+        tls_routes,
+        ca_file: o.ca_file.as_deref().map(resolve),
+        recipient_limit: o.recipient_limit.unwrap_or(50).max(1),
+        destination_concurrency: o.destination_concurrency.unwrap_or(20).max(1),
+        connect_timeout: o.connect_timeout.map(Secs::get).unwrap_or(30).max(1),
+        command_timeout: o.command_timeout.map(Secs::get).unwrap_or(300).max(1),
+        data_timeout: o.data_timeout.map(Secs::get).unwrap_or(600).max(1),
+        connection_reuse: o.connection_reuse.map(Secs::get).unwrap_or(10),
+        dns_server,
+        mta_sts: o.mta_sts.unwrap_or(true),
+        mta_sts_port: o.mta_sts_port.unwrap_or(443),
+        tls_reports: o.tls_reports.unwrap_or(true),
+    };
+    if outgoing.max_backoff < outgoing.min_backoff {
+        return Err(err(
+            "outgoing.max_backoff",
+            "max_backoff must be at least min_backoff".into(),
+        ));
+    }
+    Ok((outgoing, client))
+}
+
+pub(super) fn scheduler(s: raw::RawScheduler) -> Scheduler {
+    Scheduler {
+        scan_interval: s.scan_interval.map(Secs::get).unwrap_or(60).max(1),
+        busy_retry: s.busy_retry.map(Secs::get).unwrap_or(10).max(1),
+        direct_routing: s.direct_routing.unwrap_or(true),
+    }
+}
+
+/// `[log]`: where lines go, in which format, under which name.
+pub(super) fn log(
+    l: raw::RawLog,
+    cx: &Cx,
+) -> Result<(crate::log::Target, crate::log::Format, String), ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let resolve = |p: &str| cx.resolve(p);
+    let log_target = match l.target.as_deref() {
+        None | Some("stderr") => crate::log::Target::Stderr,
+        Some("syslog") => crate::log::Target::Syslog,
+        Some(p) if p.starts_with('/') || p.starts_with('.') || p.contains('/') => {
+            crate::log::Target::File(resolve(p))
+        }
+        Some(other) => {
+            return Err(err(
+                "log.target",
+                format!("{other:?} is not stderr, syslog or a file path"),
+            ))
+        }
+    };
+    let log_format = match l.format.as_deref() {
+        None => crate::log::Format::Text,
+        Some(f) => crate::log::Format::parse(f)
+            .ok_or_else(|| err("log.format", format!("{f:?} is not text, json or postfix")))?,
+    };
+    let log_syslog_name = l.syslog_name.unwrap_or_else(|| "qms".into());
+    if log_syslog_name.is_empty()
+        || !log_syslog_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(err(
+            "log.syslog_name",
+            format!("{log_syslog_name:?} is not a name of letters, digits, -, _ and ."),
+        ));
+    }
+    Ok((log_target, log_format, log_syslog_name))
+}
+
+pub(super) fn tls(t: Option<raw::RawTls>, cx: &Cx) -> Result<Option<Tls>, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let resolve = |p: &str| cx.resolve(p);
+    let tls = match t {
+        Some(t) => {
+            if !t.relay_clients.is_empty() && t.client_ca.is_none() {
+                return Err(err(
+                    "tls.relay_clients",
+                    "needs tls.client_ca: a client certificate is trusted only when it verifies"
+                        .into(),
+                ));
+            }
+            Some(Tls {
+                cert: resolve(&t.cert),
+                key: resolve(&t.key),
+                sni: t
+                    .sni
+                    .iter()
+                    .map(|(name, p)| {
+                        let name = name.trim_end_matches('.').to_ascii_lowercase();
+                        (name, (resolve(&p.cert), resolve(&p.key)))
+                    })
+                    .collect(),
+                client_ca: t.client_ca.as_deref().map(&resolve),
+                relay_clients: t
+                    .relay_clients
+                    .iter()
+                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+            })
+        }
+        None => None,
+    };
+    Ok(tls)
+}
+
+/// `[tracking]`: the VERP envelope and its key, the IMAP mailbox of reports, the database.
+pub(super) fn tracking(t: raw::RawTracking, cx: &Cx) -> Result<Tracking, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let resolve = |p: &str| cx.resolve(p);
+    let envelope = match t.envelope.as_deref() {
+        Some(a) => Some(Address::parse(a).map_err(|e| err("tracking.envelope", e.to_string()))?),
+        None => None,
+    };
+    let key = match (&t.key, &t.key_file) {
+        (_, Some(f)) => std::fs::read(resolve(f))
+            .map_err(|e| err("tracking.key_file", format!("cannot read {f}: {e}")))?,
+        (Some(k), None) => k.as_bytes().to_vec(),
+        (None, None) => Vec::new(),
+    };
+    if envelope.is_some() && key.len() < 16 {
+        return Err(err(
+            "tracking.key",
+            "a VERP envelope needs a key (key or key_file) of at least 16 bytes".into(),
+        ));
+    }
+    let imap = match t.imap {
+        Some(i) => {
+            // IMAPS: port 993 unless the server names another.
+            let has_port = i
+                .server
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| !p.contains(']'));
+            let server = if has_port {
+                i.server.clone()
+            } else {
+                format!("{}:993", i.server)
+            };
+            let (host, port) =
+                parse_hop(&server, 993).map_err(|e| err("tracking.imap.server", e))?;
+            if t.envelope_maildir.is_none() {
+                return Err(err(
+                    "tracking.imap",
+                    "IMAP polling fetches into envelope_maildir, which is not set".into(),
+                ));
+            }
+            Some(Imap {
+                host,
+                port,
+                user: i.user,
+                password_file: resolve(&i.password_file),
+                mailbox: i.mailbox.unwrap_or_else(|| "INBOX".into()),
+                ca_file: i.ca_file.as_deref().map(resolve),
+                interval: i.interval.map(Secs::get).unwrap_or(60).max(1),
+            })
+        }
+        None => None,
+    };
+    Ok(Tracking {
+        envelope_maildir: t.envelope_maildir.as_deref().map(resolve),
+        co_recipient_notices: t.co_recipient_notices.unwrap_or(false),
+        envelope,
+        key,
+        key_file: t.key_file.as_deref().map(resolve),
+        imap,
+        keep: t.keep.map(Secs::get).filter(|k| *k > 0),
+        suppress: t.suppress.unwrap_or_else(|| {
+            ["user unknown", "has moved", "complaint"]
+                .map(String::from)
+                .to_vec()
+        }),
+        database: t.database.clone(),
+        password_file: t.password_file.as_deref().map(resolve),
+        database_ca_file: t.database_ca_file.as_deref().map(resolve),
+    })
+}
+
+/// `[dkim]`: each signing domain's selectors and keys.
+pub(super) fn dkim(
+    raw: BTreeMap<String, raw::RawDkimEntry>,
+    cx: &Cx,
+) -> Result<BTreeMap<String, Vec<DkimSelector>>, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let resolve = |p: &str| cx.resolve(p);
+    let mut dkim = BTreeMap::new();
+    for (domain, entry) in raw {
+        let list = match entry {
+            raw::RawDkimEntry::One(d) => vec![d],
+            raw::RawDkimEntry::Many(v) => v,
+        };
+        let d = domain.to_ascii_lowercase();
+        if Address::new("x", &d).is_err() {
+            return Err(err(
+                &format!("dkim.{domain:?}"),
+                format!("{domain:?} is not a domain"),
+            ));
+        }
+        let mut selectors = Vec::new();
+        for s in list {
+            let ok = !s.selector.is_empty()
+                && s.selector.split('.').all(|l| {
+                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !ok {
+                return Err(err(
+                    &format!("dkim.{domain:?}.selector"),
+                    format!(
+                        "{:?} is not a selector (letters, digits, - and dots)",
+                        s.selector
+                    ),
+                ));
+            }
+            selectors.push(DkimSelector {
+                selector: s.selector,
+                key: resolve(&s.key),
+            });
+        }
+        dkim.insert(d, selectors);
+    }
+    Ok(dkim)
+}
+
+/// `[auth_checks]`: what SPF, DKIM and DMARC results decide.
+pub(super) fn auth_checks(a: raw::RawAuthChecks, cx: &Cx) -> Result<AuthChecks, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let dmarc_reject = match a.dmarc_reject.as_deref() {
+        None | Some("honour") | Some("honor") => DmarcReject::Honour,
+        Some("quarantine") => DmarcReject::Quarantine,
+        Some("ignore") => DmarcReject::Ignore,
+        Some(o) => {
+            return Err(err(
+                "auth_checks.dmarc_reject",
+                format!("{o:?} is not honour, quarantine or ignore"),
+            ))
+        }
+    };
+    let quarantine_hold = match a.quarantine.as_deref() {
+        None | Some("mark") => false,
+        Some("hold") => true,
+        Some(o) => {
+            return Err(err(
+                "auth_checks.quarantine",
+                format!("{o:?} is not mark or hold"),
+            ))
+        }
+    };
+    Ok(AuthChecks {
+        enabled: a.enabled.unwrap_or(false),
+        dmarc_reject,
+        spf_reject: a.spf_reject.unwrap_or(false),
+        quarantine_hold,
+    })
+}
+
+pub(super) fn metrics_listen(
+    m: raw::RawMetrics,
+    cx: &Cx,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let err = |key: &str, message: String| cx.err(key, message);
+    let listen = match m.listen.as_deref() {
+        None => None,
+        Some(a) => {
+            let sa = a.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "metrics.listen",
+                    format!("{a:?} is not an address:port such as 127.0.0.1:9725"),
+                )
+            })?;
+            // The metrics role binds it as the mail system's user, never as root.
+            if sa.port() < 1024 {
+                return Err(err(
+                    "metrics.listen",
+                    format!("port {} is privileged: use 1024 or more", sa.port()),
+                ));
+            }
+            Some(sa)
+        }
+    };
+    Ok(listen)
+}
