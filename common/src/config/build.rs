@@ -175,11 +175,14 @@ pub(super) fn domain_list(v: Vec<String>, key: &str, cx: &Cx) -> Result<Vec<Stri
         .collect()
 }
 
-/// `[routes]`: each destination's route, and the named queue of those that give one.
-pub(super) fn routes(
-    raw: BTreeMap<String, String>,
-    cx: &Cx,
-) -> Result<(BTreeMap<String, Route>, BTreeMap<String, String>), ConfigError> {
+/// Destination (address or domain) to route, and to the named queue of those that give one.
+pub(super) struct Routes {
+    pub(super) routes: BTreeMap<String, Route>,
+    pub(super) queues: BTreeMap<String, String>,
+}
+
+/// `[routes]`.
+pub(super) fn routes(raw: BTreeMap<String, String>, cx: &Cx) -> Result<Routes, ConfigError> {
     let err = |key: &str, message: String| cx.err(key, message);
     let mut routes = BTreeMap::new();
     let mut route_queues = BTreeMap::new();
@@ -192,8 +195,10 @@ pub(super) fn routes(
         }
         routes.insert(key, route);
     }
-
-    Ok((routes, route_queues))
+    Ok(Routes {
+        routes,
+        queues: route_queues,
+    })
 }
 
 pub(super) fn mailboxes(
@@ -239,11 +244,14 @@ pub(super) fn mailboxes(
     Ok(mailboxes)
 }
 
-/// `[queues.NAME]`: workers a queue, and its overrides of `[outgoing]`.
-pub(super) fn queues(
-    raw: BTreeMap<String, raw::RawQueue>,
-    cx: &Cx,
-) -> Result<(BTreeMap<String, usize>, BTreeMap<String, Overrides>), ConfigError> {
+/// Each queue's workers, and its overrides of `[outgoing]`.
+pub(super) struct Queues {
+    pub(super) workers: BTreeMap<String, usize>,
+    pub(super) overrides: BTreeMap<String, Overrides>,
+}
+
+/// `[queues.NAME]`, over the standard queues.
+pub(super) fn queues(raw: BTreeMap<String, raw::RawQueue>, cx: &Cx) -> Result<Queues, ConfigError> {
     let err = |key: &str, message: String| cx.err(key, message);
     let mut queues: BTreeMap<String, usize> = STANDARD_QUEUES
         .iter()
@@ -286,7 +294,10 @@ pub(super) fn queues(
         );
         queues.insert(name, q.workers);
     }
-    Ok((queues, queue_overrides))
+    Ok(Queues {
+        workers: queues,
+        overrides: queue_overrides,
+    })
 }
 
 pub(super) fn limits(l: raw::RawLimits) -> Limits {

@@ -452,9 +452,15 @@ impl Config {
         let (submissions, _) = build::listeners(raw.submissions.into(), "submissions", &cx)?;
         let local_domains = build::domain_list(raw.domains.local, "domains.local", &cx)?;
         let relay_domains = build::domain_list(raw.domains.relay, "domains.relay", &cx)?;
-        let (routes, route_queues) = build::routes(raw.routes, &cx)?;
+        let build::Routes {
+            routes,
+            queues: route_queues,
+        } = build::routes(raw.routes, &cx)?;
         let mailboxes = build::mailboxes(raw.mailboxes, &cx)?;
-        let (queues, queue_overrides) = build::queues(raw.queues, &cx)?;
+        let build::Queues {
+            workers: queues,
+            overrides: queue_overrides,
+        } = build::queues(raw.queues, &cx)?;
         let queue_agents = queues::agents(&queues, &routes, &route_queues)
             .map_err(|(key, message)| cx.err(&key, message))?;
         let limits = build::limits(raw.limits);
