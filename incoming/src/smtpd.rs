@@ -1,17 +1,18 @@
 //! `qms smtpd`: accepts connections on every configured listener, one thread per session,
-//! with limits on connections in total and per client address. Idle threads wait in accept(2)
-//! themselves and a thread whose session ended waits for the next connection (`seats.rs`):
-//! with one message per connection, creating threads was a tenth of smtpd's CPU.
+//! with limits on connections in total and per client address. A thread whose session ended
+//! waits a while for the next connection: with one message per connection, creating threads
+//! was a tenth of smtpd's CPU.
 
-use crate::seats::{self, Seats};
+use crate::seats::Threads;
 use crate::session::{Kind, Peer, Session, Shared};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use qms_common::conn::{Conn, SharedSocket};
 use qms_common::log::quote;
 use qms_common::qlog;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, TcpListener, TcpStream};
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -186,50 +187,55 @@ impl Lifetimes {
 }
 
 /// Serves until `stop` is set, then waits (up to a minute) for sessions in progress.
-pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &'static AtomicBool) {
+pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &AtomicBool) {
+    for (kind, l) in &listeners {
+        let _ = l.set_nonblocking(true);
+        if let Ok(a) = l.local_addr() {
+            qlog!("event=listen service={} addr={a}", kind.protocol());
+        }
+    }
     let counts = Arc::new(Counts {
         total: AtomicUsize::new(0),
         per_client: Mutex::new(HashMap::new()),
         per_network: Mutex::new(HashMap::new()),
     });
     let lifetimes = Arc::new(Lifetimes::default());
-    let command_timeout = Duration::from_secs(shared.cfg.limits.command_timeout);
-    let mut all_seats = Vec::new();
-    for (kind, l) in listeners {
-        if let Ok(a) = l.local_addr() {
-            qlog!("event=listen service={} addr={a}", kind.protocol());
-        }
-        // Without the listener's options, each session sets its own.
-        let inherits = match seats::prepare(&l, command_timeout) {
-            Ok(()) => true,
-            Err(e) => {
-                qlog!(
-                    "event=listen-options service={} reason={}",
-                    kind.protocol(),
-                    quote(&e.to_string())
-                );
-                false
-            }
-        };
-        let (shared, counts, lifetimes) = (shared.clone(), counts.clone(), lifetimes.clone());
-        let handle: seats::Handler = Box::new(move |stream, ip| {
-            session(&shared, &counts, &lifetimes, kind, stream, ip, inherits)
-        });
-        match Seats::start(l, handle, IDLE, stop) {
-            Ok(s) => all_seats.push(s),
-            Err(e) => qlog!(
-                "event=thread-error service={} reason={}",
-                kind.protocol(),
-                quote(&e.to_string())
-            ),
-        }
-    }
+    let threads = Threads::new(IDLE);
     let mut reaped = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(200));
         if reaped.elapsed() >= Duration::from_secs(1) {
             lifetimes.reap();
             reaped = std::time::Instant::now();
+        }
+        let mut fds: Vec<PollFd> = listeners
+            .iter()
+            .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+            .collect();
+        if poll(&mut fds, PollTimeout::from(500u16)).unwrap_or(0) == 0 {
+            continue;
+        }
+        for (kind, l) in &listeners {
+            loop {
+                match l.accept() {
+                    Ok((stream, addr)) => accept(
+                        &shared,
+                        &counts,
+                        &lifetimes,
+                        &threads,
+                        *kind,
+                        stream,
+                        addr.ip(),
+                    ),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // Out of descriptors or memory: the listener stays readable, so wait a
+                        // little instead of spinning; the client waits in the backlog.
+                        qlog!("event=accept-error reason={}", quote(&e.to_string()));
+                        std::thread::sleep(Duration::from_millis(100));
+                        break;
+                    }
+                }
+            }
         }
     }
     let end = std::time::Instant::now() + Duration::from_secs(60);
@@ -238,41 +244,50 @@ pub fn run(shared: Arc<Shared>, listeners: Vec<(Kind, TcpListener)>, stop: &'sta
     }
 }
 
-/// One connection, on the thread that accepted it: the connection limits, then the session.
-fn session(
-    shared: &Shared,
-    counts: &Counts,
-    lifetimes: &Lifetimes,
+fn accept(
+    shared: &Arc<Shared>,
+    counts: &Arc<Counts>,
+    lifetimes: &Arc<Lifetimes>,
+    threads: &Threads,
     kind: Kind,
     mut stream: TcpStream,
     ip: IpAddr,
-    inherits: bool,
 ) {
     let limits = &shared.cfg.limits;
+    // No set_nonblocking(false): on Linux an accepted socket does not inherit the
+    // listener's O_NONBLOCK.
     if let Err(reply) = counts.enter(ip, limits) {
         qlog!("event=refused client=[{ip}] reply={}", quote(reply));
         let _ = stream.write_all(format!("{reply}\r\n").as_bytes());
         return;
     }
-    // The listener's receive timeout is the waiting threads' tick, not the session's.
     let timeout = Some(Duration::from_secs(limits.command_timeout));
     let _ = stream.set_read_timeout(timeout);
-    if !inherits {
-        let _ = stream.set_write_timeout(timeout);
-        let _ = stream.set_nodelay(true);
-    }
+    let _ = stream.set_write_timeout(timeout);
+    let _ = stream.set_nodelay(true);
+    let (shared, counts, counts2) = (shared.clone(), counts.clone(), counts.clone());
+    let lifetimes = lifetimes.clone();
     let until = std::time::Instant::now() + Duration::from_secs(limits.session_lifetime);
-    let peer = Peer {
-        addr: Some(ip),
-        local_user: None,
-        forced_sender: None,
-    };
-    let stream = Arc::new(stream);
-    let watched = lifetimes.add(until, stream.clone(), ip);
-    let conn = Box::new(SharedSocket(stream.clone()));
-    serve(shared, kind, peer, conn, Some(stream));
-    lifetimes.remove(watched);
-    counts.leave(ip);
+    let spawned = threads.run(Box::new(move || {
+        let peer = Peer {
+            addr: Some(ip),
+            local_user: None,
+            forced_sender: None,
+        };
+        let stream = Arc::new(stream);
+        let watched = lifetimes.add(until, stream.clone(), ip);
+        let conn = Box::new(SharedSocket(stream.clone()));
+        serve(&shared, kind, peer, conn, Some(stream));
+        lifetimes.remove(watched);
+        counts.leave(ip);
+    }));
+    if let Err(e) = spawned {
+        counts2.leave(ip);
+        qlog!(
+            "event=refused client=[{ip}] reason={}",
+            quote(&e.to_string())
+        );
+    }
 }
 
 fn serve(
