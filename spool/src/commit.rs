@@ -219,11 +219,7 @@ impl Spool {
             });
         }
         for ((c, s), at) in jobs.iter_mut().zip(staged).zip(at) {
-            c.file = s.into_file();
-            c.job.message_at = at;
-            c.mode &= !crate::attempt::MARK;
-            c.marked = false;
-            c.uid = nix::unistd::geteuid().as_raw(); // a file of this process now
+            c.rewritten(s, at);
         }
         Ok(())
     }

@@ -178,6 +178,17 @@ impl Claimed {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The claim now holds the new version this process wrote in place of the old one, its
+    /// message (if one-file) at `message_at`. It is a new file: no attempt mark (see
+    /// `attempt`).
+    pub(crate) fn rewritten(&mut self, new: safeio::Staged, message_at: u64) {
+        self.file = new.into_file();
+        self.job.message_at = message_at;
+        self.mode &= !crate::attempt::MARK;
+        self.marked = false;
+        self.uid = nix::unistd::geteuid().as_raw();
+    }
 }
 
 pub enum Claim {

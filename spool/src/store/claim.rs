@@ -119,12 +119,7 @@ impl Spool {
             });
         }
         // The new file was locked before it became visible; dropping the old one unlocks it.
-        // It is a new file: no attempt mark (see `attempt`).
-        c.file = s.into_file();
-        c.job.message_at = at;
-        c.mode &= !crate::attempt::MARK;
-        c.marked = false;
-        c.uid = nix::unistd::geteuid().as_raw(); // a file of this process now
+        c.rewritten(s, at);
         Ok(())
     }
 
