@@ -248,11 +248,16 @@ mod tests {
         assert!(slot.wait().is_err(), "the waiting session is answered");
         assert!(inbox.state.lock().unwrap().closed);
         assert!(committer.commit(staged_nothing()).is_err());
+        let _ = std::fs::remove_dir_all(scratch());
+    }
+
+    fn scratch() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("qms-commit-{}", std::process::id()))
     }
 
     /// A staged message with no files: enough for the inbox.
     fn staged_nothing() -> Staged {
-        let dir = std::env::temp_dir().join(format!("qms-commit-{}", std::process::id()));
+        let dir = scratch();
         let _ = std::fs::create_dir_all(&dir);
         let tmp = dir.join("job");
         let file = std::fs::File::create(&tmp).unwrap();
