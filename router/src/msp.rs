@@ -72,21 +72,46 @@ fn may_use(cfg: &Config, client: &qms_spool::Client, addr: &Address) -> bool {
     }
 }
 
+/// The tracked-sending fields of one message, in order.
+struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    /// The trimmed value of field `name`, if present.
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+    }
+
+    /// True when a field's name starts with `prefix`.
+    fn any_prefixed(&self, prefix: &str) -> bool {
+        self.0
+            .iter()
+            .any(|(n, _)| n.len() >= prefix.len() && n[..prefix.len()].eq_ignore_ascii_case(prefix))
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
 /// Applies the tracked-sending fields of `msg` to `job`.
 pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
-    let fields: Vec<(String, String)> = headers::named_fields(msg)
-        .into_iter()
-        .filter(|(n, _)| is_msp(n))
-        .collect();
-    if fields.is_empty() {
+    let fields = Fields(
+        headers::named_fields(msg)
+            .into_iter()
+            .filter(|(n, _)| is_msp(n))
+            .collect(),
+    );
+    if fields.0.is_empty() {
         return Applied::default();
     }
-    let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
     if !job.client.trusted {
         qlog!(
             "qid={} status=msp-removed reason=\"untrusted submitter\" headers={}",
             job.id,
-            quote(&names.join(","))
+            quote(&fields.names().join(","))
         );
         let out = headers::remove_prefixed(&headers::remove_prefixed(msg, "BX-"), "X-B-");
         return Applied {
@@ -94,17 +119,12 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
             ..Applied::default()
         };
     }
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let mut added = String::new();
     // Addresses that become the envelope sender or receive notifications: only those the
     // submitter may use; the others are dropped and logged.
     let owned = |field: &str| -> Option<Address> {
-        let a = get(field).and_then(|v| addresses(&v).into_iter().next())?;
+        let a = fields
+            .get(field)
+            .and_then(|v| addresses(&v).into_iter().next())?;
         if may_use(cfg, &job.client, &a) {
             return Some(a);
         }
@@ -120,50 +140,13 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
     let d_to = owned("BX-Delivery-Notification-Req-To");
     let disposition_to = owned("BX-Disposition-Notification-Req-To");
     if sender.is_none() {
-        sender = nd_to.clone().or(d_to.clone());
+        sender = nd_to.or(d_to);
     }
-    let mut requested = false;
-    for (prefix, flags) in [
-        ("BX-Delivery-Notification", &[Notify::Success][..]),
-        (
-            "BX-Non-Delivery-Notification",
-            &[Notify::Failure, Notify::Delay][..],
-        ),
-    ] {
-        let present = fields.iter().any(|(n, _)| {
-            n.len() >= prefix.len() && n[..prefix.len()].eq_ignore_ascii_case(prefix)
-        });
-        if !present {
-            continue;
-        }
-        requested = true;
-        let for_list = get(&format!("{prefix}-Req-For"))
-            .filter(|v| !v.eq_ignore_ascii_case("all"))
-            .map(|v| addresses(&v));
-        for r in job.recipients.iter_mut() {
-            let covered = for_list
-                .as_ref()
-                .is_none_or(|l| l.iter().any(|a| a.lookup_key() == r.address.lookup_key()));
-            if covered {
-                r.notify.retain(|n| *n != Notify::Never);
-                for f in flags {
-                    if !r.notify.contains(f) {
-                        r.notify.push(*f);
-                    }
-                }
-            }
-        }
-    }
-    if let Some(to) = disposition_to {
-        if !headers::has(msg, "disposition-notification-to") {
-            added.push_str(&format!("Disposition-Notification-To: <{to}>\r\n"));
-        }
-        if !headers::has(msg, "return-receipt-to") {
-            added.push_str(&format!("Return-Receipt-To: <{to}>\r\n"));
-        }
-    }
-    job.crossref = get("X-B-CrossRef");
-    job.nd_actions = get("X-B-Non-Delivery-Notification-Actions")
+    let requested = request_notifications(&fields, job);
+    let added = disposition_to.map_or_else(String::new, |to| disposition_fields(msg, &to));
+    job.crossref = fields.get("X-B-CrossRef");
+    job.nd_actions = fields
+        .get("X-B-Non-Delivery-Notification-Actions")
         .map(|v| {
             v.split([',', ' '])
                 .filter(|a| !a.is_empty())
@@ -171,38 +154,14 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
                 .collect()
         })
         .unwrap_or_default();
-    let control = get("BX-Sending-Run-Control")
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let words: Vec<&str> = control.split([',', ' ']).collect();
-    job.dryrun = words.contains(&"dryrun");
-    job.ignore_suppression = words.contains(&"ignore-suppression");
-    job.debug = words.contains(&"debug");
-    let mut refusal = None;
+    run_control(&fields, job);
+    let mut refusal = sending_method(cfg, &fields, job);
     let mut pre_plugins = Vec::new();
-    let method = get("BX-Sending-Method").map(|m| m.to_ascii_lowercase());
-    let rem = match method.as_deref() {
-        // Injection: qms's own routes; smarthost fields do not apply.
-        Some("inject") => Ok(None),
-        Some("submit") => smarthost::parse(&fields).and_then(|h| {
-            h.map(Some)
-                .ok_or_else(|| "BX-Sending-Method: submit needs BX-MTA-Rem-Host".to_string())
-        }),
-        None => smarthost::parse(&fields),
-        Some(_) => Err("BX-Sending-Method is not inject or submit".to_string()),
-    };
-    match rem {
-        Ok(Some(_)) if !smarthost::allowed(cfg, &job.client) => {
-            refusal = Some("5.7.1 this submitter may not choose a smarthost (BX-MTA-Rem-*)".into());
-        }
-        Ok(h) => job.smarthost = h,
-        Err(e) => refusal = Some(format!("5.5.4 {e}")),
-    }
     for (field, stage) in [
         ("BX-MTA-Submission-Pre-Plugins", &mut pre_plugins),
         ("BX-MTA-Submission-Post-Plugins", &mut job.post_plugins),
     ] {
-        for name in plugin::names(&get(field).unwrap_or_default()) {
+        for name in plugin::names(&fields.get(field).unwrap_or_default()) {
             match plugin::resolve(cfg, &name) {
                 Ok(_) => stage.push(name),
                 Err(e) => refusal = refusal.or(Some(format!("5.7.0 {e}"))),
@@ -220,22 +179,128 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
     if let Some(s) = sender {
         job.sender = Some(s);
     }
-    const KNOWN: [&str; 14] = [
-        "bx-delivery-notification-req-to",
-        "bx-delivery-notification-req-for",
-        "bx-delivery-notification-req-perrecipient",
-        "bx-non-delivery-notification-req-to",
-        "bx-non-delivery-notification-req-for",
-        "bx-non-delivery-notification-req-perrecipient",
-        "bx-disposition-notification-req-to",
-        "bx-disposition-notification-req-for",
-        "bx-disposition-notification-req-perrecipient",
-        "bx-sending-method",
-        "bx-sending-run-control",
-        "bx-delivery-notification",
-        "bx-mta-submission-pre-plugins",
-        "bx-mta-submission-post-plugins",
-    ];
+    log_applied(job, &fields.names(), &pre_plugins, refusal.as_deref());
+    let mut out = headers::remove_prefixed(msg, "BX-");
+    if !added.is_empty() {
+        let mut with = added.into_bytes();
+        with.extend_from_slice(&out);
+        out = with;
+    }
+    Applied {
+        message: Some(out),
+        pre_plugins,
+        refusal,
+    }
+}
+
+/// Delivery and non-delivery requests: NOTIFY for the recipients each covers. True when
+/// any was made.
+fn request_notifications(fields: &Fields, job: &mut Job) -> bool {
+    let mut requested = false;
+    for (prefix, flags) in [
+        ("BX-Delivery-Notification", &[Notify::Success][..]),
+        (
+            "BX-Non-Delivery-Notification",
+            &[Notify::Failure, Notify::Delay][..],
+        ),
+    ] {
+        if !fields.any_prefixed(prefix) {
+            continue;
+        }
+        requested = true;
+        let for_list = fields
+            .get(&format!("{prefix}-Req-For"))
+            .filter(|v| !v.eq_ignore_ascii_case("all"))
+            .map(|v| addresses(&v));
+        for r in job.recipients.iter_mut() {
+            let covered = for_list
+                .as_ref()
+                .is_none_or(|l| l.iter().any(|a| a.lookup_key() == r.address.lookup_key()));
+            if covered {
+                r.notify.retain(|n| *n != Notify::Never);
+                for f in flags {
+                    if !r.notify.contains(f) {
+                        r.notify.push(*f);
+                    }
+                }
+            }
+        }
+    }
+    requested
+}
+
+/// The RFC 8098 fields a disposition request adds, unless the message has them.
+fn disposition_fields(msg: &[u8], to: &Address) -> String {
+    let mut added = String::new();
+    if !headers::has(msg, "disposition-notification-to") {
+        added.push_str(&format!("Disposition-Notification-To: <{to}>\r\n"));
+    }
+    if !headers::has(msg, "return-receipt-to") {
+        added.push_str(&format!("Return-Receipt-To: <{to}>\r\n"));
+    }
+    added
+}
+
+/// `BX-Sending-Run-Control`: dryrun, ignore-suppression, debug.
+fn run_control(fields: &Fields, job: &mut Job) {
+    let control = fields
+        .get("BX-Sending-Run-Control")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let words: Vec<&str> = control.split([',', ' ']).collect();
+    job.dryrun = words.contains(&"dryrun");
+    job.ignore_suppression = words.contains(&"ignore-suppression");
+    job.debug = words.contains(&"debug");
+}
+
+/// `BX-Sending-Method` and the smarthost fields: the job's smarthost, or why the message
+/// cannot be sent as it asks.
+fn sending_method(cfg: &Config, fields: &Fields, job: &mut Job) -> Option<String> {
+    let method = fields
+        .get("BX-Sending-Method")
+        .map(|m| m.to_ascii_lowercase());
+    let rem = match method.as_deref() {
+        // Injection: qms's own routes; smarthost fields do not apply.
+        Some("inject") => Ok(None),
+        Some("submit") => smarthost::parse(&fields.0).and_then(|h| {
+            h.map(Some)
+                .ok_or_else(|| "BX-Sending-Method: submit needs BX-MTA-Rem-Host".to_string())
+        }),
+        None => smarthost::parse(&fields.0),
+        Some(_) => Err("BX-Sending-Method is not inject or submit".to_string()),
+    };
+    match rem {
+        Ok(Some(_)) if !smarthost::allowed(cfg, &job.client) => {
+            Some("5.7.1 this submitter may not choose a smarthost (BX-MTA-Rem-*)".into())
+        }
+        Ok(h) => {
+            job.smarthost = h;
+            None
+        }
+        Err(e) => Some(format!("5.5.4 {e}")),
+    }
+}
+
+/// The `BX-` fields qms acts on; others are stripped unread (and logged by name).
+const KNOWN: [&str; 14] = [
+    "bx-delivery-notification-req-to",
+    "bx-delivery-notification-req-for",
+    "bx-delivery-notification-req-perrecipient",
+    "bx-non-delivery-notification-req-to",
+    "bx-non-delivery-notification-req-for",
+    "bx-non-delivery-notification-req-perrecipient",
+    "bx-disposition-notification-req-to",
+    "bx-disposition-notification-req-for",
+    "bx-disposition-notification-req-perrecipient",
+    "bx-sending-method",
+    "bx-sending-run-control",
+    "bx-delivery-notification",
+    "bx-mta-submission-pre-plugins",
+    "bx-mta-submission-post-plugins",
+];
+
+/// Logs what was applied, the fields stripped unknown (by name only), and a refusal.
+fn log_applied(job: &Job, names: &[&str], pre_plugins: &[String], refusal: Option<&str>) {
     let stripped: Vec<&str> = names
         .iter()
         .copied()
@@ -267,18 +332,7 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
         quote(&format!("pre:{} post:{}", pre_plugins.join(","), job.post_plugins.join(","))),
         stripped.len()
     );
-    if let Some(r) = &refusal {
+    if let Some(r) = refusal {
         qlog!("qid={} status=msp-refused reason={}", job.id, quote(r));
-    }
-    let mut out = headers::remove_prefixed(msg, "BX-");
-    if !added.is_empty() {
-        let mut with = added.into_bytes();
-        with.extend_from_slice(&out);
-        out = with;
-    }
-    Applied {
-        message: Some(out),
-        pre_plugins,
-        refusal,
     }
 }
