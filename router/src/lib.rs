@@ -74,54 +74,8 @@ impl Router {
         let mut routed = Vec::new();
         for mut c in batch {
             let original = c.job.clone();
-            // Tracked-sending fields first: they can change the sender and the DSN requests.
-            let mut body = None;
-            let (rewritten, refusal) = match self.spool.message(&c) {
-                Ok(msg) => {
-                    let applied = msp::apply(&self.cfg, &mut c.job, &msg);
-                    let mut message = applied.message;
-                    let mut refusal = applied.refusal;
-                    // `[auth_checks]`: smtpd's results go on the message, which is then
-                    // rewritten anyway.
-                    if let Some(ar) = &c.job.auth_results {
-                        let base = message.as_deref().unwrap_or(&msg);
-                        message = Some(qms_common::headers::set_auth_results(
-                            base,
-                            &self.cfg.hostname,
-                            ar,
-                        ));
-                    }
-                    if refusal.is_none() {
-                        for name in &applied.pre_plugins {
-                            let input = message.as_deref().unwrap_or(&msg);
-                            match plugin::pre(&self.cfg, &c.job, name, input) {
-                                Pre::Keep => {}
-                                Pre::Replace(m) => message = Some(m),
-                                Pre::Refuse(why) => {
-                                    refusal = Some(format!("5.7.0 {why}"));
-                                    break;
-                                }
-                                Pre::Later(why) => {
-                                    refusal = Some(format!("4.3.0 {why}"));
-                                    break;
-                                }
-                            }
-                            qlog!("qid={} plugin={name} stage=pre status=ok", c.job.id);
-                        }
-                    }
-                    body = Some(msg);
-                    (message, refusal)
-                }
-                Err(e) => {
-                    qlog!(
-                        "qid={} status=warning reason={}",
-                        c.job.id,
-                        quote(&e.to_string())
-                    );
-                    (None, None)
-                }
-            };
-            if let Some(why) = refusal.as_deref().filter(|w| w.starts_with('4')) {
+            let prepared = self.prepare(&mut c);
+            if let Some(why) = prepared.refusal.as_deref().filter(|w| w.starts_with('4')) {
                 // Leave the job as it came for a later try; nothing of this pass is kept.
                 qlog!("qid={} status=deferred reason={}", c.job.id, quote(why));
                 c.job = original;
@@ -136,69 +90,16 @@ impl Router {
                 continue;
             }
             let mut events = Vec::new();
-            if let Some(why) = refusal {
-                let (id, sender) = (c.job.id.clone(), logged_sender(&c.job.sender));
-                for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
-                    qlog!(
-                        "qid={id} from={sender} to={} status=bounced ({why})",
-                        logged(&r.address)
-                    );
-                    r.state = RcptState::Failed;
-                    r.reply = Some(why.clone());
-                }
-                for r in &c.job.recipients {
-                    let mut ev = c.job.track(&r.address, "failed", "queued", "failed");
-                    ev.crossref = c.job.crossref.clone();
-                    events.push(ev.reply(Some(&why)));
-                }
+            if let Some(why) = &prepared.refusal {
+                refuse(&mut c, why, &mut events);
             }
             match self.route(&mut c, &mut events) {
                 Ok(children) if c.job.dryrun => {
-                    for r in children.iter().flat_map(|j| j.recipients.iter()) {
-                        qlog!(
-                            "qid={} to={} status=dryrun (routed via {}, not sent)",
-                            c.job.id,
-                            r.address,
-                            r.route.as_deref().unwrap_or("-")
-                        );
-                        events.push(
-                            c.job
-                                .track(&r.address, "dryrun", "routed", "dryrun")
-                                .relay(r.route.as_deref().unwrap_or("")),
-                        );
-                    }
+                    log_dryrun(&c, &children, &mut events);
                     routed.push((c, events));
                 }
                 Ok(children) => {
-                    let mut ok = true;
-                    let last = rewritten.as_deref().or(body.as_deref());
-                    for child in children {
-                        if let Some(why) = &child.quarantine {
-                            qlog!(
-                                "qid={} queue={} status=quarantined reason={}",
-                                child.id,
-                                child.queue,
-                                quote(why)
-                            );
-                        }
-                        let signed = last
-                            .and_then(|m| self.signed(&child, m))
-                            .or_else(|| last.and_then(|m| sealed(&self.cfg, &c.job, &child, m)));
-                        let message = signed.as_deref().or(rewritten.as_deref());
-                        match self.spool.stage_child(&c, &child, message) {
-                            Ok(Some(s)) => staged.push(s),
-                            Ok(None) => {}
-                            Err(e) => {
-                                qlog!(
-                                    "qid={} status=error reason={}",
-                                    c.job.id,
-                                    quote(&e.to_string())
-                                );
-                                ok = false;
-                            }
-                        }
-                    }
-                    if ok {
+                    if self.stage_children(&c, &children, &prepared, &mut staged) {
                         routed.push((c, events));
                     }
                 }
@@ -237,6 +138,98 @@ impl Router {
             }
         }
         qms_common::track::emit_all(all_events.into_iter().flatten());
+    }
+
+    /// What comes before routing a job: its tracked-sending fields (they can change the
+    /// sender and the DSN requests), smtpd's authentication results, the pre-plugins.
+    fn prepare(&self, c: &mut Claimed) -> Prepared {
+        let msg = match self.spool.message(c) {
+            Ok(msg) => msg,
+            Err(e) => {
+                qlog!(
+                    "qid={} status=warning reason={}",
+                    c.job.id,
+                    quote(&e.to_string())
+                );
+                return Prepared::default();
+            }
+        };
+        let applied = msp::apply(&self.cfg, &mut c.job, &msg);
+        let mut message = applied.message;
+        let mut refusal = applied.refusal;
+        // `[auth_checks]`: smtpd's results go on the message, which is then rewritten anyway.
+        if let Some(ar) = &c.job.auth_results {
+            let base = message.as_deref().unwrap_or(&msg);
+            message = Some(qms_common::headers::set_auth_results(
+                base,
+                &self.cfg.hostname,
+                ar,
+            ));
+        }
+        if refusal.is_none() {
+            for name in &applied.pre_plugins {
+                let input = message.as_deref().unwrap_or(&msg);
+                match plugin::pre(&self.cfg, &c.job, name, input) {
+                    Pre::Keep => {}
+                    Pre::Replace(m) => message = Some(m),
+                    Pre::Refuse(why) => {
+                        refusal = Some(format!("5.7.0 {why}"));
+                        break;
+                    }
+                    Pre::Later(why) => {
+                        refusal = Some(format!("4.3.0 {why}"));
+                        break;
+                    }
+                }
+                qlog!("qid={} plugin={name} stage=pre status=ok", c.job.id);
+            }
+        }
+        Prepared {
+            body: Some(msg),
+            rewritten: message,
+            refusal,
+        }
+    }
+
+    /// Stages one output job per child, signed or sealed where due. False when one could
+    /// not be staged: the incoming job then stays for another try.
+    fn stage_children(
+        &self,
+        c: &Claimed,
+        children: &[Job],
+        prepared: &Prepared,
+        staged: &mut Vec<qms_spool::Staged>,
+    ) -> bool {
+        let mut ok = true;
+        let rewritten = prepared.rewritten.as_deref();
+        let last = rewritten.or(prepared.body.as_deref());
+        for child in children {
+            if let Some(why) = &child.quarantine {
+                qlog!(
+                    "qid={} queue={} status=quarantined reason={}",
+                    child.id,
+                    child.queue,
+                    quote(why)
+                );
+            }
+            let signed = last
+                .and_then(|m| self.signed(child, m))
+                .or_else(|| last.and_then(|m| sealed(&self.cfg, &c.job, child, m)));
+            let message = signed.as_deref().or(rewritten);
+            match self.spool.stage_child(c, child, message) {
+                Ok(Some(s)) => staged.push(s),
+                Ok(None) => {}
+                Err(e) => {
+                    qlog!(
+                        "qid={} status=error reason={}",
+                        c.job.id,
+                        quote(&e.to_string())
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok
     }
 
     /// Keeps the incoming job for its deferred recipients only, to be routed again later;
@@ -440,4 +433,48 @@ fn sealed(cfg: &Config, job: &Job, child: &Job, message: &[u8]) -> Option<Vec<u8
     out.extend_from_slice(set.as_bytes());
     out.extend_from_slice(message);
     Some(out)
+}
+
+/// A job's message before routing: as read, as rewritten (None: unchanged), and why it
+/// cannot be sent as it asks (a 4xx: not now; a 5xx: never).
+#[derive(Default)]
+struct Prepared {
+    body: Option<Vec<u8>>,
+    rewritten: Option<Vec<u8>>,
+    refusal: Option<String>,
+}
+
+/// Fails every recipient still open with `why`, logged and tracked.
+fn refuse(c: &mut Claimed, why: &str, events: &mut Vec<Event>) {
+    let (id, sender) = (c.job.id.clone(), logged_sender(&c.job.sender));
+    for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+        qlog!(
+            "qid={id} from={sender} to={} status=bounced ({why})",
+            logged(&r.address)
+        );
+        r.state = RcptState::Failed;
+        r.reply = Some(why.to_string());
+    }
+    for r in &c.job.recipients {
+        let mut ev = c.job.track(&r.address, "failed", "queued", "failed");
+        ev.crossref = c.job.crossref.clone();
+        events.push(ev.reply(Some(why)));
+    }
+}
+
+/// A dry run: where each recipient would have gone, logged and tracked, nothing staged.
+fn log_dryrun(c: &Claimed, children: &[Job], events: &mut Vec<Event>) {
+    for r in children.iter().flat_map(|j| j.recipients.iter()) {
+        qlog!(
+            "qid={} to={} status=dryrun (routed via {}, not sent)",
+            c.job.id,
+            r.address,
+            r.route.as_deref().unwrap_or("-")
+        );
+        events.push(
+            c.job
+                .track(&r.address, "dryrun", "routed", "dryrun")
+                .relay(r.route.as_deref().unwrap_or("")),
+        );
+    }
 }
