@@ -42,7 +42,6 @@ pub(super) struct Identity {
 }
 
 pub(super) fn identity(raw: &mut Raw, cx: &Cx) -> Result<Identity, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let hostname = match raw.hostname.take() {
         Some(h) => h,
         None => nix::unistd::gethostname()
@@ -51,7 +50,7 @@ pub(super) fn identity(raw: &mut Raw, cx: &Cx) -> Result<Identity, ConfigError> 
             .unwrap_or_else(|| "localhost".into()),
     };
     if hostname.is_empty() || hostname.contains(char::is_whitespace) {
-        return Err(err("hostname", format!("{hostname:?} is not a host name")));
+        return Err(cx.err("hostname", format!("{hostname:?} is not a host name")));
     }
     let node = match raw.node.take() {
         Some(n) => n,
@@ -65,7 +64,7 @@ pub(super) fn identity(raw: &mut Raw, cx: &Cx) -> Result<Identity, ConfigError> 
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
     {
-        return Err(err(
+        return Err(cx.err(
             "node",
             format!("{node:?} is not a node name (letters, digits, - . _)"),
         ));
@@ -77,17 +76,16 @@ pub(super) fn identity(raw: &mut Raw, cx: &Cx) -> Result<Identity, ConfigError> 
         .cloned()
         .unwrap_or_else(|| hostname.clone());
     let postmaster = match raw.postmaster.take() {
-        Some(p) => Address::parse(&p).map_err(|e| err("postmaster", e.to_string()))?,
-        None => {
-            Address::new("postmaster", &domain_part).map_err(|e| err("hostname", e.to_string()))?
-        }
+        Some(p) => Address::parse(&p).map_err(|e| cx.err("postmaster", e.to_string()))?,
+        None => Address::new("postmaster", &domain_part)
+            .map_err(|e| cx.err("hostname", e.to_string()))?,
     };
     let recipient_delimiter = match raw.recipient_delimiter.as_deref() {
         None => Some('+'),
         Some("") => None,
         Some(s) if s.chars().count() == 1 => s.chars().next(),
         Some(s) => {
-            return Err(err(
+            return Err(cx.err(
                 "recipient_delimiter",
                 format!("{s:?} must be one character"),
             ))
@@ -104,7 +102,6 @@ pub(super) fn identity(raw: &mut Raw, cx: &Cx) -> Result<Identity, ConfigError> 
 
 /// `[tracking]`'s checks that come before anything else is read.
 pub(super) fn tracking_checks(t: &raw::RawTracking, cx: &Cx) -> Result<(), ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     if let Some(bad) =
         t.suppress.iter().flatten().find(|r| {
             !r.eq_ignore_ascii_case("complaint") && crate::reason::Reason::parse(r).is_none()
@@ -114,7 +111,7 @@ pub(super) fn tracking_checks(t: &raw::RawTracking, cx: &Cx) -> Result<(), Confi
             .iter()
             .map(|r| r.as_str())
             .collect();
-        return Err(err(
+        return Err(cx.err(
             "tracking.suppress",
             format!(
                 "{bad:?} is not \"complaint\" or a reason: {}",
@@ -124,7 +121,7 @@ pub(super) fn tracking_checks(t: &raw::RawTracking, cx: &Cx) -> Result<(), Confi
     }
     if let Some(db) = &t.database {
         if !db.starts_with("postgresql://") && !db.starts_with("postgres://") {
-            return Err(err(
+            return Err(cx.err(
                 "tracking.database",
                 format!("{db:?} is not a postgresql:// URL"),
             ));
@@ -139,11 +136,10 @@ pub(super) fn listeners(
     key: &str,
     cx: &Cx,
 ) -> Result<(Listener, Vec<Cidr>), ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let mut listen = Vec::new();
     for a in raw.listen.map(OneOrMany::into_vec).unwrap_or_default() {
         let sa = a.parse::<SocketAddr>().map_err(|_| {
-            err(
+            cx.err(
                 &format!("{key}.listen"),
                 format!("{a:?} is not an address:port such as 127.0.0.1:25"),
             )
@@ -151,26 +147,25 @@ pub(super) fn listeners(
         listen.push(sa);
     }
     if key != "smtp" && raw.mynetworks.is_some() {
-        return Err(err(
+        return Err(cx.err(
             &format!("{key}.mynetworks"),
             "mynetworks belongs in [smtp]: submission relays for authenticated users only".into(),
         ));
     }
     let mut nets = Vec::new();
     for n in raw.mynetworks.unwrap_or_default() {
-        nets.push(Cidr::parse(&n).map_err(|e| err(&format!("{key}.mynetworks"), e))?);
+        nets.push(Cidr::parse(&n).map_err(|e| cx.err(&format!("{key}.mynetworks"), e))?);
     }
     Ok((Listener { listen }, nets))
 }
 
 pub(super) fn domain_list(v: Vec<String>, key: &str, cx: &Cx) -> Result<Vec<String>, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     v.into_iter()
         .map(|d| {
             let d = d.trim().to_ascii_lowercase();
             Address::new("x", &d)
                 .map(|_| d.clone())
-                .map_err(|_| err(key, format!("{d:?} is not a domain")))
+                .map_err(|_| cx.err(key, format!("{d:?} is not a domain")))
         })
         .collect()
 }
@@ -183,13 +178,12 @@ pub(super) struct Routes {
 
 /// `[routes]`.
 pub(super) fn routes(raw: BTreeMap<String, String>, cx: &Cx) -> Result<Routes, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let mut routes = BTreeMap::new();
     let mut route_queues = BTreeMap::new();
     for (k, v) in raw {
         let (spec, queue) = queues::split(&v);
-        let route = Route::parse(spec).map_err(|e| err(&format!("routes.{k:?}"), e))?;
-        let key = normalise_route_key(&k).map_err(|e| err(&format!("routes.{k:?}"), e))?;
+        let route = Route::parse(spec).map_err(|e| cx.err(&format!("routes.{k:?}"), e))?;
+        let key = normalise_route_key(&k).map_err(|e| cx.err(&format!("routes.{k:?}"), e))?;
         if let Some(q) = queue {
             route_queues.insert(key.clone(), q.to_string());
         }
@@ -205,17 +199,16 @@ pub(super) fn mailboxes(
     raw: BTreeMap<String, raw::RawMailbox>,
     cx: &Cx,
 ) -> Result<BTreeMap<String, MailboxEntry>, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let resolve = |p: &str| cx.resolve(p);
     let mut mailboxes = BTreeMap::new();
     for (k, v) in raw {
         let key = format!("mailboxes.{k:?}");
-        let addr = Address::parse(&k).map_err(|e| err(&key, e.to_string()))?;
+        let addr = Address::parse(&k).map_err(|e| cx.err(&key, e.to_string()))?;
         let mailbox = match (v.maildir, v.mbox) {
             (Some(m), None) => Mailbox::Maildir(resolve(&m)),
             (None, Some(m)) => Mailbox::Mbox(resolve(&m)),
             _ => {
-                return Err(err(
+                return Err(cx.err(
                     &key,
                     "a mailbox needs exactly one of maildir = PATH or mbox = PATH".into(),
                 ))
@@ -228,7 +221,7 @@ pub(super) fn mailboxes(
                     (_, None) => None,
                     (Mailbox::Maildir(_), Some(p)) => Some(resolve(&p)),
                     (Mailbox::Mbox(_), Some(_)) => {
-                        return Err(err(
+                        return Err(cx.err(
                             &key,
                             "a Sieve script needs a maildir (fileinto files into its folders)"
                                 .into(),
@@ -252,7 +245,6 @@ pub(super) struct Queues {
 
 /// `[queues.NAME]`, over the standard queues.
 pub(super) fn queues(raw: BTreeMap<String, raw::RawQueue>, cx: &Cx) -> Result<Queues, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let mut queues: BTreeMap<String, usize> = STANDARD_QUEUES
         .iter()
         .map(|(q, n)| (q.to_string(), *n))
@@ -264,20 +256,20 @@ pub(super) fn queues(raw: BTreeMap<String, raw::RawQueue>, cx: &Cx) -> Result<Qu
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(err(
+            return Err(cx.err(
                 &format!("queues.{name}"),
                 "a queue name is letters, digits, - and _".into(),
             ));
         }
         if q.workers > 64 {
-            return Err(err(
+            return Err(cx.err(
                 &format!("queues.{name}.workers"),
                 format!("{} workers is more than 64", q.workers),
             ));
         }
         if let (Some(min), Some(max)) = (q.min_backoff, q.max_backoff) {
             if max.get() < min.get() {
-                return Err(err(
+                return Err(cx.err(
                     &format!("queues.{name}.max_backoff"),
                     "max_backoff must be at least min_backoff".into(),
                 ));
@@ -327,7 +319,6 @@ pub(super) fn outgoing(
     dns: raw::RawDns,
     cx: &Cx,
 ) -> Result<(Outgoing, Client), ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let resolve = |p: &str| cx.resolve(p);
     let outgoing = Outgoing {
         min_backoff: o.min_backoff.map(Secs::signed).unwrap_or(300),
@@ -337,7 +328,7 @@ pub(super) fn outgoing(
     };
     let policy = |v: &str, key: &str| {
         TlsPolicy::parse(v).ok_or_else(|| {
-            err(
+            cx.err(
                 key,
                 format!("{v:?} is not none, may, encrypt, verify, secure, dane or dane-only"),
             )
@@ -369,7 +360,7 @@ pub(super) fn outgoing(
                 s.to_string()
             };
             Some(with_port.parse::<SocketAddr>().map_err(|_| {
-                err(
+                cx.err(
                     "dns.server",
                     format!("{s:?} is not an IP address (with an optional :port)"),
                 )
@@ -393,7 +384,7 @@ pub(super) fn outgoing(
         tls_reports: o.tls_reports.unwrap_or(true),
     };
     if outgoing.max_backoff < outgoing.min_backoff {
-        return Err(err(
+        return Err(cx.err(
             "outgoing.max_backoff",
             "max_backoff must be at least min_backoff".into(),
         ));
@@ -414,7 +405,6 @@ pub(super) fn log(
     l: raw::RawLog,
     cx: &Cx,
 ) -> Result<(crate::log::Target, crate::log::Format, String), ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let resolve = |p: &str| cx.resolve(p);
     let log_target = match l.target.as_deref() {
         None | Some("stderr") => crate::log::Target::Stderr,
@@ -423,7 +413,7 @@ pub(super) fn log(
             crate::log::Target::File(resolve(p))
         }
         Some(other) => {
-            return Err(err(
+            return Err(cx.err(
                 "log.target",
                 format!("{other:?} is not stderr, syslog or a file path"),
             ))
@@ -432,7 +422,7 @@ pub(super) fn log(
     let log_format = match l.format.as_deref() {
         None => crate::log::Format::Text,
         Some(f) => crate::log::Format::parse(f)
-            .ok_or_else(|| err("log.format", format!("{f:?} is not text, json or postfix")))?,
+            .ok_or_else(|| cx.err("log.format", format!("{f:?} is not text, json or postfix")))?,
     };
     let log_syslog_name = l.syslog_name.unwrap_or_else(|| "qms".into());
     if log_syslog_name.is_empty()
@@ -440,7 +430,7 @@ pub(super) fn log(
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     {
-        return Err(err(
+        return Err(cx.err(
             "log.syslog_name",
             format!("{log_syslog_name:?} is not a name of letters, digits, -, _ and ."),
         ));
@@ -449,12 +439,11 @@ pub(super) fn log(
 }
 
 pub(super) fn tls(t: Option<raw::RawTls>, cx: &Cx) -> Result<Option<Tls>, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let resolve = |p: &str| cx.resolve(p);
     let tls = match t {
         Some(t) => {
             if !t.relay_clients.is_empty() && t.client_ca.is_none() {
-                return Err(err(
+                return Err(cx.err(
                     "tls.relay_clients",
                     "needs tls.client_ca: a client certificate is trusted only when it verifies"
                         .into(),
@@ -486,20 +475,19 @@ pub(super) fn tls(t: Option<raw::RawTls>, cx: &Cx) -> Result<Option<Tls>, Config
 
 /// `[tracking]`: the VERP envelope and its key, the IMAP mailbox of reports, the database.
 pub(super) fn tracking(t: raw::RawTracking, cx: &Cx) -> Result<Tracking, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let resolve = |p: &str| cx.resolve(p);
     let envelope = match t.envelope.as_deref() {
-        Some(a) => Some(Address::parse(a).map_err(|e| err("tracking.envelope", e.to_string()))?),
+        Some(a) => Some(Address::parse(a).map_err(|e| cx.err("tracking.envelope", e.to_string()))?),
         None => None,
     };
     let key = match (&t.key, &t.key_file) {
         (_, Some(f)) => std::fs::read(resolve(f))
-            .map_err(|e| err("tracking.key_file", format!("cannot read {f}: {e}")))?,
+            .map_err(|e| cx.err("tracking.key_file", format!("cannot read {f}: {e}")))?,
         (Some(k), None) => k.as_bytes().to_vec(),
         (None, None) => Vec::new(),
     };
     if envelope.is_some() && key.len() < 16 {
-        return Err(err(
+        return Err(cx.err(
             "tracking.key",
             "a VERP envelope needs a key (key or key_file) of at least 16 bytes".into(),
         ));
@@ -517,9 +505,9 @@ pub(super) fn tracking(t: raw::RawTracking, cx: &Cx) -> Result<Tracking, ConfigE
                 format!("{}:993", i.server)
             };
             let (host, port) =
-                parse_hop(&server, 993).map_err(|e| err("tracking.imap.server", e))?;
+                parse_hop(&server, 993).map_err(|e| cx.err("tracking.imap.server", e))?;
             if t.envelope_maildir.is_none() {
-                return Err(err(
+                return Err(cx.err(
                     "tracking.imap",
                     "IMAP polling fetches into envelope_maildir, which is not set".into(),
                 ));
@@ -560,7 +548,6 @@ pub(super) fn dkim(
     raw: BTreeMap<String, raw::RawDkimEntry>,
     cx: &Cx,
 ) -> Result<BTreeMap<String, Vec<DkimSelector>>, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let resolve = |p: &str| cx.resolve(p);
     let mut dkim = BTreeMap::new();
     for (domain, entry) in raw {
@@ -570,7 +557,7 @@ pub(super) fn dkim(
         };
         let d = domain.to_ascii_lowercase();
         if Address::new("x", &d).is_err() {
-            return Err(err(
+            return Err(cx.err(
                 &format!("dkim.{domain:?}"),
                 format!("{domain:?} is not a domain"),
             ));
@@ -582,7 +569,7 @@ pub(super) fn dkim(
                     !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 });
             if !ok {
-                return Err(err(
+                return Err(cx.err(
                     &format!("dkim.{domain:?}.selector"),
                     format!(
                         "{:?} is not a selector (letters, digits, - and dots)",
@@ -602,13 +589,12 @@ pub(super) fn dkim(
 
 /// `[auth_checks]`: what SPF, DKIM and DMARC results decide.
 pub(super) fn auth_checks(a: raw::RawAuthChecks, cx: &Cx) -> Result<AuthChecks, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let dmarc_reject = match a.dmarc_reject.as_deref() {
         None | Some("honour") | Some("honor") => DmarcReject::Honour,
         Some("quarantine") => DmarcReject::Quarantine,
         Some("ignore") => DmarcReject::Ignore,
         Some(o) => {
-            return Err(err(
+            return Err(cx.err(
                 "auth_checks.dmarc_reject",
                 format!("{o:?} is not honour, quarantine or ignore"),
             ))
@@ -618,7 +604,7 @@ pub(super) fn auth_checks(a: raw::RawAuthChecks, cx: &Cx) -> Result<AuthChecks, 
         None | Some("mark") => false,
         Some("hold") => true,
         Some(o) => {
-            return Err(err(
+            return Err(cx.err(
                 "auth_checks.quarantine",
                 format!("{o:?} is not mark or hold"),
             ))
@@ -636,19 +622,18 @@ pub(super) fn metrics_listen(
     m: raw::RawMetrics,
     cx: &Cx,
 ) -> Result<Option<SocketAddr>, ConfigError> {
-    let err = |key: &str, message: String| cx.err(key, message);
     let listen = match m.listen.as_deref() {
         None => None,
         Some(a) => {
             let sa = a.parse::<SocketAddr>().map_err(|_| {
-                err(
+                cx.err(
                     "metrics.listen",
                     format!("{a:?} is not an address:port such as 127.0.0.1:9725"),
                 )
             })?;
             // The metrics role binds it as the mail system's user, never as root.
             if sa.port() < 1024 {
-                return Err(err(
+                return Err(cx.err(
                     "metrics.listen",
                     format!("port {} is privileged: use 1024 or more", sa.port()),
                 ));
