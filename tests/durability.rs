@@ -31,6 +31,28 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
         "Subject: two\n\nlocal\n",
     )
     .unwrap();
+    // Many at once, so that smtpd's rounds hold several one-file jobs: those are renamed
+    // into their queue before the one sync that covers them all.
+    let together = 16;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(together));
+    let senders: Vec<_> = (0..together)
+        .map(|i| {
+            let (port, start) = (inst.smtp_port, start.clone());
+            std::thread::spawn(move || {
+                let mut c = SmtpClient::connect(port).unwrap();
+                start.wait();
+                c.send(
+                    "a@client.test",
+                    "bob@example.test",
+                    &format!("Subject: round {i}\n\nlocal\n"),
+                )
+                .unwrap();
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
     // From a script, with sendmail.
     let sendmail_trace = inst.dir.join("trace.sendmail");
     let strace = strace_args(&sendmail_trace);
@@ -48,7 +70,7 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
     );
     wait_for("everything delivered", Duration::from_secs(60), || {
         inst.count_new("alice") == 1
-            && inst.count_new("bob") == 1
+            && inst.count_new("bob") == 1 + together
             && sink.messages().len() == 1
             && inst.queue_json().is_empty()
     });
@@ -66,6 +88,16 @@ fn every_acknowledgment_follows_a_sync_that_covers_it() {
     ] {
         assert!(daemon.contains(want), "the trace never showed a {want}");
     }
+    let early: usize = daemon
+        .lines()
+        .find_map(|l| l.strip_suffix(": jobs published before their sync"))
+        .and_then(|l| l.strip_prefix("seen "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        early >= 2,
+        "no round of smtpd's was published before its sync:\n{daemon}"
+    );
     assert!(
         args[1].contains("sendmail exit 0"),
         "sendmail's exit was not seen"

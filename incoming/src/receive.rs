@@ -5,7 +5,7 @@
 //! Message-ID:) can go before it; everything after goes through to the file.
 
 use qms_common::headers;
-use qms_spool::{QueueId, Spool, SpoolError, Writer};
+use qms_spool::{Job, QueueId, Spool, SpoolError, Writer};
 use std::io::Write;
 
 /// The most of a header section held in memory; a longer one is written as it is.
@@ -32,12 +32,12 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts the message file for `queue` (see [`Spool::writer`]); `received` makes the
-    /// Received: field for the id. A failure is kept and reported by [`Receiver::end`],
-    /// after the client has sent everything.
+    /// Starts the message file for the job `draft` will become (see [`Spool::writer`]);
+    /// `received` makes the Received: field for the id. A failure is kept and reported by
+    /// [`Receiver::end`], after the client has sent everything.
     pub fn start(
         spool: &Spool,
-        queue: &str,
+        draft: &Job,
         received: &dyn Fn(&QueueId) -> String,
         complete: bool,
         hostname: &str,
@@ -54,7 +54,7 @@ impl Receiver {
             hostname: hostname.to_string(),
             added_id: None,
         };
-        match spool.writer(queue) {
+        match spool.writer(draft) {
             Ok(w) => {
                 let line = received(w.id());
                 r.writer = Some(w);

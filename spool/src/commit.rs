@@ -1,8 +1,9 @@
 //! Group commit: many threads enqueue at once, one thread makes their files durable together.
 //!
 //! Each SMTP session stages its message and waits here; the committer takes everything staged
-//! since its last round and commits it with one `syncfs` and one fsync per directory, so the
-//! disk sees a few flushes per round instead of a few per message.
+//! since its last round and commits it with one `syncfs` and one fsync per directory (or, for
+//! a round of one-file jobs, with the renames first and one `syncfs` after them; see
+//! `Spool::commit`), so the disk sees one or two flushes a round instead of a few a message.
 
 use crate::id::QueueId;
 use crate::store::{Claimed, Spool, SpoolError, Staged};

@@ -2,7 +2,7 @@
 //! version 2), written by smtpd's direct route.
 //!
 //! ```text
-//! queue/QUEUE/ID.json   {"version":2,…,"message_at":4096}␠␠␠…␠\n   the job, padded to message_at
+//! queue/QUEUE/ID.json   {"version":2,…,"message_at":1024}␠␠␠…␠\n   the job, padded to message_at
 //!                       Received: from …\r\n                        the message, to the end
 //! ```
 //!
@@ -16,7 +16,7 @@
 //! new version with a copy of the message. `store` calls them where the two kinds differ.
 
 use crate::id::QueueId;
-use crate::job::{Job, INLINE_VERSION};
+use crate::job::{Job, Seal, INLINE_VERSION};
 use crate::store::{io_err, Claimed, Spool, Staged, Writer, WRITE_BUFFER};
 
 type SpoolResult<T> = crate::store::Result<T>;
@@ -25,9 +25,15 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 
-/// Room left for the job before the message: one block holds the job of a message to a few
-/// dozen recipients; a longer job moves the message further on (see [`header`]).
+/// Room left for a job before its message when nothing is known of the job: one block holds
+/// the job of a message to a few dozen recipients; a longer job moves the message further on
+/// (see [`fit`]).
 pub(crate) const SPACE: u64 = 4096;
+/// What a job learns after its message has started (its size, the Message-ID, the offset
+/// itself), in bytes of JSON: room kept for it beyond the draft's length (see [`room`]).
+const LATER: u64 = 320;
+/// The step in which room is given, so that jobs alike start their messages alike.
+const STEP: u64 = 128;
 /// The first read of a job being claimed: the job and, for most messages, all of the
 /// message (which its agent reads next anyway). Under 64 KiB, as `WRITE_BUFFER` in `store`.
 pub(crate) const CLAIM_READ: usize = 32 * 1024;
@@ -51,16 +57,82 @@ pub(crate) fn header(job: &Job, at: u64) -> Result<Option<Vec<u8>>, serde_json::
     Ok(Some(data))
 }
 
-/// The smallest offset from `SPACE` up (doubling) that the job fits before, and the header
-/// written there: for a message written before its job was known.
-pub(crate) fn fit(job: &Job) -> Result<(u64, Vec<u8>), serde_json::Error> {
-    let mut at = SPACE;
+/// The room to leave before the message for the job that `draft` (the job as known when
+/// the message starts) will become: its JSON, `LATER` more, in steps of `STEP`. Kept close,
+/// so that a small message and its job fill one block: against 4,096 bytes every time, a
+/// 2 KiB message's file is one block to write back at the sync instead of two.
+pub(crate) fn room(draft: &Job) -> u64 {
+    match serde_json::to_vec(draft) {
+        Ok(data) => (data.len() as u64 + LATER).div_ceil(STEP) * STEP,
+        Err(_) => SPACE,
+    }
+}
+
+/// The smallest offset from `at` up (doubling) that the job fits before, and the header
+/// written there: for a message written from `at` before its job was known.
+pub(crate) fn fit(job: &Job, mut at: u64) -> Result<(u64, Vec<u8>), serde_json::Error> {
     loop {
         if let Some(h) = header(job, at)? {
             return Ok((at, h));
         }
         at *= 2;
     }
+}
+
+/// Where a sealed header's `crc32` field starts: the checksum covers the bytes before it.
+const SEAL_FIELD: &[u8] = b",\"crc32\":\"";
+
+/// Writes into `head` (a header of a job whose `crc32` is set, of any value) the checksum of
+/// its JSON before that field and of the message whose own checksum is `message`. The field
+/// is the JSON's last, and a string can hold no bare `"`: its last such run is the field.
+pub(crate) fn seal(head: &mut [u8], message: &crc32fast::Hasher) -> io::Result<()> {
+    let at = head
+        .windows(SEAL_FIELD.len())
+        .rposition(|w| w == SEAL_FIELD)
+        .ok_or_else(|| io::Error::other("a sealed job has no crc32 field"))?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[..at]);
+    crc.combine(message);
+    let digits = format!("{:08x}", crc.finalize());
+    let value = at + SEAL_FIELD.len();
+    head[value..value + 8].copy_from_slice(digits.as_bytes());
+    Ok(())
+}
+
+/// Whether the file of job `id` is whole as written: a job of that id, and when it is a
+/// sealed one-file job, one whose JSON and message still give its checksum. A job with no
+/// seal was synced before it was renamed into place. A file torn by a machine crash before
+/// its sync (parts not yet written, or still those of the older file it reused) fails.
+pub(crate) fn intact(file: &File, id: &str) -> io::Result<bool> {
+    let (head, _) = read_head(file, LOOK_READ)?;
+    let Ok(job) = parse(&head) else {
+        return Ok(false);
+    };
+    if job.id.as_str() != id {
+        return Ok(false);
+    }
+    let Some(want) = job.crc32.filter(|_| job.version == INLINE_VERSION) else {
+        return Ok(true);
+    };
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Some(at) = line
+        .windows(SEAL_FIELD.len())
+        .rposition(|w| w == SEAL_FIELD)
+    else {
+        return Ok(false);
+    };
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&line[..at]);
+    let len = file.metadata()?.len();
+    let mut buf = vec![0u8; BLOCK];
+    let mut from = job.message_at;
+    while from < len {
+        let n = (len - from).min(BLOCK as u64) as usize;
+        file.read_exact_at(&mut buf[..n], from)?;
+        crc.update(&buf[..n]);
+        from += n as u64;
+    }
+    Ok(crc.finalize() == want.0)
 }
 
 /// The header of a job written together with a copy of its message (a new version of the
@@ -194,14 +266,15 @@ pub(crate) fn copy(src: &File, from: u64, len: u64, dst: &File, to: u64) -> io::
 // ---- the spool's side: writing, refiling and rewriting one-file jobs ----------------------
 
 impl Spool {
-    pub(crate) fn inline_writer(&self, queue: &str) -> SpoolResult<Writer> {
+    /// A writer for a one-file job in `queue`, its message from `at` on.
+    pub(crate) fn inline_writer(&self, queue: &str, at: u64) -> SpoolResult<Writer> {
         use std::io::{Seek, SeekFrom};
         // A free file keeps its blocks (written over, then cut to length at the end), and
         // is written where it lies, under its free name, locked until the commit has renamed
         // it into place: one rename a message, not two.
         let dir = self.queue_dir(queue);
         if let Some((mut file, path)) = self.pool(&dir.join(crate::free::PREFIX)).take_in_place() {
-            if let Err(e) = file.seek(SeekFrom::Start(SPACE)) {
+            if let Err(e) = file.seek(SeekFrom::Start(at)) {
                 let _ = fs::remove_file(&path);
                 return Err(io_err("write", &path)(e));
             }
@@ -211,7 +284,8 @@ impl Spool {
                 out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
                 path,
                 size: 0,
-                at: SPACE,
+                at,
+                crc: crc32fast::Hasher::new(),
                 queue: queue.to_string(),
                 in_place: true,
             });
@@ -231,7 +305,7 @@ impl Spool {
                 Err(e) => return Err(io_err("create", &tmp)(e)),
             }
         };
-        let ready = file.seek(SeekFrom::Start(SPACE));
+        let ready = file.seek(SeekFrom::Start(at));
         if let Err(e) = ready {
             let _ = fs::remove_file(&tmp);
             return Err(io_err("write", &tmp)(e));
@@ -242,7 +316,8 @@ impl Spool {
             out: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
             path: tmp,
             size: 0,
-            at: SPACE,
+            at,
+            crc: crc32fast::Hasher::new(),
             queue: queue.to_string(),
             in_place: false,
         })
@@ -260,6 +335,7 @@ impl Spool {
             at,
             queue,
             in_place,
+            crc,
             ..
         } = w;
         let done = (|| {
@@ -274,7 +350,10 @@ impl Spool {
             job.version = INLINE_VERSION;
             job.body = String::new();
             job.size = size;
-            let (to, head) = fit(&job).map_err(io::Error::other)?;
+            // Sealed: the group commit makes it visible before its sync (see `commit`).
+            job.crc32 = Some(Seal(0));
+            let (to, mut head) = fit(&job, at).map_err(io::Error::other)?;
+            seal(&mut head, &crc)?;
             if to != at {
                 copy(&file, at, size, &file, to)?;
             }
@@ -343,8 +422,11 @@ impl Spool {
             .pool(&tmp)
             .overwrite(&tmp)
             .map_err(io_err("create", &tmp))?;
+        // Written and synced before it replaces the old version: no seal.
+        let mut job = c.job.clone();
+        job.crc32 = None;
         let written = (|| {
-            let (to, head) = fit_tight(&c.job).map_err(io::Error::other)?;
+            let (to, head) = fit_tight(&job).map_err(io::Error::other)?;
             let len = c.file.metadata()?.len().saturating_sub(c.job.message_at);
             copy(&c.file, c.job.message_at, len, &file, to)?;
             file.write_all_at(&head, 0)?;
@@ -354,7 +436,6 @@ impl Spool {
         match written {
             Ok(to) => {
                 let s = safeio::Staged::replacing(file, tmp, c.path.clone());
-                let mut job = c.job.clone();
                 job.message_at = to;
                 Ok((self.ready(s, &job)?, to))
             }
@@ -403,20 +484,21 @@ pub(crate) mod tests {
             .open(&path)
             .unwrap();
         let msg = b"Subject: x\r\n\r\n{\"version\":9}\n\r\n";
-        f.write_all_at(msg, SPACE).unwrap();
-        let (at, head) = fit(&job()).unwrap();
-        assert_eq!(at, SPACE);
+        let room = room(&job());
+        f.write_all_at(msg, room).unwrap();
+        let (at, head) = fit(&job(), room).unwrap();
+        assert_eq!(at, room);
         f.write_all_at(&head, 0).unwrap();
         let (data, whole) = read_head(&f, CLAIM_READ).unwrap();
         assert!(whole);
         let j = parse(&data).unwrap();
-        assert_eq!(j.message_at, SPACE);
+        assert_eq!(j.message_at, room);
         assert_eq!(message(&f, j.message_at).unwrap(), msg);
         // The job is the first line, for `head -1`.
         let text = std::fs::read(&path).unwrap();
         let line = text.split(|&b| b == b'\n').next().unwrap();
         let v: serde_json::Value = serde_json::from_slice(line).unwrap();
-        assert_eq!(v["message_at"], SPACE);
+        assert_eq!(v["message_at"], room);
 
         // A job too long for the space: the message moves on, whole.
         let mut big = job();
@@ -424,9 +506,9 @@ pub(crate) mod tests {
             let a = format!("r{i}@example.test").parse().unwrap();
             big.recipients.push(crate::job::Recipient::new(a));
         }
-        let (at, head) = fit(&big).unwrap();
-        assert!(at > SPACE && head.len() as u64 == at);
-        copy(&f, SPACE, msg.len() as u64, &f, at).unwrap();
+        let (at, head) = fit(&big, room).unwrap();
+        assert!(at > room && head.len() as u64 == at);
+        copy(&f, room, msg.len() as u64, &f, at).unwrap();
         f.write_all_at(&head, 0).unwrap();
         f.set_len(at + msg.len() as u64).unwrap();
         let (data, _) = read_head(&f, LOOK_READ).unwrap();
@@ -441,9 +523,76 @@ pub(crate) mod tests {
 
     #[test]
     fn a_cut_file_is_refused() {
-        let (_, head) = fit(&job()).unwrap();
+        let (_, head) = fit(&job(), SPACE).unwrap();
         let json = serde_json::to_vec(&job()).unwrap().len();
         assert!(parse(&head[..json / 2]).is_err());
         assert!(parse(&head).is_ok());
+    }
+
+    /// A sealed header: whole, it checks; a changed byte of the message, or of the JSON
+    /// before the seal, and it does not.
+    #[test]
+    fn a_seal_covers_the_job_and_its_message() {
+        let dir = std::env::temp_dir().join(format!("qms-seal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.join("j"))
+            .unwrap();
+        let mut j = job();
+        let msg = b"Subject: x\r\n\r\nbody\r\n";
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(msg);
+        j.version = INLINE_VERSION;
+        j.crc32 = Some(Seal(0));
+        let (at, mut head) = fit(&j, room(&j)).unwrap();
+        seal(&mut head, &crc).unwrap();
+        f.write_all_at(&head, 0).unwrap();
+        f.write_all_at(msg, at).unwrap();
+        let id = j.id.to_string();
+        assert!(intact(&f, &id).unwrap());
+        assert!(
+            !intact(&f, "1M0X8PKFBYXYC0Za").unwrap(),
+            "another job's file"
+        );
+        let parsed = parse(&head).unwrap();
+        assert!(parsed.crc32.is_some_and(|s| s.0 != 0));
+        f.write_all_at(b"D", at + 16).unwrap();
+        assert!(!intact(&f, &id).unwrap(), "a byte of the message changed");
+        f.write_all_at(b"d", at + 16).unwrap();
+        assert!(intact(&f, &id).unwrap());
+        // "attempts":0 → "attempts":1, still valid JSON
+        let pos = head
+            .windows(12)
+            .position(|w| w == b"\"attempts\":0")
+            .unwrap();
+        f.write_all_at(b"1", (pos + 11) as u64).unwrap();
+        assert!(parse(&read_head(&f, LOOK_READ).unwrap().0).is_ok());
+        assert!(!intact(&f, &id).unwrap(), "a byte of the job changed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_room_left_fits_what_the_job_learns_later_and_no_more() {
+        let draft = job();
+        let at = room(&draft);
+        // A 2 KiB message, its Received: field and its job fill one block.
+        assert!(at + 2048 + 300 <= 4096, "room {at}");
+        // What is learnt at the end of the message fits the room: a long Message-ID, the
+        // size, and the offset itself.
+        let mut done = draft.clone();
+        done.size = 9_999_999_999;
+        done.message_id = Some(format!("{}@{}", "i".repeat(100), "h".repeat(100)));
+        let (fitted, head) = fit(&done, at).unwrap();
+        assert_eq!(fitted, at);
+        assert_eq!(head.len() as u64, at);
+        // A Message-ID beyond that: the message moves on, and the job still fits.
+        done.message_id = Some("x".repeat(900));
+        let (moved, _) = fit(&done, at).unwrap();
+        assert!(moved > at);
     }
 }

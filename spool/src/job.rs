@@ -243,6 +243,34 @@ pub struct Job {
     /// The delay warning was sent.
     #[serde(default)]
     pub warned: bool,
+    /// A one-file job made visible before it was synced (smtpd's group commit): the
+    /// checksum of its file, by which a start after a machine crash tells a torn one (see
+    /// `inline::seal`). Last, so that it covers all the JSON before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<Seal>,
+}
+
+/// The CRC-32 of a one-file job's JSON up to its `crc32` field and of its message, written
+/// as 8 hex digits (fixed, so that writing it moves nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seal(pub u32);
+
+impl Serialize for Seal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:08x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Seal, D::Error> {
+        let text = String::deserialize(d)?;
+        match u32::from_str_radix(&text, 16) {
+            Ok(v) if text.len() == 8 => Ok(Seal(v)),
+            _ => Err(serde::de::Error::custom(format!(
+                "crc32 {text:?} is not 8 hex digits"
+            ))),
+        }
+    }
 }
 
 impl Job {
@@ -323,6 +351,7 @@ impl Job {
             attempts: 0,
             next_attempt: now,
             warned: false,
+            crc32: None,
         }
     }
 }

@@ -126,6 +126,8 @@ pub struct Writer {
     pub(crate) queue: String,
     /// The file is a free one taken where it lay, at `path` (see `Pool::take_in_place`).
     pub(crate) in_place: bool,
+    /// The checksum of the message as written, for a one-file job's seal.
+    pub(crate) crc: crc32fast::Hasher,
 }
 
 impl Writer {
@@ -152,6 +154,7 @@ impl std::io::Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.out.write(buf)?;
         self.size += n as u64;
+        self.crc.update(&buf[..n]);
         Ok(n)
     }
 
@@ -343,11 +346,13 @@ impl Spool {
     /// renamed into place) claims the id. What is written goes through a buffer, so a
     /// message of any size is written as it arrives; [`Spool::stage_written`] ends it.
     /// For an output queue, the message is written into its job's own file instead, beside
-    /// the queue's jobs (see `inline`); the id is then claimed when the job is renamed into
+    /// the queue's jobs (see `inline`), after room for the job that `draft` (the job as
+    /// known so far) will become; the id is then claimed when the job is renamed into
     /// place, which never replaces a file.
-    pub fn writer(&self, queue: &str) -> Result<Writer> {
+    pub fn writer(&self, draft: &Job) -> Result<Writer> {
+        let queue = draft.queue.as_str();
         if queue != "incoming" {
-            return self.inline_writer(queue);
+            return self.inline_writer(queue, inline::room(draft));
         }
         for _ in 0..8 {
             let id = QueueId::generate();
@@ -367,6 +372,7 @@ impl Spool {
                 path,
                 size: 0,
                 at: 0,
+                crc: crc32fast::Hasher::new(),
                 queue: queue.to_string(),
                 in_place: false,
             });
@@ -450,7 +456,7 @@ impl Spool {
     /// [`Spool::commit`].
     /// `message` builds the bytes from the id (a Received: header names it).
     pub fn stage(&self, job: Job, message: &dyn Fn(&QueueId) -> Vec<u8>) -> Result<Staged> {
-        let mut w = self.writer(&job.queue)?;
+        let mut w = self.writer(&job)?;
         let body = message(&w.id);
         if let Err(e) = std::io::Write::write_all(&mut w, &body) {
             let path = w.path.clone();
@@ -465,9 +471,14 @@ impl Spool {
     }
 
     /// Makes staged messages durable and visible: one data sync for the batch, the renames,
-    /// and one fsync per directory. Only after this returns may a message be acknowledged,
-    /// each by its own result (a one-file job can lose its id to another process's).
+    /// and one fsync per directory; or, for a batch of one-file jobs only, the renames and
+    /// then one `syncfs` (see [`Spool::commit_sealed`]). Only after this returns may a
+    /// message be acknowledged, each by its own result (a one-file job can lose its id to
+    /// another process's).
     pub fn commit(&self, batch: Vec<Staged>) -> Result<Vec<Result<QueueId>>> {
+        if !batch.is_empty() && batch.iter().all(|s| s.inline) {
+            return self.commit_sealed(batch);
+        }
         let files: Vec<&File> = batch
             .iter()
             .flat_map(|s| {
@@ -531,6 +542,44 @@ impl Spool {
         safeio::sync_dirs(dests.iter().map(|d| d.as_path()))
             .map_err(io_err("sync", &self.root.join("queue")))?;
         Ok(placed)
+    }
+
+    /// Commits one-file jobs with one flush instead of two: each is renamed into place and
+    /// unlocked (a worker woken by the rename may claim it at once), then one `syncfs`
+    /// makes their files and entries durable together, before any is acknowledged. A
+    /// machine crash before the sync can leave a job visible but torn; it carries a checksum
+    /// (`inline::seal`), and the next start moves such a job to `corrupt/` (it was never
+    /// acknowledged). A job a worker claims before the sync is whole in memory, and is
+    /// delivered as it would be after it; if the sync fails, the round is refused and its
+    /// jobs stay (a client that sends one again makes a duplicate, as RFC 5321 prefers).
+    fn commit_sealed(&self, batch: Vec<Staged>) -> Result<Vec<Result<QueueId>>> {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut placed: Option<File> = None;
+        for s in batch {
+            match s.job.place() {
+                Ok(()) => {
+                    let _ = FileExt::unlock(s.job.file());
+                    results.push(Ok(s.id));
+                    placed = placed.or_else(|| s.job.file().try_clone().ok());
+                }
+                // A one-file job whose id another process took in that queue at the same
+                // microsecond: this one is refused (the client sends it again).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    results.push(Err(io_err("claim the queue id of", s.job.dest())(e)));
+                    s.job.abandon();
+                }
+                Err(e) => {
+                    results.push(Err(io_err("rename", s.job.dest())(e)));
+                    s.job.abandon();
+                }
+            }
+        }
+        if let Some(f) = placed {
+            nix::unistd::syncfs(&f)
+                .map_err(io::Error::from)
+                .map_err(io_err("sync", &self.root))?;
+        }
+        Ok(results)
     }
 
     /// Drops staged messages that will not be committed.

@@ -68,7 +68,21 @@ impl Session<'_> {
                 self.may_relay(),
             )
         });
-        let queue = plan.as_ref().map_or("incoming", |p| p.queue()).to_string();
+        // The job as known now, for the room its file leaves before the message.
+        let mut draft = match self.tx.as_ref() {
+            Some(t) => self.draft(t),
+            None => Job::new(
+                "incoming",
+                None,
+                Vec::new(),
+                Client::default(),
+                "",
+                &self.shared.cfg.outgoing,
+            ),
+        };
+        if let Some(p) = &plan {
+            p.apply(&mut draft);
+        }
         if let Some(t) = self.tx.as_mut() {
             t.direct = plan;
         }
@@ -102,7 +116,7 @@ impl Session<'_> {
         let received = |id: &QueueId| headers::received(&hop, id.as_str(), qms_common::time::now());
         Receiver::start(
             &self.shared.spool,
-            &queue,
+            &draft,
             &received,
             submission,
             &cfg.hostname,
@@ -254,6 +268,31 @@ impl Session<'_> {
             .any(|r| expander.direct(&r.address).is_none())
     }
 
+    /// The incoming job a transaction becomes, as far as it is known before its message.
+    fn draft(&self, tx: &Transaction) -> Job {
+        let client = Client {
+            addr: self.peer.addr.map(|a| a.to_string()),
+            helo: self.helo.clone(),
+            auth: self.auth_user.clone(),
+            tls: self.tls.clone(),
+            local_user: self.peer.local_user.clone(),
+            trusted: self.may_relay(),
+        };
+        let mut job = Job::new(
+            "incoming",
+            tx.sender.clone(),
+            tx.recipients.clone(),
+            client,
+            self.kind.protocol(),
+            &self.shared.cfg.outgoing,
+        );
+        job.ret = tx.ret;
+        job.envid = tx.envid.clone();
+        job.smtputf8 = tx.smtputf8;
+        job.eightbit = tx.eightbit;
+        job
+    }
+
     /// Spools the message and answers 250 only once it is durable.
     pub(super) fn finish(&mut self, mut rx: Receiver) {
         let spool = &self.shared.spool;
@@ -267,26 +306,7 @@ impl Session<'_> {
             self.conn.reply("554 5.4.6 Too many hops (mail loop?)");
             return;
         }
-        let client = Client {
-            addr: self.peer.addr.map(|a| a.to_string()),
-            helo: self.helo.clone(),
-            auth: self.auth_user.clone(),
-            tls: self.tls.clone(),
-            local_user: self.peer.local_user.clone(),
-            trusted: self.may_relay(),
-        };
-        let mut job = Job::new(
-            "incoming",
-            tx.sender.clone(),
-            tx.recipients,
-            client,
-            self.kind.protocol(),
-            &cfg.outgoing,
-        );
-        job.ret = tx.ret;
-        job.envid = tx.envid;
-        job.smtputf8 = tx.smtputf8;
-        job.eightbit = tx.eightbit;
+        let mut job = self.draft(&tx);
         let rcpts: Vec<String> = job
             .recipients
             .iter()
