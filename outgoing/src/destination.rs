@@ -60,6 +60,18 @@ pub(crate) struct Tx {
     ris: Vec<usize>,
 }
 
+/// What the lanes of one destination share.
+struct Lane<'a> {
+    agent: &'a SmtpAgent,
+    route: &'a crate::policy::Route,
+    dest: &'a Dest,
+    jobs: &'a [&'a Job],
+    bodies: &'a [Result<Vec<u8>, String>],
+    /// When the batch started, and how long the destination's DNS lookup took.
+    start: Instant,
+    dns_time: f64,
+}
+
 impl SmtpAgent {
     /// Delivers everything for one destination, sending the results of each transaction to
     /// `results` as soon as it ends.
@@ -73,77 +85,59 @@ impl SmtpAgent {
         results: Results,
     ) {
         if let Some(why) = self.dead.check(dest) {
-            let all = items.iter().map(|&(ji, ri)| Res {
-                ji,
-                ri,
-                verdict: Verdict::Deferred,
-                reply: format!("4.4.1 delivery temporarily suspended: {why}"),
-                relay: "none".into(),
-                tls: None,
-                delays: [0.0; 4],
-            });
-            results(all.collect());
+            let reply = format!("4.4.1 delivery temporarily suspended: {why}");
+            results(each(items, Verdict::Deferred, &reply, |_| [0.0; 4]));
             return;
         }
         let t0 = Instant::now();
-        let route = self.route(dest);
+        let looked_up = self.route(dest);
         let dns_time = t0.elapsed().as_secs_f64();
-        let queued = |ji: usize| {
-            (qms_common::time::now() - jobs[ji].arrival) as f64 - start.elapsed().as_secs_f64()
-        };
-        let all = |verdict: fn() -> Verdict, reply: String| -> Vec<Res> {
-            items
-                .iter()
-                .map(|&(ji, ri)| Res {
-                    ji,
-                    ri,
-                    verdict: verdict(),
-                    reply: reply.clone(),
-                    relay: "none".into(),
-                    tls: None,
-                    delays: [queued(ji).max(0.0), dns_time, 0.0, 0.0],
-                })
-                .collect()
-        };
-        let route = match route {
+        let route = match hops_or_refusal(looked_up) {
             Ok(r) => r,
-            Err(dns::Lookup::Permanent(t)) => {
-                let code = if t.contains("null MX") {
-                    "5.1.10"
-                } else {
-                    "5.1.2"
-                };
-                results(all(|| Verdict::Failed, format!("{code} {t}")));
+            Err((verdict, reply)) => {
+                let delays = |ji: usize| [queued(jobs[ji], start), dns_time, 0.0, 0.0];
+                results(each(items, verdict, &reply, delays));
                 return;
             }
-            Err(dns::Lookup::Temporary(t)) => {
-                results(all(|| Verdict::Deferred, format!("4.4.3 {t}")));
-                return;
-            }
-            Err(dns::Lookup::Policy(t)) => {
-                results(all(|| Verdict::Deferred, format!("4.7.5 {t}")));
-                return;
-            }
-            Err(dns::Lookup::Hosts(_)) => crate::policy::Route {
-                hops: Vec::new(),
-                applied: Default::default(),
-            },
         };
-        // One transaction per job and recipient chunk.
-        let mut txs: Vec<Tx> = Vec::new();
+        let txs = self.transactions(items);
+        let (window, limit) = self.window(dest);
+        let lane = Lane {
+            agent: self,
+            route: &route,
+            dest,
+            jobs,
+            bodies,
+            start,
+            dns_time,
+        };
+        let reached = self.run_lanes(&lane, txs, window, results);
+        self.learn(dest, &reached, window, limit);
+    }
+
+    /// One transaction per job and chunk of at most `recipient_limit` recipients.
+    fn transactions(&self, items: &[(usize, usize)]) -> Vec<Tx> {
         let mut by_job: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for &(ji, ri) in items {
             by_job.entry(ji).or_default().push(ri);
         }
-        for (ji, ris) in by_job {
-            for chunk in ris.chunks(self.cfg.recipient_limit(&self.queue)) {
-                txs.push(Tx {
-                    ji,
-                    ris: chunk.to_vec(),
-                });
-            }
-        }
-        // `destination_concurrency` is shared by the worker processes of the queue.
+        let limit = self.cfg.recipient_limit(&self.queue);
+        by_job
+            .into_iter()
+            .flat_map(|(ji, ris)| {
+                ris.chunks(limit)
+                    .map(|chunk| Tx {
+                        ji,
+                        ris: chunk.to_vec(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// How many connections this worker opens to `dest` now (its slow-start window), and
+    /// the most it may: `destination_concurrency` shared by the queue's worker processes.
+    fn window(&self, dest: &Dest) -> (usize, usize) {
         let workers = self
             .cfg
             .queues
@@ -163,6 +157,13 @@ impl SmtpAgent {
             .and_then(|w| w.get(dest).copied())
             .unwrap_or(2)
             .clamp(1, limit);
+        (window, limit)
+    }
+
+    /// Deals the transactions to `window` lanes and runs them: the first on this thread,
+    /// the others on the agent's kept threads (see `threads`). A lane that panics (it should
+    /// not) counts as one that reached nothing.
+    fn run_lanes(&self, lane: &Lane, txs: Vec<Tx>, window: usize, results: Results) -> Vec<Reach> {
         let lanes = window.min(txs.len()).max(1);
         let mut per_lane: Vec<Vec<Tx>> = (0..lanes).map(|_| Vec::new()).collect();
         for (i, tx) in txs.into_iter().enumerate() {
@@ -172,33 +173,36 @@ impl SmtpAgent {
             tx: results,
             buf: Vec::new(),
         };
-        // The first lane runs on this thread, the others on the agent's kept threads (see
-        // `threads`); a lane that panics (it should not) counts as one that reached nothing.
         let (first, rest): (&[Tx], &[Vec<Tx>]) = match per_lane.split_first() {
             Some((f, r)) => (f, r),
             None => (&[], &[]),
         };
         let others: Vec<Mutex<Reach>> = rest.iter().map(|_| Default::default()).collect();
-        let route = &route;
         let here = self.threads.scope(|s| {
-            for (lane, slot) in rest.iter().zip(&others) {
+            for (txs, slot) in rest.iter().zip(&others) {
                 let out = out();
                 s.spawn(move || {
-                    let r = self.lane(lane, route, dest, jobs, bodies, start, dns_time, out);
+                    let r = lane.run(txs, out);
                     if let Ok(mut slot) = slot.lock() {
                         *slot = r;
                     }
                 });
             }
-            self.lane(first, route, dest, jobs, bodies, start, dns_time, out())
+            lane.run(first, out())
         });
-        let reached: Vec<Reach> = std::iter::once(here)
+        std::iter::once(here)
             .chain(
                 others
                     .into_iter()
                     .map(|m| m.into_inner().unwrap_or_default()),
             )
-            .collect();
+            .collect()
+    }
+
+    /// What the lanes teach about `dest`: dead when no lane reached a host; the window
+    /// grows while connections work and falls back to one when not (slow start, as
+    /// Postfix).
+    fn learn(&self, dest: &Dest, reached: &[Reach], window: usize, limit: usize) {
         let connected = reached.iter().all(|r| r.failure.is_none());
         if !reached.iter().any(|r| r.connected) {
             if let Some(why) = reached.iter().find_map(|r| r.failure.clone()) {
@@ -206,7 +210,6 @@ impl SmtpAgent {
             }
         }
         if let Ok(mut w) = self.window.lock() {
-            // Slow start as Postfix: grow while connections work, fall back to one when not.
             let next = if connected {
                 (window * 2).min(limit)
             } else {
@@ -215,21 +218,63 @@ impl SmtpAgent {
             w.insert(dest.clone(), next);
         }
     }
+}
 
+/// The hops of a route looked up, or the verdict and reply for every recipient when there
+/// are none to try. A destination whose hosts have no address is still tried: its lanes
+/// find no host, and it is marked dead.
+fn hops_or_refusal(
+    looked_up: Result<crate::policy::Route, dns::Lookup>,
+) -> Result<crate::policy::Route, (Verdict, String)> {
+    match looked_up {
+        Ok(r) => Ok(r),
+        Err(dns::Lookup::Permanent(t)) => {
+            let code = if t.contains("null MX") {
+                "5.1.10"
+            } else {
+                "5.1.2"
+            };
+            Err((Verdict::Failed, format!("{code} {t}")))
+        }
+        Err(dns::Lookup::Temporary(t)) => Err((Verdict::Deferred, format!("4.4.3 {t}"))),
+        Err(dns::Lookup::Policy(t)) => Err((Verdict::Deferred, format!("4.7.5 {t}"))),
+        Err(dns::Lookup::Hosts(_)) => Ok(crate::policy::Route {
+            hops: Vec::new(),
+            applied: Default::default(),
+        }),
+    }
+}
+
+/// The same result for every recipient in `items`, sent through no relay.
+fn each(
+    items: &[(usize, usize)],
+    verdict: Verdict,
+    reply: &str,
+    delays: impl Fn(usize) -> [f64; 4],
+) -> Vec<Res> {
+    items
+        .iter()
+        .map(|&(ji, ri)| Res {
+            ji,
+            ri,
+            verdict,
+            reply: reply.to_string(),
+            relay: "none".into(),
+            tls: None,
+            delays: delays(ji),
+        })
+        .collect()
+}
+
+/// How long `job` had waited in the queue when its batch started, in seconds.
+fn queued(job: &Job, start: Instant) -> f64 {
+    ((qms_common::time::now() - job.arrival) as f64 - start.elapsed().as_secs_f64()).max(0.0)
+}
+
+impl Lane<'_> {
     /// Sends a lane's transactions over one connection (reconnecting when it breaks), each
     /// one's results to `out` as soon as it ends.
-    #[allow(clippy::too_many_arguments)]
-    fn lane(
-        &self,
-        txs: &[Tx],
-        route: &crate::policy::Route,
-        dest: &Dest,
-        jobs: &[&Job],
-        bodies: &[Result<Vec<u8>, String>],
-        start: Instant,
-        dns_time: f64,
-        mut out: Out,
-    ) -> Reach {
+    fn run(&self, txs: &[Tx], mut out: Out) -> Reach {
         let mut client: Option<Client> = None;
         let mut reach = Reach::default();
         let mut i = 0;
@@ -238,44 +283,26 @@ impl SmtpAgent {
             // The last transaction's results go to be recorded before the next one starts.
             out.flush();
             let tx = &txs[i];
-            let job = jobs[tx.ji];
-            let queued = ((qms_common::time::now() - job.arrival) as f64
-                - start.elapsed().as_secs_f64())
-            .max(0.0);
-            let push_all = |out: &mut Out,
-                            verdict: &dyn Fn() -> Verdict,
-                            reply: &str,
-                            relay: &str,
-                            d: [f64; 4]| {
-                for &ri in &tx.ris {
-                    out.buf.push(Res {
-                        ji: tx.ji,
-                        ri,
-                        verdict: verdict(),
-                        reply: reply.to_string(),
-                        relay: relay.to_string(),
-                        tls: None,
-                        delays: d,
-                    });
-                }
-            };
-            let body = match &bodies[tx.ji] {
+            let queued = queued(self.jobs[tx.ji], self.start);
+            let body = match &self.bodies[tx.ji] {
                 Ok(b) => b,
                 Err(e) => {
-                    push_all(
+                    let d = [queued, self.dns_time, 0.0, 0.0];
+                    all_of(
                         &mut out,
-                        &|| Verdict::Deferred,
+                        tx,
+                        Verdict::Deferred,
                         &format!("4.3.0 {e}"),
                         "none",
-                        [queued, dns_time, 0.0, 0.0],
+                        d,
                     );
                     i += 1;
                     continue;
                 }
             };
-            let (mut c, conn_time, reused) = match client.take() {
+            let (c, conn_time, reused) = match client.take() {
                 Some(c) => (c, 0.0, true),
-                None => match self.client(route, dest, retried) {
+                None => match self.agent.client(self.route, self.dest, retried) {
                     Ok((c, t)) => {
                         reach.connected = true;
                         (c, t, t == 0.0)
@@ -283,101 +310,129 @@ impl SmtpAgent {
                     Err(f) => {
                         reach.failure = Some(f.text.clone());
                         // Nothing more can go to this destination now: defer (or fail) the rest.
+                        let d = [queued, self.dns_time, 0.0, 0.0];
+                        let (verdict, code) = match f.permanent {
+                            true => (Verdict::Failed, "5.4.0"),
+                            false => (Verdict::Deferred, "4.4.1"),
+                        };
+                        let reply = format!("{code} {}", f.text);
                         for rest in &txs[i..] {
-                            for &ri in &rest.ris {
-                                let verdict = if f.permanent {
-                                    Verdict::Failed
-                                } else {
-                                    Verdict::Deferred
-                                };
-                                let code = if f.permanent { "5.4.0" } else { "4.4.1" };
-                                out.buf.push(Res {
-                                    ji: rest.ji,
-                                    ri,
-                                    verdict,
-                                    reply: format!("{code} {}", f.text),
-                                    relay: "none".into(),
-                                    tls: None,
-                                    delays: [queued, dns_time, 0.0, 0.0],
-                                });
-                            }
+                            all_of(&mut out, rest, verdict, &reply, "none", d);
                         }
                         return reach;
                     }
                 },
             };
-            let relay = format!("{}{}", c.name, c.peer.place());
-            if let Some(reason) = refuse_before_sending(job, &tx.ris, &c, body.len()) {
-                push_all(
-                    &mut out,
-                    &|| Verdict::Failed,
-                    &reason,
-                    &relay,
-                    [queued, dns_time, conn_time, 0.0],
-                );
-                client = Some(c);
-                i += 1;
-                continue;
-            }
-            let t = Instant::now();
-            let transaction = Transaction {
-                mail: mail_command(job, &c, body.len()),
-                rcpts: tx.ris.iter().map(|&ri| rcpt_command(job, ri, &c)).collect(),
-                message: body,
-            };
-            match c.send(&transaction) {
-                Ok(o) => {
-                    let d = [queued, dns_time, conn_time, t.elapsed().as_secs_f64()];
-                    for (k, &ri) in tx.ris.iter().enumerate() {
-                        let (verdict, reply) = judge(
-                            &o.mail,
-                            o.rcpts.get(k),
-                            o.each.get(k).map_or(o.data.as_ref(), Option::as_ref),
-                            c.ext.dsn,
-                        );
-                        out.buf.push(Res {
-                            ji: tx.ji,
-                            ri,
-                            verdict,
-                            reply,
-                            relay: relay.clone(),
-                            tls: c.tls_summary(),
-                            delays: d,
-                        });
-                    }
-                    client = Some(c);
+            let times = [queued, self.dns_time, conn_time];
+            match self.send(tx, body, c, times, reused && !retried, &mut out) {
+                Sent::Kept(c) => {
+                    client = Some(*c);
                     retried = false;
                     i += 1;
                 }
-                Err(_) if reused && !retried => {
-                    // A cached connection the server had closed; the others to that address
-                    // are likely gone too. Try once more on a fresh connection.
-                    if let Ok(mut cache) = self.cache.lock() {
-                        cache.remove(&c.peer);
-                    }
-                    retried = true;
-                }
-                Err(e) => {
-                    let d = [queued, dns_time, conn_time, t.elapsed().as_secs_f64()];
-                    push_all(
-                        &mut out,
-                        &|| Verdict::Deferred,
-                        &format!(
-                            "4.4.2 lost connection with {relay} while sending the message: {e}"
-                        ),
-                        &relay,
-                        d,
-                    );
+                // A cached connection the server had closed: once more on a fresh one.
+                Sent::Stale => retried = true,
+                Sent::Lost => {
                     retried = false;
                     i += 1;
                 }
             }
         }
         match client {
-            Some(c) if dest.private() => c.quit(),
-            Some(c) => self.keep(c),
+            Some(c) if self.dest.private() => c.quit(),
+            Some(c) => self.agent.keep(c),
             None => {}
         }
         reach
+    }
+
+    /// Sends one transaction over `c`, its results to `out`; `times` are the delays so
+    /// far (queued, DNS, connection). With `may_retry`, a connection found closed is not
+    /// a result: the caller tries again on a fresh one.
+    fn send(
+        &self,
+        tx: &Tx,
+        body: &[u8],
+        mut c: Client,
+        times: [f64; 3],
+        may_retry: bool,
+        out: &mut Out,
+    ) -> Sent {
+        let job = self.jobs[tx.ji];
+        let [queued, dns, conn] = times;
+        let relay = format!("{}{}", c.name, c.peer.place());
+        if let Some(reason) = refuse_before_sending(job, &tx.ris, &c, body.len()) {
+            let d = [queued, dns, conn, 0.0];
+            all_of(out, tx, Verdict::Failed, &reason, &relay, d);
+            return Sent::Kept(Box::new(c));
+        }
+        let t = Instant::now();
+        let transaction = Transaction {
+            mail: mail_command(job, &c, body.len()),
+            rcpts: tx.ris.iter().map(|&ri| rcpt_command(job, ri, &c)).collect(),
+            message: body,
+        };
+        match c.send(&transaction) {
+            Ok(o) => {
+                let d = [queued, dns, conn, t.elapsed().as_secs_f64()];
+                for (k, &ri) in tx.ris.iter().enumerate() {
+                    let (verdict, reply) = judge(
+                        &o.mail,
+                        o.rcpts.get(k),
+                        o.each.get(k).map_or(o.data.as_ref(), Option::as_ref),
+                        c.ext.dsn,
+                    );
+                    out.buf.push(Res {
+                        ji: tx.ji,
+                        ri,
+                        verdict,
+                        reply,
+                        relay: relay.clone(),
+                        tls: c.tls_summary(),
+                        delays: d,
+                    });
+                }
+                Sent::Kept(Box::new(c))
+            }
+            Err(_) if may_retry => {
+                // The others cached to that address are likely gone too.
+                if let Ok(mut cache) = self.agent.cache.lock() {
+                    cache.remove(&c.peer);
+                }
+                Sent::Stale
+            }
+            Err(e) => {
+                let d = [queued, dns, conn, t.elapsed().as_secs_f64()];
+                let reply =
+                    format!("4.4.2 lost connection with {relay} while sending the message: {e}");
+                all_of(out, tx, Verdict::Deferred, &reply, &relay, d);
+                Sent::Lost
+            }
+        }
+    }
+}
+
+/// How a transaction's connection ended up.
+enum Sent {
+    /// Still open: the next transaction may use it.
+    Kept(Box<Client>),
+    /// A cached connection the server had closed; nothing was recorded.
+    Stale,
+    /// Lost while sending; the transaction is deferred.
+    Lost,
+}
+
+/// The same result for every recipient of one transaction.
+fn all_of(out: &mut Out, tx: &Tx, verdict: Verdict, reply: &str, relay: &str, d: [f64; 4]) {
+    for &ri in &tx.ris {
+        out.buf.push(Res {
+            ji: tx.ji,
+            ri,
+            verdict,
+            reply: reply.to_string(),
+            relay: relay.to_string(),
+            tls: None,
+            delays: d,
+        });
     }
 }

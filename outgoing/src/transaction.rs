@@ -5,6 +5,7 @@
 use crate::client::{Client, Reply};
 use qms_spool::{Job, Notify};
 
+#[derive(Clone, Copy)]
 pub(crate) enum Verdict {
     Sent { peer_dsn: bool },
     Deferred,
