@@ -7,18 +7,17 @@
 
 pub mod direct;
 pub mod dkim;
+mod expansion;
 mod msp;
 mod smarthost;
 mod suppress;
 
 use qms_common::address::{logged, logged_sender};
-use qms_common::expand::{Dest, Expanded, Expander};
 use qms_common::log::quote;
 use qms_common::track::Event;
 use qms_common::{qlog, Config};
 use qms_delivery::plugin::{self, Pre};
-use qms_spool::{Claimed, Job, RcptState, Recipient, Spool};
-use std::collections::BTreeMap;
+use qms_spool::{Claimed, Job, RcptState, Spool};
 use std::sync::Arc;
 
 pub struct Router {
@@ -261,163 +260,6 @@ impl Router {
                 quote(&e.to_string())
             );
         }
-    }
-
-    /// Decides every recipient of `c`: the output jobs to write, one per queue. Recipients
-    /// that end here (discard, error, unknown) are marked final in `c.job`.
-    fn route(&self, c: &mut Claimed, events: &mut Vec<Event>) -> Result<Vec<Job>, String> {
-        let aliases = self.aliases.get();
-        let mut expander = Expander::new(&self.cfg, &aliases);
-        // One output job per queue and envelope sender (a list with an owner has its own).
-        let mut by_queue: BTreeMap<(String, Option<qms_common::Address>), Vec<Recipient>> =
-            BTreeMap::new();
-        let id = c.job.id.clone();
-        let sender = logged_sender(&c.job.sender);
-        let mid = c.job.message_id.clone();
-        let crossref = c.job.crossref.clone();
-        let tracked = crossref.is_some()
-            || (c.job.sender.is_some() && c.job.sender == self.cfg.tracking.envelope);
-        let track = |a: &qms_common::Address, e: &str, from: &str, to: &str| {
-            let mut ev = Event::new(id.as_str(), mid.as_deref(), &a.to_string(), e, from, to);
-            ev.crossref = crossref.clone();
-            ev
-        };
-        let consult = tracked && !c.job.ignore_suppression;
-        for r in c.job.recipients.iter_mut() {
-            if r.state.is_final() {
-                continue;
-            }
-            if let Some(s) = consult
-                .then(|| self.suppression.check(&r.address))
-                .flatten()
-            {
-                qlog!(
-                    "qid={id} from={sender} to={} status=suppressed ({})",
-                    logged(&r.address),
-                    s.reply
-                );
-                let mut ev =
-                    track(&r.address, "suppressed", "queued", "failed").reply(Some(&s.reply));
-                ev.reason = Some(s.reason);
-                events.push(ev);
-                r.state = RcptState::Failed;
-                r.reply = Some(s.reply);
-                continue;
-            }
-            let expanded = expander.expand(&r.address);
-            // A configuration problem on the way (an unreadable include file, a missing
-            // mailbox owner) holds back the whole recipient until it is fixed: routing only
-            // part of a list now would deliver the rest twice later.
-            if let Some(Dest::Defer(text)) = expanded
-                .iter()
-                .map(|e| &e.dest)
-                .find(|d| matches!(d, Dest::Defer(_)))
-            {
-                qlog!(
-                    "qid={id} from={sender} to={} status=deferred ({text})",
-                    logged(&r.address)
-                );
-                events.push(track(&r.address, "deferred", "queued", "deferred").reply(Some(text)));
-                r.state = RcptState::Deferred;
-                r.reply = Some(text.clone());
-                continue;
-            }
-            r.state = RcptState::Pending;
-            for Expanded {
-                addr,
-                dest,
-                mut owner,
-            } in expanded
-            {
-                // Tracked mail: a signed envelope per recipient, so its reports name it.
-                if let (Some(base), true) = (&self.cfg.tracking.envelope, tracked) {
-                    owner = qms_common::verp::envelope(
-                        base,
-                        &self.cfg.tracking.key,
-                        id.as_str(),
-                        &addr.to_string(),
-                    )
-                    .or(owner);
-                }
-                // Forwarded by an alias to another domain: SRS, so that the next hop's SPF
-                // check asks about us rather than the original sender.
-                if let (None, true, Some(srs), Some(from), Dest::Queue { queue, .. }) = (
-                    &owner,
-                    addr != r.address,
-                    &self.cfg.srs,
-                    &c.job.sender,
-                    &dest,
-                ) {
-                    let remote = !self.cfg.is_local_domain(from.domain());
-                    if remote && self.cfg.agent_of(queue) == qms_common::config::Agent::Smtp {
-                        owner = srs.forward(from);
-                    }
-                }
-                let qaddr = logged(&addr);
-                let mut out = r.clone();
-                if addr != r.address {
-                    out.original = Some(r.address.clone());
-                    out.address = addr.clone();
-                }
-                let (queue, route, user) = match dest {
-                    Dest::Queue { queue, route, user } => (queue, route, user),
-                    Dest::Discard => {
-                        qlog!("qid={id} from={sender} to={qaddr} status=discarded");
-                        events.push(track(&addr, "discarded", "queued", "discarded"));
-                        continue;
-                    }
-                    Dest::Defer(_) => continue,
-                    Dest::Fail(text) => {
-                        qlog!("qid={id} from={sender} to={qaddr} status=bounced ({text})");
-                        events.push(track(&addr, "failed", "queued", "failed").reply(Some(&text)));
-                        r.state = RcptState::Failed;
-                        r.reply = Some(text);
-                        continue;
-                    }
-                };
-                direct::log_routed(id.as_str(), &sender, &addr, &r.address, &queue, &route);
-                events.push(track(&addr, "routed", "queued", "routed").relay(&route));
-                out.route = Some(route);
-                out.user = user;
-                out.state = RcptState::Pending;
-                if let Some(o) = &owner {
-                    qlog!("qid={id} to={addr} sender={o} status=own-sender");
-                }
-                let list = by_queue.entry((queue, owner)).or_default();
-                if !list
-                    .iter()
-                    .any(|x| x.address == out.address && x.route == out.route)
-                {
-                    list.push(out);
-                }
-            }
-        }
-        let now = qms_common::time::now();
-        let pass = c.job.attempts;
-        Ok(by_queue
-            .into_iter()
-            .map(|((queue, owner), recipients)| {
-                let mut job = c.job.clone();
-                if let Some(o) = owner {
-                    job.id = job.id.derive(&o.to_string());
-                    job.sender = Some(o);
-                }
-                // Recipients held back on an earlier pass get jobs of their own.
-                if pass > 0 {
-                    job.id = job.id.derive(&format!("pass{pass}"));
-                }
-                job.body = format!("{}.{queue}", job.id);
-                if self.cfg.agent_of(&queue) != qms_common::config::Agent::Smtp {
-                    // Credentials stay only where they are used.
-                    job.smarthost = None;
-                }
-                job.queue = queue;
-                job.recipients = recipients;
-                job.attempts = 0;
-                job.next_attempt = now;
-                job
-            })
-            .collect())
     }
 }
 
