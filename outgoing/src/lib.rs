@@ -335,66 +335,7 @@ impl qms_delivery::Agent for SmtpAgent {
             .iter()
             .map(|c| self.spool.message(c).map_err(|e| e.to_string()))
             .collect();
-        let mut groups: BTreeMap<Dest, Vec<(usize, usize)>> = BTreeMap::new();
-        let post_office = |target| Dest {
-            target,
-            tls: TlsRule {
-                level: TlsPolicy::None,
-                ca_file: None,
-                names: Vec::new(),
-            },
-            debug: None,
-        };
-        for (ji, c) in batch.iter().enumerate() {
-            for (ri, r) in c
-                .job
-                .recipients
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| !r.state.is_final())
-            {
-                let tls = self.policy(r.address.domain());
-                let dest = match (&c.job.smarthost, r.route.as_deref().map(Route::parse)) {
-                    (Some(h), _) => Dest {
-                        target: Target::Smarthost(h.clone()),
-                        tls: TlsRule {
-                            level: match h.security {
-                                LinkSecurity::May => TlsPolicy::May,
-                                LinkSecurity::Tls | LinkSecurity::Ssl => TlsPolicy::Encrypt,
-                            },
-                            ca_file: None,
-                            names: Vec::new(),
-                        },
-                        debug: None,
-                    },
-                    (None, Some(Ok(Route::Relay { host, port }))) => Dest {
-                        target: Target::Relay { host, port },
-                        tls,
-                        debug: None,
-                    },
-                    // A post office on this host or a trusted network: plain, as Postfix's
-                    // lmtp client by default.
-                    (None, Some(Ok(Route::Lmtp { host, port }))) => {
-                        post_office(Target::Lmtp { host, port })
-                    }
-                    (None, Some(Ok(Route::LmtpUnix(path)))) => {
-                        post_office(Target::LmtpUnix { path })
-                    }
-                    _ => Dest {
-                        target: Target::Mx {
-                            domain: r.address.domain().to_string(),
-                        },
-                        tls,
-                        debug: None,
-                    },
-                };
-                let dest = Dest {
-                    debug: c.job.debug.then(|| c.job.id.to_string()),
-                    ..dest
-                };
-                groups.entry(dest).or_default().push((ji, ri));
-            }
-        }
+        let groups = self.by_destination(&batch);
         // How many recipients each job still waits for: a job is settled, and its results
         // are on disk, as soon as its last transaction ends.
         let mut waiting: Vec<usize> = vec![0; batch.len()];
@@ -449,5 +390,71 @@ impl qms_delivery::Agent for SmtpAgent {
                 .map(|c| (c, Vec::new()))
                 .collect(),
         );
+    }
+}
+
+impl SmtpAgent {
+    /// The batch's open recipients, as (job, recipient) indexes, by destination.
+    fn by_destination(&self, batch: &[Claimed]) -> BTreeMap<Dest, Vec<(usize, usize)>> {
+        let mut groups: BTreeMap<Dest, Vec<(usize, usize)>> = BTreeMap::new();
+        for (ji, c) in batch.iter().enumerate() {
+            let open = c.job.recipients.iter().enumerate();
+            for (ri, r) in open.filter(|(_, r)| !r.state.is_final()) {
+                let dest = Dest {
+                    debug: c.job.debug.then(|| c.job.id.to_string()),
+                    ..self.destination(&c.job, r)
+                };
+                groups.entry(dest).or_default().push((ji, ri));
+            }
+        }
+        groups
+    }
+
+    /// Where one recipient's copy goes, and under which TLS rule: the message's own
+    /// smarthost, else its route (a relay, a post office by LMTP), else the MX hosts of its
+    /// domain.
+    fn destination(&self, job: &Job, r: &qms_spool::Recipient) -> Dest {
+        let tls = self.policy(r.address.domain());
+        // A post office on this host or a trusted network: plain, as Postfix's lmtp client
+        // by default.
+        let post_office = |target| Dest {
+            target,
+            tls: TlsRule {
+                level: TlsPolicy::None,
+                ca_file: None,
+                names: Vec::new(),
+            },
+            debug: None,
+        };
+        match (&job.smarthost, r.route.as_deref().map(Route::parse)) {
+            (Some(h), _) => Dest {
+                target: Target::Smarthost(h.clone()),
+                tls: TlsRule {
+                    level: match h.security {
+                        LinkSecurity::May => TlsPolicy::May,
+                        LinkSecurity::Tls | LinkSecurity::Ssl => TlsPolicy::Encrypt,
+                    },
+                    ca_file: None,
+                    names: Vec::new(),
+                },
+                debug: None,
+            },
+            (None, Some(Ok(Route::Relay { host, port }))) => Dest {
+                target: Target::Relay { host, port },
+                tls,
+                debug: None,
+            },
+            (None, Some(Ok(Route::Lmtp { host, port }))) => {
+                post_office(Target::Lmtp { host, port })
+            }
+            (None, Some(Ok(Route::LmtpUnix(path)))) => post_office(Target::LmtpUnix { path }),
+            _ => Dest {
+                target: Target::Mx {
+                    domain: r.address.domain().to_string(),
+                },
+                tls,
+                debug: None,
+            },
+        }
     }
 }
