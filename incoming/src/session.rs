@@ -81,6 +81,25 @@ struct Transaction {
     direct: Option<qms_router::direct::Plan>,
 }
 
+impl Transaction {
+    /// A transaction that MAIL is starting: no sender yet, no recipients.
+    fn new() -> Transaction {
+        Transaction {
+            sender: None,
+            recipients: Vec::new(),
+            ret: None,
+            envid: None,
+            smtputf8: false,
+            eightbit: false,
+            chunks: None,
+            chunk_check: data::ChunkCheck::default(),
+            chunk_error: None,
+            spf: None,
+            direct: None,
+        }
+    }
+}
+
 pub struct Session<'a> {
     shared: &'a Shared,
     kind: Kind,

@@ -25,49 +25,11 @@ impl Session<'_> {
                 Err(e) => return self.error(&format!("501 5.1.7 Bad sender address syntax: {e}")),
             }
         };
-        let mut tx = Transaction {
-            sender: None,
-            recipients: Vec::new(),
-            ret: None,
-            envid: None,
-            smtputf8: false,
-            eightbit: false,
-            chunks: None,
-            chunk_check: data::ChunkCheck::default(),
-            chunk_error: None,
-            spf: None,
-            direct: None,
+        let mut tx = Transaction::new();
+        let declared = match self.mail_parameters(&params, &mut tx) {
+            Ok(size) => size,
+            Err(reply) => return self.error(&reply),
         };
-        let mut declared = 0;
-        for p in params {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            match k.to_ascii_uppercase().as_str() {
-                "SIZE" => match v.parse::<u64>() {
-                    Ok(n) if n > self.cfg().limits.message_size => {
-                        return self.error("552 5.3.4 Message size exceeds fixed limit");
-                    }
-                    Ok(n) => declared = n,
-                    Err(_) => return self.error("501 5.5.4 Bad SIZE parameter"),
-                },
-                "BODY" => match v.to_ascii_uppercase().as_str() {
-                    "7BIT" => {}
-                    "8BITMIME" => tx.eightbit = true,
-                    _ => return self.error("501 5.5.4 BODY is 7BIT or 8BITMIME"),
-                },
-                "SMTPUTF8" if v.is_empty() => tx.smtputf8 = true,
-                "RET" => match v.to_ascii_uppercase().as_str() {
-                    "FULL" => tx.ret = Some(DsnRet::Full),
-                    "HDRS" => tx.ret = Some(DsnRet::Hdrs),
-                    _ => return self.error("501 5.5.4 RET is FULL or HDRS"),
-                },
-                "ENVID" => match xtext_decode(v) {
-                    Some(id) if id.len() <= 100 && printable(&id) => tx.envid = Some(id),
-                    _ => return self.error("501 5.5.4 Bad ENVID parameter"),
-                },
-                "AUTH" => {}
-                _ => return self.error(&format!("555 5.5.4 Unsupported parameter {k}")),
-            }
-        }
         if sender.as_ref().is_some_and(Address::is_utf8) && !tx.smtputf8 {
             return self.error("553 5.6.7 Non-ASCII address needs SMTPUTF8");
         }
@@ -81,24 +43,8 @@ impl Session<'_> {
             self.conn.reply("452 4.3.1 Insufficient system storage");
             return Flow::Continue;
         }
-        // An authenticated user sends only as themselves, on every listener.
-        if let (Some(user), Some(addr)) = (&self.auth_user, &sender) {
-            if !crate::auth::may_send_as(self.cfg(), user, addr) {
-                qlog!("client={} sasl_user={user} from={addr} status=reject reason=\"sender not owned\"", client_name(&self.peer));
-                return self.error(&format!(
-                    "553 5.7.1 <{addr}>: Sender address rejected: not owned by user {user}"
-                ));
-            }
-        }
-        if let Some(forced) = &self.peer.forced_sender {
-            if sender.as_ref() != Some(forced) {
-                qlog!(
-                    "client={} status=sender-replaced from={} to={forced}",
-                    client_name(&self.peer),
-                    qms_common::address::show_sender(&sender)
-                );
-                sender = Some(forced.clone());
-            }
+        if let Err(reply) = self.may_send_as(&mut sender) {
+            return self.error(&reply);
         }
         if let Some((checks, ip)) = self.checked() {
             let helo = self.helo.clone().unwrap_or_default();
@@ -120,6 +66,67 @@ impl Session<'_> {
         self.tx = Some(tx);
         self.conn.reply("250 2.1.0 Ok");
         Flow::Continue
+    }
+
+    /// MAIL's parameters (RFC 1870 SIZE, 6152 BODY, 6531 SMTPUTF8, 3461 RET and ENVID) into
+    /// `tx`: the size declared, or the reply that refuses them.
+    fn mail_parameters(&self, params: &[&str], tx: &mut Transaction) -> Result<u64, String> {
+        let mut declared = 0;
+        for p in params {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            match k.to_ascii_uppercase().as_str() {
+                "SIZE" => match v.parse::<u64>() {
+                    Ok(n) if n > self.cfg().limits.message_size => {
+                        return Err("552 5.3.4 Message size exceeds fixed limit".into());
+                    }
+                    Ok(n) => declared = n,
+                    Err(_) => return Err("501 5.5.4 Bad SIZE parameter".into()),
+                },
+                "BODY" => match v.to_ascii_uppercase().as_str() {
+                    "7BIT" => {}
+                    "8BITMIME" => tx.eightbit = true,
+                    _ => return Err("501 5.5.4 BODY is 7BIT or 8BITMIME".into()),
+                },
+                "SMTPUTF8" if v.is_empty() => tx.smtputf8 = true,
+                "RET" => match v.to_ascii_uppercase().as_str() {
+                    "FULL" => tx.ret = Some(DsnRet::Full),
+                    "HDRS" => tx.ret = Some(DsnRet::Hdrs),
+                    _ => return Err("501 5.5.4 RET is FULL or HDRS".into()),
+                },
+                "ENVID" => match xtext_decode(v) {
+                    Some(id) if id.len() <= 100 && printable(&id) => tx.envid = Some(id),
+                    _ => return Err("501 5.5.4 Bad ENVID parameter".into()),
+                },
+                "AUTH" => {}
+                _ => return Err(format!("555 5.5.4 Unsupported parameter {k}")),
+            }
+        }
+        Ok(declared)
+    }
+
+    /// Whom this session may send as: an authenticated user only as themselves, on every
+    /// listener (else the reply that refuses); an untrusted local user (`sendmail -bs`) as
+    /// the address they are held to, which replaces any other.
+    fn may_send_as(&self, sender: &mut Option<Address>) -> Result<(), String> {
+        if let (Some(user), Some(addr)) = (&self.auth_user, sender.as_ref()) {
+            if !crate::auth::may_send_as(self.cfg(), user, addr) {
+                qlog!("client={} sasl_user={user} from={addr} status=reject reason=\"sender not owned\"", client_name(&self.peer));
+                return Err(format!(
+                    "553 5.7.1 <{addr}>: Sender address rejected: not owned by user {user}"
+                ));
+            }
+        }
+        if let Some(forced) = &self.peer.forced_sender {
+            if sender.as_ref() != Some(forced) {
+                qlog!(
+                    "client={} status=sender-replaced from={} to={forced}",
+                    client_name(&self.peer),
+                    qms_common::address::show_sender(sender)
+                );
+                *sender = Some(forced.clone());
+            }
+        }
+        Ok(())
     }
 
     /// The checker and the client's address, when `[auth_checks]` checks this session: mail
