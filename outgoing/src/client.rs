@@ -13,6 +13,8 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod secure;
+
 /// A server reply: its code and its text (lines joined with a space).
 #[derive(Clone, Debug)]
 pub struct Reply {
@@ -170,6 +172,38 @@ impl Client {
         s: &Settings,
         tls: TlsPolicy,
     ) -> Result<Client, Failure> {
+        let mut c = Client::open(name, peer, s)?;
+        let server = rustls::pki_types::ServerName::try_from(name.to_string())
+            .unwrap_or_else(|_| peer.server_name());
+        let check = secure::tls_check(s);
+        let tls = if s.verify.is_some_and(|v| v.required()) {
+            TlsPolicy::Encrypt
+        } else {
+            tls
+        };
+        if s.implicit_tls {
+            c.start_tls(server.clone(), s, check, "TLS from the start")?;
+        }
+        let greeting = c
+            .read_reply()
+            .map_err(|e| io_fail(name, peer, "lost connection with", e))?;
+        if !greeting.is_ok() {
+            return Err(Failure {
+                text: format!("host {name}{} refused to talk to me: {greeting}", peer.at()),
+                permanent: greeting.is_permanent(),
+            });
+        }
+        c.hello(s.helo)?;
+        if tls == TlsPolicy::None || c.tls.is_some() || !c.ask_starttls(tls)? {
+            return Ok(c);
+        }
+        c.start_tls(server, s, check, "TLS started")?;
+        c.hello(s.helo)?;
+        Ok(c)
+    }
+
+    /// A connection to `peer`, nothing said yet.
+    fn open(name: &str, peer: &Peer, s: &Settings) -> Result<Client, Failure> {
         let socket = peer
             .connect(
                 Duration::from_secs(s.connect_timeout),
@@ -179,7 +213,7 @@ impl Client {
         let stream = socket
             .stream()
             .map_err(|e| io_fail(name, peer, "connect to", e))?;
-        let mut c = Client {
+        Ok(Client {
             conn: Conn::new(stream),
             socket,
             name: name.to_string(),
@@ -194,93 +228,7 @@ impl Client {
             timeouts: (s.command_timeout, s.data_timeout),
             debug: s.debug.map(str::to_string),
             lmtp: s.lmtp,
-        };
-        let server = rustls::pki_types::ServerName::try_from(name.to_string())
-            .unwrap_or_else(|_| peer.server_name());
-        let check = match s.verify {
-            Some(v) if v.report_only => crate::tls::Check::Observe {
-                ca: v.ca,
-                names: v.names,
-            },
-            Some(v) if !v.tlsa.is_empty() => crate::tls::Check::Dane {
-                records: v.tlsa,
-                names: v.names,
-            },
-            Some(v) => crate::tls::Check::Verify {
-                ca: v.ca,
-                names: v.names,
-            },
-            None => crate::tls::Check::None,
-        };
-        let tls = if s.verify.is_some_and(|v| v.required()) {
-            TlsPolicy::Encrypt
-        } else {
-            tls
-        };
-        let unverified = |e: String| {
-            match s.verify {
-            Some(v) if v.why == "credentials" => format!("4.7.5 certificate not verified ({e}); credentials are sent only to a verified server (set [msp.ca_files] for a private CA)"),
-            Some(v) => format!("4.7.5 TLS level {}: certificate of {name}{} not verified ({e})", v.why, peer.at()),
-            None => e,
-        }
-        };
-        if s.implicit_tls {
-            let info = c
-                .conn
-                .upgrade(|stream| {
-                    crate::tls::connect(server.clone(), stream, s.client_cert, check).map(split)
-                })
-                .map_err(|e| {
-                    io_fail(name, peer, "TLS handshake with", unverified(e.to_string()))
-                })?;
-            c.trace("", &format!("TLS from the start: {}", info.0));
-            c.secured(info, s);
-        }
-        let greeting = c
-            .read_reply()
-            .map_err(|e| io_fail(name, peer, "lost connection with", e))?;
-        if !greeting.is_ok() {
-            return Err(Failure {
-                text: format!("host {name}{} refused to talk to me: {greeting}", peer.at()),
-                permanent: greeting.is_permanent(),
-            });
-        }
-        c.hello(s.helo)?;
-        if tls == TlsPolicy::None || c.tls.is_some() {
-            return Ok(c);
-        }
-        if !c.ext.starttls {
-            if tls == TlsPolicy::Encrypt {
-                return Err(Failure {
-                    text: format!(
-                        "TLS is required, but {name}{} does not offer STARTTLS",
-                        peer.at()
-                    ),
-                    permanent: false,
-                });
-            }
-            return Ok(c);
-        }
-        let r = c
-            .command("STARTTLS")
-            .map_err(|e| io_fail(name, peer, "lost connection with", e))?;
-        if !r.is_ok() {
-            if tls == TlsPolicy::Encrypt {
-                return Err(Failure {
-                    text: format!("TLS is required, but {name}{} said: {r}", peer.at()),
-                    permanent: false,
-                });
-            }
-            return Ok(c);
-        }
-        let info = c
-            .conn
-            .upgrade(|stream| crate::tls::connect(server, stream, s.client_cert, check).map(split))
-            .map_err(|e| io_fail(name, peer, "TLS handshake with", unverified(e.to_string())))?;
-        c.trace("", &format!("TLS started: {}", info.0));
-        c.secured(info, s);
-        c.hello(s.helo)?;
-        Ok(c)
+        })
     }
 
     /// Notes a finished handshake: what it was, and whether the certificate passed.
