@@ -115,7 +115,9 @@ impl Effective {
         e.queues(c);
         e.limits(c);
         e.outgoing(c);
-        e.rest(c);
+        e.service(c);
+        e.delivery(c);
+        e.authentication(c);
         e.tracking(c);
         e
     }
@@ -215,7 +217,8 @@ impl Effective {
         self.push("outgoing.tls_routes", t);
     }
 
-    fn rest(&mut self, c: &Config) {
+    /// `[scheduler]`, `[dns]`, `[tls]`, `[auth]` and the log.
+    fn service(&mut self, c: &Config) {
         let mut s = Section::default();
         s.secs("scan_interval", c.scheduler.scan_interval)
             .secs("busy_retry", c.scheduler.busy_retry)
@@ -251,6 +254,10 @@ impl Effective {
             .set("target", log_target(&c.log_target))
             .set("syslog_name", c.log_syslog_name.clone());
         self.push("log", s);
+    }
+
+    /// `[msp]` (tracked sending), `[local]` delivery and `[sieve]`.
+    fn delivery(&mut self, c: &Config) {
         let m = &c.msp;
         let mut s = Section::default();
         s.list("smarthost_users", &m.smarthost_users)
@@ -292,6 +299,11 @@ impl Effective {
             .set("max_redirects", int(v.max_redirects))
             .set("max_vacation_replies", int(v.max_vacation_replies));
         self.push("sieve", s);
+    }
+
+    /// `[metrics]`, and the keys and checks of sender authentication: `[dkim]`,
+    /// `[relay_auth]`, `[auth_checks]`, `[srs]`, `[arc]`.
+    fn authentication(&mut self, c: &Config) {
         let mut s = Section::default();
         s.maybe(
             "listen",
