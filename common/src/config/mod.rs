@@ -8,15 +8,21 @@ mod local;
 mod queues;
 mod raw;
 mod route;
+mod sender_auth;
 mod show;
 mod sieve;
+mod tls;
+mod tracking;
 
 pub use arc::Arc as ArcSeal;
 pub use local::{Local, Origin};
 pub use queues::{Agent, Overrides, Routing};
 pub use route::{network_of, Cidr, Route};
+pub use sender_auth::{AuthChecks, DkimSelector, DmarcReject, RelayAuth};
 pub use show::Effective;
 pub use sieve::Sieve;
+pub use tls::{Tls, TlsPolicy, TlsRule};
+pub use tracking::{Imap, Msp, Tracking};
 
 use raw::{Raw, Secs};
 use std::collections::BTreeMap;
@@ -141,83 +147,6 @@ pub struct Client {
     pub tls_reports: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TlsPolicy {
-    /// Never TLS.
-    None,
-    /// STARTTLS when offered; a failed handshake falls back to plain text.
-    May,
-    /// TLS or defer; any certificate.
-    Encrypt,
-    /// TLS with a certificate that chains to a trusted root and names the host connected to
-    /// (the MX name, or the relay's).
-    Verify,
-    /// As verify, the certificate naming the next-hop domain or the configured names.
-    Secure,
-    /// DANE (RFC 7672) where the MX hosts have DNSSEC-signed TLSA records, else `may`.
-    Dane,
-    /// DANE or nothing: a host without usable TLSA records is not used.
-    DaneOnly,
-}
-
-impl TlsPolicy {
-    fn parse(s: &str) -> Option<TlsPolicy> {
-        match s {
-            "none" => Some(TlsPolicy::None),
-            "may" => Some(TlsPolicy::May),
-            "encrypt" => Some(TlsPolicy::Encrypt),
-            "verify" => Some(TlsPolicy::Verify),
-            "secure" => Some(TlsPolicy::Secure),
-            "dane" => Some(TlsPolicy::Dane),
-            "dane-only" => Some(TlsPolicy::DaneOnly),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsPolicy::None => "none",
-            TlsPolicy::May => "may",
-            TlsPolicy::Encrypt => "encrypt",
-            TlsPolicy::Verify => "verify",
-            TlsPolicy::Secure => "secure",
-            TlsPolicy::Dane => "dane",
-            TlsPolicy::DaneOnly => "dane-only",
-        }
-    }
-
-    /// Whether the peer's certificate is checked against trusted roots.
-    pub fn authenticates(self) -> bool {
-        matches!(self, TlsPolicy::Verify | TlsPolicy::Secure)
-    }
-
-    /// Whether TLSA records are looked up for the hosts.
-    pub fn dane(self) -> bool {
-        matches!(self, TlsPolicy::Dane | TlsPolicy::DaneOnly)
-    }
-}
-
-/// The TLS policy of one destination: its level, the CA file to trust, and for `secure` the
-/// names the certificate may carry (empty: the next-hop domain).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TlsRule {
-    pub level: TlsPolicy,
-    pub ca_file: Option<PathBuf>,
-    pub names: Vec<String>,
-}
-
-#[derive(Clone, Debug)]
-pub struct Tls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Other certificates by the name a client asks for (SNI), lower case.
-    pub sni: BTreeMap<String, (PathBuf, PathBuf)>,
-    /// Client certificates are asked for, and checked against these CAs (PEM).
-    pub client_ca: Option<PathBuf>,
-    /// Clients whose certificate verifies for one of these names may relay, lower case.
-    pub relay_clients: Vec<String>,
-}
-
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
     /// `user:hash` lines; hashes are argon2 PHC strings or `$6$` sha-crypt (`qms passwd`).
@@ -302,119 +231,6 @@ pub struct Config {
     pub auth_checks: AuthChecks,
     /// `[arc]`: the key that seals mail forwarded to other domains.
     pub arc: Option<ArcSeal>,
-}
-
-/// `[auth_checks]`: what smtpd checks of mail from unauthenticated clients outside
-/// mynetworks, and what it refuses.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuthChecks {
-    /// SPF, DKIM and DMARC are checked and an Authentication-Results field added.
-    pub enabled: bool,
-    /// What a DMARC failure of a domain with `p=reject` gets.
-    pub dmarc_reject: DmarcReject,
-    /// An SPF `fail` is refused at MAIL FROM.
-    pub spf_reject: bool,
-    /// Mail DMARC quarantines is put on hold (`qms queue release` lets it go), not only marked.
-    pub quarantine_hold: bool,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DmarcReject {
-    /// Refused at the end of DATA with 550 5.7.1.
-    #[default]
-    Honour,
-    /// Accepted, marked by the Authentication-Results field.
-    Quarantine,
-    /// Accepted, marked, never refused.
-    Ignore,
-}
-
-impl DmarcReject {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DmarcReject::Honour => "honour",
-            DmarcReject::Quarantine => "quarantine",
-            DmarcReject::Ignore => "ignore",
-        }
-    }
-}
-
-/// A relay host's login; the password is read from its file when it is used, and sent only
-/// over TLS whose certificate is verified.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RelayAuth {
-    pub user: String,
-    pub password_file: PathBuf,
-}
-
-/// One DKIM selector of a domain and the file of its private key (PEM: RSA or Ed25519).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DkimSelector {
-    pub selector: String,
-    pub key: PathBuf,
-}
-
-/// `[msp]`: what trusted submitters may ask of the submission pipeline beyond headers.
-#[derive(Clone, Debug, Default)]
-pub struct Msp {
-    /// SASL users and local login names that may send through a smarthost of their own
-    /// choice (`BX-MTA-Rem-*`). Nobody by default.
-    pub smarthost_users: Vec<String>,
-    /// The plugin allow-list: the executables in this directory are what
-    /// `BX-MTA-Submission-Pre-Plugins` and `-Post-Plugins` may name. None: no plugins.
-    pub plugin_dir: Option<PathBuf>,
-    /// Seconds a plugin may run before it is killed.
-    pub plugin_timeout: u64,
-    /// Certificates to trust for a smarthost, by host name, besides the system's roots.
-    /// Credentials go only over TLS whose certificate these or the system's roots verify.
-    pub ca_files: BTreeMap<String, PathBuf>,
-}
-
-/// Tracked sending: where returned reports arrive and what to do about them.
-#[derive(Clone, Debug, Default)]
-pub struct Tracking {
-    /// The Maildir `qms dsnproc` reads (the envelope address's mailbox).
-    pub envelope_maildir: Option<PathBuf>,
-    /// Tell the other To/Cc recipients when one hard-fails, for every tracked message
-    /// (otherwise only when the message asks with `X-B-Non-Delivery-Notification-Actions`).
-    pub co_recipient_notices: bool,
-    /// The dedicated envelope address: tracked mail goes out as `envelope+QID-SIG@domain`.
-    pub envelope: Option<Address>,
-    /// The key that signs VERP tokens (`key`, or the contents of `key_file`).
-    pub key: Vec<u8>,
-    /// The file `key` was read from, if it came from one.
-    pub key_file: Option<PathBuf>,
-    /// `[tracking.imap]`: a remote mailbox whose reports are fetched into `envelope_maildir`.
-    pub imap: Option<Imap>,
-    /// The reasons of hard failures ("user unknown", "has moved", …, and "complaint") that
-    /// put a recipient on the suppression list by themselves; empty: only `qms suppress add`.
-    pub suppress: Vec<String>,
-    /// Seconds of tracking events kept (`keep = "90d"`); older ones are pruned by the tracker.
-    /// None: all are kept.
-    pub keep: Option<u64>,
-    /// `database = "postgresql://…"`: a tracking database shared by a fleet; None: SQLite
-    /// under the spool.
-    pub database: Option<String>,
-    /// The database password, read from this file when connecting (else `PGPASSWORD`).
-    pub password_file: Option<PathBuf>,
-    /// Certificates that the database server's must chain to (besides the system's), for a
-    /// URL with `sslmode=require`.
-    pub database_ca_file: Option<PathBuf>,
-}
-
-/// A remote IMAP mailbox, reached over TLS from the first byte (IMAPS).
-#[derive(Clone, Debug)]
-pub struct Imap {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    /// Read when polling, so that only `dsnproc` needs to be able to read it.
-    pub password_file: PathBuf,
-    pub mailbox: String,
-    /// Certificates to trust instead of the system's (a private CA or a self-signed server).
-    pub ca_file: Option<PathBuf>,
-    /// Seconds between polls.
-    pub interval: u64,
 }
 
 /// The queues every instance has, whatever the config says, with their default worker counts.

@@ -1,0 +1,82 @@
+//! The TLS settings: the levels of outgoing TLS, a destination's rule, and the server's
+//! certificates.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TlsPolicy {
+    /// Never TLS.
+    None,
+    /// STARTTLS when offered; a failed handshake falls back to plain text.
+    May,
+    /// TLS or defer; any certificate.
+    Encrypt,
+    /// TLS with a certificate that chains to a trusted root and names the host connected to
+    /// (the MX name, or the relay's).
+    Verify,
+    /// As verify, the certificate naming the next-hop domain or the configured names.
+    Secure,
+    /// DANE (RFC 7672) where the MX hosts have DNSSEC-signed TLSA records, else `may`.
+    Dane,
+    /// DANE or nothing: a host without usable TLSA records is not used.
+    DaneOnly,
+}
+
+impl TlsPolicy {
+    pub(super) fn parse(s: &str) -> Option<TlsPolicy> {
+        match s {
+            "none" => Some(TlsPolicy::None),
+            "may" => Some(TlsPolicy::May),
+            "encrypt" => Some(TlsPolicy::Encrypt),
+            "verify" => Some(TlsPolicy::Verify),
+            "secure" => Some(TlsPolicy::Secure),
+            "dane" => Some(TlsPolicy::Dane),
+            "dane-only" => Some(TlsPolicy::DaneOnly),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsPolicy::None => "none",
+            TlsPolicy::May => "may",
+            TlsPolicy::Encrypt => "encrypt",
+            TlsPolicy::Verify => "verify",
+            TlsPolicy::Secure => "secure",
+            TlsPolicy::Dane => "dane",
+            TlsPolicy::DaneOnly => "dane-only",
+        }
+    }
+
+    /// Whether the peer's certificate is checked against trusted roots.
+    pub fn authenticates(self) -> bool {
+        matches!(self, TlsPolicy::Verify | TlsPolicy::Secure)
+    }
+
+    /// Whether TLSA records are looked up for the hosts.
+    pub fn dane(self) -> bool {
+        matches!(self, TlsPolicy::Dane | TlsPolicy::DaneOnly)
+    }
+}
+
+/// The TLS policy of one destination: its level, the CA file to trust, and for `secure` the
+/// names the certificate may carry (empty: the next-hop domain).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TlsRule {
+    pub level: TlsPolicy,
+    pub ca_file: Option<PathBuf>,
+    pub names: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Other certificates by the name a client asks for (SNI), lower case.
+    pub sni: BTreeMap<String, (PathBuf, PathBuf)>,
+    /// Client certificates are asked for, and checked against these CAs (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// Clients whose certificate verifies for one of these names may relay, lower case.
+    pub relay_clients: Vec<String>,
+}
