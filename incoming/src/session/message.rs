@@ -70,7 +70,7 @@ impl Session<'_> {
         });
         // The job as known now, for the room its file leaves before the message.
         let mut draft = match self.tx.as_ref() {
-            Some(t) => self.draft(t),
+            Some(t) => self.draft(t, t.recipients.clone()),
             None => Job::new(
                 "incoming",
                 None,
@@ -268,8 +268,9 @@ impl Session<'_> {
             .any(|r| expander.direct(&r.address).is_none())
     }
 
-    /// The incoming job a transaction becomes, as far as it is known before its message.
-    fn draft(&self, tx: &Transaction) -> Job {
+    /// The incoming job a transaction to `recipients` becomes, as far as it is known before
+    /// its message.
+    fn draft(&self, tx: &Transaction, recipients: Vec<Recipient>) -> Job {
         let client = Client {
             addr: self.peer.addr.map(|a| a.to_string()),
             helo: self.helo.clone(),
@@ -281,7 +282,7 @@ impl Session<'_> {
         let mut job = Job::new(
             "incoming",
             tx.sender.clone(),
-            tx.recipients.clone(),
+            recipients,
             client,
             self.kind.protocol(),
             &self.shared.cfg.outgoing,
@@ -296,7 +297,7 @@ impl Session<'_> {
     /// Spools the message and answers 250 only once it is durable.
     pub(super) fn finish(&mut self, mut rx: Receiver) {
         let spool = &self.shared.spool;
-        let Some(tx) = self.tx.take() else {
+        let Some(mut tx) = self.tx.take() else {
             drop(rx);
             return;
         };
@@ -306,7 +307,8 @@ impl Session<'_> {
             self.conn.reply("554 5.4.6 Too many hops (mail loop?)");
             return;
         }
-        let mut job = self.draft(&tx);
+        let recipients = std::mem::take(&mut tx.recipients);
+        let mut job = self.draft(&tx, recipients);
         let rcpts: Vec<String> = job
             .recipients
             .iter()

@@ -217,13 +217,15 @@ impl Spool {
     /// jobs stay (a client that sends one again makes a duplicate, as RFC 5321 prefers).
     fn commit_sealed(&self, batch: Vec<Staged>) -> Result<Vec<Result<QueueId>>> {
         let mut results = Vec::with_capacity(batch.len());
-        let mut placed: Option<File> = None;
+        // Kept open until the sync: any of them names the file system to sync, and no job
+        // placed can be answered without it.
+        let mut placed = Vec::with_capacity(batch.len());
         for s in batch {
             match s.job.place() {
                 Ok(()) => {
                     let _ = FileExt::unlock(s.job.file());
                     results.push(Ok(s.id));
-                    placed = placed.or_else(|| s.job.file().try_clone().ok());
+                    placed.push(s.job);
                 }
                 // A one-file job whose id another process took in that queue at the same
                 // microsecond: this one is refused (the client sends it again).
@@ -237,8 +239,8 @@ impl Spool {
                 }
             }
         }
-        if let Some(f) = placed {
-            nix::unistd::syncfs(&f)
+        if let Some(first) = placed.first() {
+            nix::unistd::syncfs(first.file())
                 .map_err(io::Error::from)
                 .map_err(io_err("sync", &self.root))?;
         }
