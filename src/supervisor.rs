@@ -12,37 +12,16 @@ use qms_common::log::quote;
 use qms_common::{qlog, safeio, Config};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// One process the supervisor keeps running: `router`, `smtpd`, `deliver/smtp#2`, …
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Slot {
-    role: String,
-    queue: Option<String>,
-    index: usize,
-}
-
-impl Slot {
-    fn name(&self) -> String {
-        match &self.queue {
-            Some(q) => format!("deliver/{q}#{}", self.index),
-            None if self.index > 0 => format!("{}#{}", self.role, self.index),
-            None => self.role.clone(),
-        }
-    }
-
-    fn args(&self) -> Vec<String> {
-        match &self.queue {
-            Some(q) => vec!["deliver".into(), "--queue".into(), q.clone()],
-            None => vec![self.role.clone()],
-        }
-    }
-}
+mod reload;
+mod slots;
+use reload::open_tls;
+use slots::{desired, Slot};
 
 struct Child {
     pid: Option<Pid>,
@@ -61,62 +40,17 @@ pub(crate) fn status_file(cfg: &Config) -> PathBuf {
     cfg.spool.join("run/status.json")
 }
 
-fn desired(cfg: &Config, smtpd: bool) -> Vec<Slot> {
-    let mut v = Vec::new();
-    if smtpd {
-        v.push(Slot {
-            role: "smtpd".into(),
-            queue: None,
-            index: 0,
-        });
-    }
-    for role in ["tracker", "pickup", "showq"] {
-        v.push(Slot {
-            role: role.into(),
-            queue: None,
-            index: 0,
-        });
-    }
-    if cfg.metrics_listen.is_some() {
-        v.push(Slot {
-            role: "metrics".into(),
-            queue: None,
-            index: 0,
-        });
-    }
-    if cfg.client.tls_reports {
-        v.push(Slot {
-            role: "tlsrpt".into(),
-            queue: None,
-            index: 0,
-        });
-    }
-    if cfg.tracking.envelope_maildir.is_some() {
-        v.push(Slot {
-            role: "dsnproc".into(),
-            queue: None,
-            index: 0,
-        });
-    }
-    for i in 0..cfg.queues.get("incoming").copied().unwrap_or(1).max(1) {
-        v.push(Slot {
-            role: "router".into(),
-            queue: None,
-            index: i,
-        });
-    }
-    for (q, n) in &cfg.queues {
-        if q != "incoming" {
-            for i in 0..*n {
-                v.push(Slot {
-                    role: "deliver".into(),
-                    queue: Some(q.clone()),
-                    index: i,
-                });
-            }
-        }
-    }
-    v
+/// Why `qms start` gave up before supervising anything: its exit status (sysexits) and a
+/// line for stderr.
+struct Refusal(u8, String);
+
+/// What `qms start` takes up before it supervises: the instance's lock, the spool, the
+/// listeners and TLS files (opened as root when started as root).
+struct Held {
+    lock: std::fs::File,
+    spool: qms_spool::Spool,
+    listeners: Vec<(qms_incoming::Kind, std::net::TcpListener)>,
+    tls_files: Vec<(std::fs::File, std::fs::File)>,
 }
 
 pub fn start(cfg: Config, daemon: bool) -> ExitCode {
@@ -124,72 +58,23 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     // Safety: umask only changes this process's file-creation mask.
     unsafe { libc::umask(0o077) };
     let root = nix::unistd::geteuid().is_root();
-    if root {
-        // Owners and modes first, without following links; refuses to run without `user`.
-        if let Err(e) = crate::permissions::at_start(&cfg) {
-            eprintln!("qms: {e}");
-            return ExitCode::from(78);
-        }
-    }
-    let spool = match qms_spool::Spool::open(&cfg.spool, &cfg.queue_names()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("qms: {e}");
-            return ExitCode::from(73);
-        }
-    };
-    // The pid file's lock says "an instance runs here"; it is held for the supervisor's life.
-    let lock = match std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(pid_file(&cfg))
+    let held = match take_up(&cfg, root)
+        .and_then(|held| detach(&cfg, daemon).map(|go| go.then_some(held)))
     {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("qms: cannot open {}: {e}", pid_file(&cfg).display());
-            return ExitCode::from(73);
+        Ok(Some(held)) => held,
+        // The parent of a daemon: the child goes on.
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(Refusal(code, why)) => {
+            eprintln!("qms: {why}");
+            return ExitCode::from(code);
         }
     };
-    if lock.try_lock_exclusive().is_err() {
-        eprintln!(
-            "qms: an instance is already running on {}",
-            cfg.spool.display()
-        );
-        return ExitCode::from(75);
-    }
-    let listeners = match qms_incoming::smtpd::bind(&cfg) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("qms: {e}");
-            return ExitCode::from(71);
-        }
-    };
-    // The TLS key is usually readable by root alone: opened now, handed to smtpd.
-    let tls_files = match open_tls(&cfg) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("qms: {e}");
-            return ExitCode::from(78);
-        }
-    };
-    if daemon {
-        // No threads exist yet, so forking here is safe.
-        match unsafe { nix::unistd::fork() } {
-            Ok(nix::unistd::ForkResult::Parent { .. }) => return ExitCode::SUCCESS,
-            Ok(nix::unistd::ForkResult::Child) => {
-                let _ = nix::unistd::setsid();
-                // The terminal is gone: lines meant for stderr go to the system log, in this
-                // process and in every role it starts (they inherit the variable).
-                std::env::set_var(qms_common::log::DETACHED_ENV, "1");
-                qms_common::log::set_target(&cfg.log_target);
-            }
-            Err(e) => {
-                eprintln!("qms: fork: {e}");
-                return ExitCode::from(71);
-            }
-        }
-    }
+    let Held {
+        lock,
+        spool,
+        listeners,
+        tls_files,
+    } = held;
     let _ = lock.set_len(0);
     let _ = (&lock).write_all(format!("{}\n", std::process::id()).as_bytes());
     // Root ends here: the supervisor goes on as the qms user, keeping only the right to
@@ -227,32 +112,58 @@ pub fn start(cfg: Config, daemon: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Opens `[tls] cert` and `key`, then each `[tls.sni]` pair (checking that they make a
-/// server config).
-fn open_tls(cfg: &Config) -> Result<Vec<(std::fs::File, std::fs::File)>, String> {
-    let Some(t) = &cfg.tls else {
-        return Ok(Vec::new());
-    };
-    qms_incoming::tls::server_config(t)?;
-    let open =
-        |p: &std::path::Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
-    std::iter::once((&t.cert, &t.key))
-        .chain(t.sni.values().map(|(c, k)| (c, k)))
-        .map(|(c, k)| Ok((open(c)?, open(k)?)))
-        .collect()
+/// Everything `start` needs that may refuse: permissions (as root), the spool, the lock
+/// that says "an instance runs here", the listeners and the TLS files.
+fn take_up(cfg: &Config, root: bool) -> Result<Held, Refusal> {
+    if root {
+        // Owners and modes first, without following links; refuses to run without `user`.
+        crate::permissions::at_start(cfg).map_err(|e| Refusal(78, e.to_string()))?;
+    }
+    let spool = qms_spool::Spool::open(&cfg.spool, &cfg.queue_names())
+        .map_err(|e| Refusal(73, e.to_string()))?;
+    // The pid file's lock says "an instance runs here"; it is held for the supervisor's life.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(pid_file(cfg))
+        .map_err(|e| Refusal(73, format!("cannot open {}: {e}", pid_file(cfg).display())))?;
+    if lock.try_lock_exclusive().is_err() {
+        return Err(Refusal(
+            75,
+            format!("an instance is already running on {}", cfg.spool.display()),
+        ));
+    }
+    let listeners = qms_incoming::smtpd::bind(cfg).map_err(|e| Refusal(71, e.to_string()))?;
+    // The TLS key is usually readable by root alone: opened now, handed to smtpd.
+    let tls_files = open_tls(cfg).map_err(|e| Refusal(78, e))?;
+    Ok(Held {
+        lock,
+        spool,
+        listeners,
+        tls_files,
+    })
 }
 
-/// In a forked child about to exec smtpd: lets it inherit `fds` (Rust opens everything
-/// close-on-exec, and every other child must keep it that way).
-fn inherit(fds: &[RawFd]) -> std::io::Result<()> {
-    for &fd in fds {
-        // Safety: fcntl(F_SETFD) on descriptors the supervisor owns for its whole life;
-        // async-signal-safe, as code between fork and exec must be.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+/// With `daemon`, forks: false in the parent, which is done; true in the child, which
+/// goes on detached. Without, true.
+fn detach(cfg: &Config, daemon: bool) -> Result<bool, Refusal> {
+    if !daemon {
+        return Ok(true);
     }
-    Ok(())
+    // No threads exist yet, so forking here is safe.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => Ok(false),
+        Ok(nix::unistd::ForkResult::Child) => {
+            let _ = nix::unistd::setsid();
+            // The terminal is gone: lines meant for stderr go to the system log, in this
+            // process and in every role it starts (they inherit the variable).
+            std::env::set_var(qms_common::log::DETACHED_ENV, "1");
+            qms_common::log::set_target(&cfg.log_target);
+            Ok(true)
+        }
+        Err(e) => Err(Refusal(71, format!("fork: {e}"))),
+    }
 }
 
 struct Supervisor {
@@ -281,72 +192,6 @@ impl Supervisor {
             self.restart_due();
         }
         self.shutdown();
-    }
-
-    fn spawn(&self, slot: &Slot) -> Option<Pid> {
-        let exe = std::env::current_exe().ok()?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("-c").arg(&self.cfg.path).args(slot.args());
-        cmd.env_remove(qms_incoming::smtpd::LISTEN_FDS_ENV)
-            .env_remove(qms_incoming::tls::TLS_FDS_ENV)
-            .env_remove(qms_spool::SHARE_ENV);
-        // Workers of one queue share its new jobs (`qms_spool::Share`).
-        let serves = match (slot.role.as_str(), slot.queue.as_deref()) {
-            ("router", _) => Some("incoming"),
-            (_, Some(q)) => Some(q),
-            _ => None,
-        };
-        if let Some(workers) = serves.and_then(|q| self.cfg.queues.get(q)) {
-            if *workers > 1 {
-                cmd.env(qms_spool::SHARE_ENV, format!("{}/{workers}", slot.index));
-            }
-        }
-        let mut fds = Vec::new();
-        if slot.role == "smtpd" {
-            cmd.env(qms_incoming::smtpd::LISTEN_FDS_ENV, &self.fd_spec);
-            fds.extend(&self.listener_fds);
-            // `CERTFD,KEYFD;CERTFD,KEYFD…`, as `qms_incoming::tls::inherited` reads it.
-            let pairs: Vec<String> = self
-                .tls_files
-                .iter()
-                .map(|(c, k)| {
-                    fds.extend([c.as_raw_fd(), k.as_raw_fd()]);
-                    format!("{},{}", c.as_raw_fd(), k.as_raw_fd())
-                })
-                .collect();
-            if !pairs.is_empty() {
-                cmd.env(qms_incoming::tls::TLS_FDS_ENV, pairs.join(";"));
-            }
-        }
-        // Only local delivery agents keep the right to change user across exec; every
-        // other role starts with no capability at all.
-        let pass = slot
-            .queue
-            .as_deref()
-            .is_some_and(|q| self.cfg.agent_of(q) != qms_common::config::Agent::Smtp);
-        // Safety: the closure makes only fcntl and capability system calls, which are
-        // async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                inherit(&fds)?;
-                qms_common::privs::pass_setuid_on_exec(pass)
-            });
-        }
-        match cmd.spawn() {
-            Ok(child) => {
-                let pid = Pid::from_raw(child.id() as i32);
-                qlog!("event=spawn process={} pid={pid}", slot.name());
-                Some(pid)
-            }
-            Err(e) => {
-                qlog!(
-                    "event=spawn-failed process={} reason={}",
-                    slot.name(),
-                    quote(&e.to_string())
-                );
-                None
-            }
-        }
     }
 
     /// Starts what the config wants and is missing; stops what it no longer wants.
@@ -455,58 +300,6 @@ impl Supervisor {
         self.write_status();
     }
 
-    fn reload(&mut self) {
-        match Config::load(&self.cfg.path) {
-            Ok(new) => {
-                qlog!("event=reload config={}", self.cfg.path.display());
-                // Listeners are bound once, as root, and the supervisor is root no more: a
-                // listener added or removed takes effect at the next start, and says so.
-                let changed = listener_changes(&self.cfg, &new);
-                if !changed.is_empty() {
-                    qlog!(
-                        "event=reload status=warning reason={} listeners={}",
-                        quote("listen addresses change only when qms is restarted (qms stop; qms start)"),
-                        quote(&changed.join(","))
-                    );
-                }
-                self.cfg = new;
-                self.reopen_tls();
-                qms_common::metrics::start(&self.cfg);
-                // Roles read the config when they start: the ones that stay are recycled
-                // (a clean stop releases their jobs), extra ones stop, missing ones start.
-                let want = desired(&self.cfg, self.has_listeners);
-                for (slot, c) in self.children.iter_mut() {
-                    if let (Some(pid), true) = (c.pid, want.contains(slot)) {
-                        c.recycle = true;
-                        let _ = kill(pid, Signal::SIGTERM);
-                    }
-                }
-                self.reconcile();
-            }
-            Err(e) => qlog!("event=reload status=error reason={}", quote(&e.to_string())),
-        }
-    }
-
-    /// On SIGHUP: the certificate and key files opened again, so that the smtpd about to
-    /// start serves a renewed certificate. qms's user must be able to read them (a key only
-    /// root reads stays as opened at start, and the log says so).
-    fn reopen_tls(&mut self) {
-        match open_tls(&self.cfg) {
-            Ok(files) => {
-                if !files.is_empty() {
-                    qlog!("event=reload tls=reopened pairs={}", files.len());
-                }
-                self.tls_files = files;
-            }
-            Err(e) => qlog!(
-                "event=reload status=warning reason={}",
-                quote(&format!(
-                    "TLS files not reopened ({e}); those opened at start stay until qms is restarted"
-                ))
-            ),
-        }
-    }
-
     fn shutdown(&mut self) {
         qlog!(
             "event=stopping children={}",
@@ -589,31 +382,4 @@ pub fn stop(cfg: &Config) -> ExitCode {
     }
     println!("qms: stopped");
     ExitCode::SUCCESS
-}
-
-/// The listen addresses `new` adds or drops against `old`, as `+ADDR (smtp)`/`-ADDR (smtp)`.
-fn listener_changes(old: &Config, new: &Config) -> Vec<String> {
-    let kinds = [
-        ("smtp", &old.smtp.listen, &new.smtp.listen),
-        ("submission", &old.submission.listen, &new.submission.listen),
-        (
-            "submissions",
-            &old.submissions.listen,
-            &new.submissions.listen,
-        ),
-    ];
-    let mut out = Vec::new();
-    for (kind, was, now) in kinds {
-        out.extend(
-            now.iter()
-                .filter(|a| !was.contains(a))
-                .map(|a| format!("+{a} ({kind})")),
-        );
-        out.extend(
-            was.iter()
-                .filter(|a| !now.contains(a))
-                .map(|a| format!("-{a} ({kind})")),
-        );
-    }
-    out
 }

@@ -1,8 +1,9 @@
 //! Turns the raw TOML sections into checked settings: one function a section, each reporting
 //! a mistake with the key it is under (`Cx::err`) and reading paths relative to the file.
+//! The sections with types of their own module are read there (`tls`, `tracking`,
+//! `sender_auth`).
 
 use super::raw::{self, OneOrMany, Raw, RawListener, Secs};
-use super::route::parse_hop;
 use super::*;
 
 /// What every section needs: where the file is and its text, to name a mistake's line.
@@ -98,36 +99,6 @@ pub(super) fn identity(raw: &mut Raw, cx: &Cx) -> Result<Identity, ConfigError> 
         postmaster,
         recipient_delimiter,
     })
-}
-
-/// `[tracking]`'s checks that come before anything else is read.
-pub(super) fn tracking_checks(t: &raw::RawTracking, cx: &Cx) -> Result<(), ConfigError> {
-    if let Some(bad) =
-        t.suppress.iter().flatten().find(|r| {
-            !r.eq_ignore_ascii_case("complaint") && crate::reason::Reason::parse(r).is_none()
-        })
-    {
-        let words: Vec<&str> = crate::reason::Reason::ALL
-            .iter()
-            .map(|r| r.as_str())
-            .collect();
-        return Err(cx.err(
-            "tracking.suppress",
-            format!(
-                "{bad:?} is not \"complaint\" or a reason: {}",
-                words.join(", ")
-            ),
-        ));
-    }
-    if let Some(db) = &t.database {
-        if !db.starts_with("postgresql://") && !db.starts_with("postgres://") {
-            return Err(cx.err(
-                "tracking.database",
-                format!("{db:?} is not a postgresql:// URL"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// A listener's addresses, and for `[smtp]` the networks that may relay.
@@ -436,186 +407,6 @@ pub(super) fn log(
         ));
     }
     Ok((log_target, log_format, log_syslog_name))
-}
-
-pub(super) fn tls(t: Option<raw::RawTls>, cx: &Cx) -> Result<Option<Tls>, ConfigError> {
-    let resolve = |p: &str| cx.resolve(p);
-    let tls = match t {
-        Some(t) => {
-            if !t.relay_clients.is_empty() && t.client_ca.is_none() {
-                return Err(cx.err(
-                    "tls.relay_clients",
-                    "needs tls.client_ca: a client certificate is trusted only when it verifies"
-                        .into(),
-                ));
-            }
-            Some(Tls {
-                cert: resolve(&t.cert),
-                key: resolve(&t.key),
-                sni: t
-                    .sni
-                    .iter()
-                    .map(|(name, p)| {
-                        let name = name.trim_end_matches('.').to_ascii_lowercase();
-                        (name, (resolve(&p.cert), resolve(&p.key)))
-                    })
-                    .collect(),
-                client_ca: t.client_ca.as_deref().map(&resolve),
-                relay_clients: t
-                    .relay_clients
-                    .iter()
-                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-                    .collect(),
-            })
-        }
-        None => None,
-    };
-    Ok(tls)
-}
-
-/// `[tracking]`: the VERP envelope and its key, the IMAP mailbox of reports, the database.
-pub(super) fn tracking(t: raw::RawTracking, cx: &Cx) -> Result<Tracking, ConfigError> {
-    let resolve = |p: &str| cx.resolve(p);
-    let envelope = match t.envelope.as_deref() {
-        Some(a) => Some(Address::parse(a).map_err(|e| cx.err("tracking.envelope", e.to_string()))?),
-        None => None,
-    };
-    let key = match (&t.key, &t.key_file) {
-        (_, Some(f)) => std::fs::read(resolve(f))
-            .map_err(|e| cx.err("tracking.key_file", format!("cannot read {f}: {e}")))?,
-        (Some(k), None) => k.as_bytes().to_vec(),
-        (None, None) => Vec::new(),
-    };
-    if envelope.is_some() && key.len() < 16 {
-        return Err(cx.err(
-            "tracking.key",
-            "a VERP envelope needs a key (key or key_file) of at least 16 bytes".into(),
-        ));
-    }
-    let imap = match t.imap {
-        Some(i) => {
-            // IMAPS: port 993 unless the server names another.
-            let has_port = i
-                .server
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| !p.contains(']'));
-            let server = if has_port {
-                i.server.clone()
-            } else {
-                format!("{}:993", i.server)
-            };
-            let (host, port) =
-                parse_hop(&server, 993).map_err(|e| cx.err("tracking.imap.server", e))?;
-            if t.envelope_maildir.is_none() {
-                return Err(cx.err(
-                    "tracking.imap",
-                    "IMAP polling fetches into envelope_maildir, which is not set".into(),
-                ));
-            }
-            Some(Imap {
-                host,
-                port,
-                user: i.user,
-                password_file: resolve(&i.password_file),
-                mailbox: i.mailbox.unwrap_or_else(|| "INBOX".into()),
-                ca_file: i.ca_file.as_deref().map(resolve),
-                interval: i.interval.map(Secs::get).unwrap_or(60).max(1),
-            })
-        }
-        None => None,
-    };
-    Ok(Tracking {
-        envelope_maildir: t.envelope_maildir.as_deref().map(resolve),
-        co_recipient_notices: t.co_recipient_notices.unwrap_or(false),
-        envelope,
-        key,
-        key_file: t.key_file.as_deref().map(resolve),
-        imap,
-        keep: t.keep.map(Secs::get).filter(|k| *k > 0),
-        suppress: t.suppress.unwrap_or_else(|| {
-            ["user unknown", "has moved", "complaint"]
-                .map(String::from)
-                .to_vec()
-        }),
-        database: t.database.clone(),
-        password_file: t.password_file.as_deref().map(resolve),
-        database_ca_file: t.database_ca_file.as_deref().map(resolve),
-    })
-}
-
-/// `[dkim]`: each signing domain's selectors and keys.
-pub(super) fn dkim(
-    raw: BTreeMap<String, raw::RawDkimEntry>,
-    cx: &Cx,
-) -> Result<BTreeMap<String, Vec<DkimSelector>>, ConfigError> {
-    let resolve = |p: &str| cx.resolve(p);
-    let mut dkim = BTreeMap::new();
-    for (domain, entry) in raw {
-        let list = match entry {
-            raw::RawDkimEntry::One(d) => vec![d],
-            raw::RawDkimEntry::Many(v) => v,
-        };
-        let d = domain.to_ascii_lowercase();
-        if Address::new("x", &d).is_err() {
-            return Err(cx.err(
-                &format!("dkim.{domain:?}"),
-                format!("{domain:?} is not a domain"),
-            ));
-        }
-        let mut selectors = Vec::new();
-        for s in list {
-            let ok = !s.selector.is_empty()
-                && s.selector.split('.').all(|l| {
-                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                });
-            if !ok {
-                return Err(cx.err(
-                    &format!("dkim.{domain:?}.selector"),
-                    format!(
-                        "{:?} is not a selector (letters, digits, - and dots)",
-                        s.selector
-                    ),
-                ));
-            }
-            selectors.push(DkimSelector {
-                selector: s.selector,
-                key: resolve(&s.key),
-            });
-        }
-        dkim.insert(d, selectors);
-    }
-    Ok(dkim)
-}
-
-/// `[auth_checks]`: what SPF, DKIM and DMARC results decide.
-pub(super) fn auth_checks(a: raw::RawAuthChecks, cx: &Cx) -> Result<AuthChecks, ConfigError> {
-    let dmarc_reject = match a.dmarc_reject.as_deref() {
-        None | Some("honour") | Some("honor") => DmarcReject::Honour,
-        Some("quarantine") => DmarcReject::Quarantine,
-        Some("ignore") => DmarcReject::Ignore,
-        Some(o) => {
-            return Err(cx.err(
-                "auth_checks.dmarc_reject",
-                format!("{o:?} is not honour, quarantine or ignore"),
-            ))
-        }
-    };
-    let quarantine_hold = match a.quarantine.as_deref() {
-        None | Some("mark") => false,
-        Some("hold") => true,
-        Some(o) => {
-            return Err(cx.err(
-                "auth_checks.quarantine",
-                format!("{o:?} is not mark or hold"),
-            ))
-        }
-    };
-    Ok(AuthChecks {
-        enabled: a.enabled.unwrap_or(false),
-        dmarc_reject,
-        spf_reject: a.spf_reject.unwrap_or(false),
-        quarantine_hold,
-    })
 }
 
 pub(super) fn metrics_listen(

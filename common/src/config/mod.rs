@@ -4,6 +4,7 @@
 use crate::address::Address;
 mod arc;
 mod build;
+mod error;
 mod local;
 mod queues;
 mod raw;
@@ -15,6 +16,8 @@ mod tls;
 mod tracking;
 
 pub use arc::Arc as ArcSeal;
+pub use error::ConfigError;
+use error::{find_key_line, key_at, line_of};
 pub use local::{Local, Origin};
 pub use queues::{Agent, Overrides, Routing};
 pub use route::{network_of, Cidr, Route};
@@ -26,7 +29,6 @@ pub use tracking::{Imap, Msp, Tracking};
 
 use raw::{Raw, Secs};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -42,29 +44,6 @@ pub fn locate(explicit: Option<&Path>) -> PathBuf {
         _ => PathBuf::from(DEFAULT_PATH),
     }
 }
-
-#[derive(Debug)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    pub key: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(l) = self.line {
-            write!(f, ":{l}")?;
-        }
-        if let Some(k) = &self.key {
-            write!(f, ": key {k}")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mailbox {
@@ -261,7 +240,7 @@ impl Config {
             base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
         let mut raw = raw;
-        build::tracking_checks(&raw.tracking, &cx)?;
+        tracking::checks(&raw.tracking, &cx)?;
         let id = build::identity(&mut raw, &cx)?;
         let (smtp, mynetworks) = build::listeners(raw.smtp, "smtp", &cx)?;
         let (submission, _) = build::listeners(raw.submission.into(), "submission", &cx)?;
@@ -282,8 +261,8 @@ impl Config {
         let limits = build::limits(raw.limits);
         let (outgoing, client) = build::outgoing(raw.outgoing, raw.dns, &cx)?;
         let (log_target, log_format, log_syslog_name) = build::log(raw.log, &cx)?;
-        let tls = build::tls(raw.tls, &cx)?;
-        let tracking = build::tracking(raw.tracking, &cx)?;
+        let tls = tls::section(raw.tls, &cx)?;
+        let tracking = tracking::section(raw.tracking, &cx)?;
         let resolve = |p: &str| cx.resolve(p);
         let section = |(key, message): (String, String)| cx.err(&key, message);
         let local = raw.local.build(&resolve).map_err(section)?;
@@ -292,8 +271,8 @@ impl Config {
             Some(a) => Some(a.build(&resolve).map_err(section)?),
             None => None,
         };
-        let dkim = build::dkim(raw.dkim, &cx)?;
-        let auth_checks = build::auth_checks(raw.auth_checks, &cx)?;
+        let dkim = sender_auth::dkim(raw.dkim, &cx)?;
+        let auth_checks = sender_auth::auth_checks(raw.auth_checks, &cx)?;
         let srs = match &raw.srs {
             Some(s) => Some(
                 crate::srs::Srs::load(&s.domain, &resolve(&s.secret_file))
@@ -479,63 +458,6 @@ fn absolute(p: &Path) -> PathBuf {
         }
     }
     out
-}
-
-/// The dotted key set on the line at `offset` (`outgoing.min_backoff`), for errors that
-/// the TOML reader reports by position only.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[start..].lines().next().unwrap_or("");
-    let name = line.split_once('=')?.0.trim().trim_matches('"');
-    if name.is_empty() || name.starts_with('[') {
-        return None;
-    }
-    let table = text[..start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && l.ends_with(']'))
-        .map(|l| l.trim_matches(['[', ']']).trim().to_string());
-    Some(match table {
-        Some(t) => format!("{t}.{name}"),
-        None => name.to_string(),
-    })
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// The line where a dotted key is set, found well enough for an error message.
-fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in key.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    parts.push(cur);
-    let last = parts.last()?.clone();
-    let section = parts[..parts.len() - 1].join(".");
-    let mut in_section = section.is_empty();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
-            in_section = name == section;
-            continue;
-        }
-        let lhs = t.split('=').next().unwrap_or("").trim().trim_matches('"');
-        if in_section && lhs == last {
-            return Some(i + 1);
-        }
-    }
-    None
 }
 
 #[cfg(test)]

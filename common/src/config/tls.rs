@@ -1,6 +1,8 @@
 //! The TLS settings: the levels of outgoing TLS, a destination's rule, and the server's
-//! certificates.
+//! certificates, as `[tls]` is read into them.
 
+use super::build::Cx;
+use super::{raw, ConfigError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -79,4 +81,40 @@ pub struct Tls {
     pub client_ca: Option<PathBuf>,
     /// Clients whose certificate verifies for one of these names may relay, lower case.
     pub relay_clients: Vec<String>,
+}
+
+/// `[tls]`: the server's certificates, by name, and the clients it trusts to relay.
+pub(super) fn section(t: Option<raw::RawTls>, cx: &Cx) -> Result<Option<Tls>, ConfigError> {
+    let resolve = |p: &str| cx.resolve(p);
+    let tls = match t {
+        Some(t) => {
+            if !t.relay_clients.is_empty() && t.client_ca.is_none() {
+                return Err(cx.err(
+                    "tls.relay_clients",
+                    "needs tls.client_ca: a client certificate is trusted only when it verifies"
+                        .into(),
+                ));
+            }
+            Some(Tls {
+                cert: resolve(&t.cert),
+                key: resolve(&t.key),
+                sni: t
+                    .sni
+                    .iter()
+                    .map(|(name, p)| {
+                        let name = name.trim_end_matches('.').to_ascii_lowercase();
+                        (name, (resolve(&p.cert), resolve(&p.key)))
+                    })
+                    .collect(),
+                client_ca: t.client_ca.as_deref().map(&resolve),
+                relay_clients: t
+                    .relay_clients
+                    .iter()
+                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+            })
+        }
+        None => None,
+    };
+    Ok(tls)
 }
