@@ -8,7 +8,7 @@
 //! the `X-B-CrossRef` or the Message-ID of tracked mail). A processed report moves from
 //! `new/` to `cur/`, as a mail reader would mark it read.
 
-use crate::report::{self, Report, ReportKind};
+use crate::report::{self, RcptReport, Report, ReportKind};
 use mail_builder::headers::raw::Raw;
 use mail_builder::MessageBuilder;
 use qms_common::log::quote;
@@ -138,28 +138,13 @@ impl DsnProc<'_> {
 
     /// Returns false to keep the report for another look.
     fn handle(&mut self, r: &Report, came_to: Option<&str>, file: &str, last_try: bool) -> bool {
-        // A VERP address names the message; its signature must match the reported recipient.
-        let mut signed_qid = None;
-        if let (Some(base), Some(to)) = (&self.cfg.tracking.envelope, came_to) {
-            for rr in &r.recipients {
-                // Signed for the address qms sent to: the Original-Recipient when the next hop
-                // forwarded the message and reports the final one.
-                let key = &self.cfg.tracking.key;
-                let check = |a: &str| qms_common::verp::check(base, key, to, a);
-                let token = match rr.original_recipient.as_deref().map(check) {
-                    Some(t @ qms_common::verp::Token::Valid { .. }) => t,
-                    _ => check(&rr.address),
-                };
-                match token {
-                    qms_common::verp::Token::Valid { qid } => signed_qid = Some(qid),
-                    qms_common::verp::Token::Forged { qid } => {
-                        qlog!("file={file} qid={qid} to={} status=forged reason=\"bad VERP signature; not believed\"", rr.address);
-                        return true;
-                    }
-                    qms_common::verp::Token::None => {}
-                }
+        let signed_qid = match self.signed_qid(r, came_to) {
+            Ok(q) => q,
+            Err((qid, address)) => {
+                qlog!("file={file} qid={qid} to={address} status=forged reason=\"bad VERP signature; not believed\"");
+                return true;
             }
-        }
+        };
         // The ways to the message, surest first.
         let keys: Vec<String> = signed_qid
             .iter()
@@ -196,48 +181,86 @@ impl DsnProc<'_> {
             );
             return true;
         }
+        let about = About {
+            qid: &qid,
+            message_id: message_id.as_deref(),
+            kind: &kind,
+            file,
+        };
         for rr in &r.recipients {
-            let soft = rr.status.as_deref().is_some_and(|s| s.starts_with('4'));
-            let (event, to) = match (r.kind, rr.action.as_str()) {
-                (ReportKind::Mdn, a) => (a.to_string(), a.to_string()),
-                // A temporary failure reported as final: noted, the recipient not failed.
-                (_, "failed") if soft => ("soft-failed".into(), "relayed".into()),
-                (_, "failed") => ("failed".into(), "failed".into()),
-                (_, "delayed") => ("delayed".into(), "delayed".into()),
-                (_, "delivered") => ("confirmed-delivered".into(), "confirmed-delivered".into()),
-                (_, "relayed") => ("relayed".into(), "relayed".into()),
-                (_, other) => (other.to_string(), other.to_string()),
-            };
-            // Recorded for the address the sender used, where the report tells it.
-            let addressed = rr.original_recipient.as_deref().unwrap_or(&rr.address);
-            let mut ev = Event::new(
-                &qid,
-                message_id.as_deref(),
-                addressed,
-                &event,
-                "relayed",
-                &to,
-            );
-            ev.reply = rr.diagnostic.clone().or(rr.status.clone());
-            ev.reason = rr.reason.map(|x| x.as_str().to_string());
-            ev.relay = r.reporting_mta.clone();
-            qms_common::track::emit(ev);
-            qlog!(
-                "qid={qid} to={} status={event} report={kind} dsn={} reason={} file={file}",
-                rr.address,
-                rr.status.as_deref().unwrap_or("-"),
-                quote(rr.reason.map_or("-", |x| x.as_str()))
-            );
-            let hard =
-                rr.action == "failed" && rr.status.as_deref().is_none_or(|s| s.starts_with('5'));
-            if hard {
-                if let (Some(mid), Some(head)) = (&message_id, &r.returned_headers) {
-                    let addressed = rr.original_recipient.as_deref().unwrap_or(&rr.address);
-                    self.notify_co_recipients(&qid, mid, addressed, head);
-                }
-            }
+            self.record(r, rr, &about);
         }
         true
+    }
+
+    /// The queue id a VERP address signs for this report's recipients, when qms sent it
+    /// with one; Err with the id and address when a signature is forged (the report is not
+    /// believed at all).
+    fn signed_qid(
+        &self,
+        r: &Report,
+        came_to: Option<&str>,
+    ) -> Result<Option<String>, (String, String)> {
+        use qms_common::verp::{check, Token};
+        let (Some(base), Some(to)) = (&self.cfg.tracking.envelope, came_to) else {
+            return Ok(None);
+        };
+        let key = &self.cfg.tracking.key;
+        let mut signed = None;
+        for rr in &r.recipients {
+            // Signed for the address qms sent to: the Original-Recipient when the next hop
+            // forwarded the message and reports the final one.
+            let check = |a: &str| check(base, key, to, a);
+            let token = match rr.original_recipient.as_deref().map(check) {
+                Some(t @ Token::Valid { .. }) => t,
+                _ => check(&rr.address),
+            };
+            match token {
+                Token::Valid { qid } => signed = Some(qid),
+                Token::Forged { qid } => return Err((qid, rr.address.clone())),
+                Token::None => {}
+            }
+        }
+        Ok(signed)
+    }
+
+    /// Records what a correlated report says of one recipient: a tracking event and a log
+    /// line, and for a hard failure the co-recipients' notice when one is asked for.
+    fn record(&mut self, r: &Report, rr: &RcptReport, about: &About) {
+        let About {
+            qid,
+            message_id,
+            kind,
+            file,
+        } = *about;
+        let soft = rr.status.as_deref().is_some_and(|s| s.starts_with('4'));
+        let (event, to) = match (r.kind, rr.action.as_str()) {
+            (ReportKind::Mdn, a) => (a.to_string(), a.to_string()),
+            // A temporary failure reported as final: noted, the recipient not failed.
+            (_, "failed") if soft => ("soft-failed".into(), "relayed".into()),
+            (_, "failed") => ("failed".into(), "failed".into()),
+            (_, "delayed") => ("delayed".into(), "delayed".into()),
+            (_, "delivered") => ("confirmed-delivered".into(), "confirmed-delivered".into()),
+            (_, "relayed") => ("relayed".into(), "relayed".into()),
+            (_, other) => (other.to_string(), other.to_string()),
+        };
+        // Recorded for the address the sender used, where the report tells it.
+        let addressed = rr.original_recipient.as_deref().unwrap_or(&rr.address);
+        let mut ev = Event::new(qid, message_id, addressed, &event, "relayed", &to);
+        ev.reply = rr.diagnostic.clone().or(rr.status.clone());
+        ev.reason = rr.reason.map(|x| x.as_str().to_string());
+        ev.relay = r.reporting_mta.clone();
+        qms_common::track::emit(ev);
+        qlog!(
+            "qid={qid} to={} status={event} report={kind} dsn={} reason={} file={file}",
+            rr.address,
+            rr.status.as_deref().unwrap_or("-"),
+            quote(rr.reason.map_or("-", |x| x.as_str()))
+        );
+        let hard = rr.action == "failed" && rr.status.as_deref().is_none_or(|s| s.starts_with('5'));
+        if let (true, Some(mid), Some(head)) = (hard, message_id, &r.returned_headers) {
+            self.notify_co_recipients(qid, mid, addressed, head);
+        }
     }
 
     /// Tells the other To/Cc recipients that `failed` did not receive the message: only when
@@ -249,23 +272,10 @@ impl DsnProc<'_> {
         if !self.cfg.tracking.co_recipient_notices && !actions.contains("notify-co-recipients") {
             return;
         }
-        let Some(parsed) = mail_parser::MessageParser::new().parse_headers(head) else {
+        let Some((subject, others)) = co_recipients(head, failed) else {
             return;
         };
-        let mut visible: Vec<String> = Vec::new();
-        for list in [parsed.to(), parsed.cc()].into_iter().flatten() {
-            for a in list.iter() {
-                if let Some(addr) = a.address() {
-                    visible.push(addr.to_ascii_lowercase());
-                }
-            }
-        }
-        let failed_l = failed.to_ascii_lowercase();
-        // A member of a list the sender wrote to was not addressed by the sender: no notice.
-        if !visible.contains(&failed_l) {
-            return;
-        }
-        let key = (message_id.to_string(), failed_l.clone());
+        let key = (message_id.to_string(), failed.to_ascii_lowercase());
         if self.notified.contains(&key)
             || self
                 .db
@@ -274,64 +284,22 @@ impl DsnProc<'_> {
         {
             return;
         }
-        let others: Vec<Address> = visible
-            .iter()
-            .filter(|a| **a != failed_l)
-            .filter_map(|a| Address::parse(a).ok())
-            .collect();
-        if others.is_empty() {
-            return;
-        }
-        let subject = parsed
-            .subject()
-            .unwrap_or("(no subject)")
-            .replace(['\r', '\n'], " ");
-        let host = &self.cfg.hostname;
-        let rcpts: Vec<Recipient> = others
-            .iter()
-            .map(|a| {
-                let mut r = Recipient::new(a.clone());
-                r.notify = vec![Notify::Never];
-                r
-            })
-            .collect();
-        let client = Client {
-            local_user: Some("dsnproc".into()),
-            trusted: true,
-            ..Client::default()
-        };
-        let job = Job::new(
-            "incoming",
-            None,
-            rcpts,
-            client,
-            "notice",
-            &self.cfg.outgoing,
-        );
         let to_line = others
             .iter()
             .map(|a| format!("<{a}>"))
             .collect::<Vec<_>>()
             .join(", ");
-        // The subject is the reader's text, in any script: the builder encodes it (RFC 2047).
-        let build = |id: &QueueId| -> Vec<u8> {
-            let to: Vec<String> = others.iter().map(|a| a.to_string()).collect();
-            MessageBuilder::new()
-                .from(("Mail Delivery System", format!("MAILER-DAEMON@{host}").as_str()))
-                .to(to)
-                .subject(format!("Not delivered to {failed}: {subject}"))
-                .date(qms_common::time::now())
-                .message_id(format!("{id}.notice@{host}"))
-                .in_reply_to(message_id)
-                .references(message_id)
-                .header("Auto-Submitted", Raw::new("auto-generated"))
-                .text_body(format!(
-                    "The message \"{subject}\" that you also received could not be delivered to\r\n{failed}. This notice goes to its other recipients, once.\r\n"
-                ))
-                .write_to_vec()
-                .unwrap_or_default()
+        let notice = Notice {
+            host: &self.cfg.hostname,
+            others: &others,
+            failed,
+            subject: &subject,
+            message_id,
         };
-        match self.spool.enqueue(job, &build) {
+        match self
+            .spool
+            .enqueue(notice_job(&others, self.cfg), &|id| notice.text(id))
+        {
             Ok(nid) => {
                 self.notified.insert(key);
                 qms_common::track::emit(
@@ -355,5 +323,97 @@ impl DsnProc<'_> {
                 quote(&e.to_string())
             ),
         }
+    }
+}
+
+/// The message a report was correlated with, for the events and log lines of its recipients.
+struct About<'a> {
+    qid: &'a str,
+    message_id: Option<&'a str>,
+    kind: &'a str,
+    file: &'a str,
+}
+
+/// Who else the sender wrote to (To and Cc) when `failed` is one of them, and the subject;
+/// None when `failed` was not addressed by the sender (a member of a list the sender wrote
+/// to) or was alone.
+fn co_recipients(head: &[u8], failed: &str) -> Option<(String, Vec<Address>)> {
+    let parsed = mail_parser::MessageParser::new().parse_headers(head)?;
+    let visible: Vec<String> = [parsed.to(), parsed.cc()]
+        .into_iter()
+        .flatten()
+        .flat_map(|list| list.iter())
+        .filter_map(|a| a.address())
+        .map(|a| a.to_ascii_lowercase())
+        .collect();
+    let failed = failed.to_ascii_lowercase();
+    if !visible.contains(&failed) {
+        return None;
+    }
+    let others: Vec<Address> = visible
+        .iter()
+        .filter(|a| **a != failed)
+        .filter_map(|a| Address::parse(a).ok())
+        .collect();
+    let subject = parsed
+        .subject()
+        .unwrap_or("(no subject)")
+        .replace(['\r', '\n'], " ");
+    (!others.is_empty()).then_some((subject, others))
+}
+
+/// The notice's job: from the mail system, to the co-recipients, never reported on itself.
+fn notice_job(others: &[Address], cfg: &Config) -> Job {
+    let rcpts: Vec<Recipient> = others
+        .iter()
+        .map(|a| {
+            let mut r = Recipient::new(a.clone());
+            r.notify = vec![Notify::Never];
+            r
+        })
+        .collect();
+    let client = Client {
+        local_user: Some("dsnproc".into()),
+        trusted: true,
+        ..Client::default()
+    };
+    Job::new("incoming", None, rcpts, client, "notice", &cfg.outgoing)
+}
+
+/// What a co-recipient notice says.
+struct Notice<'a> {
+    host: &'a str,
+    others: &'a [Address],
+    failed: &'a str,
+    subject: &'a str,
+    message_id: &'a str,
+}
+
+impl Notice<'_> {
+    /// The notice as queued under `id`. The subject is the reader's text, in any script:
+    /// the builder encodes it (RFC 2047).
+    fn text(&self, id: &QueueId) -> Vec<u8> {
+        let Notice {
+            host,
+            others,
+            failed,
+            subject,
+            message_id,
+        } = self;
+        let to: Vec<String> = others.iter().map(|a| a.to_string()).collect();
+        MessageBuilder::new()
+            .from(("Mail Delivery System", format!("MAILER-DAEMON@{host}").as_str()))
+            .to(to)
+            .subject(format!("Not delivered to {failed}: {subject}"))
+            .date(qms_common::time::now())
+            .message_id(format!("{id}.notice@{host}"))
+            .in_reply_to(*message_id)
+            .references(*message_id)
+            .header("Auto-Submitted", Raw::new("auto-generated"))
+            .text_body(format!(
+                "The message \"{subject}\" that you also received could not be delivered to\r\n{failed}. This notice goes to its other recipients, once.\r\n"
+            ))
+            .write_to_vec()
+            .unwrap_or_default()
     }
 }

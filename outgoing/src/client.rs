@@ -402,46 +402,9 @@ impl Client {
     /// whatever has no final reply.
     pub fn send(&mut self, tx: &Transaction) -> io::Result<Outcome> {
         self.idle_since = Instant::now();
-        let mut rcpts = Vec::with_capacity(tx.rcpts.len());
-        let (mail, data_go) = if self.ext.pipelining {
-            // RFC 2920: MAIL, every RCPT and DATA in one write; replies come back in order.
-            self.put(&tx.mail, None);
-            for r in &tx.rcpts {
-                self.put(r, None);
-            }
-            self.put("DATA", None);
-            self.conn.flush()?;
-            let mail = self.read_reply()?;
-            for _ in &tx.rcpts {
-                rcpts.push(self.read_reply()?);
-            }
-            let data = self.read_reply()?;
-            (mail, data)
-        } else {
-            let mail = self.command(&tx.mail)?;
-            if !mail.is_ok() {
-                self.command("RSET")?;
-                return Ok(Outcome {
-                    mail,
-                    rcpts,
-                    data: None,
-                    each: Vec::new(),
-                });
-            }
-            for r in &tx.rcpts {
-                rcpts.push(self.command(r)?);
-            }
-            if !rcpts.iter().any(Reply::is_ok) {
-                self.command("RSET")?;
-                return Ok(Outcome {
-                    mail,
-                    rcpts,
-                    data: None,
-                    each: Vec::new(),
-                });
-            }
-            let data = self.command("DATA")?;
-            (mail, data)
+        let (mail, rcpts, data_go) = match self.envelope(tx)? {
+            Ok(replies) => replies,
+            Err(stopped) => return Ok(stopped),
         };
         if data_go.code != 354 {
             // Nothing to send (all recipients refused, or DATA refused): clear the state.
@@ -461,13 +424,59 @@ impl Client {
             self.conn.flush()?;
             let _ = self.read_reply()?;
             self.command("RSET")?;
-            return Ok(Outcome {
-                mail,
-                rcpts,
-                data: None,
-                each: Vec::new(),
-            });
+            return Ok(stopped(mail, rcpts));
         }
+        let (data, each) = self.message(tx, &rcpts)?;
+        Ok(Outcome {
+            mail,
+            rcpts,
+            data: Some(data),
+            each,
+        })
+    }
+
+    /// MAIL, RCPT and DATA: their replies, or (without pipelining, where the client stops at
+    /// a refused MAIL or when every RCPT was refused) the outcome, the session reset.
+    fn envelope(&mut self, tx: &Transaction) -> io::Result<Result<Replies, Outcome>> {
+        let mut rcpts = Vec::with_capacity(tx.rcpts.len());
+        if self.ext.pipelining {
+            // RFC 2920: MAIL, every RCPT and DATA in one write; replies come back in order.
+            self.put(&tx.mail, None);
+            for r in &tx.rcpts {
+                self.put(r, None);
+            }
+            self.put("DATA", None);
+            self.conn.flush()?;
+            let mail = self.read_reply()?;
+            for _ in &tx.rcpts {
+                rcpts.push(self.read_reply()?);
+            }
+            let data = self.read_reply()?;
+            return Ok(Ok((mail, rcpts, data)));
+        }
+        let mail = self.command(&tx.mail)?;
+        if !mail.is_ok() {
+            self.command("RSET")?;
+            return Ok(Err(stopped(mail, rcpts)));
+        }
+        for r in &tx.rcpts {
+            rcpts.push(self.command(r)?);
+        }
+        if !rcpts.iter().any(Reply::is_ok) {
+            self.command("RSET")?;
+            return Ok(Err(stopped(mail, rcpts)));
+        }
+        let data = self.command("DATA")?;
+        Ok(Ok((mail, rcpts, data)))
+    }
+
+    /// Sends the message after a 354 and reads the reply to it: one, or with LMTP (RFC 2033
+    /// 4.2) one for each recipient RCPT accepted, in order (the first stands for all).
+    fn message(
+        &mut self,
+        tx: &Transaction,
+        rcpts: &[Reply],
+    ) -> io::Result<(Reply, Vec<Option<Reply>>)> {
         let _ = self
             .socket
             .set_read_timeout(Duration::from_secs(self.timeouts.1));
@@ -476,10 +485,9 @@ impl Client {
         self.conn.send_raw(&dot_stuff(tx.message));
         self.conn.send_raw(b".\r\n");
         self.conn.flush()?;
-        // LMTP (RFC 2033 4.2): one reply for each recipient RCPT accepted, in order.
         let mut each = Vec::new();
         if self.lmtp {
-            for r in &rcpts {
+            for r in rcpts {
                 each.push(if r.is_ok() {
                     Some(self.read_reply()?)
                 } else {
@@ -494,12 +502,7 @@ impl Client {
         let _ = self
             .socket
             .set_read_timeout(Duration::from_secs(self.timeouts.0));
-        Ok(Outcome {
-            mail,
-            rcpts,
-            data: Some(data?),
-            each,
-        })
+        Ok((data?, each))
     }
 
     /// Says goodbye; errors do not matter any more.
@@ -534,6 +537,19 @@ fn parse_ehlo(text: &str) -> Extensions {
 
 /// The message as DATA sends it: CRLF line ends, a dot doubled at the start of a line, and
 /// a final CRLF (RFC 5321 4.5.2).
+/// The replies to MAIL, to each RCPT and to DATA.
+type Replies = (Reply, Vec<Reply>, Reply);
+
+/// A transaction that ended before DATA: the replies so far, nothing sent.
+fn stopped(mail: Reply, rcpts: Vec<Reply>) -> Outcome {
+    Outcome {
+        mail,
+        rcpts,
+        data: None,
+        each: Vec::new(),
+    }
+}
+
 pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(msg.len() + msg.len() / 50 + 4);
     let mut at_line_start = true;

@@ -57,57 +57,26 @@ impl Session<'_> {
     }
 
     pub(super) fn auth(&mut self, arg: &str) -> Flow {
-        if self.helo.is_none() || !self.esmtp {
-            return self.error("503 5.5.1 Error: send EHLO first");
+        if let Some(refusal) = self.auth_refusal() {
+            return self.error(refusal);
         }
-        if self.cfg().auth.users.is_none() && self.cfg().auth.dovecot.is_none() {
-            return self.error("502 5.5.1 Error: authentication not enabled");
-        }
-        if !self.auth_offered() {
-            return self
-                .error("538 5.7.11 Encryption required for requested authentication mechanism");
-        }
-        if self.auth_user.is_some() || self.tx.is_some() {
-            return self.error("503 5.5.1 Error: already authenticated or in a transaction");
-        }
-        let ip = self.peer.addr;
         let mut words = arg.split_whitespace();
         let mech = words.next().unwrap_or("").to_ascii_uppercase();
         let initial = words.next().map(str::to_string);
         let creds = match mech.as_str() {
-            "PLAIN" => {
-                let data = match initial {
-                    Some(d) => Some(d),
-                    None => self.challenge("334 "),
-                };
-                data.filter(|d| d != "*")
-                    .and_then(|d| crate::auth::decode_plain(&d))
-            }
-            "LOGIN" => {
-                let user = match initial {
-                    Some(d) => Some(d),
-                    None => self.challenge("334 VXNlcm5hbWU6"),
-                };
-                let user = user
-                    .filter(|d| d != "*")
-                    .and_then(|d| crate::auth::decode_text(&d));
-                let pass = if user.is_some() {
-                    self.challenge("334 UGFzc3dvcmQ6")
-                } else {
-                    None
-                };
-                let pass = pass
-                    .filter(|d| d != "*")
-                    .and_then(|d| crate::auth::decode_text(&d));
-                user.zip(pass)
-            }
+            "PLAIN" => self.plain(initial),
+            "LOGIN" => self.login(initial),
             _ => return self.error("504 5.5.4 Unrecognized authentication type"),
         };
         let Some((user, pass)) = creds else {
             return self.error("501 5.5.2 Authentication cancelled or malformed");
         };
         // Counted before it is checked, and checked only when a check is free.
-        let attempt = match self.shared.throttle.begin(ip, self.cfg().auth.max_failures) {
+        let attempt = match self
+            .shared
+            .throttle
+            .begin(self.peer.addr, self.cfg().auth.max_failures)
+        {
             Ok(a) => a,
             Err(crate::auth::Refused::LockedOut) => {
                 qlog!(
@@ -122,16 +91,77 @@ impl Session<'_> {
                 return self.error("454 4.7.0 Temporary authentication failure, try again later");
             }
         };
-        let verdict = match &self.cfg().auth.dovecot {
+        let verdict = self.verify(&user, &pass);
+        self.auth_verdict(verdict, attempt, &mech, user)
+    }
+
+    /// Why AUTH cannot be taken now, as the reply to give; None when it can.
+    fn auth_refusal(&self) -> Option<&'static str> {
+        if self.helo.is_none() || !self.esmtp {
+            return Some("503 5.5.1 Error: send EHLO first");
+        }
+        if self.cfg().auth.users.is_none() && self.cfg().auth.dovecot.is_none() {
+            return Some("502 5.5.1 Error: authentication not enabled");
+        }
+        if !self.auth_offered() {
+            return Some("538 5.7.11 Encryption required for requested authentication mechanism");
+        }
+        if self.auth_user.is_some() || self.tx.is_some() {
+            return Some("503 5.5.1 Error: already authenticated or in a transaction");
+        }
+        None
+    }
+
+    /// SASL PLAIN (RFC 4616): the user and password, from the initial response or one
+    /// challenge; None when cancelled (`*`) or malformed.
+    fn plain(&mut self, initial: Option<String>) -> Option<(String, String)> {
+        let data = match initial {
+            Some(d) => Some(d),
+            None => self.challenge("334 "),
+        };
+        data.filter(|d| d != "*")
+            .and_then(|d| crate::auth::decode_plain(&d))
+    }
+
+    /// SASL LOGIN: the user (initial response or first challenge), then the password.
+    fn login(&mut self, initial: Option<String>) -> Option<(String, String)> {
+        let user = match initial {
+            Some(d) => Some(d),
+            None => self.challenge("334 VXNlcm5hbWU6"),
+        };
+        let user = user
+            .filter(|d| d != "*")
+            .and_then(|d| crate::auth::decode_text(&d))?;
+        let pass = self
+            .challenge("334 UGFzc3dvcmQ6")
+            .filter(|d| d != "*")
+            .and_then(|d| crate::auth::decode_text(&d))?;
+        Some((user, pass))
+    }
+
+    /// Checks the credentials: with Dovecot's auth service when configured, else against
+    /// `[auth] users`.
+    fn verify(&self, user: &str, pass: &str) -> crate::dovecot::Verdict {
+        match &self.cfg().auth.dovecot {
             Some(socket) => {
-                let ip = self.peer.addr;
-                crate::dovecot::verify(socket, &user, &pass, self.tls.is_some(), ip)
+                crate::dovecot::verify(socket, user, pass, self.tls.is_some(), self.peer.addr)
             }
-            None => match crate::auth::verify(self.cfg(), &user, &pass) {
+            None => match crate::auth::verify(self.cfg(), user, pass) {
                 true => crate::dovecot::Verdict::Pass,
                 false => crate::dovecot::Verdict::Fail,
             },
-        };
+        }
+    }
+
+    /// Answers a checked AUTH: authenticated, refused (after the failure's wait), or
+    /// unavailable (not counted against the client).
+    fn auth_verdict(
+        &mut self,
+        verdict: crate::dovecot::Verdict,
+        attempt: crate::auth::Attempt,
+        mech: &str,
+        user: String,
+    ) -> Flow {
         if let crate::dovecot::Verdict::Unavailable(why) = &verdict {
             // Not the client's fault: not counted against it, and said plainly in the log.
             self.shared.throttle.succeed(attempt);
@@ -161,6 +191,7 @@ impl Session<'_> {
             client_name(&self.peer),
             quote(&user)
         );
+        // The failure's delay (longer with each failure from this client), then the answer.
         std::thread::sleep(wait);
         self.error("535 5.7.8 Authentication credentials invalid")
     }
