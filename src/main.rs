@@ -149,22 +149,8 @@ fn main() -> ExitCode {
                 .into_owned()
         })
         .unwrap_or_default();
-    match prog.as_str() {
-        "sendmail" => return sendmail(None, &argv[1..]),
-        "mailq" => {
-            let cfg = match load_config(None) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            return queuetool::run(&cfg, queuetool::QueueCmd::list_all());
-        }
-        "newaliases" => {
-            return match load_config(None) {
-                Ok(c) => newaliases(&c),
-                Err(code) => code,
-            }
-        }
-        _ => {}
+    if let Some(code) = by_name(&prog, &argv) {
+        return code;
     }
     let cli = Cli::parse();
     match &cli.cmd {
@@ -190,7 +176,34 @@ fn main() -> ExitCode {
             qms_common::log::give_file_to(a.uid.as_raw(), a.gid.as_raw());
         }
     }
-    let code = match cli.cmd {
+    let code = run(cli.cmd, cfg);
+    // Nothing of a message finished here (a role stopping, `qms queue delete`) stays in
+    // the spool's reuse pool.
+    qms_spool::empty_pending();
+    code
+}
+
+/// The sendmail-compatible names qms answers to (`sendmail`, `mailq`, `newaliases`, links
+/// to it): their command, or None for `qms` itself.
+fn by_name(prog: &str, argv: &[String]) -> Option<ExitCode> {
+    let code = match prog {
+        "sendmail" => sendmail(None, &argv[1..]),
+        "mailq" => match load_config(None) {
+            Ok(c) => queuetool::run(&c, queuetool::QueueCmd::list_all()),
+            Err(code) => code,
+        },
+        "newaliases" => match load_config(None) {
+            Ok(c) => newaliases(&c),
+            Err(code) => code,
+        },
+        _ => return None,
+    };
+    Some(code)
+}
+
+/// Runs a command that needs the configuration.
+fn run(cmd: Cmd, cfg: Config) -> ExitCode {
+    match cmd {
         Cmd::Start { daemon } => supervisor::start(cfg, daemon),
         Cmd::Stop => supervisor::stop(&cfg),
         Cmd::Status => status::run(&cfg),
@@ -215,11 +228,7 @@ fn main() -> ExitCode {
         Cmd::Passwd { .. } | Cmd::Sendmail { .. } | Cmd::Dsn(_) | Cmd::Sieve(_) => {
             ExitCode::SUCCESS
         }
-    };
-    // Nothing of a message finished here (a role stopping, `qms queue delete`) stays in
-    // the spool's reuse pool.
-    qms_spool::empty_pending();
-    code
+    }
 }
 
 /// `qms config [-n]`: TOML that `check-config` reads back into the same configuration.

@@ -371,65 +371,7 @@ fn show(spool: &Spool, id: &str, body: bool) -> ExitCode {
         return ExitCode::from(1);
     }
     for f in &found {
-        let j = &f.job;
-        println!(
-            "id: {}\nqueue: {}{}",
-            j.id,
-            j.queue,
-            if f.area == "hold" { " (held)" } else { "" }
-        );
-        println!(
-            "arrival: {}\nsender: {}\nsize: {}",
-            time::iso8601(j.arrival),
-            show_sender(&j.sender),
-            j.size
-        );
-        println!("protocol: {}", j.protocol);
-        if let Some(a) = &j.client.addr {
-            println!(
-                "client: [{a}] helo={}",
-                j.client.helo.as_deref().unwrap_or("-")
-            );
-        }
-        if let Some(u) = &j.client.local_user {
-            println!("client: local user {u}");
-        }
-        if let Some(h) = &j.smarthost {
-            println!("smarthost: {h}");
-        }
-        if j.debug {
-            println!("run control: debug (SMTP dialogue logged)");
-        }
-        if !j.post_plugins.is_empty() {
-            println!("post-plugins: {}", j.post_plugins.join(", "));
-        }
-        println!(
-            "attempts: {}\nnext attempt: {}",
-            j.attempts,
-            time::iso8601(j.next_attempt)
-        );
-        println!(
-            "warn at: {}\nexpires: {}",
-            time::iso8601(j.warn_at),
-            time::iso8601(j.expires_at)
-        );
-        for r in &j.recipients {
-            let route = r
-                .route
-                .as_deref()
-                .map(|x| format!(" via {x}"))
-                .unwrap_or_default();
-            let reply = r
-                .reply
-                .as_deref()
-                .map(|x| format!(": {x}"))
-                .unwrap_or_default();
-            println!(
-                "recipient: {} [{}]{route}{reply}",
-                r.address,
-                r.state.as_str()
-            );
-        }
+        print_job(f);
     }
     match spool.read_body(&found[0].job) {
         Ok(msg) => {
@@ -445,6 +387,69 @@ fn show(spool: &Spool, id: &str, body: bool) -> ExitCode {
         Err(e) => eprintln!("qms: {e}"),
     }
     ExitCode::SUCCESS
+}
+
+/// A job's envelope and state, a field a line, as `queue show` prints it.
+fn print_job(f: &Found) {
+    let j = &f.job;
+    println!(
+        "id: {}\nqueue: {}{}",
+        j.id,
+        j.queue,
+        if f.area == "hold" { " (held)" } else { "" }
+    );
+    println!(
+        "arrival: {}\nsender: {}\nsize: {}",
+        time::iso8601(j.arrival),
+        show_sender(&j.sender),
+        j.size
+    );
+    println!("protocol: {}", j.protocol);
+    if let Some(a) = &j.client.addr {
+        println!(
+            "client: [{a}] helo={}",
+            j.client.helo.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(u) = &j.client.local_user {
+        println!("client: local user {u}");
+    }
+    if let Some(h) = &j.smarthost {
+        println!("smarthost: {h}");
+    }
+    if j.debug {
+        println!("run control: debug (SMTP dialogue logged)");
+    }
+    if !j.post_plugins.is_empty() {
+        println!("post-plugins: {}", j.post_plugins.join(", "));
+    }
+    println!(
+        "attempts: {}\nnext attempt: {}",
+        j.attempts,
+        time::iso8601(j.next_attempt)
+    );
+    println!(
+        "warn at: {}\nexpires: {}",
+        time::iso8601(j.warn_at),
+        time::iso8601(j.expires_at)
+    );
+    for r in &j.recipients {
+        let route = r
+            .route
+            .as_deref()
+            .map(|x| format!(" via {x}"))
+            .unwrap_or_default();
+        let reply = r
+            .reply
+            .as_deref()
+            .map(|x| format!(": {x}"))
+            .unwrap_or_default();
+        println!(
+            "recipient: {} [{}]{route}{reply}",
+            r.address,
+            r.state.as_str()
+        );
+    }
 }
 
 fn user() -> String {

@@ -80,35 +80,40 @@ pub fn run(cfg: &Config, a: TrackArgs) -> ExitCode {
             println!("{}{}", if last.is_empty() { "" } else { "\n" }, e.recipient);
             last = e.recipient.clone();
         }
-        let when = qms_common::time::iso8601((e.time / 1_000_000) as i64);
-        let from = if e.from.is_empty() { "-" } else { &e.from };
-        let mut line = format!(
-            "  {when} {:<13} {from} -> {:<10} qid={}",
-            e.event, e.to, e.qid
-        );
-        if let Some(r) = &e.relay {
-            line.push_str(&format!(" relay={r}"));
-        }
-        if let Some(n) = e.attempt {
-            line.push_str(&format!(" attempt={n}"));
-        }
-        if let Some(r) = &e.reason {
-            line.push_str(&format!(" reason=\"{r}\""));
-        }
-        if !e.role.is_empty() {
-            line.push_str(&format!(" by={}", e.role));
-        }
-        // A node is named where several share the database.
-        if cfg.tracking.database.is_some() && !e.node.is_empty() {
-            line.push_str(&format!(" node={}", e.node));
-        }
-        if let Some(r) = &e.reply {
-            line.push_str(&format!(" ({r})"));
-        }
-        println!("{line}");
+        println!("{}", event_line(e, cfg.tracking.database.is_some()));
     }
     lags(&db);
     ExitCode::SUCCESS
+}
+
+/// One event as `qms track` prints it; `shared`: several nodes share the database.
+fn event_line(e: &qms_common::track::Event, shared: bool) -> String {
+    let when = qms_common::time::iso8601((e.time / 1_000_000) as i64);
+    let from = if e.from.is_empty() { "-" } else { &e.from };
+    let mut line = format!(
+        "  {when} {:<13} {from} -> {:<10} qid={}",
+        e.event, e.to, e.qid
+    );
+    if let Some(r) = &e.relay {
+        line.push_str(&format!(" relay={r}"));
+    }
+    if let Some(n) = e.attempt {
+        line.push_str(&format!(" attempt={n}"));
+    }
+    if let Some(r) = &e.reason {
+        line.push_str(&format!(" reason=\"{r}\""));
+    }
+    if !e.role.is_empty() {
+        line.push_str(&format!(" by={}", e.role));
+    }
+    // A node is named where several share the database.
+    if shared && !e.node.is_empty() {
+        line.push_str(&format!(" node={}", e.node));
+    }
+    if let Some(r) = &e.reply {
+        line.push_str(&format!(" ({r})"));
+    }
+    line
 }
 
 /// Each node's tracker lag, when the database is shared by several.

@@ -1,5 +1,6 @@
-//! Issue #16, transport security between MTAs: DANE against a real DNSSEC-signed zone
-//! validated by Unbound, MTA-STS policies served over HTTPS, and the TLS reports of both.
+//! Issue #16, transport security between MTAs: STARTTLS to a peer under the `encrypt`,
+//! `verify` and `secure` policies, DANE against a real DNSSEC-signed zone validated by
+//! Unbound, MTA-STS policies served over HTTPS, and the TLS reports of both.
 
 mod common;
 use common::*;
@@ -355,4 +356,127 @@ print('ok')
             == 2
     });
     let _ = dnsmasq.kill();
+}
+
+#[test]
+fn starttls_to_a_tls_peer_and_encrypt_policy() {
+    // The receiving peer is a second qms with a certificate.
+    let mut peer = Instance::new("", "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
+    peer.edit_config(
+        "local = [\"example.test\"]",
+        "local = [\"example.test\", \"peer.test\"]",
+    );
+    peer.edit_config(
+        "[mailboxes]\n",
+        "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
+    );
+    make_cert(&peer.dir, "peer.test");
+    peer.own();
+    peer.start();
+    let plain = free_port();
+    let mut inst = relay_instance(
+        &[("peer.test", peer.smtp_port), ("plain.test", plain)],
+        "[outgoing]\ntls = \"may\"\n[outgoing.tls_routes]\n\"plain.test\" = \"encrypt\"\n",
+    );
+    let _sink = Sink::start(&inst, "plain", "127.0.0.1", plain, &[]);
+    inst.start();
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &["carol@peer.test", "z@plain.test"],
+        "Subject: tls\r\n\r\nover tls\r\n",
+        "",
+    );
+    wait_for("delivery at the peer", Duration::from_secs(30), || {
+        peer.count_new("carol") == 1
+    });
+    let m = &peer.read_maildir("carol")[0];
+    assert!(
+        m.contains("with ESMTPS id") && m.contains("(using TLSv1"),
+        "{m}"
+    );
+    // `encrypt` towards a server without STARTTLS: deferred, never sent in the clear.
+    wait_for("the encrypt deferral", Duration::from_secs(30), || {
+        inst.queue_json().iter().any(|j| {
+            j["recipients"][0]["reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("TLS is required"))
+        })
+    });
+}
+
+/// Issue #16: `verify` and `secure` check the peer's certificate (chain, then name), and
+/// defer with 4.7.5 naming the level when it fails; `encrypt` takes any certificate.
+#[test]
+fn verify_and_secure_check_the_peers_certificate() {
+    let domains = ["v.test", "nv.test", "sm.test", "s.test", "e.test"];
+    // A certificate from a test CA, for peer.test, localhost and 127.0.0.1.
+    let peer = tls_peer(&domains, &["peer.test"]);
+    let ca = peer.dir.join("ca.pem").display().to_string();
+    let routes: Vec<(&str, u16)> = domains.iter().map(|d| (*d, peer.smtp_port)).collect();
+    let mut inst = relay_instance(
+        &routes,
+        &format!(
+            "[queues.smtp]\nworkers = 1\n[outgoing]\nmin_backoff = \"1h\"\n[outgoing.tls_routes]\n\
+             \"v.test\" = {{ level = \"verify\", ca_file = \"{ca}\" }}\n\
+             \"nv.test\" = \"verify\"\n\
+             \"sm.test\" = {{ level = \"secure\", ca_file = \"{ca}\", match = [\"peer.test\"] }}\n\
+             \"s.test\" = {{ level = \"secure\", ca_file = \"{ca}\", match = [\"other.test\"] }}\n\
+             \"e.test\" = \"encrypt\"\n"
+        ),
+    );
+    inst.start();
+    send_to_carols(&inst, &domains, "levels");
+    let reply_of = |who: &str| queued_reply(&inst, who);
+    wait_for(
+        "three deliveries and two deferrals",
+        Duration::from_secs(30),
+        || {
+            peer.count_new("carol") == 3
+                && reply_of("carol@nv.test").is_some()
+                && reply_of("carol@s.test").is_some()
+        },
+    );
+    let delivered: Vec<String> = peer.read_maildir("carol");
+    for d in ["v.test", "sm.test", "e.test"] {
+        assert!(
+            delivered
+                .iter()
+                .any(|m| m.contains(&format!("for <carol@{d}>"))),
+            "{d} delivered"
+        );
+    }
+    let nv = reply_of("carol@nv.test").unwrap();
+    assert!(
+        nv.contains("4.7.5 TLS level verify") && nv.contains("not verified"),
+        "{nv}"
+    );
+    let s = reply_of("carol@s.test").unwrap();
+    assert!(s.contains("4.7.5 TLS level secure"), "{s}");
+    // The delivery line says what TLS the peer had, whose certificate, and whether checked.
+    let log = inst.log();
+    let line = |to: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("to={to} ")) && l.contains("status=sent"))
+            .unwrap_or_else(|| panic!("no delivery of {to}: {log}"))
+            .to_string()
+    };
+    let v = line("carol@v.test");
+    assert!(
+        v.contains("subject CN=peer.test, issuer CN=qms test CA, verified"),
+        "{v}"
+    );
+    assert!(line("carol@e.test").contains("not verified"));
+    // A certificate refused under one level says nothing of the host under another: mail
+    // for v.test and e.test sent after those deferrals still goes, not "suspended".
+    smtp_send(
+        inst.smtp_port,
+        "alice@example.test",
+        &["carol@v.test", "carol@e.test"],
+        "Subject: after\r\n\r\nx\r\n",
+        "",
+    );
+    wait_for("two more deliveries", Duration::from_secs(30), || {
+        peer.count_new("carol") == 5
+    });
 }

@@ -138,61 +138,23 @@ impl Agent for LocalAgent {
             spool: &self.spool,
             synced: false,
         };
-        let privileged = privs::can_switch_user();
-        let mut derived = Derived::new();
-        // Maildir deliveries made in this process, committed together: (job, recipient, file).
-        let mut staged: Vec<(usize, usize, safeio::Staged)> = Vec::new();
-        // The success report of each filtered recipient, by (job, recipient).
-        let mut reports = Reports::new();
-        // Deliveries to be made as their users, one child per user.
-        let mut pending = asuser::Pending::default();
+        let mut run = Run {
+            privileged: privs::can_switch_user(),
+            derived: Derived::new(),
+            staged: Vec::new(),
+            reports: Reports::new(),
+            pending: asuser::Pending::default(),
+        };
         for ji in 0..batch.len() {
-            let c = &mut batch[ji];
-            let body = match self.spool.message(c) {
-                Ok(b) => Arc::new(b),
-                Err(e) => {
-                    for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
-                        r.state = RcptState::Deferred;
-                        r.reply = Some(format!("4.3.0 {e}"));
-                    }
-                    continue;
-                }
-            };
-            let sender = c
-                .job
-                .sender
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            for ri in 0..c.job.recipients.len() {
-                if c.job.recipients[ri].state.is_final() {
-                    continue;
-                }
-                let mut step = Step {
-                    derived: &mut derived,
-                    marks: &mut marks,
-                    privileged,
-                };
-                match self.attempt(c, ri, &body, &sender, &mut step) {
-                    Attempted::Staged(s) => staged.push((ji, ri, s)),
-                    Attempted::AsUser(user, mut item) => {
-                        item.ji = ji;
-                        pending.add(user, item);
-                    }
-                    Attempted::Done(o) => {
-                        note_report(&mut reports, ji, ri, &o);
-                        record(c, ri, o)
-                    }
-                }
-            }
-            if pending.full() {
-                self.as_users(&mut batch, &mut pending, &mut marks, &mut reports);
+            self.attempt_job(&mut batch, ji, &mut run, &mut marks);
+            if run.pending.full() {
+                self.as_users(&mut batch, &mut run.pending, &mut marks, &mut run.reports);
             }
         }
-        self.as_users(&mut batch, &mut pending, &mut marks, &mut reports);
-        if !staged.is_empty() {
-            let err = self.commit_staged(&staged, &mut marks);
-            for (ji, ri, s) in staged {
+        self.as_users(&mut batch, &mut run.pending, &mut marks, &mut run.reports);
+        if !run.staged.is_empty() {
+            let err = self.commit_staged(&run.staged, &mut marks);
+            for (ji, ri, s) in run.staged {
                 let result = match &err {
                     None => Outcome::Done,
                     Some(e) => {
@@ -205,7 +167,7 @@ impl Agent for LocalAgent {
         }
         for (ji, c) in batch.iter().enumerate() {
             let kind = |ri: usize| {
-                reports
+                run.reports
                     .get(&(ji, ri))
                     .copied()
                     .unwrap_or(Some(crate::dsn::Kind::Success))
@@ -213,6 +175,63 @@ impl Agent for LocalAgent {
             settle::report_deliveries(&self.cfg, &self.spool, &c.job, &kind);
         }
         settle::settle_all(&self.cfg, &self.spool, batch);
+    }
+}
+
+/// What a batch's attempts gather until its commit.
+struct Run {
+    privileged: bool,
+    derived: Derived,
+    /// Maildir deliveries made in this process, committed together: (job, recipient, file).
+    staged: Vec<(usize, usize, safeio::Staged)>,
+    /// The success report of each filtered recipient, by (job, recipient).
+    reports: Reports,
+    /// Deliveries to be made as their users, one child per user.
+    pending: asuser::Pending,
+}
+
+impl LocalAgent {
+    /// Attempts every recipient of job `ji` not yet final: each is staged, left for its
+    /// user's child, or recorded.
+    fn attempt_job(&self, batch: &mut [Claimed], ji: usize, run: &mut Run, marks: &mut Marks) {
+        let c = &mut batch[ji];
+        let body = match self.spool.message(c) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+                    r.state = RcptState::Deferred;
+                    r.reply = Some(format!("4.3.0 {e}"));
+                }
+                return;
+            }
+        };
+        let sender = c
+            .job
+            .sender
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        for ri in 0..c.job.recipients.len() {
+            if c.job.recipients[ri].state.is_final() {
+                continue;
+            }
+            let mut step = Step {
+                derived: &mut run.derived,
+                marks,
+                privileged: run.privileged,
+            };
+            match self.attempt(c, ri, &body, &sender, &mut step) {
+                Attempted::Staged(s) => run.staged.push((ji, ri, s)),
+                Attempted::AsUser(user, mut item) => {
+                    item.ji = ji;
+                    run.pending.add(user, item);
+                }
+                Attempted::Done(o) => {
+                    note_report(&mut run.reports, ji, ri, &o);
+                    record(c, ri, o)
+                }
+            }
+        }
     }
 }
 

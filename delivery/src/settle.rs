@@ -136,33 +136,7 @@ fn settle_one(cfg: &Config, spool: &Spool, mut c: Claimed) -> Option<Claimed> {
     let now = qms_common::time::now();
     let id = c.job.id.clone();
     if now >= c.job.expires_at {
-        for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
-            let last = r
-                .reply
-                .clone()
-                .unwrap_or_else(|| "no attempt succeeded".into());
-            r.reply = Some(format!(
-                "message expired after {} in the queue; last error: {last}",
-                qms_common::time::short_duration(now - c.job.arrival)
-            ));
-            qms_common::track::emit(
-                qms_common::track::Event::new(
-                    id.as_str(),
-                    c.job.message_id.as_deref(),
-                    &r.address.to_string(),
-                    "expired",
-                    "deferred",
-                    "failed",
-                )
-                .reply(r.reply.as_deref()),
-            );
-            r.state = RcptState::Failed;
-            qlog!(
-                "qid={id} to={} status=expired reply={}",
-                r.address,
-                quote(r.reply.as_deref().unwrap_or(""))
-            );
-        }
+        expire(&mut c, now);
     }
     crate::plugin::post(cfg, &c.job, &c.job.recipients);
     // Failures that have not been reported yet are reported now, then dropped from the job.
@@ -172,33 +146,7 @@ fn settle_one(cfg: &Config, spool: &Spool, mut c: Claimed) -> Option<Claimed> {
         c.job.next_attempt = now + 60;
         return Some(c);
     }
-    let delayed: Vec<_> = c
-        .job
-        .recipients
-        .iter()
-        .filter(|r| r.state == RcptState::Deferred)
-        .cloned()
-        .collect();
-    if !c.job.warned
-        && now >= c.job.warn_at
-        && !delayed.is_empty()
-        && cfg.outgoing.delay_warning > 0
-    {
-        match dsn::bounce(cfg, spool, &c.job, &delayed, dsn::Kind::Delay) {
-            Ok(()) => {
-                c.job.warned = true;
-                for r in &delayed {
-                    qms_common::track::emit(c.job.track(
-                        &r.address,
-                        "delay-warned",
-                        "deferred",
-                        "deferred",
-                    ));
-                }
-            }
-            Err(e) => qlog!("qid={id} status=warning-error reason={}", quote(&e)),
-        }
-    }
+    warn_if_due(cfg, spool, &mut c, now);
     c.job.recipients.retain(|r| !r.state.is_final());
     if c.job.recipients.is_empty() {
         let queue = c.job.queue.clone();
@@ -214,4 +162,67 @@ fn settle_one(cfg: &Config, spool: &Spool, mut c: Claimed) -> Option<Claimed> {
         r.state = RcptState::Deferred;
     }
     Some(c)
+}
+
+/// Fails the recipients still pending of a job past its lifetime.
+fn expire(c: &mut Claimed, now: i64) {
+    let id = c.job.id.clone();
+    for r in c.job.recipients.iter_mut().filter(|r| !r.state.is_final()) {
+        let last = r
+            .reply
+            .clone()
+            .unwrap_or_else(|| "no attempt succeeded".into());
+        r.reply = Some(format!(
+            "message expired after {} in the queue; last error: {last}",
+            qms_common::time::short_duration(now - c.job.arrival)
+        ));
+        qms_common::track::emit(
+            qms_common::track::Event::new(
+                id.as_str(),
+                c.job.message_id.as_deref(),
+                &r.address.to_string(),
+                "expired",
+                "deferred",
+                "failed",
+            )
+            .reply(r.reply.as_deref()),
+        );
+        r.state = RcptState::Failed;
+        qlog!(
+            "qid={id} to={} status=expired reply={}",
+            r.address,
+            quote(r.reply.as_deref().unwrap_or(""))
+        );
+    }
+}
+
+/// Sends the sender the delay warning of a job's deferred recipients, once, when it is due.
+fn warn_if_due(cfg: &Config, spool: &Spool, c: &mut Claimed, now: i64) {
+    if c.job.warned || now < c.job.warn_at || cfg.outgoing.delay_warning <= 0 {
+        return;
+    }
+    let delayed: Vec<_> = c
+        .job
+        .recipients
+        .iter()
+        .filter(|r| r.state == RcptState::Deferred)
+        .cloned()
+        .collect();
+    if delayed.is_empty() {
+        return;
+    }
+    match dsn::bounce(cfg, spool, &c.job, &delayed, dsn::Kind::Delay) {
+        Ok(()) => {
+            c.job.warned = true;
+            for r in &delayed {
+                qms_common::track::emit(c.job.track(
+                    &r.address,
+                    "delay-warned",
+                    "deferred",
+                    "deferred",
+                ));
+            }
+        }
+        Err(e) => qlog!("qid={} status=warning-error reason={}", c.job.id, quote(&e)),
+    }
 }

@@ -270,8 +270,24 @@ impl Checker {
             .with_dkim_results(&dkim, parsed.from())
             .with_arc_result(&arc, ip)
             .with_dmarc_result(&dmarc);
+        let refuse = self.dmarc_refusal(&dmarc);
+        let arc_set = match seal && refuse.is_none() {
+            true => self.arc_seal(&parsed, &ar, &arc),
+            false => None,
+        };
+        Verdict {
+            results: ar.to_string(),
+            quarantine: refuse.is_none().then(|| self.quarantine(&dmarc)).flatten(),
+            refuse,
+            arc_set,
+        }
+    }
+
+    /// The refusal DMARC asks for, when `dmarc_reject = "honour"`: the domain's p=reject on a
+    /// failure, a try-again-later when its record could not be read.
+    fn dmarc_refusal(&self, dmarc: &mail_auth::DmarcOutput) -> Option<String> {
         let rejects = dmarc.policy() == mail_auth::dmarc::Policy::Reject;
-        let refuse = match (self.policy.dmarc_reject, dmarc.result()) {
+        match (self.policy.dmarc_reject, dmarc.result()) {
             (DmarcReject::Honour, DmarcResult::Fail(_)) if rejects => Some(format!(
                 "550 5.7.1 Message refused: DMARC policy of {} says reject, and it fails",
                 dmarc.domain()
@@ -280,27 +296,26 @@ impl Checker {
                 Some("451 4.7.0 DMARC could not be checked (DNS); try again later".into())
             }
             _ => None,
-        };
-        let arc_set = match &self.sealer {
-            Some(sealer) if seal && refuse.is_none() && arc.can_be_sealed() => {
-                match sealer.seal(&parsed, &ar, &arc) {
-                    Ok(set) => Some(set.to_header()),
-                    Err(e) => {
-                        qms_common::qlog!(
-                            "status=warning reason={}",
-                            qms_common::log::quote(&format!("ARC seal: {e}"))
-                        );
-                        None
-                    }
-                }
+        }
+    }
+
+    /// Our ARC set for an accepted message whose chain may be sealed, when a sealer is set.
+    fn arc_seal(
+        &self,
+        parsed: &AuthenticatedMessage<'_>,
+        ar: &AuthenticationResults<'_>,
+        arc: &mail_auth::ArcOutput<'_>,
+    ) -> Option<String> {
+        let sealer = self.sealer.as_ref().filter(|_| arc.can_be_sealed())?;
+        match sealer.seal(parsed, ar, arc) {
+            Ok(set) => Some(set.to_header()),
+            Err(e) => {
+                qms_common::qlog!(
+                    "status=warning reason={}",
+                    qms_common::log::quote(&format!("ARC seal: {e}"))
+                );
+                None
             }
-            _ => None,
-        };
-        Verdict {
-            results: ar.to_string(),
-            quarantine: refuse.is_none().then(|| self.quarantine(&dmarc)).flatten(),
-            refuse,
-            arc_set,
         }
     }
 

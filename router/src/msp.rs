@@ -108,16 +108,7 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
         return Applied::default();
     }
     if !job.client.trusted {
-        qlog!(
-            "qid={} status=msp-removed reason=\"untrusted submitter\" headers={}",
-            job.id,
-            quote(&fields.names().join(","))
-        );
-        let out = headers::remove_prefixed(&headers::remove_prefixed(msg, "BX-"), "X-B-");
-        return Applied {
-            message: Some(out),
-            ..Applied::default()
-        };
+        return untrusted(job, &fields, msg);
     }
     // Addresses that become the envelope sender or receive notifications: only those the
     // submitter may use; the others are dropped and logged.
@@ -155,19 +146,8 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
         })
         .unwrap_or_default();
     run_control(&fields, job);
-    let mut refusal = sending_method(cfg, &fields, job);
-    let mut pre_plugins = Vec::new();
-    for (field, stage) in [
-        ("BX-MTA-Submission-Pre-Plugins", &mut pre_plugins),
-        ("BX-MTA-Submission-Post-Plugins", &mut job.post_plugins),
-    ] {
-        for name in plugin::names(&fields.get(field).unwrap_or_default()) {
-            match plugin::resolve(cfg, &name) {
-                Ok(_) => stage.push(name),
-                Err(e) => refusal = refusal.or(Some(format!("5.7.0 {e}"))),
-            }
-        }
-    }
+    let refusal = sending_method(cfg, &fields, job);
+    let (pre_plugins, refusal) = plugins(cfg, &fields, job, refusal);
     if requested {
         job.envid = job
             .envid
@@ -191,6 +171,44 @@ pub fn apply(cfg: &Config, job: &mut Job, msg: &[u8]) -> Applied {
         pre_plugins,
         refusal,
     }
+}
+
+/// An untrusted submitter's message: every tracked-sending field removed, none applied.
+fn untrusted(job: &Job, fields: &Fields, msg: &[u8]) -> Applied {
+    qlog!(
+        "qid={} status=msp-removed reason=\"untrusted submitter\" headers={}",
+        job.id,
+        quote(&fields.names().join(","))
+    );
+    let out = headers::remove_prefixed(&headers::remove_prefixed(msg, "BX-"), "X-B-");
+    Applied {
+        message: Some(out),
+        ..Applied::default()
+    }
+}
+
+/// The submission plugins the fields name: the pre-plugins returned, the post-plugins put
+/// in the job. A name that resolves to no plugin refuses the message, unless it is refused
+/// already.
+fn plugins(
+    cfg: &Config,
+    fields: &Fields,
+    job: &mut Job,
+    mut refusal: Option<String>,
+) -> (Vec<String>, Option<String>) {
+    let mut pre_plugins = Vec::new();
+    for (field, stage) in [
+        ("BX-MTA-Submission-Pre-Plugins", &mut pre_plugins),
+        ("BX-MTA-Submission-Post-Plugins", &mut job.post_plugins),
+    ] {
+        for name in plugin::names(&fields.get(field).unwrap_or_default()) {
+            match plugin::resolve(cfg, &name) {
+                Ok(_) => stage.push(name),
+                Err(e) => refusal = refusal.or(Some(format!("5.7.0 {e}"))),
+            }
+        }
+    }
+    (pre_plugins, refusal)
 }
 
 /// Delivery and non-delivery requests: NOTIFY for the recipients each covers. True when

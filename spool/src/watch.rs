@@ -295,38 +295,7 @@ impl Watcher {
                     }
                     Due::Now => {}
                 }
-                match self.spool.claim(&self.queue, &id) {
-                    Ok(Claim::Got(c)) => {
-                        self.relooked.remove(&id);
-                        let at = (c.job.next_attempt.max(0) as u64).saturating_mul(1000);
-                        if at > now {
-                            self.schedule(id, at);
-                        } else {
-                            out.push(*c);
-                        }
-                    }
-                    // A new job is locked for a moment after its rename (see
-                    // `Pool::take_in_place`): look again very soon, once.
-                    Ok(Claim::Busy) if fresh && self.relooked.insert(id.clone()) => {
-                        self.schedule(id, now + RELOOK.as_millis() as u64)
-                    }
-                    Ok(Claim::Busy) => {
-                        self.relooked.remove(&id);
-                        self.schedule(id, now + self.opts.busy_retry.as_millis() as u64)
-                    }
-                    Ok(Claim::Gone) | Err(SpoolError::Corrupt { .. }) => {
-                        self.relooked.remove(&id);
-                        self.due.remove(&id);
-                    }
-                    Err(e) => {
-                        qlog!(
-                            "queue={} qid={id} status=error reason={}",
-                            self.queue,
-                            qms_common::log::quote(&e.to_string())
-                        );
-                        self.schedule(id, now + self.opts.busy_retry.as_millis() as u64);
-                    }
-                }
+                self.claim_due(id, fresh, now, &mut out);
             }
             if !out.is_empty() {
                 return out;
@@ -334,20 +303,62 @@ impl Watcher {
             if !self.ready.is_empty() || !self.fresh.is_empty() {
                 continue;
             }
-            let mut wait = self
-                .next_scan
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_secs(1));
-            if let Some(Reverse((at, _))) = self.heap.peek() {
-                wait = wait.min(Duration::from_millis(at.saturating_sub(now_ms())));
-            }
-            if let Some(t) = self.theirs_at {
-                wait = wait.min(t.saturating_duration_since(Instant::now()));
-            }
-            let ms = u16::try_from(wait.as_millis()).unwrap_or(1000);
-            let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
-            let _ = poll(&mut fds, PollTimeout::from(ms));
+            self.sleep_until_due();
         }
+    }
+
+    /// Claims job `id`, due now: into `out`, or scheduled for when it may be tried.
+    fn claim_due(&mut self, id: QueueId, fresh: bool, now: u64, out: &mut Vec<Claimed>) {
+        match self.spool.claim(&self.queue, &id) {
+            Ok(Claim::Got(c)) => {
+                self.relooked.remove(&id);
+                let at = (c.job.next_attempt.max(0) as u64).saturating_mul(1000);
+                if at > now {
+                    self.schedule(id, at);
+                } else {
+                    out.push(*c);
+                }
+            }
+            // A new job is locked for a moment after its rename (see
+            // `Pool::take_in_place`): look again very soon, once.
+            Ok(Claim::Busy) if fresh && self.relooked.insert(id.clone()) => {
+                self.schedule(id, now + RELOOK.as_millis() as u64)
+            }
+            Ok(Claim::Busy) => {
+                self.relooked.remove(&id);
+                self.schedule(id, now + self.opts.busy_retry.as_millis() as u64)
+            }
+            Ok(Claim::Gone) | Err(SpoolError::Corrupt { .. }) => {
+                self.relooked.remove(&id);
+                self.due.remove(&id);
+            }
+            Err(e) => {
+                qlog!(
+                    "queue={} qid={id} status=error reason={}",
+                    self.queue,
+                    qms_common::log::quote(&e.to_string())
+                );
+                self.schedule(id, now + self.opts.busy_retry.as_millis() as u64);
+            }
+        }
+    }
+
+    /// Sleeps until a job may be due: the next scan, the earliest scheduled job, another
+    /// worker's share ending, or something named by inotify; a second at most.
+    fn sleep_until_due(&self) {
+        let mut wait = self
+            .next_scan
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        if let Some(Reverse((at, _))) = self.heap.peek() {
+            wait = wait.min(Duration::from_millis(at.saturating_sub(now_ms())));
+        }
+        if let Some(t) = self.theirs_at {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(1000);
+        let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(ms));
     }
 }
 

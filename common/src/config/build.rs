@@ -434,3 +434,57 @@ pub(super) fn metrics_listen(
     };
     Ok(listen)
 }
+
+/// `[auth]`: where passwords are checked, and who may send as whom.
+pub(super) fn auth(a: raw::RawAuth, cx: &Cx) -> Auth {
+    Auth {
+        users: a.users.as_deref().map(|p| cx.resolve(p)),
+        dovecot: a.dovecot.as_deref().map(|p| cx.resolve(p)),
+        plaintext_loopback: a.plaintext_loopback.unwrap_or(false),
+        max_failures: a.max_failures.unwrap_or(5).max(1),
+        senders: a.senders,
+    }
+}
+
+/// `[msp]`: tracked sending's smarthost users, plugins and CA files.
+pub(super) fn msp(m: raw::RawMsp, cx: &Cx) -> Msp {
+    Msp {
+        smarthost_users: m.smarthost_users,
+        plugin_dir: m.plugin_dir.as_deref().map(|p| cx.resolve(p)),
+        plugin_timeout: m.plugin_timeout.map(Secs::get).unwrap_or(60).max(1),
+        ca_files: m
+            .ca_files
+            .iter()
+            .map(|(h, p)| (h.to_ascii_lowercase(), cx.resolve(p)))
+            .collect(),
+    }
+}
+
+/// `[relay_auth]`: the credentials for each smarthost, by lower-case host name.
+pub(super) fn relay_auth(
+    r: BTreeMap<String, raw::RawRelayAuth>,
+    cx: &Cx,
+) -> BTreeMap<String, RelayAuth> {
+    r.into_iter()
+        .map(|(h, a)| {
+            let auth = RelayAuth {
+                user: a.user,
+                password_file: cx.resolve(&a.password_file),
+            };
+            (h.to_ascii_lowercase(), auth)
+        })
+        .collect()
+}
+
+/// `[srs]`: the domain and its secret, read now.
+pub(super) fn srs(
+    s: Option<&raw::RawSrs>,
+    cx: &Cx,
+) -> Result<Option<crate::srs::Srs>, ConfigError> {
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    crate::srs::Srs::load(&s.domain, &cx.resolve(&s.secret_file))
+        .map(Some)
+        .map_err(|e| cx.err("srs.secret_file", e))
+}

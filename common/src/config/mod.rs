@@ -27,7 +27,7 @@ pub use sieve::Sieve;
 pub use tls::{Tls, TlsPolicy, TlsRule};
 pub use tracking::{Imap, Msp, Tracking};
 
-use raw::{Raw, Secs};
+use raw::Raw;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -216,6 +216,16 @@ pub struct Config {
 pub const STANDARD_QUEUES: [(&str, usize); 4] =
     [("incoming", 1), ("local", 1), ("smtp", 2), ("pipe", 1)];
 
+/// The file's TOML as written, or where and why it is not valid.
+fn read_raw(path: &Path, text: &str) -> Result<Raw, ConfigError> {
+    toml::from_str(text).map_err(|e: toml::de::Error| ConfigError {
+        file: path.to_path_buf(),
+        line: e.span().map(|s| line_of(text, s.start)),
+        key: e.span().and_then(|s| key_at(text, s.start)),
+        message: e.message().trim().to_string(),
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -228,18 +238,12 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            line: e.span().map(|s| line_of(text, s.start)),
-            key: e.span().and_then(|s| key_at(text, s.start)),
-            message: e.message().trim().to_string(),
-        })?;
+        let mut raw = read_raw(path, text)?;
         let cx = build::Cx {
             path,
             text,
             base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
-        let mut raw = raw;
         tracking::checks(&raw.tracking, &cx)?;
         let id = build::identity(&mut raw, &cx)?;
         let (smtp, mynetworks) = build::listeners(raw.smtp, "smtp", &cx)?;
@@ -267,19 +271,14 @@ impl Config {
         let section = |(key, message): (String, String)| cx.err(&key, message);
         let local = raw.local.build(&resolve).map_err(section)?;
         let sieve = raw.sieve.build(&resolve).map_err(section)?;
-        let arc = match raw.arc {
-            Some(a) => Some(a.build(&resolve).map_err(section)?),
-            None => None,
-        };
+        let arc = raw
+            .arc
+            .map(|a| a.build(&resolve))
+            .transpose()
+            .map_err(section)?;
         let dkim = sender_auth::dkim(raw.dkim, &cx)?;
         let auth_checks = sender_auth::auth_checks(raw.auth_checks, &cx)?;
-        let srs = match &raw.srs {
-            Some(s) => Some(
-                crate::srs::Srs::load(&s.domain, &resolve(&s.secret_file))
-                    .map_err(|e| cx.err("srs.secret_file", e))?,
-            ),
-            None => None,
-        };
+        let srs = build::srs(raw.srs.as_ref(), &cx)?;
         Ok(Config {
             path: absolute(path),
             spool: resolve(&raw.spool),
@@ -307,28 +306,12 @@ impl Config {
             client,
             scheduler: build::scheduler(raw.scheduler),
             tls,
-            auth: Auth {
-                users: raw.auth.users.as_deref().map(resolve),
-                dovecot: raw.auth.dovecot.as_deref().map(resolve),
-                plaintext_loopback: raw.auth.plaintext_loopback.unwrap_or(false),
-                max_failures: raw.auth.max_failures.unwrap_or(5).max(1),
-                senders: raw.auth.senders,
-            },
+            auth: build::auth(raw.auth, &cx),
             log_format,
             log_syslog_name,
             log_target,
             tracking,
-            msp: Msp {
-                smarthost_users: raw.msp.smarthost_users,
-                plugin_dir: raw.msp.plugin_dir.as_deref().map(resolve),
-                plugin_timeout: raw.msp.plugin_timeout.map(Secs::get).unwrap_or(60).max(1),
-                ca_files: raw
-                    .msp
-                    .ca_files
-                    .iter()
-                    .map(|(h, p)| (h.to_ascii_lowercase(), resolve(p)))
-                    .collect(),
-            },
+            msp: build::msp(raw.msp, &cx),
             local,
             sieve,
             arc,
@@ -336,17 +319,7 @@ impl Config {
             dkim,
             srs,
             auth_checks,
-            relay_auth: raw
-                .relay_auth
-                .into_iter()
-                .map(|(h, a)| {
-                    let auth = RelayAuth {
-                        user: a.user,
-                        password_file: resolve(&a.password_file),
-                    };
-                    (h.to_ascii_lowercase(), auth)
-                })
-                .collect(),
+            relay_auth: build::relay_auth(raw.relay_auth, &cx),
         })
     }
 

@@ -235,34 +235,19 @@ impl LocalAgent {
             Err(o) => return Attempted::Done(o),
         };
         let at = Attempt::new(c, r);
-        let account = match user.as_deref().map(Account::lookup) {
-            Some(Ok(a)) => Some(a),
-            Some(Err(e)) => {
+        let account = match user.as_deref().map(Account::lookup).transpose() {
+            Ok(a) => a,
+            Err(e) => {
                 let why =
                     format!("4.3.5 cannot deliver to {rcpt_s}: {e} (fix the config or aliases)");
                 return Attempted::Done(Outcome::Temp(why));
             }
-            None => None,
         };
         // A user's Maildir, when qms may become users: with the batch's others for that
         // user, in one child (`asuser`).
         if let (Target::Maildir(dir), Some(a), true) = (&t, &account, step.privileged) {
-            let plan = self.filtering.plan(&self.cfg, dir, Some(a), true);
-            let message = match plan {
-                Some(_) => body.clone(),
-                None => Arc::new(maildir::local_copy(sender, &rcpt_s, body)),
-            };
-            let item = asuser::Item {
-                ji: 0,
-                ri,
-                dir: dir.clone(),
-                message,
-                plan,
-                create: self.may_create(dir),
-                arrival: at.arrival,
-                key: at.key.clone(),
-                recheck: at.recheck,
-            };
+            let mut item = self.user_item(dir, a, r, body, sender, at);
+            item.ri = ri;
             return Attempted::AsUser(a.clone(), item);
         }
         let copy = maildir::local_copy(sender, &rcpt_s, body);
@@ -271,9 +256,6 @@ impl LocalAgent {
                 self.filtering
                     .plan(&self.cfg, dir, account.as_ref(), step.privileged)
             {
-                if let Err(o) = step.marks.sync() {
-                    return Attempted::Done(o);
-                }
                 let d = crate::filtering::Delivery {
                     job: &c.job,
                     rcpt: r,
@@ -282,7 +264,7 @@ impl LocalAgent {
                     key: &at.key,
                     recheck: at.recheck,
                 };
-                return Attempted::Done(self.filtering.deliver(&self.cfg, &self.spool, plan, &d));
+                return Attempted::Done(self.filter_here(plan, &d, step.marks));
             }
         }
         let outcome = match (account, &t) {
@@ -304,5 +286,48 @@ impl LocalAgent {
             },
         };
         Attempted::Done(outcome)
+    }
+
+    /// A Maildir delivery for user `a`, to be made in the child of the batch's deliveries
+    /// for that user; its place in the batch (`ji`, `ri`) is set by the caller.
+    fn user_item(
+        &self,
+        dir: &Path,
+        a: &Account,
+        r: &Recipient,
+        body: &Arc<Vec<u8>>,
+        sender: &str,
+        at: Attempt,
+    ) -> asuser::Item {
+        let plan = self.filtering.plan(&self.cfg, dir, Some(a), true);
+        let message = match plan {
+            Some(_) => body.clone(),
+            None => Arc::new(maildir::local_copy(sender, &r.address.to_string(), body)),
+        };
+        asuser::Item {
+            ji: 0,
+            ri: 0,
+            dir: dir.to_path_buf(),
+            message,
+            plan,
+            create: self.may_create(dir),
+            arrival: at.arrival,
+            key: at.key,
+            recheck: at.recheck,
+        }
+    }
+
+    /// Runs the Sieve filter of a Maildir this process writes, once the batch's attempt
+    /// marks are on disk.
+    fn filter_here(
+        &self,
+        plan: crate::filtering::Plan,
+        d: &crate::filtering::Delivery,
+        marks: &mut Marks,
+    ) -> Outcome {
+        match marks.sync() {
+            Ok(()) => self.filtering.deliver(&self.cfg, &self.spool, plan, d),
+            Err(o) => o,
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! becomes, committed before the 250.
 
 use super::*;
+use qms_spool::{SpoolError, Writer};
 
 impl Session<'_> {
     pub(super) fn data(&mut self, arg: &str) -> Flow {
@@ -124,14 +125,7 @@ impl Session<'_> {
     }
 
     pub(super) fn bdat(&mut self, arg: &str) -> Flow {
-        let mut words = arg.split_whitespace();
-        let size = words.next().and_then(|s| s.parse::<u64>().ok());
-        let last = match words.next() {
-            None => Some(false),
-            Some(w) if w.eq_ignore_ascii_case("LAST") => Some(true),
-            Some(_) => None,
-        };
-        let (Some(size), Some(last)) = (size, last) else {
+        let Some((size, last)) = bdat_args(arg) else {
             // Without a valid size the chunk cannot be skipped: the stream is out of step.
             self.conn.reply("501 5.5.4 Syntax: BDAT size [LAST]");
             return Flow::Close;
@@ -151,27 +145,9 @@ impl Session<'_> {
             .map_or(0, |r| r.size)
             + size
             <= max;
-        self.conn.set_timeout(self.cfg().limits.data_timeout);
-        let read = match self.tx.as_mut() {
-            Some(t) if ok_tx && room && t.chunk_error.is_none() => {
-                let (rx, check) = (&mut t.chunks, &mut t.chunk_check);
-                let mut sink = |b: &[u8]| {
-                    check.feed(b, line);
-                    if let Some(rx) = rx.as_mut() {
-                        rx.feed(b);
-                    }
-                };
-                self.conn.read_exact_into(size, Some(&mut sink))
-            }
-            _ => self.conn.read_exact_into(size, None),
-        };
-        self.conn.set_timeout(self.cfg().limits.command_timeout);
-        match read {
-            Ok(true) => {}
-            _ => {
-                self.tx = None;
-                return Flow::Close;
-            }
+        if !self.read_chunk(size, ok_tx && room) {
+            self.tx = None;
+            return Flow::Close;
         }
         if !ok_tx {
             return self.error(if self.tx.is_none() {
@@ -206,6 +182,28 @@ impl Session<'_> {
             None => self.tx = None,
         }
         Flow::Continue
+    }
+
+    /// Reads a chunk of `size` bytes: into the transaction's message when `keep` (and no
+    /// earlier chunk failed), else read and dropped. False when the connection failed.
+    fn read_chunk(&mut self, size: u64, keep: bool) -> bool {
+        let line = self.cfg().limits.text_line;
+        self.conn.set_timeout(self.cfg().limits.data_timeout);
+        let read = match self.tx.as_mut() {
+            Some(t) if keep && t.chunk_error.is_none() => {
+                let (rx, check) = (&mut t.chunks, &mut t.chunk_check);
+                let mut sink = |b: &[u8]| {
+                    check.feed(b, line);
+                    if let Some(rx) = rx.as_mut() {
+                        rx.feed(b);
+                    }
+                };
+                self.conn.read_exact_into(size, Some(&mut sink))
+            }
+            _ => self.conn.read_exact_into(size, None),
+        };
+        self.conn.set_timeout(self.cfg().limits.command_timeout);
+        matches!(read, Ok(true))
     }
 
     /// `[auth_checks]` at the end of DATA: the results go into the job for the router to
@@ -336,14 +334,8 @@ impl Session<'_> {
         let planned = tx.direct.is_some();
         let direct = tx.direct.filter(|p| plain && p.apply(&mut job));
         // Started for an output queue, but the router must see it after all.
-        let written = written.and_then(|mut w| match (planned, &direct) {
-            (true, None) => match spool.refile(&mut w, "incoming") {
-                Ok(()) => Ok(w),
-                Err(e) => {
-                    spool.discard(w);
-                    Err(e)
-                }
-            },
+        let written = written.and_then(|w| match (planned, &direct) {
+            (true, None) => to_router(spool, w),
             _ => Ok(w),
         });
         // `spf=pass dkim=none arc=none dmarc=pass`, when the checks ran: for the log, tracking, metrics.
@@ -351,26 +343,30 @@ impl Session<'_> {
         let result = written
             .and_then(|w| spool.stage_written(job, w))
             .and_then(|staged| self.shared.committer.commit(staged));
+        let queued = Queued {
+            sender: &sender,
+            rcpts: &rcpts,
+            size,
+            job: &tracked,
+            checked: checked.as_ref(),
+            received_at,
+            direct: direct.as_ref(),
+        };
+        self.answer(result, &queued);
+    }
+
+    /// Answers the client once the message is committed (and logs it), or why it is not.
+    fn answer(&mut self, result: Result<QueueId, SpoolError>, q: &Queued) {
         match result {
             Ok(id) => {
-                self.log_queued(
-                    &id,
-                    &Queued {
-                        sender: &sender,
-                        rcpts: &rcpts,
-                        size,
-                        job: &tracked,
-                        checked: checked.as_ref(),
-                        received_at,
-                        direct: direct.as_ref(),
-                    },
-                );
+                self.log_queued(&id, q);
                 self.conn.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
             Err(e) => {
                 qlog!(
-                    "client={} from={sender} status=tempfail reason={}",
+                    "client={} from={} status=tempfail reason={}",
                     client_name(&self.peer),
+                    q.sender,
                     quote(&e.to_string())
                 );
                 if e.is_no_space() {
@@ -438,5 +434,27 @@ impl Session<'_> {
             }
             qms_common::track::emit_all(events);
         });
+    }
+}
+
+/// `BDAT size [LAST]`: the chunk's size, and whether it is the last.
+fn bdat_args(arg: &str) -> Option<(u64, bool)> {
+    let mut words = arg.split_whitespace();
+    let size = words.next()?.parse::<u64>().ok()?;
+    match words.next() {
+        None => Some((size, false)),
+        Some(w) if w.eq_ignore_ascii_case("LAST") => Some((size, true)),
+        Some(_) => None,
+    }
+}
+
+/// Moves a message started for an output queue to the router's queue; dropped if it cannot.
+fn to_router(spool: &Spool, mut w: Writer) -> Result<Writer, SpoolError> {
+    match spool.refile(&mut w, "incoming") {
+        Ok(()) => Ok(w),
+        Err(e) => {
+            spool.discard(w);
+            Err(e)
+        }
     }
 }
