@@ -26,14 +26,7 @@ fn smarthost_peer() -> (Instance, u16) {
 [auth]\nusers = \"users\"\nsenders = {{ app = [\"@example.test\"] }}\n"
         ),
     );
-    peer.edit_config(
-        "local = [\"example.test\"]",
-        "local = [\"example.test\", \"peer.test\"]",
-    );
-    peer.edit_config(
-        "[mailboxes]\n",
-        "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
-    );
+    peer.carol_at(&["peer.test"]);
     make_ca_cert(&peer.dir, "peer.test");
     std::fs::write(peer.dir.join("users"), passwd_line("app", SECRET)).unwrap();
     peer.own();

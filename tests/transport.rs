@@ -362,14 +362,7 @@ print('ok')
 fn starttls_to_a_tls_peer_and_encrypt_policy() {
     // The receiving peer is a second qms with a certificate.
     let mut peer = Instance::new("", "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
-    peer.edit_config(
-        "local = [\"example.test\"]",
-        "local = [\"example.test\", \"peer.test\"]",
-    );
-    peer.edit_config(
-        "[mailboxes]\n",
-        "[mailboxes]\n\"carol@peer.test\" = { maildir = \"mail/carol\" }\n",
-    );
+    peer.carol_at(&["peer.test"]);
     make_cert(&peer.dir, "peer.test");
     peer.own();
     peer.start();

@@ -124,6 +124,21 @@ scan_interval = 2
         std::fs::rename(&tmp, &self.config).unwrap();
     }
 
+    /// Makes `domains` local too, each with a mailbox carol@ delivered to `mail/carol`: a
+    /// peer the tests send to.
+    pub fn carol_at(&self, domains: &[&str]) {
+        let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+        self.edit_config(
+            "local = [\"example.test\"]",
+            &format!("local = [\"example.test\", {}]", quoted.join(", ")),
+        );
+        let boxes: String = domains
+            .iter()
+            .map(|d| format!("\"carol@{d}\" = {{ maildir = \"mail/carol\" }}\n"))
+            .collect();
+        self.edit_config("[mailboxes]\n", &format!("[mailboxes]\n{boxes}"));
+    }
+
     pub fn spool(&self) -> PathBuf {
         self.dir.join("spool")
     }

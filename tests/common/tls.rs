@@ -95,16 +95,7 @@ pub fn make_ca_cert_with(dir: &Path, cn: &str, more: &[&str]) {
 /// needs).
 pub fn tls_peer(domains: &[&str], names: &[&str]) -> Instance {
     let mut peer = Instance::new("", "[tls]\ncert = \"chain.pem\"\nkey = \"key.pem\"\n");
-    let quoted: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
-    peer.edit_config(
-        "local = [\"example.test\"]",
-        &format!("local = [\"example.test\", {}]", quoted.join(", ")),
-    );
-    let boxes: String = domains
-        .iter()
-        .map(|d| format!("\"carol@{d}\" = {{ maildir = \"mail/carol\" }}\n"))
-        .collect();
-    peer.edit_config("[mailboxes]\n", &format!("[mailboxes]\n{boxes}"));
+    peer.carol_at(domains);
     make_ca_cert_with(&peer.dir, names[0], &names[1..]);
     let chain = [
         std::fs::read(peer.dir.join("cert.pem")).unwrap(),
