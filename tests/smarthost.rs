@@ -113,39 +113,15 @@ fn per_message_smarthost_with_credentials_and_a_debug_transcript() {
         assert!(m.contains("with ESMTPSA"), "authenticated under TLS: {m}");
     }
     // A refused login defers the message (Postfix's soft bounce), it does not lose it.
-    wait_for(
-        "the refused login in the queue",
-        Duration::from_secs(30),
-        || {
-            inst.queue_json().iter().any(|j| {
-                j["recipients"][0]["reply"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("authentication as app") && r.contains("failed"))
-            })
-        },
-    );
-    wait_for(
-        "the unreadable certificate in the queue",
-        Duration::from_secs(30),
-        || {
-            inst.queue_json().iter().any(|j| {
-                j["recipients"][0]["reply"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("cannot read client certificate /nonexistent.pem"))
-            })
-        },
-    );
-    wait_for(
-        "the unverified smarthost deferred",
-        Duration::from_secs(30),
-        || {
-            inst.queue_json().iter().any(|j| {
-                j["recipients"][0]["reply"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("4.7.5") && r.contains("certificate not verified"))
-            })
-        },
-    );
+    wait_for_reply(&inst, "the refused login in the queue", |r| {
+        r.contains("authentication as app") && r.contains("failed")
+    });
+    wait_for_reply(&inst, "the unreadable certificate in the queue", |r| {
+        r.contains("cannot read client certificate /nonexistent.pem")
+    });
+    wait_for_reply(&inst, "the unverified smarthost deferred", |r| {
+        r.contains("4.7.5") && r.contains("certificate not verified")
+    });
     assert_eq!(
         peer.count_new("carol"),
         3,
@@ -282,4 +258,13 @@ fn relay_auth_logs_in_to_a_relay_host_only_over_verified_tls() {
     assert!(wrong.contains("535"), "the server's refusal: {wrong}");
     assert_eq!(peer.count_new("carol"), 1);
     assert!(!inst.log().contains(SECRET), "the password is never logged");
+}
+
+/// Waits until a job in the queue has a first recipient whose reply `ok` accepts.
+fn wait_for_reply(inst: &Instance, what: &str, ok: impl Fn(&str) -> bool) {
+    wait_for(what, Duration::from_secs(30), || {
+        inst.queue_json()
+            .iter()
+            .any(|j| j["recipients"][0]["reply"].as_str().is_some_and(&ok))
+    });
 }
