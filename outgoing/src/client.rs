@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 mod secure;
 
+/// The most of one reply the agent holds: far more than any server's EHLO or banner, far
+/// less than a server that never stops sending lines could make it hold.
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
 /// A server reply: its code and its text (lines joined with a space).
 #[derive(Clone, Debug)]
 pub struct Reply {
@@ -76,6 +80,8 @@ pub struct Client {
     /// `testing` mode).
     pub tls_problem: Option<String>,
     timeouts: (u64, u64),
+    /// The timeout of the phase now (commands or data), in seconds: a reply's time.
+    wait: u64,
     /// The queue id the dialogue is logged under, for `BX-Sending-Run-Control: debug`.
     debug: Option<String>,
     lmtp: bool,
@@ -226,6 +232,7 @@ impl Client {
             checked_by: s.verify.map(|v| v.why.to_string()),
             tls_problem: None,
             timeouts: (s.command_timeout, s.data_timeout),
+            wait: s.command_timeout,
             debug: s.debug.map(str::to_string),
             lmtp: s.lmtp,
         })
@@ -353,32 +360,41 @@ impl Client {
         self.read_reply()
     }
 
+    /// Reads one reply, single or multi-line. The whole of it must come within the timeout
+    /// of the phase (RFC 5321 4.5.3.2 times a reply, not a read) and hold at most
+    /// [`MAX_REPLY_BYTES`]: a server that trickles lines, or never stops sending them, is
+    /// cut off instead of keeping the agent, or its memory, for as long as it likes.
     fn read_reply(&mut self) -> io::Result<Reply> {
+        let wait = Duration::from_secs(self.wait);
+        let deadline = Instant::now() + wait;
         let mut text = String::new();
-        loop {
-            let line = match self.conn.read_line(4096)? {
-                Line::Crlf(l) | Line::BareLf(l) => l,
-                Line::TooLong { .. } => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "reply line too long",
-                    ))
+        let mut shortened = false;
+        let reply = loop {
+            if !text.is_empty() {
+                // A continuation line gets only what is left of the reply's time.
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Err(io::ErrorKind::TimedOut.into());
                 }
-                Line::Eof => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed",
-                    ))
-                }
+                let _ = self.socket.set_read_timeout(left);
+                shortened = true;
+            }
+            let line = match self.reply_line() {
+                Ok(l) => l,
+                Err(e) => break Err(e),
             };
-            let line = String::from_utf8_lossy(&line).into_owned();
-            self.trace("<", &line);
-            let code = line
+            if text.len() + line.len() >= MAX_REPLY_BYTES {
+                break Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("reply longer than {MAX_REPLY_BYTES} bytes"),
+                ));
+            }
+            let Some(code) = line
                 .get(..3)
                 .and_then(|c| c.parse::<u16>().ok())
-                .filter(|c| (200..600).contains(c));
-            let Some(code) = code else {
-                return Err(io::Error::new(
+                .filter(|c| (200..600).contains(c))
+            else {
+                break Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("malformed reply {line:?}"),
                 ));
@@ -388,9 +404,41 @@ impl Client {
             }
             text.push_str(&line);
             if line.as_bytes().get(3) != Some(&b'-') {
-                return Ok(Reply { code, text });
+                break Ok(Reply { code, text });
             }
+        };
+        if shortened {
+            let _ = self.socket.set_read_timeout(wait);
         }
+        reply.map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no whole reply within {} s", self.wait),
+            ),
+            _ => e,
+        })
+    }
+
+    /// One line of a reply, traced.
+    fn reply_line(&mut self) -> io::Result<String> {
+        let line = match self.conn.read_line(4096)? {
+            Line::Crlf(l) | Line::BareLf(l) => l,
+            Line::TooLong { .. } => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "reply line too long",
+                ))
+            }
+            Line::Eof => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ))
+            }
+        };
+        let line = String::from_utf8_lossy(&line).into_owned();
+        self.trace("<", &line);
+        Ok(line)
     }
 
     fn command(&mut self, cmd: &str) -> io::Result<Reply> {
@@ -477,9 +525,8 @@ impl Client {
         tx: &Transaction,
         rcpts: &[Reply],
     ) -> io::Result<(Reply, Vec<Option<Reply>>)> {
-        let _ = self
-            .socket
-            .set_read_timeout(Duration::from_secs(self.timeouts.1));
+        self.wait = self.timeouts.1;
+        let _ = self.socket.set_read_timeout(Duration::from_secs(self.wait));
         self.trace(">", &format!("(the message, {} bytes)", tx.message.len()));
         self.trace(">", ".");
         self.conn.send_raw(&dot_stuff(tx.message));
@@ -499,9 +546,8 @@ impl Client {
             Some(first) => Ok(first.clone()),
             None => self.read_reply(),
         };
-        let _ = self
-            .socket
-            .set_read_timeout(Duration::from_secs(self.timeouts.0));
+        self.wait = self.timeouts.0;
+        let _ = self.socket.set_read_timeout(Duration::from_secs(self.wait));
         Ok((data?, each))
     }
 
