@@ -383,9 +383,12 @@ fn plugins_from_the_allow_list_and_refused_requests() {
     );
 }
 
-#[test]
-fn reports_fetched_from_a_remote_imap_mailbox() {
-    const IMAP_PASSWORD: &str = "imap-pw-Xy7";
+const IMAP_PASSWORD: &str = "imap-pw-Xy7";
+
+/// The IMAP tests' world: a provider's Dovecot holding the reports mailbox, an instance that
+/// polls it every second, and one tracked message (`imap-1`) relayed to a sink. The
+/// provider's instance is returned only to be kept until the end.
+fn imap_reports() -> (Instance, Dovecot, Sink, Instance) {
     let port = free_port();
     // The provider's side lives apart: the instance's directory is handed to its user.
     let provider = Instance::new("", "");
@@ -412,6 +415,12 @@ X-B-Envelope-Addr: bounces@provider.test\nX-B-CrossRef: imap-1\nSubject: fetched
     wait_for("the message tracked", Duration::from_secs(30), || {
         String::from_utf8_lossy(&inst.qms(&["track", "imap-1"]).stdout).contains("relayed")
     });
+    (inst, dovecot, sink, provider)
+}
+
+#[test]
+fn reports_fetched_from_a_remote_imap_mailbox() {
+    let (inst, dovecot, _sink, _provider) = imap_reports();
     // The next hop accepted it, then bounced it to the provider's mailbox.
     dovecot.deliver(
         "1.report",
@@ -495,5 +504,49 @@ Final-Recipient: rfc822;a@ok.test\nDisposition: manual-action/MDN-sent-manually;
     assert!(
         !inst.log().contains(IMAP_PASSWORD),
         "the IMAP password was logged"
+    );
+}
+
+/// Hostile mail sent to the reports address: dsnproc fetched every message of the provider's
+/// mailbox whole, fifty at a time, so fifty large messages took gigabytes of its memory.
+/// Now it fetches at most 256 KiB of each; a report comes first in its message and is read
+/// all the same.
+#[test]
+fn a_huge_message_in_the_imap_mailbox_is_fetched_cut_and_its_report_still_read() {
+    let (inst, dovecot, _sink, _provider) = imap_reports();
+    let line = format!("{}\n", "x".repeat(76));
+    dovecot.deliver(
+        "1.huge",
+        &format!(
+            "From: MAILER-DAEMON@mx.ok.test\nTo: bounces@provider.test\nSubject: Undelivered Mail\n\
+MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n\
+--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.ok.test\n\
+Original-Envelope-Id: imap-1\n\nFinal-Recipient: rfc822; a@ok.test\nAction: failed\n\
+Status: 5.2.2\nDiagnostic-Code: smtp; 552 5.2.2 over quota\n\n\
+--B\nContent-Type: message/rfc822\n\nMessage-ID: <imap-1@example.test>\n\
+Subject: fetched report\n\n{}\n--B--\n",
+            line.repeat(8 << 20 >> 7)
+        ),
+    );
+    wait_for(
+        "the failure recorded from the cut report",
+        Duration::from_secs(60),
+        || {
+            String::from_utf8_lossy(&inst.qms(&["track", "imap-1", "--json"]).stdout)
+                .lines()
+                .any(|l| l.contains("\"failed\"") && l.contains("dsnproc") && l.contains("5.2.2"))
+        },
+    );
+    let kept: Vec<u64> = std::fs::read_dir(inst.maildir("envelope").join("cur"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0] <= 256 << 10, "fetched whole: {kept:?} bytes");
+    assert!(
+        inst.log().contains("cut at 262144 bytes"),
+        "the cut is logged: {}",
+        inst.log()
     );
 }

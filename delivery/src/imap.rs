@@ -9,6 +9,8 @@
 //! between fetches it again under the same name instead of recording it twice.
 
 use qms_common::config::Imap;
+use qms_common::log::quote;
+use qms_common::qlog;
 use qms_common::safeio;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
@@ -19,6 +21,12 @@ use std::time::Duration;
 
 /// Messages fetched per UID FETCH.
 const CHUNK: usize = 50;
+
+/// The most of one message fetched. Anyone can send mail to the reports address, so a
+/// message there may be of any size; a report is small and comes first in its message (RFC
+/// 3462), so the head of a large one still tells what happened, and a fetch holds at most
+/// `CHUNK` times this in memory.
+const MAX_FETCH: usize = 256 << 10;
 
 fn connect(imap: &Imap) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -66,12 +74,18 @@ pub fn poll(imap: &Imap, maildir: &Path) -> Result<usize, String> {
     for chunk in uids.chunks(CHUNK) {
         let set: Vec<String> = chunk.iter().map(u32::to_string).collect();
         let set = set.join(",");
-        let messages = session.uid_fetch(&set, "BODY.PEEK[]").map_err(fail)?;
+        let messages = session
+            .uid_fetch(&set, format!("(RFC822.SIZE BODY.PEEK[]<0.{MAX_FETCH}>)"))
+            .map_err(fail)?;
         for m in messages.iter() {
             let (Some(uid), Some(body)) = (m.uid, m.body()) else {
                 continue;
             };
             let name = format!("imap.{validity}.{uid}.{}", imap.host);
+            if let Some(size) = m.size.filter(|&size| size as usize > body.len()) {
+                let why = format!("{size} bytes on {where_}, cut at {MAX_FETCH} bytes");
+                qlog!("file={name} status=cut reason={}", quote(&why));
+            }
             let seen = maildir.join("cur").join(format!("{name}:2,S"));
             let new = maildir.join("new").join(&name);
             if seen.exists() || new.exists() {
