@@ -4,7 +4,8 @@
 //! The server runs as the qms user and listens on `SPOOL/public/showq` (mode 0666 in a
 //! directory anyone may pass through). Each connection gets one JSON line per message, the
 //! fields of `qms queue list --json`: ids, sizes, times, addresses and states, never a body
-//! or a header, then the connection closes.
+//! or a header, then the connection closes. Anyone may connect, so a few clients are served
+//! at once, each for a bounded time.
 
 use crate::queuetool;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -15,14 +16,23 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub fn socket_path(cfg: &Config) -> PathBuf {
     cfg.spool.join("public/showq")
 }
 
-/// Serves listings until `stop`. One client at a time, each with a write time limit.
+/// Clients served at once. Each listing reads the whole queue, so they are few; the next
+/// client waits in the socket's backlog until one ends.
+const CLIENTS: usize = 4;
+
+/// The most time a client gets to take its listing, however slowly it reads.
+const CLIENT_TIME: Duration = Duration::from_secs(30);
+
+/// Serves listings until `stop`: up to [`CLIENTS`] at once, each for [`CLIENT_TIME`] at most,
+/// so a client that does not read keeps no one else waiting for long.
 pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(cfg);
@@ -34,7 +44,12 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    let busy = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
+        if busy.load(Ordering::SeqCst) >= CLIENTS {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         // Wait for a client, or a second to look at `stop` again.
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         if poll(&mut fds, PollTimeout::from(1000u16)).unwrap_or(0) == 0 {
@@ -42,12 +57,17 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
         }
         match listener.accept() {
             Ok((conn, _)) => {
-                if let Err(e) = answer(spool, conn) {
-                    qlog!(
-                        "status=warning reason={}",
-                        quote(&format!("showq client: {e}"))
-                    );
-                }
+                busy.fetch_add(1, Ordering::SeqCst);
+                let (spool, busy) = (spool.clone(), busy.clone());
+                std::thread::spawn(move || {
+                    if let Err(e) = answer(&spool, conn) {
+                        qlog!(
+                            "status=warning reason={}",
+                            quote(&format!("showq client: {e}"))
+                        );
+                    }
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
@@ -62,12 +82,36 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
 
 fn answer(spool: &Spool, conn: UnixStream) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
-    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut out = std::io::BufWriter::new(conn);
+    let until = Instant::now() + CLIENT_TIME;
+    let mut out = std::io::BufWriter::new(Timed { conn, until });
     for doc in queuetool::envelope_docs(spool, None) {
         writeln!(out, "{doc}")?;
     }
     out.flush()
+}
+
+/// A client's end of the socket, writable until its time is up.
+struct Timed {
+    conn: UnixStream,
+    until: Instant,
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("listing not taken within {} s", CLIENT_TIME.as_secs()),
+            ));
+        }
+        self.conn.set_write_timeout(Some(left))?;
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 /// The listing as the server gives it, for a caller who cannot read the spool.

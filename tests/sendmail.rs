@@ -247,3 +247,58 @@ fn t_takes_bare_names_and_success_is_silent() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no recipients"));
 }
+
+/// The queue listing socket, which anyone may use, served one client at a time, each for as
+/// long as its writes made progress within 10 s: a client that did not read kept `mailq`
+/// from everyone else, and was then cut off with half a listing. Now a few clients are
+/// served at once, each for up to 30 s however slowly it reads.
+#[test]
+fn a_listing_client_that_does_not_read_cannot_keep_mailq_from_others() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let dead = free_port();
+    let mut inst = relay_instance(
+        &[("dead.test", dead)],
+        "[outgoing]\nmin_backoff = 3600\nmax_backoff = 3600\n",
+    );
+    inst.start();
+    // A listing larger than a socket's buffer: ten messages of 100 recipients, deferred.
+    let rcpts: Vec<String> = (0..100)
+        .map(|i| format!("recipient-number-{i:03}@dead.test"))
+        .collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    for i in 0..10 {
+        let body = format!("Subject: listing {i}\r\n\r\nhello\r\n");
+        smtp_send(inst.smtp_port, "alice@example.test", &rcpts, &body, "");
+    }
+    wait_for("1,000 deferred recipients", Duration::from_secs(60), || {
+        let jobs = inst.queue_json();
+        let deferred = jobs
+            .iter()
+            .flat_map(|j| j["recipients"].as_array().cloned().unwrap_or_default())
+            .filter(|r| r["reply"].as_str().is_some_and(|r| !r.is_empty()))
+            .count();
+        jobs.len() == 10 && deferred == 1000
+    });
+    let socket = inst.spool().join("public/showq");
+    let listing = |mut c: UnixStream| {
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut text = String::new();
+        let _ = c.read_to_string(&mut text);
+        text
+    };
+    // The first client connects and reads nothing for now.
+    let held = UnixStream::connect(&socket).unwrap();
+    let other = listing(UnixStream::connect(&socket).unwrap());
+    assert_eq!(other.lines().count(), 10, "{}", other.len());
+    let held = listing(held);
+    assert!(
+        held.ends_with('\n') && held.lines().count() == 10,
+        "the waiting client got {} bytes, {} lines",
+        held.len(),
+        held.lines().count()
+    );
+    for line in held.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("a whole JSON line");
+    }
+}
