@@ -363,3 +363,69 @@ fn set_permissions_fixes_queue_files_and_never_follows_a_link() {
     );
     assert!(text(&out).contains("a symbolic link"), "{}", text(&out));
 }
+
+/// A local user held the lock of their own mbox with flock(1), or made it a FIFO: the
+/// delivery child, which has become that user, waited for ever, and the local agent with it,
+/// so nobody's mail was delivered. Now a lock is waited for 20 s at most and a mailbox that
+/// is not a regular file is refused: the user's mail is deferred, everyone else's delivered.
+#[test]
+fn a_user_cannot_stall_local_delivery_with_their_own_mailbox() {
+    if !is_root() {
+        eprintln!("needs root: creates users");
+        return;
+    }
+    let (bob, eve) = (SystemUser::ordinary("mb"), SystemUser::ordinary("mf"));
+    let (mut inst, _qmsuser) = installed("", "[queues.local]\nworkers = 1\n");
+    let (bob_box, eve_box) = (bob.home.join("mbox"), eve.home.join("mbox"));
+    inst.edit_config(
+        "[mailboxes]\n",
+        &format!(
+            "[mailboxes]\n\"dan@example.test\" = {{ mbox = \"{}\", user = \"{}\" }}\n\
+             \"eve@example.test\" = {{ mbox = \"{}\", user = \"{}\" }}\n",
+            bob_box.display(),
+            bob.name,
+            eve_box.display(),
+            eve.name
+        ),
+    );
+    // Bob holds his mbox's lock; Eve's mbox is a FIFO nobody reads.
+    let held = bob.home.join("held");
+    let mut holder = as_user(&mut Command::new("flock"), &bob)
+        .arg(&bob_box)
+        .arg("-c")
+        .arg(format!("touch {}; exec sleep 600", held.display()))
+        .spawn()
+        .unwrap();
+    wait_for("dan's lock", Duration::from_secs(10), || held.exists());
+    let fifo = as_user(&mut Command::new("mkfifo"), &eve)
+        .arg(&eve_box)
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    inst.start();
+    for to in ["dan@example.test", "eve@example.test", "alice@example.test"] {
+        let body = format!("Subject: to {to}\r\n\r\nhello\r\n");
+        smtp_send(inst.smtp_port, "carol@remote.test", &[to], &body, "");
+    }
+    wait_for("alice's mail", Duration::from_secs(90), || {
+        inst.read_maildir("alice")
+            .iter()
+            .any(|m| m.contains("to alice@example.test"))
+    });
+    wait_for(
+        "dan's and eve's mail deferred",
+        Duration::from_secs(60),
+        || {
+            queued_reply(&inst, "dan@example.test").is_some()
+                && queued_reply(&inst, "eve@example.test").is_some()
+        },
+    );
+    let (b, e) = (
+        queued_reply(&inst, "dan@example.test").unwrap_or_default(),
+        queued_reply(&inst, "eve@example.test").unwrap_or_default(),
+    );
+    assert!(b.contains("locked"), "{b}");
+    assert!(e.contains("not a regular file"), "{e}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

@@ -17,9 +17,23 @@ impl Drop for DotLock {
     }
 }
 
-fn dotlock(path: &Path) -> io::Result<DotLock> {
+/// How long a delivery waits for all three locks of an mbox, as Postfix's
+/// `deliver_lock_attempts` × `deliver_lock_delay`: the owner of a mailbox may hold its lock
+/// for ever, and must not hold the delivery agent with it.
+const LOCK_WAIT: Duration = Duration::from_secs(20);
+
+/// How often a held lock is tried again.
+const LOCK_RETRY: Duration = Duration::from_millis(50);
+
+fn locked(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!("{} is locked by another process", path.display()),
+    )
+}
+
+fn dotlock(path: &Path, end: Instant) -> io::Result<DotLock> {
     let lock = PathBuf::from(format!("{}.lock", path.display()));
-    let end = Instant::now() + Duration::from_secs(120);
     loop {
         match OpenOptions::new()
             .write(true)
@@ -38,12 +52,9 @@ fn dotlock(path: &Path) -> io::Result<DotLock> {
                     continue;
                 }
                 if Instant::now() > end {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WouldBlock,
-                        format!("{} is locked", path.display()),
-                    ));
+                    return Err(locked(path));
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(LOCK_RETRY);
             }
             // No permission to make a dotlock in the directory: rely on the kernel lock alone.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -89,35 +100,80 @@ pub fn mbox_entry(sender: &str, arrival: i64, local_copy: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Waits for a whole-file fcntl write lock (released when the file is closed).
-fn fcntl_lock(f: &std::fs::File) -> io::Result<()> {
+/// Takes a whole-file fcntl write lock (released when the file is closed) and an flock,
+/// trying again until `end`.
+fn kernel_locks(f: &std::fs::File, path: &Path, end: Instant) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // Safety: a zeroed flock is valid; the fields we need are set below.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
+    let busy = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EAGAIN | libc::EACCES | libc::EINTR)
+        )
+    };
     loop {
-        // Safety: F_SETLKW with a valid descriptor and a pointer to a live flock struct.
-        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) };
-        if r == 0 {
-            return Ok(());
-        }
+        // Safety: F_SETLK with a valid descriptor and a pointer to a live flock struct.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
         let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
+        if r == 0 {
+            break;
+        }
+        if !busy(&e) {
             return Err(e);
         }
+        if Instant::now() > end {
+            return Err(locked(path));
+        }
+        std::thread::sleep(LOCK_RETRY);
+    }
+    loop {
+        match f.try_lock_exclusive() {
+            Ok(()) => return Ok(()),
+            Err(e) if busy(&e) || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if Instant::now() > end {
+            return Err(locked(path));
+        }
+        std::thread::sleep(LOCK_RETRY);
     }
 }
 
+/// Opens the mailbox without waiting (a FIFO would wait for its other end) and refuses
+/// anything but a regular file.
+fn open_regular(path: &Path, how: &mut OpenOptions) -> io::Result<std::fs::File> {
+    let not_regular = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        )
+    };
+    let f = match how.custom_flags(libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        // A FIFO opened for writing that nobody reads.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Err(not_regular()),
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    Ok(f)
+}
+
+/// Appends `entry` to the mbox at `path` under its three locks, waiting [`LOCK_WAIT`] for
+/// them at most. Anything but a regular file is refused: opening a FIFO for writing would
+/// wait for a reader for ever.
 pub fn append(path: &Path, entry: &[u8]) -> io::Result<()> {
-    let _dot = dotlock(path)?;
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)?;
-    fcntl_lock(&f)?;
-    f.lock_exclusive()?;
+    let end = Instant::now() + LOCK_WAIT;
+    let _dot = dotlock(path, end)?;
+    let mut f = open_regular(
+        path,
+        OpenOptions::new().append(true).create(true).mode(0o600),
+    )?;
+    kernel_locks(&f, path, end)?;
     let start = f.seek(SeekFrom::End(0))?;
     let res = f.write_all(entry).and_then(|()| f.sync_data());
     if let Err(e) = res {
@@ -132,7 +188,7 @@ pub fn append(path: &Path, entry: &[u8]) -> io::Result<()> {
 /// attempt's append went through. Reads the whole file: for interrupted attempts only.
 pub fn holds(path: &Path, entry: &[u8]) -> io::Result<bool> {
     use std::io::Read;
-    let mut f = match std::fs::File::open(path) {
+    let mut f = match open_regular(path, OpenOptions::new().read(true)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),

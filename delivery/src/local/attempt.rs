@@ -270,7 +270,14 @@ impl LocalAgent {
         let outcome = match (account, &t) {
             // For a user, in a child that has become the user.
             (Some(a), _) if step.privileged => match step.marks.sync() {
-                Ok(()) => runas::deliver(&a, || self.deliver_here(&t, &a, sender, r, &copy, &at)),
+                Ok(()) => {
+                    // A command's own time limit comes on top of the child's.
+                    let time = runas::CHILD_TIME
+                        + std::time::Duration::from_secs(self.cfg.limits.pipe_timeout);
+                    runas::deliver(&a, time, || {
+                        self.deliver_here(&t, &a, sender, r, &copy, &at)
+                    })
+                }
                 Err(o) => o,
             },
             // Unprivileged, or a configured mailbox without a user: as this process.
