@@ -234,17 +234,36 @@ impl<'a> Expander<'a> {
 
     /// Reads an `:include:` file; its commands and files run as its owner (as
     /// `default_privs` when root owns it). A file that cannot be read defers: the sysadmin
-    /// can fix it, and nothing is lost meanwhile.
+    /// can fix it, and nothing is lost meanwhile. Its owner may have made it anything: it
+    /// must be a regular file (a FIFO would keep the router waiting for a writer), and not
+    /// the mail system's user's own (a link into the spool would have its lines read, and its
+    /// commands run, as qms).
     fn include(&self, path: &str) -> Result<(Vec<Target>, Source), String> {
-        let read = std::fs::File::open(path).and_then(|f| {
-            let meta = f.metadata()?;
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::Read::take(&f, 16 << 20), &mut text)?;
-            Ok((meta, text))
-        });
+        use std::os::unix::fs::OpenOptionsExt;
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .and_then(|f| {
+                let meta = f.metadata()?;
+                if !meta.is_file() {
+                    return Ok((meta, None));
+                }
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::Read::take(&f, 16 << 20), &mut text)?;
+                Ok((meta, Some(text)))
+            });
         let (meta, text) = read.map_err(|e| {
             format!("4.3.5 cannot read include file {path}: {e} (fix the file or its permissions)")
         })?;
+        let Some(text) = text else {
+            return Err(format!("4.3.5 include file {path} is not a regular file"));
+        };
+        if privs::is_mail_system_user(self.cfg, nix::unistd::Uid::from_raw(meta.uid())) {
+            return Err(format!(
+                "4.3.5 include file {path} belongs to the mail system's user; it must belong to the list's owner or root"
+            ));
+        }
         let run_as = match Account::by_uid(nix::unistd::Uid::from_raw(meta.uid())) {
             Some(a) if !a.uid.is_root() => a.name,
             Some(_) => self.cfg.local.default_privs.clone(),

@@ -191,6 +191,15 @@ fn clear_caps() -> Result<(), String> {
     Ok(())
 }
 
+/// True when `uid` is the mail system's own user (`user` in the config): the owner of the
+/// queue, whom no command or file named by mail may run as.
+pub fn is_mail_system_user(cfg: &crate::Config, uid: Uid) -> bool {
+    cfg.user
+        .as_deref()
+        .and_then(|name| Account::lookup(name).ok())
+        .is_some_and(|a| a.uid == uid)
+}
+
 /// In a forked child of the local delivery agent: becomes `a` entirely (never root), drops
 /// every capability, and checks both.
 pub fn become_user(a: &Account) -> Result<(), String> {
