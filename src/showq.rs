@@ -57,17 +57,21 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
         }
         match listener.accept() {
             Ok((conn, _)) => {
-                busy.fetch_add(1, Ordering::SeqCst);
-                let (spool, busy) = (spool.clone(), busy.clone());
-                std::thread::spawn(move || {
-                    if let Err(e) = answer(&spool, conn) {
-                        qlog!(
-                            "status=warning reason={}",
-                            quote(&format!("showq client: {e}"))
-                        );
-                    }
-                    busy.fetch_sub(1, Ordering::SeqCst);
-                });
+                let (spool, seat) = (spool.clone(), Seat::take(&busy));
+                let served = std::thread::Builder::new()
+                    .name("showq client".into())
+                    .spawn(move || {
+                        let _seat = seat;
+                        if let Err(e) = answer(&spool, conn) {
+                            qlog!(
+                                "status=warning reason={}",
+                                quote(&format!("showq client: {e}"))
+                            );
+                        }
+                    });
+                if let Err(e) = served {
+                    qlog!("status=warning reason={}", quote(&format!("showq: {e}")));
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
@@ -78,6 +82,22 @@ pub fn serve(cfg: &Config, spool: &Spool, stop: &AtomicBool) -> Result<(), Strin
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// One of the [`CLIENTS`] served at once, given back however its thread ends.
+struct Seat(Arc<AtomicUsize>);
+
+impl Seat {
+    fn take(busy: &Arc<AtomicUsize>) -> Seat {
+        busy.fetch_add(1, Ordering::SeqCst);
+        Seat(busy.clone())
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn answer(spool: &Spool, conn: UnixStream) -> std::io::Result<()> {

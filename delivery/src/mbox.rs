@@ -108,31 +108,27 @@ fn kernel_locks(f: &std::fs::File, path: &Path, end: Instant) -> io::Result<()> 
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
-    let busy = |e: &io::Error| {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EAGAIN | libc::EACCES | libc::EINTR)
-        )
-    };
-    loop {
+    until_taken(path, end, || {
         // Safety: F_SETLK with a valid descriptor and a pointer to a live flock struct.
-        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
-        let e = io::Error::last_os_error();
-        if r == 0 {
-            break;
+        match unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
         }
-        if !busy(&e) {
-            return Err(e);
-        }
-        if Instant::now() > end {
-            return Err(locked(path));
-        }
-        std::thread::sleep(LOCK_RETRY);
-    }
+    })?;
+    until_taken(path, end, || f.try_lock_exclusive())
+}
+
+/// Tries `take` until it succeeds, fails for another reason than a lock held, or `end`.
+fn until_taken(
+    path: &Path,
+    end: Instant,
+    mut take: impl FnMut() -> io::Result<()>,
+) -> io::Result<()> {
     loop {
-        match f.try_lock_exclusive() {
+        match take() {
             Ok(()) => return Ok(()),
-            Err(e) if busy(&e) || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EINTR)) => {}
             Err(e) => return Err(e),
         }
         if Instant::now() > end {
