@@ -43,6 +43,7 @@ fn shared() -> &'static Shared {
             spool,
             tls: None,
             throttle: Default::default(),
+            checks: None,
         }
     })
 }
