@@ -88,6 +88,14 @@ pub fn problems(cfg: &Config) -> Vec<String> {
 /// What is worth saying but does not stop qms from running.
 pub fn warnings(cfg: &Config) -> Vec<String> {
     let mut w = Vec::new();
+    if let Ok(privs) = Account::lookup(&cfg.local.default_privs) {
+        if qms_common::privs::is_mail_system_user(cfg, privs.uid) {
+            w.push(format!(
+                "local.default_privs {:?} is the mail system's user: the aliases' commands and files would run with the whole queue open to them (Postfix refuses this); name an account of no privilege, such as nobody",
+                cfg.local.default_privs
+            ));
+        }
+    }
     if let Some(a) = &cfg.aliases {
         if let Ok(aliases) = qms_common::aliases::Aliases::load(a) {
             w.extend(

@@ -187,6 +187,28 @@ fn an_include_file_linked_into_the_spool_runs_nothing_as_qms() {
     assert!(why.contains("mail system's user"), "{why}");
 }
 
+/// `default_privs` set to the qms user runs the aliases' commands and files as the owner of
+/// the queue, which Postfix refuses; `check-config` said nothing of it. Now it warns.
+#[test]
+fn check_config_warns_when_default_privs_is_the_qms_user() {
+    if !is_root() {
+        eprintln!("needs root: creates users");
+        return;
+    }
+    let (inst, qmsuser) = installed("", "");
+    let says = || text(&inst.qms(&["check-config"]));
+    assert!(!says().contains("default_privs"), "{}", says());
+    inst.edit_config(
+        "[domains]",
+        &format!("[local]\ndefault_privs = \"{}\"\n[domains]", qmsuser.name),
+    );
+    assert!(
+        says().contains("is the mail system's user"),
+        "no warning: {}",
+        says()
+    );
+}
+
 /// The first file named `name` under `dir`.
 fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
     for e in std::fs::read_dir(dir).ok()?.flatten() {
