@@ -360,10 +360,12 @@ impl Client {
         self.read_reply()
     }
 
-    /// Reads one reply, single or multi-line. The whole of it must come within the timeout
-    /// of the phase (RFC 5321 4.5.3.2 times a reply, not a read) and hold at most
-    /// [`MAX_REPLY_BYTES`]: a server that trickles lines, or never stops sending them, is
-    /// cut off instead of keeping the agent, or its memory, for as long as it likes.
+    /// Reads one reply, single or multi-line. Its lines share the timeout of the phase (RFC
+    /// 5321 4.5.3.2 times a reply, not a read): a line that starts after it is up is not
+    /// waited for, and within a line each read has what was left when the line began. It
+    /// holds at most [`MAX_REPLY_BYTES`]: a server that trickles lines, or never stops
+    /// sending them, is cut off instead of keeping the agent, or its memory, for as long as
+    /// it likes.
     fn read_reply(&mut self) -> io::Result<Reply> {
         let wait = Duration::from_secs(self.wait);
         let deadline = Instant::now() + wait;
